@@ -1,0 +1,30 @@
+"""Data: 11k and HD readers, protocols as index manifests, synthetic hands, transforms, sampler.
+
+Names are imported lazily (PEP 562) so that ``python -m handclip_nb.data.synthetic`` and the
+CSV readers do not pay for importing torch and CLIP.
+"""
+from importlib import import_module
+
+_EXPORTS = {
+    "ImageListDataset": "datasets", "build_protocol": "datasets",
+    "default_synthetic_root": "datasets", "ensure_synthetic": "datasets",
+    "DataError": "handinfo", "HandImage": "handinfo", "read_handinfo": "handinfo",
+    "read_hd": "handinfo",
+    "Protocol": "protocols", "Split": "protocols", "build_11k_protocol": "protocols",
+    "build_hd_protocol": "protocols", "verify_images": "protocols",
+    "PKSampler": "sampler",
+    "AugmentConfig": "transforms", "LetterboxResize": "transforms",
+    "build_transform": "transforms",
+    "generate_dataset": "synthetic",
+}
+__all__ = sorted(_EXPORTS)
+
+
+def __getattr__(name):
+    if name in _EXPORTS:
+        return getattr(import_module(f".{_EXPORTS[name]}", __name__), name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
+def __dir__():
+    return __all__

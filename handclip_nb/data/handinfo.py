@@ -1,0 +1,177 @@
+"""Readers for the two datasets' metadata: 11k Hands (``HandInfo.csv``) and HD (file names).
+
+Both readers return a list of :class:`HandImage` records; nothing is copied or decoded here.
+Malformed input fails with the file and line number (11k) or the offending file name (HD).
+"""
+from __future__ import annotations
+
+import csv
+import os
+import re
+from dataclasses import dataclass
+from pathlib import Path
+
+__all__ = [
+    "HandImage",
+    "DataError",
+    "ASPECT_NAMES",
+    "HANDINFO_COLUMNS",
+    "read_handinfo",
+    "read_hd",
+    "HD_MAIN_FOLDER",
+    "HD_DISTRACTOR_FOLDER",
+]
+
+HANDINFO_COLUMNS = ("id", "age", "gender", "skinColor", "accessories", "nailPolish",
+                    "aspectOfHand", "imageName", "irregularities")
+#: ``aspectOfHand`` text in HandInfo.csv -> the workbench's short aspect name.
+ASPECT_NAMES = {
+    "dorsal right": "dorsal_r",
+    "dorsal left": "dorsal_l",
+    "palmar right": "palmar_r",
+    "palmar left": "palmar_l",
+}
+HD_MAIN_FOLDER = "1-501"
+HD_DISTRACTOR_FOLDER = "502-712"
+#: HD holds dorsal images only; its records carry this aspect (used in prompts and reports).
+HD_ASPECT = "dorsal"
+IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff")
+
+
+class DataError(ValueError):
+    """Dataset content that cannot be used; the message names the file (and line)."""
+
+
+@dataclass(frozen=True)
+class HandImage:
+    """One image of the dataset.  ``path`` is relative to the dataset root."""
+
+    path: str
+    person: str  # identity as written by the dataset (11k id stripped, HD number as text)
+    aspect: str  # 11k: dorsal_r | dorsal_l | palmar_r | palmar_l; HD: dorsal
+    accessories: int = 0
+    nail_polish: int = 0
+    age: int | None = None
+    gender: str | None = None
+    skin_color: str | None = None
+    irregularities: int = 0
+    distractor: bool = False  # HD 502-712: gallery-only, never matches a query
+
+
+def _int_field(value: str, column: str, where: str, allowed: tuple[int, ...] | None = None) -> int:
+    try:
+        out = int(value.strip())
+    except ValueError:
+        raise DataError(f"{where}: column {column!r} must be an integer, got {value!r}") from None
+    if allowed is not None and out not in allowed:
+        raise DataError(f"{where}: column {column!r} must be one of {allowed}, got {out}")
+    return out
+
+
+def read_handinfo(csv_path: str | os.PathLike, images_dir: str = "Hands") -> list[HandImage]:
+    """Parse an 11k ``HandInfo.csv`` (all 9 columns, ids stripped).
+
+    Raises :class:`DataError` naming ``file:line`` for a wrong column count, an unknown aspect,
+    a non-numeric flag or an empty id; ``FileNotFoundError`` if the file is missing.
+    """
+    csv_path = Path(csv_path)
+    if not csv_path.is_file():
+        raise FileNotFoundError(
+            f"{csv_path} not found: an 11k data_root must contain HandInfo.csv and Hands/ "
+            f"(download 11k Hands from https://sites.google.com/view/11khands, or leave "
+            f"data_root=None for the embedded synthetic hands)"
+        )
+    records: list[HandImage] = []
+    with csv_path.open(newline="", encoding="utf-8-sig") as fh:
+        reader = csv.reader(fh)
+        try:
+            header = next(reader)
+        except StopIteration:
+            raise DataError(f"{csv_path}:1: empty file, expected the header "
+                            f"{','.join(HANDINFO_COLUMNS)}") from None
+        header = [h.strip() for h in header]
+        if tuple(header) != HANDINFO_COLUMNS:
+            raise DataError(f"{csv_path}:1: header is {','.join(header)}; "
+                            f"expected {','.join(HANDINFO_COLUMNS)}")
+        for row in reader:
+            line = reader.line_num
+            where = f"{csv_path}:{line}"
+            if not row or all(not c.strip() for c in row):
+                continue  # blank line
+            if len(row) != len(HANDINFO_COLUMNS):
+                raise DataError(f"{where}: expected {len(HANDINFO_COLUMNS)} columns "
+                                f"({','.join(HANDINFO_COLUMNS)}), found {len(row)}: {row!r}")
+            rec = dict(zip(HANDINFO_COLUMNS, row))
+            person = rec["id"].strip()  # the real file writes one id as "1200000 "
+            if not person:
+                raise DataError(f"{where}: empty id")
+            aspect_text = rec["aspectOfHand"].strip().lower()
+            if aspect_text not in ASPECT_NAMES:
+                raise DataError(f"{where}: unknown aspectOfHand {rec['aspectOfHand']!r}; "
+                                f"expected one of {sorted(ASPECT_NAMES)}")
+            name = rec["imageName"].strip()
+            if not name or "/" in name or "\\" in name:
+                raise DataError(f"{where}: bad imageName {rec['imageName']!r}")
+            records.append(HandImage(
+                path=f"{images_dir}/{name}",
+                person=person,
+                aspect=ASPECT_NAMES[aspect_text],
+                accessories=_int_field(rec["accessories"], "accessories", where, (0, 1)),
+                nail_polish=_int_field(rec["nailPolish"], "nailPolish", where, (0, 1)),
+                age=_int_field(rec["age"], "age", where),
+                gender=rec["gender"].strip(),
+                skin_color=rec["skinColor"].strip(),
+                irregularities=_int_field(rec["irregularities"], "irregularities", where, (0, 1)),
+            ))
+    if not records:
+        raise DataError(f"{csv_path}: no image rows after the header")
+    return records
+
+
+_HD_NAME = re.compile(r"^(\d+)_(\d+)$")
+
+
+def read_hd(root: str | os.PathLike) -> list[HandImage]:
+    """Scan the HD layout ``Original Images/1-501`` and ``502-712``.
+
+    Labels come from the file names ``<id>_<n>.<ext>``, never from folder enumeration order
+    (the earlier implementation's 0 % rank-1 bug, DESIGN §6.9).  Images of ``502-712`` are
+    marked as distractors.
+    """
+    base = Path(root) / "Original Images"
+    main = base / HD_MAIN_FOLDER
+    if not main.is_dir():
+        raise FileNotFoundError(
+            f"{main} not found: an HD data_root must contain 'Original Images/{HD_MAIN_FOLDER}' "
+            f"(and optionally '{HD_DISTRACTOR_FOLDER}')"
+        )
+    records: list[HandImage] = []
+    for folder, distractor in ((main, False), (base / HD_DISTRACTOR_FOLDER, True)):
+        if not folder.is_dir():
+            continue
+        bad = []
+        for entry in sorted(folder.iterdir(), key=lambda p: p.name):
+            if entry.suffix.lower() not in IMAGE_SUFFIXES:
+                continue  # Thumbs.db, .DS_Store ...
+            m = _HD_NAME.match(entry.stem)
+            if not m:
+                bad.append(entry.name)
+                continue
+            records.append(HandImage(
+                path=f"Original Images/{folder.name}/{entry.name}",
+                person=str(int(m.group(1))),
+                aspect=HD_ASPECT,
+                distractor=distractor,
+            ))
+        if bad:
+            raise DataError(f"{folder}: {len(bad)} image name(s) not of the form <id>_<n>.jpg, "
+                            f"e.g. {bad[:5]}")
+    if not any(not r.distractor for r in records):
+        raise DataError(f"{main}: no images named <id>_<n>.jpg")
+    # One person in both folders would make a distractor match a query.
+    overlap = ({r.person for r in records if r.distractor}
+               & {r.person for r in records if not r.distractor})
+    if overlap:
+        raise DataError(f"HD ids {sorted(overlap, key=int)[:10]} appear in both "
+                        f"{HD_MAIN_FOLDER} and {HD_DISTRACTOR_FOLDER}")
+    return records

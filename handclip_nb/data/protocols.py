@@ -1,0 +1,338 @@
+"""Evaluation protocols as index manifests (DESIGN §4).
+
+11k (MBA-Net): per aspect, drop ``accessories == 1`` images, sort the stripped ids, the first
+⌈n/2⌉ are training identities and the rest test identities; one random image per training
+identity is MBA-Net's "val" image; ``num_splits`` Monte-Carlo splits of the test identities put
+one random image per identity in the gallery and the rest in the queries.  ``gallery_mode="all"``
+merges the four aspects' galleries of the same split (identities stay distinct per aspect).
+
+HD: ids of ``1-501`` sorted numerically, the first ⌈n/2⌉ train (ids <= 251 on the real data),
+the rest test; every gallery also gets all ``502-712`` images as distractors.
+
+Model selection never sees a test identity: ``val_fraction`` of the *training* identities are
+held out and get their own query/gallery split (:attr:`Protocol.selection`); the rest is the
+fit set that training uses.
+
+All randomness comes from ``numpy.random.default_rng`` streams keyed by (seed, purpose, split,
+aspect), so adding splits leaves the earlier ones unchanged, and the gallery drawn for an
+aspect in split *s* is the same whichever aspect is being queried.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Iterable, Sequence
+
+import numpy as np
+
+from .handinfo import ASPECT_NAMES, DataError, HandImage
+
+__all__ = ["Split", "Protocol", "build_11k_protocol", "build_hd_protocol", "verify_images",
+           "load_manifest"]
+
+_ASPECT_ORDER = tuple(ASPECT_NAMES.values())
+_PURPOSE = {"val_image": 1, "selection_ids": 2, "selection_split": 3, "test_split": 4}
+
+
+def _rng(seed: int, purpose: str, *keys: int) -> np.random.Generator:
+    return np.random.default_rng([int(seed), _PURPOSE[purpose], *map(int, keys)])
+
+
+@dataclass(frozen=True)
+class Split:
+    """Indices into :attr:`Protocol.items`."""
+
+    query: tuple[int, ...]
+    gallery: tuple[int, ...]
+
+
+@dataclass
+class Protocol:
+    dataset: str
+    aspect: str
+    gallery_mode: str
+    seed: int
+    num_splits: int
+    val_fraction: float
+    root: str
+    items: list[HandImage]
+    #: integer identity of every item for ranking; people are distinct per aspect
+    identities: list[int]
+    train_people: list[str]  # all training identities (incl. the model-selection hold-out)
+    test_people: list[str]
+    fit: list[int]  # training images of the non-held-out training identities
+    fit_labels: list[int]  # 0..num_classes-1, in sorted order of fit identities
+    val_images: list[int]  # MBA-Net: one image per training identity (kept in ``fit``)
+    selection: Split | None
+    selection_people: list[str]
+    test: list[Split]
+    source_hash: str = ""
+    extra: dict = field(default_factory=dict)
+
+    # ---------------------------------------------------------------- derived views
+    @property
+    def num_classes(self) -> int:
+        return len(set(self.fit_labels))
+
+    @property
+    def fit_people(self) -> list[str]:
+        """The person behind each training label: ``fit_people[label]``."""
+        held = set(self.selection_people)
+        return [p for p in self.train_people if p not in held]
+
+    def paths(self, indices: Iterable[int] | None = None) -> list[str]:
+        idx = range(len(self.items)) if indices is None else indices
+        return [os.path.join(self.root, self.items[i].path) for i in idx]
+
+    def ids_of(self, indices: Sequence[int]) -> np.ndarray:
+        return np.asarray([self.identities[i] for i in indices], dtype=np.int64)
+
+    def sizes(self) -> dict[str, int]:
+        """The protocol sizes recorded under ``metrics["data"]`` (DESIGN §3)."""
+        train_set, test_set = set(self.train_people), set(self.test_people)
+        train_images = sum(1 for it in self._aspect_items() if it.person in train_set)
+        test_images = sum(1 for it in self._aspect_items() if it.person in test_set)
+        first = self.test[0]
+        return {
+            "train_ids": len(self.train_people),
+            "train_images": train_images,
+            "fit_ids": len(set(self.fit_labels)),
+            "fit_images": len(self.fit),
+            "selection_ids": len(self.selection_people),
+            "test_ids": len(self.test_people),
+            "test_images": test_images,
+            "queries_per_split": len(first.query),
+            "gallery_per_split": len(first.gallery),
+        }
+
+    def _aspect_items(self) -> list[HandImage]:
+        return [it for it in self.items
+                if it.aspect == self.aspect and not it.distractor and not it.accessories]
+
+    # ---------------------------------------------------------------- manifest
+    def manifest(self) -> dict:
+        body = {
+            "dataset": self.dataset, "aspect": self.aspect, "gallery_mode": self.gallery_mode,
+            "seed": self.seed, "num_splits": self.num_splits, "val_fraction": self.val_fraction,
+            "source_hash": self.source_hash,
+            "items": [[it.path, it.person, it.aspect, int(it.distractor)] for it in self.items],
+            "identities": list(self.identities),
+            "train_people": self.train_people, "test_people": self.test_people,
+            "selection_people": self.selection_people,
+            "fit": self.fit, "fit_labels": self.fit_labels, "val_images": self.val_images,
+            "selection": None if self.selection is None else
+            {"query": list(self.selection.query), "gallery": list(self.selection.gallery)},
+            "test": [{"query": list(s.query), "gallery": list(s.gallery)} for s in self.test],
+        }
+        body["content_hash"] = _hash_json(body)
+        body["sizes"] = self.sizes()
+        return body
+
+    def write_manifest(self, path: str | os.PathLike) -> Path:
+        from ..runs import atomic_write_json
+
+        return atomic_write_json(path, self.manifest())
+
+
+def _hash_json(obj) -> str:
+    return hashlib.sha256(json.dumps(obj, sort_keys=True, separators=(",", ":")).encode()
+                          ).hexdigest()
+
+
+def load_manifest(path: str | os.PathLike) -> dict:
+    """Read a manifest and check its content hash (a hand-edited manifest is refused)."""
+    data = json.loads(Path(path).read_text())
+    body = {k: v for k, v in data.items() if k not in ("content_hash", "sizes")}
+    if _hash_json(body) != data.get("content_hash"):
+        raise DataError(f"{path}: content hash mismatch; the manifest was modified")
+    return data
+
+
+def _person_sort_key(person: str):
+    # 11k ids are zero-padded 7-digit strings; HD ids are plain numbers. Numeric when possible.
+    return (0, int(person), person) if person.isdigit() else (1, 0, person)
+
+
+def _split_people(people: Iterable[str]) -> tuple[list[str], list[str]]:
+    ordered = sorted(set(people), key=_person_sort_key)
+    n_train = math.ceil(len(ordered) / 2)
+    return ordered[:n_train], ordered[n_train:]
+
+
+def _group(indices: Iterable[int], items: Sequence[HandImage]) -> dict[str, list[int]]:
+    groups: dict[str, list[int]] = {}
+    for i in indices:
+        groups.setdefault(items[i].person, []).append(i)
+    return groups
+
+
+def _one_per_person(groups: dict[str, list[int]], rng: np.random.Generator
+                    ) -> tuple[list[int], list[int]]:
+    """Pick one random image per person (gallery); the others are queries."""
+    gallery, query = [], []
+    for person in sorted(groups, key=_person_sort_key):
+        idx = groups[person]
+        pick = int(rng.integers(len(idx)))
+        gallery.append(idx[pick])
+        query.extend(j for k, j in enumerate(idx) if k != pick)
+    return query, gallery
+
+
+def _selection(train_people: list[str], groups: dict[str, list[int]], seed: int,
+               val_fraction: float, where: str) -> tuple[list[str], Split | None]:
+    if val_fraction <= 0:
+        return [], None
+    n_hold = max(2, int(round(val_fraction * len(train_people))))
+    if n_hold >= len(train_people) - 1:
+        raise DataError(f"{where}: val_fraction={val_fraction} would hold out {n_hold} of "
+                        f"{len(train_people)} training identities, leaving too few to train on; "
+                        f"lower val_fraction or add identities")
+    order = _rng(seed, "selection_ids").permutation(len(train_people))
+    held = sorted((train_people[i] for i in order[:n_hold]), key=_person_sort_key)
+    query, gallery = _one_per_person({p: groups[p] for p in held}, _rng(seed, "selection_split"))
+    if not query:
+        raise DataError(f"{where}: the model-selection identities have one image each, so there "
+                        f"are no validation queries; use more images per identity")
+    return held, Split(tuple(query), tuple(gallery))
+
+
+def _assemble(dataset, aspect, gallery_mode, seed, num_splits, val_fraction, root, items,
+              identity_key, train_people, test_people, train_idx, test_groups_by_aspect,
+              distractor_idx, source_hash, where) -> Protocol:
+    train_groups = _group(train_idx, items)
+    held, selection = _selection(train_people, train_groups, seed, val_fraction, where)
+    held_set = set(held)
+    fit_people = [p for p in train_people if p not in held_set]
+    label_of = {p: k for k, p in enumerate(fit_people)}
+    fit = [i for p in fit_people for i in train_groups[p]]
+    fit_labels = [label_of[items[i].person] for i in fit]
+    rng_val = _rng(seed, "val_image")
+    val_images = [train_groups[p][int(rng_val.integers(len(train_groups[p])))]
+                  for p in train_people]
+
+    test: list[Split] = []
+    for s in range(num_splits):
+        query: list[int] = []
+        gallery: list[int] = []
+        for a, groups in test_groups_by_aspect.items():
+            a_idx = _ASPECT_ORDER.index(a) if a in _ASPECT_ORDER else 0
+            q, g = _one_per_person(groups, _rng(seed, "test_split", s, a_idx))
+            gallery.extend(g)
+            if a == aspect:
+                query = q
+        gallery.extend(distractor_idx)
+        if not query:
+            raise DataError(f"{where}: every test identity has a single image, so there are no "
+                            f"queries; the protocol needs at least 2 images per identity")
+        test.append(Split(tuple(query), tuple(gallery)))
+
+    keys = sorted({identity_key(it) for it in items})
+    key_to_int = {k: n for n, k in enumerate(keys)}
+    identities = [key_to_int[identity_key(it)] for it in items]
+    return Protocol(dataset=dataset, aspect=aspect, gallery_mode=gallery_mode, seed=seed,
+                    num_splits=num_splits, val_fraction=val_fraction, root=str(root),
+                    items=list(items), identities=identities, train_people=train_people,
+                    test_people=test_people, fit=fit, fit_labels=fit_labels,
+                    val_images=val_images, selection=selection, selection_people=held,
+                    test=test, source_hash=source_hash)
+
+
+def build_11k_protocol(records: Sequence[HandImage], aspect: str, root: str | os.PathLike = "",
+                       seed: int = 0, num_splits: int = 10, gallery_mode: str = "aspect",
+                       val_fraction: float = 0.2, source_hash: str = "") -> Protocol:
+    """The MBA-Net protocol on 11k records (see the module docstring)."""
+    if aspect not in _ASPECT_ORDER:
+        raise ValueError(f"unknown aspect {aspect!r}; valid: {', '.join(_ASPECT_ORDER)}")
+    if gallery_mode not in ("aspect", "all"):
+        raise ValueError(f"unknown gallery_mode {gallery_mode!r}; valid: aspect, all")
+    if num_splits < 1:
+        raise ValueError(f"num_splits must be >= 1, got {num_splits}")
+    clean = [r for r in records if not r.accessories]
+    per_aspect: dict[str, list[HandImage]] = {a: [] for a in _ASPECT_ORDER}
+    for r in clean:
+        per_aspect[r.aspect].append(r)
+    mine = per_aspect[aspect]
+    if not mine:
+        n_all = sum(1 for r in records if r.aspect == aspect)
+        raise DataError(
+            f"aspect {aspect}: no images left ({n_all} rows with this aspect, all with "
+            f"accessories == 1 or none at all); check data_root and aspect"
+        )
+    # Item order: the chosen aspect first (so its indices are stable), then the other aspects'
+    # test images that "all" mode needs as cross-aspect distractors.
+    items: list[HandImage] = list(mine)
+    train_people, test_people = _split_people(r.person for r in mine)
+    if not test_people:
+        raise DataError(f"aspect {aspect}: only {len(train_people)} identity, so the test half is "
+                        f"empty; the protocol needs at least 2 identities")
+    train_set, test_set = set(train_people), set(test_people)
+    train_idx = [i for i, it in enumerate(items) if it.person in train_set]
+    test_groups = {aspect: _group((i for i, it in enumerate(items) if it.person in test_set),
+                                  items)}
+    if gallery_mode == "all":
+        for other in _ASPECT_ORDER:
+            if other == aspect or not per_aspect[other]:
+                continue
+            _, other_test = _split_people(r.person for r in per_aspect[other])
+            other_set = set(other_test)
+            start = len(items)
+            items.extend(r for r in per_aspect[other] if r.person in other_set)
+            test_groups[other] = _group(range(start, len(items)), items)
+    where = f"11k aspect {aspect}"
+    return _assemble("11k", aspect, gallery_mode, seed, num_splits, val_fraction, root, items,
+                     lambda it: (it.aspect, it.person), train_people, test_people, train_idx,
+                     test_groups, [], source_hash, where)
+
+
+def build_hd_protocol(records: Sequence[HandImage], root: str | os.PathLike = "", seed: int = 0,
+                      num_splits: int = 10, val_fraction: float = 0.2,
+                      source_hash: str = "") -> Protocol:
+    """The HD protocol: first ⌈n/2⌉ ids of 1-501 train, the rest test, 502-712 distractors."""
+    main = [r for r in records if not r.distractor]
+    distract = [r for r in records if r.distractor]
+    items = main + distract
+    train_people, test_people = _split_people(r.person for r in main)
+    if not test_people:
+        raise DataError("HD: fewer than 2 identities in 1-501, so the test half is empty")
+    train_set, test_set = set(train_people), set(test_people)
+    train_idx = [i for i, it in enumerate(items) if not it.distractor and it.person in train_set]
+    test_groups = {main[0].aspect: _group(
+        (i for i, it in enumerate(items) if not it.distractor and it.person in test_set), items)}
+    distractor_idx = list(range(len(main), len(items)))
+    return _assemble("hd", main[0].aspect, "aspect", seed, num_splits, val_fraction, root, items,
+                     lambda it: (it.distractor, it.person), train_people, test_people,
+                     train_idx, test_groups, distractor_idx, source_hash, "HD")
+
+
+def verify_images(root: str | os.PathLike, items: Sequence[HandImage], check_decode: bool = True,
+                  max_listed: int = 20) -> None:
+    """Check, before any work, that every image exists and opens; report all problems at once."""
+    from PIL import Image, UnidentifiedImageError
+
+    missing, unreadable = [], []
+    for it in items:
+        p = os.path.join(root, it.path)
+        if not os.path.isfile(p):
+            missing.append(p)
+            continue
+        if check_decode:
+            try:
+                with Image.open(p) as im:  # reads the header only: cheap even for 11k
+                    im.size  # noqa: B018
+            except (UnidentifiedImageError, OSError) as exc:
+                unreadable.append(f"{p} ({type(exc).__name__})")
+    if missing or unreadable:
+        parts = []
+        if missing:
+            parts.append(f"{len(missing)} missing image(s): " + ", ".join(missing[:max_listed])
+                         + (" ..." if len(missing) > max_listed else ""))
+        if unreadable:
+            parts.append(f"{len(unreadable)} unreadable image(s): "
+                         + ", ".join(unreadable[:max_listed])
+                         + (" ..." if len(unreadable) > max_listed else ""))
+        raise DataError(f"dataset at {root}: " + "; ".join(parts)
+                        + ". Fix data_root or restore the files; nothing was run.")

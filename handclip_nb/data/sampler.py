@@ -1,0 +1,75 @@
+"""P×K identity sampler: every batch holds P identities with K images each.
+
+Without it most anchors of a batch-hard triplet loss have no positive in the batch
+(DESIGN §6.7).  Identities with fewer than K images are sampled with replacement.  An epoch
+visits every identity's images in chunks of K (torchreid's RandomIdentitySampler design), and
+the order depends only on (seed, epoch), so a resumed run draws the same batches.
+"""
+from __future__ import annotations
+
+from collections import defaultdict
+from typing import Iterator, Sequence
+
+import numpy as np
+from torch.utils.data import Sampler
+
+__all__ = ["PKSampler"]
+
+
+class PKSampler(Sampler[list[int]]):
+    """A batch sampler (use as ``DataLoader(batch_sampler=...)``) yielding P×K index lists."""
+
+    def __init__(self, labels: Sequence[int], p: int, k: int, seed: int = 0):
+        if p < 2:
+            raise ValueError(f"PKSampler needs p >= 2 identities per batch, got p={p}")
+        if k < 2:
+            raise ValueError(f"PKSampler needs k >= 2 images per identity, got k={k}")
+        by_label: dict[int, list[int]] = defaultdict(list)
+        for index, label in enumerate(labels):
+            by_label[int(label)].append(index)
+        if len(by_label) < p:
+            raise ValueError(f"PKSampler: p={p} identities per batch but the data has only "
+                             f"{len(by_label)}; lower p")
+        self.by_label = dict(sorted(by_label.items()))
+        self.p, self.k, self.seed = p, k, seed
+        self.epoch = 0
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = int(epoch)
+
+    def _chunks(self, rng: np.random.Generator) -> list[tuple[int, list[int]]]:
+        chunks = []
+        for label, idx in self.by_label.items():
+            idx = np.asarray(idx)
+            if len(idx) < self.k:
+                idx = rng.choice(idx, size=self.k, replace=True)
+            else:
+                idx = rng.permutation(idx)
+            usable = len(idx) - len(idx) % self.k
+            for start in range(0, usable, self.k):
+                chunks.append((label, idx[start:start + self.k].tolist()))
+        return chunks
+
+    def _batches(self) -> list[list[int]]:
+        rng = np.random.default_rng([self.seed, self.epoch])
+        pending: dict[int, list[list[int]]] = defaultdict(list)
+        for label, chunk in self._chunks(rng):
+            pending[label].append(chunk)
+        batches = []
+        while len(pending) >= self.p:
+            labels = sorted(pending)
+            chosen = rng.choice(len(labels), size=self.p, replace=False)
+            batch: list[int] = []
+            for c in sorted(chosen):
+                label = labels[c]
+                batch.extend(pending[label].pop())
+                if not pending[label]:
+                    del pending[label]
+            batches.append(batch)
+        return batches
+
+    def __iter__(self) -> Iterator[list[int]]:
+        return iter(self._batches())
+
+    def __len__(self) -> int:
+        return len(self._batches())

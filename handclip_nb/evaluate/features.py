@@ -1,0 +1,90 @@
+"""Feature extraction with optional flip TTA, and an on-disk feature cache.
+
+Features are the backbone's global embedding, L2-normalised, so ranking by cosine distance
+(``1 - q·g``) equals ranking by Euclidean distance on the unit sphere.  The cache key covers
+everything that changes the numbers: the backbone fingerprint (name + weights hash), the image
+list with each file's size and mtime, the transform's description and the flip flag — so a
+re-evaluation never re-encodes, and a changed image or transform never reuses stale features.
+"""
+from __future__ import annotations
+
+import hashlib
+import os
+from pathlib import Path
+from typing import Callable, Sequence
+
+import torch
+from torch.utils.data import DataLoader
+
+from ..data.datasets import ImageListDataset
+from ..models.backbones import backbone_fingerprint, resolve_device
+
+__all__ = ["extract_features", "feature_cache_key", "cosine_distance", "resolve_device"]
+
+
+def feature_cache_key(fingerprint: str, paths: Sequence[str], transform_desc: str,
+                      flip: bool) -> str:
+    h = hashlib.sha256()
+    h.update(f"{fingerprint}\n{transform_desc}\nflip={flip}\n".encode())
+    for p in paths:
+        st = os.stat(p)
+        h.update(f"{os.path.abspath(p)}\t{st.st_size}\t{st.st_mtime_ns}\n".encode())
+    return h.hexdigest()[:32]
+
+
+def cosine_distance(query: torch.Tensor, gallery: torch.Tensor) -> torch.Tensor:
+    """``1 - cos`` between L2-normalised rows: smaller = closer, in [0, 2]."""
+    return 1.0 - query @ gallery.T
+
+
+@torch.no_grad()
+def extract_features(backbone, paths: Sequence[str], transform: Callable, batch_size: int = 64,
+                     device: str | torch.device = "cpu", flip: bool = False,
+                     cache_dir: str | os.PathLike | None = None, num_workers: int = 0,
+                     desc: str = "features", encode: Callable | None = None,
+                     cache_tag: str | None = None) -> torch.Tensor:
+    """Encode ``paths`` → float32 CPU tensor [N, D], each row L2-normalised.
+
+    ``encode`` maps an image batch to features (default: the backbone's global embedding), so
+    later stages rank with their own heads through the same loop.  A custom ``encode`` is only
+    cached when ``cache_tag`` identifies it (e.g. a hash of the head's weights); the backbone
+    fingerprint alone cannot tell two heads apart.
+    """
+    from tqdm.auto import tqdm
+
+    device = resolve_device(device)
+    cache_path = None
+    if encode is not None and cache_tag is None:
+        cache_dir = None
+    if cache_dir is not None:
+        key = feature_cache_key(f"{backbone_fingerprint(backbone)}|{cache_tag or 'global'}",
+                                paths, repr(transform), flip)
+        cache_path = Path(cache_dir) / f"{key}.pt"
+        if cache_path.is_file():
+            try:
+                cached = torch.load(cache_path, map_location="cpu", weights_only=True)
+                feats = cached["features"]
+                if feats.shape[0] == len(paths):
+                    return feats
+            except Exception:  # a corrupt cache entry is re-computed, never trusted
+                pass
+    encode = encode or (lambda x: backbone.encode_image(x).global_embedding)
+    loader = DataLoader(ImageListDataset(paths, [0] * len(paths), transform),
+                        batch_size=batch_size, shuffle=False, num_workers=num_workers)
+    was_training = backbone.training
+    backbone.eval()
+    chunks = []
+    for images, _, _ in tqdm(loader, desc=desc, leave=False):
+        images = images.to(device)
+        with torch.autocast(device.type, enabled=device.type == "cuda"):
+            f = encode(images).float()
+            if flip:
+                f = f + encode(torch.flip(images, dims=[3])).float()
+        chunks.append(torch.nn.functional.normalize(f, dim=1).cpu())
+    backbone.train(was_training)
+    feats = torch.cat(chunks) if chunks else torch.empty(0, 0)
+    if cache_path is not None:
+        from ..runs import atomic_torch_save
+
+        atomic_torch_save({"features": feats, "count": len(paths)}, cache_path)
+    return feats

@@ -1,0 +1,132 @@
+"""Evaluate features on a protocol's splits and summarise over splits (DESIGN §3 schema).
+
+Percent values (0–100) are used in every summary and in ``metrics.json``; ``rank_metrics``
+itself returns fractions.  ``std`` is the sample standard deviation over splits (ddof=1; 0 for
+a single split).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Mapping, Sequence
+
+import numpy as np
+import torch
+
+from ..data.protocols import Protocol, Split
+from ..runs import METRIC_NAMES
+from .features import cosine_distance, extract_features
+from .metrics import rank_metrics
+
+__all__ = ["SplitResult", "EvalResult", "evaluate_split", "evaluate_splits", "summarise",
+           "evaluate_backbone", "metrics_record", "needed_indices"]
+
+
+@dataclass
+class SplitResult:
+    split: Split
+    metrics: dict  # rank_metrics output (fractions)
+    distmat: np.ndarray | None = None  # kept for the first split only (figures)
+
+    def percent(self) -> dict[str, float]:
+        cmc = self.metrics["cmc"]
+        return {"rank1": 100 * float(cmc[0]), "rank5": 100 * float(cmc[min(4, len(cmc) - 1)]),
+                "rank10": 100 * float(cmc[min(9, len(cmc) - 1)]),
+                "mAP": 100 * float(self.metrics["mAP"]), "mINP": 100 * float(self.metrics["mINP"])}
+
+
+@dataclass
+class EvalResult:
+    name: str
+    splits: list[SplitResult]
+    summary: dict = field(default_factory=dict)
+
+    @property
+    def cmc(self) -> np.ndarray:
+        """Mean CMC over splits, in percent."""
+        return 100 * np.mean([s.metrics["cmc"] for s in self.splits], axis=0)
+
+    def table_row(self) -> dict[str, str]:
+        return {k: f"{v['mean']:.2f} ± {v['std']:.2f}" for k, v in self.summary.items()}
+
+
+def summarise(per_split: Sequence[Mapping[str, float]]) -> dict[str, dict]:
+    """``[{"rank1": .., ...}, ...]`` (percent) → ``{"rank1": {"mean", "std", "per_split"}}``."""
+    out = {}
+    for name in METRIC_NAMES:
+        values = np.asarray([float(s[name]) for s in per_split])
+        out[name] = {"mean": float(values.mean()),
+                     "std": float(values.std(ddof=1)) if len(values) > 1 else 0.0,
+                     "per_split": [float(v) for v in values]}
+    return out
+
+
+def needed_indices(splits: Sequence[Split]) -> list[int]:
+    """Every item index used by ``splits`` (sorted), so each image is encoded once."""
+    return sorted({i for s in splits for i in (*s.query, *s.gallery)})
+
+
+def evaluate_split(features: torch.Tensor, row_of: Mapping[int, int], protocol: Protocol,
+                   split: Split, max_rank: int = 50, ap_mode: str = "standard",
+                   keep_distmat: bool = False) -> SplitResult:
+    q = features[[row_of[i] for i in split.query]]
+    g = features[[row_of[i] for i in split.gallery]]
+    dist = cosine_distance(q, g).numpy()
+    m = rank_metrics(dist, protocol.ids_of(split.query), protocol.ids_of(split.gallery),
+                     max_rank=max_rank, ap_mode=ap_mode)
+    return SplitResult(split=split, metrics=m, distmat=dist if keep_distmat else None)
+
+
+def evaluate_splits(features: torch.Tensor, row_of: Mapping[int, int], protocol: Protocol,
+                    splits: Sequence[Split], name: str, max_rank: int = 50,
+                    ap_mode: str = "standard") -> EvalResult:
+    results = [evaluate_split(features, row_of, protocol, s, max_rank, ap_mode,
+                              keep_distmat=(k == 0)) for k, s in enumerate(splits)]
+    return EvalResult(name=name, splits=results,
+                      summary=summarise([r.percent() for r in results]))
+
+
+def evaluate_backbone(backbone, protocol: Protocol, params: Mapping, transform,
+                      cache_dir=None, encode=None, cache_tag=None) -> dict[str, EvalResult]:
+    """Encode the images of the test splits and the model-selection split once, then rank.
+
+    Returns ``{"test": EvalResult, "val": EvalResult}`` (``"val"`` only when the protocol has
+    a model-selection split).
+    """
+    groups = {"test": list(protocol.test)}
+    if protocol.selection is not None:
+        groups["val"] = [protocol.selection]
+    indices = needed_indices([s for splits in groups.values() for s in splits])
+    feats = extract_features(backbone, protocol.paths(indices), transform,
+                             batch_size=params["batch_size"], device=params["device"],
+                             flip=params["flip_tta"], cache_dir=cache_dir,
+                             num_workers=params["num_workers"], desc="encode images",
+                             encode=encode, cache_tag=cache_tag)
+    row_of = {idx: r for r, idx in enumerate(indices)}
+    return {name: evaluate_splits(feats, row_of, protocol, splits, name,
+                                  max_rank=params["max_rank"], ap_mode=params["ap_mode"])
+            for name, splits in groups.items()}
+
+
+def metrics_record(stage: str, params: Mapping, protocol: Protocol,
+                   results: Mapping[str, EvalResult], backbone=None, **extra) -> dict:
+    """The ``metrics.json`` body of DESIGN §3 (percentages, sizes under ``"data"``)."""
+    record = {
+        "stage": stage,
+        "dataset": protocol.dataset,
+        "aspect": protocol.aspect,
+        "gallery_mode": protocol.gallery_mode,
+        "backbone": params["backbone"],
+        "backbone_display": getattr(backbone, "display_name", params["backbone"]),
+        "pretrained": bool(getattr(backbone, "pretrained", False)),
+        "num_splits": protocol.num_splits,
+        "ap_mode": params["ap_mode"],
+        "flip_tta": params["flip_tta"],
+        "test": results["test"].summary,
+        "cmc_test_mean": [round(float(v), 4) for v in results["test"].cmc[:20]],
+        "data": protocol.sizes(),
+        "splits_hash": protocol.manifest()["content_hash"],
+    }
+    if "val" in results:
+        record["val"] = {k: v["mean"] for k, v in results["val"].summary.items()}
+    record.update(extra)
+    return record

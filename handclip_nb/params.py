@@ -1,0 +1,433 @@
+"""One parameter schema for every notebook.
+
+Each notebook has a tagged ``parameters`` cell that assigns plain Python values (papermill
+overrides them with ``-p name value`` or ``-f params/file.yaml``).  The next cell calls
+:func:`resolve_params`, which picks the known names out of the notebook namespace, coerces
+and validates them against :data:`SCHEMA`, fills the derived values (image size, device,
+output folder) and returns a :class:`Params` mapping that is written to ``params.yaml``.
+
+Validation is strict and early: an unknown backbone, a wrong type or a negative epoch count
+stops the run before anything is written, with a message that names the parameter, the value
+received and what would be valid.
+"""
+from __future__ import annotations
+
+import math
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Iterable, Mapping
+
+import yaml
+
+__all__ = [
+    "ParamError",
+    "ParamSpec",
+    "SCHEMA",
+    "STAGES",
+    "Params",
+    "resolve_params",
+    "params_from_namespace",
+    "load_params_file",
+    "BACKBONE_NAMES",
+    "ASPECTS",
+]
+
+#: Stages (one notebook each).  ``common`` parameters apply to all of them.
+STAGES = ("stage0", "stage1", "stage2", "stage3", "evaluation", "attention")
+
+ASPECTS = ("dorsal_r", "dorsal_l", "palmar_r", "palmar_l")
+BACKBONE_NAMES = ("vitb16", "vitb32", "rn50", "rn101", "tiny-vit", "tiny-rn")
+DATASETS = ("11k", "hd")
+GALLERY_MODES = ("aspect", "all")
+RESIZE_MODES = ("pad", "squash")
+AP_MODES = ("standard", "mbanet_trapezoid")
+
+#: Image size (height, width) used when ``image_size`` is None.  Hands are 4:3 landscape;
+#: the real backbones get a 224-high input whose width is the nearest multiple of 32 to
+#: 4/3 x 224 (298 -> 288), so both ViT patches (16/32) and the RN stride (32) divide it.
+#: The tiny backbones get 96x128, an exact 4:3 that keeps CPU tests fast.
+DEFAULT_IMAGE_SIZE = {
+    "vitb16": (224, 288),
+    "vitb32": (224, 288),
+    "rn50": (224, 288),
+    "rn101": (224, 288),
+    "tiny-vit": (96, 128),
+    "tiny-rn": (96, 128),
+}
+
+
+#: Stages that train (their schema adds the optimisation parameters).
+TRAINING = ("stage1", "stage2", "stage3")
+
+
+class ParamError(ValueError):
+    """A parameter value that cannot be used; the message names the parameter and the fix."""
+
+
+@dataclass(frozen=True)
+class ParamSpec:
+    name: str
+    kind: str  # "str" | "int" | "float" | "bool" | "size" | "path" | "intlist"
+    default: Any
+    help: str
+    choices: tuple | None = None
+    optional: bool = False  # None is an accepted value
+    minimum: float | None = None
+    stages: tuple = ("common",)
+
+
+def _spec(name, kind, default, help, **kw) -> ParamSpec:
+    return ParamSpec(name=name, kind=kind, default=default, help=help, **kw)
+
+
+#: The schema.  Keep the help texts short: they are printed in error messages and the README.
+SCHEMA: dict[str, ParamSpec] = {
+    s.name: s
+    for s in [
+        # --- data -------------------------------------------------------------------------
+        _spec("dataset", "str", "11k", "dataset layout to read", choices=DATASETS),
+        _spec("data_root", "path", None,
+              "dataset folder (11k: contains Hands/ and HandInfo.csv; HD: contains "
+              "'Original Images/'); None = the embedded synthetic hands, generated on first use",
+              optional=True),
+        _spec("aspect", "str", "dorsal_r", "hand aspect (11k only)", choices=ASPECTS),
+        _spec("gallery_mode", "str", "all",
+              "11k gallery: 'aspect' = this aspect's test identities; 'all' = the four aspects' "
+              "galleries merged (MBA-Net's protocol)", choices=GALLERY_MODES),
+        _spec("num_splits", "int", 10, "Monte-Carlo query/gallery splits of the test identities",
+              minimum=1),
+        _spec("val_fraction", "float", 0.2,
+              "fraction of TRAINING identities held out for model selection", minimum=0.0),
+        _spec("synthetic_subjects", "int", 40, "people in the embedded synthetic dataset",
+              minimum=4),
+        _spec("synthetic_images", "int", 6,
+              "images per person and aspect in the embedded synthetic dataset", minimum=3),
+        _spec("synthetic_difficulty", "float", 0.5, "difficulty knob of the synthetic hands",
+              minimum=0.0),
+        _spec("synthetic_seed", "int", 0,
+              "seed of the embedded synthetic dataset (fixed, so runs with different `seed` "
+              "compare on the same people)", minimum=0),
+        # --- model ------------------------------------------------------------------------
+        _spec("backbone", "str", "tiny-vit", "CLIP backbone", choices=BACKBONE_NAMES),
+        _spec("weights", "path", None,
+              "local CLIP checkpoint (.pt); None = clip's cache (~/.cache/clip) or download_root",
+              optional=True),
+        _spec("download_root", "path", None, "folder holding CLIP .pt files", optional=True),
+        _spec("image_size", "size", None,
+              "input size [height, width] (or one int for square); None = the backbone's "
+              "4:3 default", optional=True),
+        _spec("resize_mode", "str", "pad",
+              "'pad' keeps the hand's aspect ratio (letterbox); 'squash' stretches",
+              choices=RESIZE_MODES),
+        # --- optimisation / run -----------------------------------------------------------
+        _spec("batch_size", "int", 64, "batch size", minimum=1),
+        _spec("epochs", "int", 0, "training epochs (0 for zero-shot)", minimum=0),
+        _spec("lr", "float", 3.5e-4, "learning rate", minimum=0.0),
+        _spec("seed", "int", 0, "seed for every random number generator", minimum=0),
+        _spec("device", "str", "auto", "'auto' (cuda if available), 'cpu', 'cuda' or 'cuda:N'"),
+        _spec("num_workers", "int", 0, "data-loader worker processes", minimum=0),
+        _spec("output_dir", "path", None,
+              "run folder; None = outputs/<stage>-<dataset>-<aspect>-<backbone>-seed<seed>",
+              optional=True),
+        # --- evaluation -------------------------------------------------------------------
+        _spec("flip_tta", "bool", False,
+              "average features of the image and its mirror (off: a mirrored right hand "
+              "looks like a left hand)"),
+        _spec("max_rank", "int", 50, "length of the CMC curve", minimum=1),
+        _spec("ap_mode", "str", "standard",
+              "'standard' re-ID AP, or MBA-Net's trapezoid AP", choices=AP_MODES),
+        _spec("feature_cache", "bool", True, "cache extracted features on disk"),
+        _spec("show_k", "int", 5, "gallery images shown per query in retrieval grids", minimum=1),
+        # --- presentation -----------------------------------------------------------------
+        _spec("interactive", "bool", False,
+              "ipywidgets views (a person is present); False renders static figures"),
+        # --- training (stages 1-3) ----------------------------------------------------------
+        _spec("weight_decay", "float", 1e-4, "Adam weight decay", minimum=0.0,
+              stages=TRAINING),
+        _spec("warmup_epochs", "int", 5, "linear warmup epochs (from 0.1 x lr)", minimum=0,
+              stages=TRAINING),
+        _spec("eval_every", "int", 1, "validate on the model-selection split every N epochs",
+              minimum=1, stages=TRAINING),
+        _spec("resume", "bool", False,
+              "continue an interrupted run from output_dir/checkpoints/last.pt",
+              stages=TRAINING),
+        _spec("amp", "bool", True, "mixed precision on CUDA (never on CPU)", stages=TRAINING),
+        # --- stage 1: prompt learning --------------------------------------------------------
+        _spec("n_ctx", "int", 4, "learnable context tokens per identity", minimum=1,
+              stages=("stage1",)),
+        _spec("prompt_template", "str", "A photo of a {ctx} {aspect} hand.",
+              "prompt with {ctx} (the learnable words) and {aspect}", stages=("stage1",)),
+        # --- stage 2: image fine-tuning ------------------------------------------------------
+        _spec("stage1_dir", "path", None, "the stage-1 run's output_dir (its prompts)",
+              optional=True, stages=("stage2",)),
+        _spec("classifier", "str", "linear", "ID classifier on the BNNeck",
+              choices=("linear", "arcface"), stages=("stage2", "stage3")),
+        _spec("id_weight", "float", 0.25, "weight of the ID (label-smoothed CE) loss",
+              minimum=0.0, stages=("stage2", "stage3")),
+        _spec("triplet_weight", "float", 1.0, "weight of the batch-hard triplet loss",
+              minimum=0.0, stages=("stage2", "stage3")),
+        _spec("i2t_weight", "float", 1.0, "weight of the image-to-text CE loss", minimum=0.0,
+              stages=("stage2",)),
+        _spec("center_weight", "float", 0.0, "weight of the center loss (0 = off)",
+              minimum=0.0, stages=("stage2", "stage3")),
+        _spec("triplet_margin", "float", 0.3, "triplet margin", minimum=0.0,
+              stages=("stage2", "stage3")),
+        _spec("label_smoothing", "float", 0.1, "label smoothing epsilon of the ID loss",
+              minimum=0.0, stages=("stage2", "stage3")),
+        _spec("p_ids", "int", 16, "identities per P x K batch", minimum=2,
+              stages=("stage2", "stage3")),
+        _spec("k_images", "int", 4, "images per identity in a P x K batch", minimum=2,
+              stages=("stage2", "stage3")),
+        _spec("milestones", "intlist", [30, 50], "epochs where lr is multiplied by gamma",
+              stages=("stage2", "stage3")),
+        _spec("gamma", "float", 0.1, "lr factor at each milestone", minimum=0.0,
+              stages=("stage2", "stage3")),
+        _spec("grad_clip", "float", 5.0, "max gradient norm (0 = no clipping)", minimum=0.0,
+              stages=("stage2", "stage3")),
+        _spec("patience", "int", 0, "early stopping after N epochs without val gain (0 = off)",
+              minimum=0, stages=("stage2", "stage3")),
+    ]
+}
+
+
+def _fail(spec: ParamSpec, value: Any, why: str) -> ParamError:
+    valid = f" Valid values: {', '.join(map(str, spec.choices))}." if spec.choices else ""
+    return ParamError(
+        f"parameter {spec.name!r}: {why} (got {value!r} of type {type(value).__name__}).{valid} "
+        f"Meaning: {spec.help}. Fix it in the parameters cell, with papermill "
+        f"`-p {spec.name} <value>`, or in the params YAML file."
+    )
+
+
+def _coerce(spec: ParamSpec, value: Any) -> Any:
+    """Coerce a papermill/YAML value to the spec's type, or raise ParamError."""
+    if value is None:
+        if spec.optional:
+            return None
+        raise _fail(spec, value, "a value is required")
+    kind = spec.kind
+    if kind == "bool":
+        if isinstance(value, bool):
+            return value
+        if isinstance(value, str) and value.strip().lower() in {"true", "false", "yes", "no"}:
+            return value.strip().lower() in {"true", "yes"}
+        if isinstance(value, int) and value in (0, 1):
+            return bool(value)
+        raise _fail(spec, value, "expected true or false")
+    if kind == "int":
+        if isinstance(value, bool):
+            raise _fail(spec, value, "expected an integer")
+        if isinstance(value, int):
+            out = value
+        elif isinstance(value, float) and value.is_integer():
+            out = int(value)
+        elif isinstance(value, str):
+            try:
+                out = int(value.strip())
+            except ValueError:
+                raise _fail(spec, value, "expected an integer") from None
+        else:
+            raise _fail(spec, value, "expected an integer")
+    elif kind == "float":
+        if isinstance(value, bool):
+            raise _fail(spec, value, "expected a number")
+        if isinstance(value, (int, float)):
+            out = float(value)
+        elif isinstance(value, str):
+            try:
+                out = float(value.strip())
+            except ValueError:
+                raise _fail(spec, value, "expected a number") from None
+        else:
+            raise _fail(spec, value, "expected a number")
+        if not math.isfinite(out):
+            raise _fail(spec, value, "expected a finite number")
+    elif kind in ("str", "path"):
+        if isinstance(value, Path):
+            value = str(value)
+        if not isinstance(value, str):
+            raise _fail(spec, value, "expected a string")
+        out = value.strip() if kind == "str" else value
+        if kind == "path" and out.strip() == "":
+            raise _fail(spec, value, "expected a non-empty path (use None for the default)")
+        if kind == "path":
+            out = os.path.expanduser(out)
+    elif kind == "size":
+        out = _coerce_size(spec, value)
+    elif kind == "intlist":
+        out = _coerce_intlist(spec, value)
+    else:  # pragma: no cover - schema error
+        raise AssertionError(f"unknown kind {kind}")
+    if spec.choices is not None and out not in spec.choices:
+        raise _fail(spec, value, "unknown value")
+    if spec.minimum is not None and isinstance(out, (int, float)) and out < spec.minimum:
+        raise _fail(spec, value, f"must be >= {spec.minimum}")
+    return out
+
+
+def _coerce_intlist(spec: ParamSpec, value: Any) -> list[int]:
+    if isinstance(value, str):
+        try:
+            value = yaml.safe_load(value)
+        except yaml.YAMLError:
+            raise _fail(spec, value, "expected a list of integers like [30, 50]") from None
+    if isinstance(value, int) and not isinstance(value, bool):
+        value = [value]
+    if not isinstance(value, (list, tuple)) or not all(
+            isinstance(v, int) and not isinstance(v, bool) and v >= 0 for v in value):
+        raise _fail(spec, value, "expected a list of non-negative integers like [30, 50]")
+    return sorted(int(v) for v in value)
+
+
+def _coerce_size(spec: ParamSpec, value: Any) -> list[int]:
+    if isinstance(value, str):
+        try:
+            value = yaml.safe_load(value)
+        except yaml.YAMLError:
+            raise _fail(spec, value, "expected [height, width] or one integer") from None
+    if isinstance(value, bool):
+        raise _fail(spec, value, "expected [height, width] or one integer")
+    if isinstance(value, int):
+        value = [value, value]
+    if not isinstance(value, (list, tuple)) or len(value) != 2:
+        raise _fail(spec, value, "expected [height, width] or one integer")
+    out = []
+    for v in value:
+        if isinstance(v, bool) or not isinstance(v, int) or v <= 0:
+            raise _fail(spec, value, "height and width must be positive integers")
+        out.append(int(v))
+    return out
+
+
+class Params(dict):
+    """Resolved parameters: a plain dict (YAML-serialisable) with attribute access."""
+
+    def __getattr__(self, name: str) -> Any:
+        try:
+            return self[name]
+        except KeyError:
+            raise AttributeError(
+                f"no parameter {name!r}; known: {', '.join(sorted(self))}"
+            ) from None
+
+    def to_yaml(self) -> str:
+        return yaml.safe_dump(dict(self), sort_keys=True)
+
+
+#: Extra parameter specs registered by later stages (prompt learning, PromptSG ...).
+def register(*specs: ParamSpec) -> None:
+    for s in specs:
+        if s.name in SCHEMA and SCHEMA[s.name] != s:
+            raise AssertionError(f"parameter {s.name!r} registered twice with different specs")
+        SCHEMA[s.name] = s
+
+
+def _applies(spec: ParamSpec, stage: str) -> bool:
+    return "common" in spec.stages or stage in spec.stages
+
+
+def default_output_dir(p: Mapping[str, Any], stage: str) -> str:
+    aspect = p["aspect"] if p["dataset"] == "11k" else "dorsal"
+    return os.path.join(
+        "outputs", f"{stage}-{p['dataset']}-{aspect}-{p['backbone']}-seed{p['seed']}"
+    )
+
+
+def resolve_params(values: Mapping[str, Any] | None = None, stage: str = "stage0",
+                   **overrides: Any) -> Params:
+    """Validate ``values`` (+ ``overrides``) against the schema and fill derived values.
+
+    Names not in the schema raise ParamError (a typo must not silently fall back to the default).
+    """
+    if stage not in STAGES:
+        raise ParamError(f"unknown stage {stage!r}; valid stages: {', '.join(STAGES)}")
+    given = dict(values or {})
+    given.update(overrides)
+    # A parameter file may hold per-stage sections (``stage1: {epochs: 120, lr: 3.5e-4}``) so
+    # one file describes a whole pipeline; this stage's section overrides the common values.
+    sections = {k: given.pop(k) for k in list(given) if k in STAGES}
+    for name, section in sections.items():
+        if not isinstance(section, Mapping):
+            raise ParamError(f"parameter section {name!r} must be a mapping of name: value, "
+                             f"got {section!r}")
+        bad = sorted(k for k in section if k not in SCHEMA)
+        if bad:
+            raise ParamError(f"unknown parameter(s) {bad} in section {name!r}")
+    given.update(sections.get(stage, {}))
+    unknown = [k for k in given if k not in SCHEMA]
+    if unknown:
+        raise ParamError(
+            f"unknown parameter(s) {', '.join(map(repr, sorted(unknown)))} for {stage}; "
+            f"known parameters: {', '.join(sorted(k for k, s in SCHEMA.items() if _applies(s, stage)))}"
+        )
+    out = Params()
+    for name, spec in SCHEMA.items():
+        if not _applies(spec, stage):
+            continue
+        out[name] = _coerce(spec, given.get(name, spec.default))
+
+    if out["image_size"] is None:
+        out["image_size"] = list(DEFAULT_IMAGE_SIZE[out["backbone"]])
+    if out["val_fraction"] >= 1.0:
+        raise _fail(SCHEMA["val_fraction"], out["val_fraction"], "must be < 1")
+    dev = out["device"]
+    if not (dev in ("auto", "cpu", "cuda") or (dev.startswith("cuda:") and dev[5:].isdigit())):
+        raise _fail(SCHEMA["device"], dev, "expected 'auto', 'cpu', 'cuda' or 'cuda:N'")
+    if out["output_dir"] is None:
+        out["output_dir"] = default_output_dir(out, stage)
+    if stage == "stage2" and out["stage1_dir"] is None:
+        # the stage-1 run with the same data, backbone and seed (its default folder)
+        out["stage1_dir"] = default_output_dir(out, "stage1")
+    out["stage"] = stage
+    return out
+
+
+def params_from_namespace(namespace: Mapping[str, Any], stage: str) -> Params:
+    """Pick the schema's names out of a notebook's globals() and resolve them.
+
+    Only names in the schema are taken, so the notebook's imports and helpers are ignored.
+    """
+    picked = {k: v for k, v in namespace.items()
+              if (k in SCHEMA or (k in STAGES and isinstance(v, Mapping))) and not k.startswith("_")}
+    return resolve_params(picked, stage=stage)
+
+
+def load_params_file(path: str | os.PathLike) -> dict[str, Any]:
+    """Read a papermill ``-f`` YAML file and validate its names (not the derived values)."""
+    path = Path(path)
+    if not path.is_file():
+        raise ParamError(f"parameter file {path} does not exist")
+    try:
+        data = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as exc:
+        raise ParamError(f"parameter file {path} is not valid YAML: {exc}") from None
+    if not isinstance(data, dict):
+        raise ParamError(f"parameter file {path} must hold a mapping of name: value")
+    unknown = sorted(k for k in data if k not in SCHEMA and k not in STAGES)
+    if unknown:
+        raise ParamError(f"parameter file {path}: unknown parameter(s) {unknown}")
+    for stage in STAGES:
+        section = data.get(stage, {})
+        if not isinstance(section, dict):
+            raise ParamError(f"parameter file {path}: section {stage!r} must be a mapping")
+        bad = sorted(k for k in section if k not in SCHEMA)
+        if bad:
+            raise ParamError(f"parameter file {path}: unknown parameter(s) {bad} in {stage!r}")
+    return data
+
+
+def schema_table(stage: str | None = None) -> list[dict[str, Any]]:
+    """Rows (name, default, help) for documentation and notebook display."""
+    rows = []
+    for s in SCHEMA.values():
+        if stage is None or _applies(s, stage):
+            rows.append({"name": s.name, "default": s.default,
+                         "choices": ", ".join(map(str, s.choices)) if s.choices else "",
+                         "help": s.help})
+    return rows
+
+
+def iter_names(stage: str) -> Iterable[str]:
+    return (k for k, s in SCHEMA.items() if _applies(s, stage))
+

@@ -1,0 +1,276 @@
+"""Run folders: one layout for every stage, atomic writes, and the provenance of each result.
+
+Layout of ``output_dir``::
+
+    params.yaml        resolved parameters + environment (versions, git commit), written first
+    splits.json        the protocol's index manifest (seed + content hash), no image copies
+    metrics.json       written last, atomically: its presence means the run finished
+    figures/*.png      figures shown in the notebook
+    checkpoints/       model state (later stages)
+
+Every file is written to a temporary name in the same folder and renamed into place, so an
+interrupted run never leaves a half-written ``metrics.json`` or checkpoint behind.
+"""
+from __future__ import annotations
+
+import json
+import os
+import platform
+import random
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import dataclass, field
+from importlib import metadata
+from pathlib import Path
+from typing import Any, Mapping
+
+import numpy as np
+
+__all__ = [
+    "atomic_write_bytes",
+    "atomic_write_text",
+    "atomic_write_json",
+    "atomic_torch_save",
+    "seed_everything",
+    "environment_info",
+    "git_commit",
+    "project_root",
+    "resolve_path",
+    "feature_cache_dir",
+    "Run",
+    "start_run",
+    "finish_run",
+    "read_metrics",
+    "METRIC_NAMES",
+]
+
+METRIC_NAMES = ("rank1", "rank5", "rank10", "mAP", "mINP")
+PACKAGES = ("torch", "torchvision", "openai-clip", "numpy", "pillow", "scikit-learn",
+            "papermill", "nbval", "matplotlib", "handclip-nb")
+
+
+def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> Path:
+    """Write ``data`` to ``path`` via a temp file in the same folder + ``os.replace``."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as fh:
+            fh.write(data)
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+    return path
+
+
+def atomic_write_text(path: str | os.PathLike, text: str) -> Path:
+    return atomic_write_bytes(path, text.encode("utf-8"))
+
+
+def _json_default(obj: Any) -> Any:
+    if isinstance(obj, (np.integer,)):
+        return int(obj)
+    if isinstance(obj, (np.floating,)):
+        return float(obj)
+    if isinstance(obj, np.ndarray):
+        return obj.tolist()
+    if isinstance(obj, Path):
+        return str(obj)
+    raise TypeError(f"cannot serialise {type(obj).__name__} to JSON")
+
+
+def atomic_write_json(path: str | os.PathLike, obj: Any) -> Path:
+    return atomic_write_text(path, json.dumps(obj, indent=2, sort_keys=True,
+                                              default=_json_default) + "\n")
+
+
+def atomic_torch_save(obj: Any, path: str | os.PathLike) -> Path:
+    """``torch.save`` to a temp file then rename (a killed run keeps the previous file)."""
+    import io
+
+    import torch
+
+    buf = io.BytesIO()
+    torch.save(obj, buf)
+    return atomic_write_bytes(path, buf.getvalue())
+
+
+def seed_everything(seed: int) -> None:
+    """Seed Python, NumPy and torch (CPU and CUDA) and ask for deterministic kernels."""
+    import torch
+
+    random.seed(seed)
+    np.random.seed(seed % (2**32))
+    torch.manual_seed(seed)
+    if torch.cuda.is_available():
+        torch.cuda.manual_seed_all(seed)
+    os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
+    torch.backends.cudnn.benchmark = False
+    torch.backends.cudnn.deterministic = True
+
+
+def project_root() -> Path:
+    """The workbench checkout that holds ``notebooks/`` and ``handclip_nb/``.
+
+    Relative paths (``outputs/...``) resolve against it, so a notebook opened in JupyterLab
+    (whose kernel runs in ``notebooks/``) and the same notebook run by papermill from the
+    repository root write to the same place.  Falls back to the current folder.
+    """
+    env = os.environ.get("HANDCLIP_HOME")
+    if env:
+        return Path(env).resolve()
+    here = Path.cwd().resolve()
+    for folder in (here, *here.parents):
+        if (folder / "handclip_nb").is_dir() and (folder / "notebooks").is_dir():
+            return folder
+    return here
+
+
+def resolve_path(path: str | os.PathLike) -> Path:
+    """Absolute paths stay; relative ones are taken from :func:`project_root`."""
+    p = Path(path).expanduser()
+    return p if p.is_absolute() else project_root() / p
+
+
+def feature_cache_dir() -> Path:
+    """The shared on-disk feature cache (keys cover model, images and transform)."""
+    return project_root() / "outputs" / ".feature_cache"
+
+
+def git_commit(cwd: str | os.PathLike | None = None) -> str:
+    """The current commit hash (with ``-dirty`` if the tree has changes), or ``"unknown"``."""
+    here = Path(cwd) if cwd else Path(__file__).resolve().parent
+    try:
+        sha = subprocess.run(["git", "rev-parse", "HEAD"], cwd=here, capture_output=True,
+                             text=True, timeout=10)
+        if sha.returncode != 0:
+            return "unknown"
+        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"],
+                               cwd=here, capture_output=True, text=True, timeout=10)
+        return sha.stdout.strip() + ("-dirty" if dirty.stdout.strip() else "")
+    except (OSError, subprocess.SubprocessError):
+        return "unknown"
+
+
+def environment_info() -> dict[str, Any]:
+    versions = {}
+    for name in PACKAGES:
+        try:
+            versions[name] = metadata.version(name)
+        except metadata.PackageNotFoundError:
+            versions[name] = None
+    info = {
+        "python": sys.version.split()[0],
+        "platform": platform.platform(),
+        "packages": versions,
+        "git_commit": git_commit(),
+    }
+    try:
+        import torch
+
+        info["cuda"] = torch.version.cuda if torch.cuda.is_available() else None
+        if torch.cuda.is_available():
+            info["gpu"] = torch.cuda.get_device_name(0)
+    except Exception:  # pragma: no cover - torch is a hard dependency
+        pass
+    return info
+
+
+@dataclass
+class Run:
+    """An open run folder: created by :func:`start_run`, closed by :func:`finish_run`."""
+
+    params: Mapping[str, Any]
+    output_dir: Path
+    started: float = field(default_factory=time.time)
+
+    @property
+    def figures_dir(self) -> Path:
+        d = self.output_dir / "figures"
+        d.mkdir(parents=True, exist_ok=True)
+        return d
+
+    @property
+    def metrics_path(self) -> Path:
+        return self.output_dir / "metrics.json"
+
+    def elapsed(self) -> float:
+        return time.time() - self.started
+
+    def save_figure(self, fig, name: str) -> Path:
+        """Save a matplotlib figure as ``figures/<name>.png`` (atomically)."""
+        import io
+
+        buf = io.BytesIO()
+        fig.savefig(buf, format="png", dpi=110, bbox_inches="tight")
+        return atomic_write_bytes(self.figures_dir / f"{name}.png", buf.getvalue())
+
+
+def start_run(params: Mapping[str, Any]) -> Run:
+    """Seed everything, create ``output_dir`` and write ``params.yaml`` with provenance.
+
+    A stale ``metrics.json`` from an earlier run in the same folder is removed first, so the
+    folder never looks finished while this run is in progress.
+    """
+    import yaml
+
+    seed_everything(int(params["seed"]))
+    out = resolve_path(params["output_dir"])
+    out.mkdir(parents=True, exist_ok=True)
+    stale = out / "metrics.json"
+    if stale.exists():
+        stale.unlink()
+    record = {"params": dict(params), "environment": environment_info(),
+              "started": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
+    atomic_write_text(out / "params.yaml", yaml.safe_dump(record, sort_keys=True))
+    return Run(params=params, output_dir=out)
+
+
+def _check_metric_block(block: Mapping[str, Any], where: str) -> None:
+    for name in METRIC_NAMES:
+        if name not in block:
+            raise ValueError(f"metrics {where!r} lacks {name!r}")
+        entry = block[name]
+        if not {"mean", "std", "per_split"} <= set(entry):
+            raise ValueError(f"metrics {where}.{name} must hold mean, std and per_split")
+        for v in [entry["mean"], *entry["per_split"]]:
+            if not 0.0 <= float(v) <= 100.0:
+                raise ValueError(f"metrics {where}.{name} = {v} is not a percentage (0-100)")
+
+
+REQUIRED_DATA_KEYS = ("train_ids", "train_images", "test_ids", "test_images",
+                      "queries_per_split", "gallery_per_split")
+
+
+def finish_run(run: Run, metrics: Mapping[str, Any]) -> Path:
+    """Validate the DESIGN §3 schema, add provenance and write ``metrics.json`` atomically."""
+    required = ("stage", "dataset", "aspect", "backbone", "num_splits", "test", "data")
+    missing = [k for k in required if k not in metrics]
+    if missing:
+        raise ValueError(f"metrics.json would lack {missing}")
+    _check_metric_block(metrics["test"], "test")
+    lacking = [k for k in REQUIRED_DATA_KEYS if k not in metrics["data"]]
+    if lacking:
+        raise ValueError(f"metrics['data'] lacks protocol sizes {lacking}")
+    record = dict(metrics)
+    record.setdefault("seconds", round(run.elapsed(), 2))
+    env = environment_info()
+    record["provenance"] = {"git_commit": env["git_commit"], "packages": env["packages"],
+                            "seed": run.params.get("seed"),
+                            "finished": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
+    return atomic_write_json(run.metrics_path, record)
+
+
+def read_metrics(output_dir: str | os.PathLike) -> dict[str, Any]:
+    path = Path(output_dir) / "metrics.json"
+    if not path.is_file():
+        raise FileNotFoundError(
+            f"{path} does not exist: the run in {output_dir} has not finished (or never ran)"
+        )
+    return json.loads(path.read_text())

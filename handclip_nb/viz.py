@@ -1,0 +1,173 @@
+"""Figures and tables that notebooks show (static matplotlib: they render under papermill too)."""
+from __future__ import annotations
+
+from typing import Mapping, Sequence
+
+import matplotlib.pyplot as plt
+import numpy as np
+import pandas as pd
+from PIL import Image
+
+from .data.protocols import Protocol
+
+__all__ = ["protocol_table", "identity_grid", "plot_cmc", "retrieval_grid", "metrics_table",
+           "plot_history", "plot_prompt_retrieval"]
+
+CORRECT, WRONG = "#1a9850", "#d73027"
+
+
+def protocol_table(protocol: Protocol) -> pd.DataFrame:
+    """Counts per split, one row per quantity (what metrics.json records under ``data``)."""
+    sizes = protocol.sizes()
+    return pd.DataFrame({"count": sizes}).rename_axis(
+        f"{protocol.dataset} · {protocol.aspect} · gallery={protocol.gallery_mode}")
+
+
+def _thumb(path: str, size=(160, 120)) -> np.ndarray:
+    with Image.open(path) as im:
+        im = im.convert("RGB")
+        im.thumbnail(size)
+        return np.asarray(im)
+
+
+def identity_grid(protocol: Protocol, n_people: int = 6, per_person: int = 4,
+                  indices: Sequence[int] | None = None, title: str = "training identities"):
+    """Rows = people, columns = their images (from the fit set by default)."""
+    idx = protocol.fit if indices is None else indices
+    by_person: dict[str, list[int]] = {}
+    for i in idx:
+        by_person.setdefault(protocol.items[i].person, []).append(i)
+    people = list(by_person)[:n_people]
+    fig, axes = plt.subplots(len(people), per_person, squeeze=False,
+                             figsize=(1.9 * per_person, 1.5 * len(people)))
+    for r, person in enumerate(people):
+        for c in range(per_person):
+            ax = axes[r][c]
+            ax.axis("off")
+            if c < len(by_person[person]):
+                ax.imshow(_thumb(protocol.paths([by_person[person][c]])[0]))
+            if c == 0:
+                ax.set_title(f"id {person}", fontsize=8, loc="left")
+    fig.suptitle(f"{title}: {len(people)} of {len(by_person)} people", fontsize=10)
+    fig.tight_layout()
+    return fig
+
+
+def plot_cmc(curves: Mapping[str, np.ndarray], max_rank: int = 20, title: str = "CMC"):
+    """CMC curves (percent) of several runs on one axis."""
+    fig, ax = plt.subplots(figsize=(5, 3.4))
+    for name, cmc in curves.items():
+        cmc = np.asarray(cmc)[:max_rank]
+        ax.plot(np.arange(1, len(cmc) + 1), cmc, marker="o", markersize=3, label=name)
+    ax.set_xlabel("rank")
+    ax.set_ylabel("matching rate (%)")
+    ax.set_ylim(0, 100.5)
+    ax.set_title(title)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    return fig
+
+
+def retrieval_grid(protocol: Protocol, split, distmat: np.ndarray, k: int = 5,
+                   n_queries: int = 6, failures_only: bool = False, seed: int = 0):
+    """Query, then its top-k gallery images; green frame = same identity, red = another."""
+    q_ids = protocol.ids_of(split.query)
+    g_ids = protocol.ids_of(split.gallery)
+    order = np.argsort(distmat, axis=1, kind="stable")[:, :k]
+    rows = np.arange(len(split.query))
+    if failures_only:
+        rows = rows[g_ids[order[:, 0]] != q_ids]
+    rng = np.random.default_rng(seed)
+    rows = np.sort(rng.choice(rows, size=min(n_queries, len(rows)), replace=False)) \
+        if len(rows) else rows
+    if len(rows) == 0:
+        fig, ax = plt.subplots(figsize=(4, 1))
+        ax.axis("off")
+        ax.text(0.5, 0.5, "no queries to show (no rank-1 failures)", ha="center")
+        return fig
+    fig, axes = plt.subplots(len(rows), k + 1, squeeze=False,
+                             figsize=(1.8 * (k + 1), 1.45 * len(rows)))
+    for r, qi in enumerate(rows):
+        ax = axes[r][0]
+        ax.imshow(_thumb(protocol.paths([split.query[qi]])[0]))
+        ax.set_title("query", fontsize=8)
+        ax.set_xticks([])
+        ax.set_yticks([])
+        for c in range(k):
+            ax = axes[r][c + 1]
+            ax.set_xticks([])
+            ax.set_yticks([])
+            if c >= order.shape[1]:
+                ax.axis("off")
+                continue
+            gi = order[qi, c]
+            ax.imshow(_thumb(protocol.paths([split.gallery[gi]])[0]))
+            ok = g_ids[gi] == q_ids[qi]
+            for spine in ax.spines.values():
+                spine.set_edgecolor(CORRECT if ok else WRONG)
+                spine.set_linewidth(3)
+            ax.set_title(f"#{c + 1} d={distmat[qi, gi]:.3f}", fontsize=7)
+    fig.suptitle("retrieval (green = same person)" + (" — rank-1 failures" if failures_only
+                                                      else ""), fontsize=10)
+    fig.tight_layout()
+    return fig
+
+
+def metrics_table(results: Mapping[str, Mapping[str, Mapping[str, float]]],
+                  decimals: int = 2) -> pd.DataFrame:
+    """``{row name: summary}`` → table of ``mean ± std`` (percent)."""
+    rows = {name: {k: f"{v['mean']:.{decimals}f} ± {v['std']:.{decimals}f}"
+                   for k, v in summary.items()} for name, summary in results.items()}
+    return pd.DataFrame(rows).T
+
+
+def plot_history(history: Sequence[Mapping], title: str = "training"):
+    """Loss components per epoch (left) and validation rank-1 / mAP per epoch (right)."""
+    epochs = [h["epoch"] for h in history]
+    has_val = any("val" in h for h in history)
+    fig, axes = plt.subplots(1, 2 if has_val else 1, squeeze=False,
+                             figsize=(10 if has_val else 5, 3.4))
+    ax = axes[0][0]
+    keys = [k for k in history[0]["loss"]] if history else []
+    for k in keys:
+        ax.plot(epochs, [h["loss"][k] for h in history], marker="o", markersize=3,
+                label=k, linewidth=2.2 if k == "loss" else 1.2)
+    ax.set_xlabel("epoch")
+    ax.set_ylabel("loss")
+    ax.set_title(f"{title}: loss per epoch")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    if has_val:
+        ax = axes[0][1]
+        val = [(h["epoch"], h["val"]) for h in history if "val" in h]
+        for k in ("rank1", "mAP"):
+            if k in val[0][1]:
+                ax.plot([e for e, _ in val], [v[k] for _, v in val], marker="o", markersize=3,
+                        label=f"val {k}")
+        best = max(val, key=lambda ev: ev[1].get("mAP", 0))
+        ax.axvline(best[0], color="grey", linestyle=":", label=f"best (epoch {best[0]})")
+        ax.set_xlabel("epoch")
+        ax.set_ylabel("%")
+        ax.set_title("model selection (held-out training identities)")
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=8)
+    fig.tight_layout()
+    return fig
+
+
+def plot_prompt_retrieval(before: Mapping[str, float], after: Mapping[str, float]):
+    """Text→image retrieval of each identity's prompt over the training images."""
+    fig, ax = plt.subplots(figsize=(4.6, 3.2))
+    names = ["rank1", "mAP"]
+    x = np.arange(len(names))
+    ax.bar(x - 0.18, [before[n] for n in names], width=0.36, label="untrained prompts")
+    ax.bar(x + 0.18, [after[n] for n in names], width=0.36, label="learned prompts")
+    ax.axhline(after.get("chance_mAP", 0), color="grey", linestyle=":", label="chance mAP")
+    ax.set_xticks(x, names)
+    ax.set_ylabel("%")
+    ax.set_ylim(0, 100)
+    ax.set_title("prompt → image retrieval (training ids)")
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    return fig

@@ -1,0 +1,45 @@
+"""Shared fixtures: the real 11k metadata, small synthetic datasets (generated once per session)."""
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+SHARED = REPO.parent / "shared"
+REAL_HANDINFO = SHARED / "data" / "11k" / "HandInfo.csv"
+
+# Headless: no display, so matplotlib picks Agg by itself here, and the notebooks' kernels keep
+# their inline backend (setting MPLBACKEND would leak into them and hide the figures).
+
+
+@pytest.fixture(scope="session")
+def real_handinfo() -> Path:
+    if not REAL_HANDINFO.is_file():
+        pytest.fail(f"{REAL_HANDINFO} is missing: CI clones the repo with ../shared beside it")
+    return REAL_HANDINFO
+
+
+@pytest.fixture(scope="session")
+def synthetic_11k(tmp_path_factory) -> Path:
+    """12 people x 4 aspects x 5 images, default difficulty."""
+    from handclip_nb.data.synthetic import generate_dataset
+
+    root = tmp_path_factory.mktemp("synthetic11k")
+    return generate_dataset(root, subjects=12, images_per_subject=5, seed=0)
+
+
+@pytest.fixture(scope="session")
+def synthetic_hd(tmp_path_factory) -> Path:
+    from handclip_nb.data.synthetic import generate_dataset
+
+    root = tmp_path_factory.mktemp("synthetichd")
+    return generate_dataset(root, subjects=10, images_per_subject=4, seed=0, layout="hd",
+                            distractors=3)
+
+
+@pytest.fixture()
+def workbench_home(tmp_path, monkeypatch) -> Path:
+    """A private project root: outputs/, feature cache and synthetic data go under tmp_path."""
+    monkeypatch.setenv("HANDCLIP_HOME", str(tmp_path))
+    return tmp_path

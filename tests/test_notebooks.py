@@ -1,0 +1,67 @@
+"""Notebooks run headless through papermill with smoke parameters; assert on what they record."""
+import json
+
+import pytest
+
+from handclip_nb.pipeline import run_notebook
+from handclip_nb.runs import METRIC_NAMES, read_metrics
+
+pytestmark = pytest.mark.notebook
+
+SMOKE = {"num_splits": 2, "synthetic_subjects": 12, "synthetic_images": 4, "batch_size": 32}
+
+
+@pytest.mark.parametrize("backbone", ["tiny-vit", "tiny-rn"])
+def test_stage0_notebook_writes_metrics(workbench_home, backbone):
+    out = workbench_home / "outputs" / f"s0-{backbone}"
+    executed = run_notebook("stage0_zeroshot.ipynb", workbench_home / "s0.ipynb",
+                            {**SMOKE, "backbone": backbone, "output_dir": str(out)},
+                            progress=False)
+    m = read_metrics(out)
+    assert m["stage"] == "stage0" and m["backbone"] == backbone
+    assert "untrained" in m["backbone_display"] and m["pretrained"] is False
+    assert m["num_splits"] == 2
+    for name in METRIC_NAMES:
+        entry = m["test"][name]
+        assert len(entry["per_split"]) == 2 and 0 <= entry["mean"] <= 100
+    assert m["test"]["rank1"]["mean"] <= m["test"]["rank5"]["mean"] <= m["test"]["rank10"]["mean"]
+    d = m["data"]
+    assert d["train_ids"] == 6 and d["test_ids"] == 6
+    assert d["queries_per_split"] == d["test_images"] - d["test_ids"]
+    assert d["gallery_per_split"] == 4 * 6  # gallery_mode=all: the 4 aspects' galleries
+    assert set(m["val"]) == set(METRIC_NAMES)
+    for fig in ["identities", "cmc", "retrieval"]:
+        assert (out / "figures" / f"{fig}.png").stat().st_size > 1000
+    manifest = json.loads((out / "splits.json").read_text())
+    assert manifest["seed"] == 0 and manifest["content_hash"] == m["splits_hash"]
+    nb = json.loads(executed.read_text())
+    images = [o for c in nb["cells"] for o in c.get("outputs", [])
+              if "image/png" in o.get("data", {})]
+    assert len(images) >= 3  # figures shown inline
+
+
+def test_stage0_offline_real_backbone_fails_fast_and_clearly(workbench_home, monkeypatch):
+    import time
+
+    import papermill as pm
+
+    monkeypatch.setenv("HOME", str(workbench_home))  # no ~/.cache/clip here
+    started = time.time()
+    with pytest.raises(pm.PapermillExecutionError) as err:
+        run_notebook("stage0_zeroshot.ipynb", workbench_home / "s0.ipynb",
+                     {**SMOKE, "backbone": "vitb16",
+                      "output_dir": str(workbench_home / "outputs" / "vit")}, progress=False)
+    assert time.time() - started < 60  # kernel start + data; no download retries
+    msg = str(err.value)
+    assert "WeightsNotFoundError" in msg and "ViT-B-16.pt" in msg
+    assert not (workbench_home / "outputs" / "vit" / "metrics.json").exists()
+
+
+def test_stage0_bad_parameter_fails_before_writing(workbench_home):
+    import papermill as pm
+
+    out = workbench_home / "outputs" / "bad"
+    with pytest.raises(pm.PapermillExecutionError, match="parameter 'aspect'"):
+        run_notebook("stage0_zeroshot.ipynb", workbench_home / "s0.ipynb",
+                     {"aspect": "sideways", "output_dir": str(out)}, progress=False)
+    assert not out.exists()

@@ -1,0 +1,131 @@
+"""The shared parameter schema: defaults, coercion of papermill/YAML values, clear errors."""
+import pytest
+
+from handclip_nb.params import (BACKBONE_NAMES, SCHEMA, ParamError, load_params_file,
+                                params_from_namespace, resolve_params)
+
+
+def test_defaults_resolve_to_the_embedded_default():
+    p = resolve_params(stage="stage0")
+    assert p.backbone == "tiny-vit" and p.data_root is None
+    assert p.image_size == [96, 128]  # the tiny backbone's 4:3 default
+    assert p.output_dir == "outputs/stage0-11k-dorsal_r-tiny-vit-seed0"
+    assert p.stage == "stage0"
+
+
+def test_real_backbones_get_a_landscape_default_size():
+    assert resolve_params(backbone="vitb16").image_size == [224, 288]
+    assert resolve_params(backbone="rn50").image_size == [224, 288]
+
+
+@pytest.mark.parametrize("name, value, expected", [
+    ("epochs", "3", 3), ("epochs", 3.0, 3), ("lr", "1e-4", 1e-4), ("lr", 1, 1.0),
+    ("flip_tta", "true", True), ("flip_tta", "False", False), ("image_size", "[64, 96]", [64, 96]),
+    ("image_size", 128, [128, 128]), ("image_size", (64, 96), [64, 96]),
+    ("data_root", "~/x", None),
+])
+def test_coercion(name, value, expected):
+    p = resolve_params({name: value})
+    if name == "data_root":
+        assert not p.data_root.startswith("~")
+    else:
+        assert p[name] == expected
+
+
+@pytest.mark.parametrize("name, value, fragment", [
+    ("backbone", "vit-huge", "Valid values: " + ", ".join(BACKBONE_NAMES)),
+    ("aspect", "dorsal", "palmar_l"),
+    ("epochs", -1, "must be >= 0"),
+    ("epochs", "ten", "expected an integer"),
+    ("epochs", True, "expected an integer"),
+    ("lr", "fast", "expected a number"),
+    ("lr", float("nan"), "finite"),
+    ("flip_tta", "maybe", "true or false"),
+    ("image_size", [0, 10], "positive integers"),
+    ("image_size", "[1, 2, 3]", "[height, width]"),
+    ("dataset", "market1501", "11k, hd"),
+    ("data_root", "", "non-empty path"),
+    ("device", "tpu", "'cuda:N'"),
+    ("val_fraction", 1.0, "must be < 1"),
+    ("seed", None, "a value is required"),
+])
+def test_bad_values_name_the_parameter_and_the_fix(name, value, fragment):
+    with pytest.raises(ParamError) as err:
+        resolve_params({name: value})
+    msg = str(err.value)
+    assert repr(name) in msg and fragment in msg
+    assert "-p " in msg  # says how to fix it
+
+
+def test_unknown_parameter_name_is_refused():
+    with pytest.raises(ParamError, match="unknown parameter.*'backbne'"):
+        resolve_params({"backbne": "vitb16"})
+
+
+def test_unknown_stage():
+    with pytest.raises(ParamError, match="unknown stage"):
+        resolve_params(stage="stage9")
+
+
+def test_namespace_picks_only_schema_names():
+    ns = {"backbone": "tiny-rn", "np": object(), "_private": 1, "seed": 3}
+    p = params_from_namespace(ns, "stage0")
+    assert p.backbone == "tiny-rn" and p.seed == 3
+    assert "np" not in p
+
+
+def test_params_yaml_round_trip(tmp_path):
+    import yaml
+
+    p = resolve_params(seed=7)
+    assert yaml.safe_load(p.to_yaml())["seed"] == 7
+
+
+def test_params_files_in_repo_are_valid():
+    from pathlib import Path
+
+    files = sorted((Path(__file__).resolve().parents[1] / "params").glob("*.yaml"))
+    assert files, "params/ must hold at least the smoke parameters"
+    for f in files:
+        resolve_params(load_params_file(f))
+
+
+def test_load_params_file_errors(tmp_path):
+    with pytest.raises(ParamError, match="does not exist"):
+        load_params_file(tmp_path / "nope.yaml")
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("backbone: [unclosed\n")
+    with pytest.raises(ParamError, match="not valid YAML"):
+        load_params_file(bad)
+    typo = tmp_path / "typo.yaml"
+    typo.write_text("epochz: 3\n")
+    with pytest.raises(ParamError, match="epochz"):
+        load_params_file(typo)
+
+
+def test_every_spec_default_is_valid():
+    from handclip_nb.params import STAGES
+
+    seen = set()
+    for stage in STAGES:
+        seen |= set(resolve_params(stage=stage))
+    assert set(SCHEMA) <= seen
+
+
+def test_stage_sections_override_common_values():
+    values = {"epochs": 1, "lr": 0.1, "stage1": {"epochs": 120, "lr": 3.5e-4},
+              "stage2": {"epochs": 60, "lr": 5e-6}}
+    assert resolve_params(values, stage="stage1").epochs == 120
+    p2 = resolve_params(values, stage="stage2")
+    assert (p2.epochs, p2.lr) == (60, 5e-6)
+    assert resolve_params(values, stage="stage0").epochs == 1
+    with pytest.raises(ParamError, match="section 'stage2'"):
+        resolve_params({"stage2": {"epochz": 3}}, stage="stage1")
+
+
+def test_stage_specific_parameters_only_apply_to_their_stage():
+    assert "n_ctx" in resolve_params(stage="stage1")
+    assert "n_ctx" not in resolve_params(stage="stage2")
+    assert resolve_params(stage="stage2").milestones == [30, 50]
+    with pytest.raises(ParamError, match="list of non-negative integers"):
+        resolve_params({"milestones": "[a]"}, stage="stage2")

@@ -1,0 +1,74 @@
+"""Project shape: dependencies agree, notebooks are clean narrations, CI calls the README."""
+import json
+import re
+import tomllib
+from pathlib import Path
+
+import yaml
+
+REPO = Path(__file__).resolve().parents[1]
+NOTEBOOKS = sorted((REPO / "notebooks").glob("*.ipynb"))
+
+
+def _norm(req: str) -> str:
+    return re.sub(r"\s+", "", req).lower()
+
+
+def test_environment_yml_matches_pyproject():
+    project = tomllib.loads((REPO / "pyproject.toml").read_text())["project"]
+    wanted = {_norm(r) for r in project["dependencies"]}
+    wanted |= {_norm(r) for r in project["optional-dependencies"]["test"]}
+    env = yaml.safe_load((REPO / "environment.yml").read_text())
+    pip_section = next(d["pip"] for d in env["dependencies"] if isinstance(d, dict))
+    listed = {_norm(r) for r in pip_section if not r.startswith("-e")}
+    assert listed == wanted, (f"only in pyproject: {sorted(wanted - listed)}; "
+                              f"only in environment.yml: {sorted(listed - wanted)}")
+
+
+def test_required_packages_are_declared():
+    deps = " ".join(tomllib.loads((REPO / "pyproject.toml").read_text())["project"]
+                    ["dependencies"]).lower()
+    for name in ["torch", "torchvision", "openai-clip", "setuptools<81", "jupyterlab",
+                 "ipywidgets", "matplotlib", "seaborn", "papermill", "nbval", "scikit-learn",
+                 "pyyaml", "tqdm", "pillow"]:
+        assert name in deps, name
+
+
+def test_top_level_layout():
+    for name in ["notebooks", "handclip_nb", "params", "outputs", "tests", "environment.yml",
+                 "README.md", "pyproject.toml", "Makefile", ".ci/run", "outputs/README.md"]:
+        assert (REPO / name).exists(), name
+    ignored = (REPO / ".gitignore").read_text()
+    assert "outputs/*" in ignored and "!outputs/README.md" in ignored
+
+
+def test_ci_runs_the_readme_test_command():
+    readme = (REPO / "README.md").read_text()
+    ci = (REPO / ".ci/run").read_text()
+    assert "make test" in readme and "make demo" in readme
+    assert re.search(r"^make test", ci, re.M)
+
+
+def test_notebooks_have_a_tagged_parameters_cell_and_no_outputs():
+    assert NOTEBOOKS, "no notebooks found"
+    for path in NOTEBOOKS:
+        nb = json.loads(path.read_text())
+        tagged = [c for c in nb["cells"] if "parameters" in c.get("metadata", {}).get("tags", [])]
+        assert len(tagged) == 1, f"{path.name}: needs exactly one cell tagged 'parameters'"
+        for cell in nb["cells"]:
+            if cell["cell_type"] == "code":
+                assert not cell.get("outputs"), f"{path.name}: committed with outputs"
+                assert cell.get("execution_count") is None, f"{path.name}: execution counts"
+        assert "widgets" not in nb.get("metadata", {}), f"{path.name}: widget state committed"
+
+
+def test_notebooks_contain_no_training_loop_metric_or_loss():
+    """Notebooks narrate; loops, losses and metrics live in handclip_nb (tested there)."""
+    forbidden = re.compile(r"\bfor\b.*\bin\b.*loader|\.backward\(|optimizer\.step|argsort|"
+                           r"def \w+\(|cross_entropy|class \w+")
+    for path in NOTEBOOKS:
+        nb = json.loads(path.read_text())
+        for cell in nb["cells"]:
+            if cell["cell_type"] == "code":
+                src = "".join(cell["source"])
+                assert not forbidden.search(src), f"{path.name}: logic in a notebook:\n{src}"

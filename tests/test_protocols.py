@@ -1,0 +1,231 @@
+"""11k / HD readers and protocols: the published split sizes, seeds, manifests, bad data."""
+import json
+import shutil
+
+import pytest
+
+from handclip_nb.data.handinfo import DataError, read_handinfo, read_hd
+from handclip_nb.data.protocols import (build_11k_protocol, build_hd_protocol, load_manifest,
+                                        verify_images)
+
+# DESIGN.md §4: the MBA-Net protocol sizes on the real HandInfo.csv.
+PUBLISHED = {
+    "dorsal_r": (72, 962, 71, 1042, 971),
+    "dorsal_l": (73, 808, 73, 1061, 988),
+    "palmar_r": (72, 977, 71, 988, 917),
+    "palmar_l": (76, 1004, 75, 1023, 948),
+}
+
+
+@pytest.fixture(scope="module")
+def real_records(real_handinfo):
+    return read_handinfo(real_handinfo)
+
+
+def test_real_handinfo_parses_all_rows_and_strips_ids(real_records):
+    assert len(real_records) == 11076
+    people = {r.person for r in real_records}
+    # 190 raw id strings, but "1200000 " (one image) is person 1200000 with a trailing space
+    assert len(people) == 189
+    assert "1200000" in people and "1200000 " not in people
+
+
+@pytest.mark.parametrize("aspect", list(PUBLISHED))
+@pytest.mark.parametrize("gallery_mode", ["aspect", "all"])
+def test_real_11k_split_sizes_match_the_published_table(real_records, aspect, gallery_mode):
+    p = build_11k_protocol(real_records, aspect, num_splits=10, gallery_mode=gallery_mode)
+    s = p.sizes()
+    assert (s["train_ids"], s["train_images"], s["test_ids"], s["test_images"],
+            s["queries_per_split"]) == PUBLISHED[aspect]
+    for split in p.test:
+        assert len(split.query) == PUBLISHED[aspect][4]
+        if gallery_mode == "aspect":
+            assert len(split.gallery) == PUBLISHED[aspect][2]
+        else:  # the four aspects' test galleries merged
+            assert len(split.gallery) == sum(v[2] for v in PUBLISHED.values())
+
+
+def test_real_11k_train_and_test_identities_follow_sorted_order(real_records):
+    p = build_11k_protocol(real_records, "dorsal_r")
+    assert p.train_people == sorted(p.train_people)
+    assert max(p.train_people) < min(p.test_people)
+    assert not set(p.train_people) & set(p.test_people)
+    # no image with accessories anywhere in the protocol
+    assert all(not it.accessories for it in p.items)
+
+
+def test_model_selection_never_touches_test_identities(real_records):
+    for aspect in PUBLISHED:
+        p = build_11k_protocol(real_records, aspect, gallery_mode="all", val_fraction=0.2)
+        test_ids = set(p.test_people)
+        sel = {p.items[i].person for i in (*p.selection.query, *p.selection.gallery)}
+        assert sel and not sel & test_ids
+        assert sel <= set(p.train_people)
+        assert len(p.selection_people) == round(0.2 * len(p.train_people))
+        fit_people = {p.items[i].person for i in p.fit}
+        assert not fit_people & sel and not fit_people & test_ids
+        # the val/selection identities are ranked among themselves only
+        assert set(p.ids_of(p.selection.gallery)) >= set(p.ids_of(p.selection.query))
+
+
+def test_val_image_is_one_per_training_identity(real_records):
+    p = build_11k_protocol(real_records, "palmar_l")
+    people = [p.items[i].person for i in p.val_images]
+    assert sorted(people) == sorted(p.train_people)
+
+
+def test_all_gallery_keeps_identities_distinct_per_aspect(real_records):
+    p = build_11k_protocol(real_records, "dorsal_r", gallery_mode="all")
+    split = p.test[0]
+    gallery_aspects = {p.items[i].aspect for i in split.gallery}
+    assert gallery_aspects == {"dorsal_r", "dorsal_l", "palmar_r", "palmar_l"}
+    # the same person's dorsal_l image must not count as a match for a dorsal_r query
+    q_ids = set(p.ids_of(split.query))
+    for i in split.gallery:
+        if p.items[i].aspect != "dorsal_r":
+            assert p.identities[i] not in q_ids
+
+
+def test_splits_are_seeded_and_prefix_stable(real_records):
+    a = build_11k_protocol(real_records, "dorsal_l", seed=3, num_splits=4)
+    b = build_11k_protocol(real_records, "dorsal_l", seed=3, num_splits=6)
+    c = build_11k_protocol(real_records, "dorsal_l", seed=4, num_splits=4)
+    assert a.test == b.test[:4]  # adding splits leaves the earlier ones unchanged
+    assert a.test != c.test
+    assert a.manifest()["content_hash"] == build_11k_protocol(
+        real_records, "dorsal_l", seed=3, num_splits=4).manifest()["content_hash"]
+    assert len({s.gallery for s in a.test}) == 4  # the Monte-Carlo splits differ
+
+
+def test_same_aspect_gallery_is_shared_across_query_aspects(real_records):
+    a = build_11k_protocol(real_records, "dorsal_r", gallery_mode="all")
+    b = build_11k_protocol(real_records, "palmar_r", gallery_mode="all")
+    pick = lambda p, asp: sorted(p.items[i].path for i in p.test[2].gallery  # noqa: E731
+                                 if p.items[i].aspect == asp)
+    assert pick(a, "palmar_r") == pick(b, "palmar_r")
+
+
+def test_manifest_round_trip_and_tamper_check(real_records, tmp_path):
+    p = build_11k_protocol(real_records, "dorsal_r", seed=1, num_splits=2)
+    path = p.write_manifest(tmp_path / "splits.json")
+    data = load_manifest(path)
+    assert data["seed"] == 1 and data["sizes"]["queries_per_split"] == 971
+    assert len(data["items"]) == len(p.items)
+    data["test"][0]["query"] = data["test"][0]["query"][1:]
+    path.write_text(json.dumps(data))
+    with pytest.raises(DataError, match="content hash mismatch"):
+        load_manifest(path)
+
+
+# ---------------------------------------------------------------- malformed HandInfo.csv
+HEADER = "id,age,gender,skinColor,accessories,nailPolish,aspectOfHand,imageName,irregularities\n"
+GOOD = '"0000001",27,"male","fair",0,0,"dorsal right","Hand_0000001.jpg",0\n'
+
+
+@pytest.mark.parametrize("bad_row, fragment", [
+    ('"0000001",27,"male","fair",0,0,"dorsal right","Hand_1.jpg"\n', "expected 9 columns"),
+    ('"0000001",27,"male","fair",0,0,"sideways","Hand_1.jpg",0\n', "unknown aspectOfHand"),
+    ('"0000001",27,"male","fair",yes,0,"dorsal right","Hand_1.jpg",0\n', "'accessories'"),
+    ('"0000001",27,"male","fair",0,2,"dorsal right","Hand_1.jpg",0\n', "'nailPolish'"),
+    ('"   ",27,"male","fair",0,0,"dorsal right","Hand_1.jpg",0\n', "empty id"),
+])
+def test_malformed_row_names_file_and_line(tmp_path, bad_row, fragment):
+    csv_path = tmp_path / "HandInfo.csv"
+    csv_path.write_text(HEADER + GOOD + GOOD + bad_row + GOOD)
+    with pytest.raises(DataError) as err:
+        read_handinfo(csv_path)
+    assert f"{csv_path}:4" in str(err.value) and fragment in str(err.value)
+
+
+def test_bad_header_and_missing_file(tmp_path):
+    with pytest.raises(FileNotFoundError, match="HandInfo.csv"):
+        read_handinfo(tmp_path / "HandInfo.csv")
+    (tmp_path / "HandInfo.csv").write_text("id,age\n" + GOOD)
+    with pytest.raises(DataError, match=":1: header"):
+        read_handinfo(tmp_path / "HandInfo.csv")
+
+
+def test_empty_aspect_is_an_error_naming_the_aspect(tmp_path):
+    csv_path = tmp_path / "HandInfo.csv"
+    csv_path.write_text(HEADER + GOOD.replace(",0,0,", ",1,0,") * 3)
+    records = read_handinfo(csv_path)
+    with pytest.raises(DataError, match="aspect dorsal_r: no images left"):
+        build_11k_protocol(records, "dorsal_r")
+    with pytest.raises(DataError, match="aspect palmar_l"):
+        build_11k_protocol(records, "palmar_l")
+
+
+# ---------------------------------------------------------------- synthetic files on disk
+def test_synthetic_11k_protocol_on_files(synthetic_11k):
+    records = read_handinfo(synthetic_11k / "HandInfo.csv")
+    p = build_11k_protocol(records, "dorsal_r", root=synthetic_11k, num_splits=3,
+                           gallery_mode="all")
+    verify_images(synthetic_11k, p.items)
+    s = p.sizes()
+    assert s["train_ids"] == 6 and s["test_ids"] == 6
+    assert s["queries_per_split"] == s["test_images"] - s["test_ids"]
+
+
+def test_missing_and_unreadable_images_reported_together(synthetic_11k, tmp_path):
+    root = tmp_path / "copy"
+    shutil.copytree(synthetic_11k, root)
+    records = read_handinfo(root / "HandInfo.csv")
+    p = build_11k_protocol(records, "dorsal_r", root=root)
+    victims = [root / p.items[i].path for i in (0, 1, 2)]
+    victims[0].unlink()
+    victims[1].unlink()
+    victims[2].write_bytes(b"not a jpeg")
+    with pytest.raises(DataError) as err:
+        verify_images(root, p.items)
+    msg = str(err.value)
+    assert "2 missing image(s)" in msg and "1 unreadable image(s)" in msg
+    assert str(victims[0]) in msg and str(victims[2]) in msg
+
+
+def test_hd_labels_come_from_file_names(synthetic_hd):
+    records = read_hd(synthetic_hd)
+    for r in records:
+        stem = r.path.rsplit("/", 1)[1].split("_")[0]
+        assert r.person == str(int(stem))
+    assert any(r.distractor for r in records)
+
+
+def test_hd_protocol(synthetic_hd):
+    records = read_hd(synthetic_hd)
+    p = build_hd_protocol(records, root=synthetic_hd, num_splits=3, val_fraction=0.2)
+    main_ids = sorted({int(r.person) for r in records if not r.distractor})
+    n_train = (len(main_ids) + 1) // 2
+    assert [int(x) for x in p.train_people] == main_ids[:n_train]
+    assert [int(x) for x in p.test_people] == main_ids[n_train:]
+    n_distract = sum(r.distractor for r in records)
+    for split in p.test:
+        assert len(split.gallery) == len(p.test_people) + n_distract
+        q_ids = set(p.ids_of(split.query))
+        for i in split.gallery:
+            if p.items[i].distractor:
+                assert p.identities[i] not in q_ids  # distractors never match a query
+    sel = {p.items[i].person for i in p.selection.query}
+    assert sel <= set(p.train_people)
+
+
+def test_hd_bad_file_name_is_reported(synthetic_hd, tmp_path):
+    root = tmp_path / "hd"
+    shutil.copytree(synthetic_hd, root)
+    (root / "Original Images" / "1-501" / "photo.jpg").write_bytes(b"x")
+    with pytest.raises(DataError, match="photo.jpg"):
+        read_hd(root)
+    with pytest.raises(FileNotFoundError, match="Original Images/1-501"):
+        read_hd(tmp_path)
+
+
+def test_hd_protocol_on_real_shaped_ids():
+    """502 ids in 1-501 → ids <= 251 train, the other 251 test (DESIGN §4)."""
+    from handclip_nb.data.handinfo import HandImage
+
+    records = [HandImage(path=f"Original Images/1-501/{i}_{n}.jpg", person=str(i),
+                         aspect="dorsal") for i in range(1, 503) for n in (1, 2)]
+    # folder enumeration order would put "10" before "2"; labels must not depend on it
+    records.sort(key=lambda r: r.path)
+    p = build_hd_protocol(records, num_splits=1)
+    assert max(int(x) for x in p.train_people) == 251
+    assert len(p.test_people) == 251

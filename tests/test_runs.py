@@ -1,0 +1,78 @@
+"""Run folders: atomic writes, provenance, the metrics.json schema."""
+import json
+import os
+
+import pytest
+import yaml
+
+from handclip_nb import runs
+from handclip_nb.params import resolve_params
+
+
+def _metrics(value=50.0):
+    block = {k: {"mean": value, "std": 0.0, "per_split": [value]} for k in runs.METRIC_NAMES}
+    return {"stage": "stage0", "dataset": "11k", "aspect": "dorsal_r", "backbone": "tiny-vit",
+            "num_splits": 1, "test": block,
+            "data": {k: 1 for k in runs.REQUIRED_DATA_KEYS}}
+
+
+def test_atomic_write_replaces_and_leaves_no_temp(tmp_path):
+    p = tmp_path / "a" / "x.json"
+    runs.atomic_write_json(p, {"a": 1})
+    runs.atomic_write_json(p, {"a": 2})
+    assert json.loads(p.read_text()) == {"a": 2}
+    assert os.listdir(p.parent) == ["x.json"]
+
+
+def test_failed_write_keeps_the_previous_file(tmp_path):
+    p = tmp_path / "x.json"
+    runs.atomic_write_json(p, {"a": 1})
+    with pytest.raises(TypeError):
+        runs.atomic_write_json(p, {"a": object()})
+    assert json.loads(p.read_text()) == {"a": 1}
+    assert os.listdir(tmp_path) == ["x.json"]
+
+
+def test_start_and_finish_run_record_provenance(workbench_home):
+    params = resolve_params(seed=5)
+    run = runs.start_run(params)
+    assert run.output_dir == workbench_home / params.output_dir
+    record = yaml.safe_load((run.output_dir / "params.yaml").read_text())
+    assert record["params"]["seed"] == 5
+    assert record["environment"]["packages"]["torch"]
+    assert "git_commit" in record["environment"]
+    assert not run.metrics_path.exists()
+    runs.finish_run(run, _metrics())
+    m = runs.read_metrics(run.output_dir)
+    assert m["provenance"]["seed"] == 5 and "git_commit" in m["provenance"]
+    assert m["seconds"] >= 0
+
+
+def test_restarting_a_run_removes_the_stale_metrics(workbench_home):
+    params = resolve_params()
+    run = runs.start_run(params)
+    runs.finish_run(run, _metrics())
+    runs.start_run(params)
+    with pytest.raises(FileNotFoundError, match="has not finished"):
+        runs.read_metrics(run.output_dir)
+
+
+@pytest.mark.parametrize("mutate, fragment", [
+    (lambda m: m.pop("data"), "lack"),
+    (lambda m: m["test"].pop("mINP"), "mINP"),
+    (lambda m: m["test"]["rank1"].update(mean=0.9 * 200), "percentage"),
+    (lambda m: m["data"].pop("queries_per_split"), "queries_per_split"),
+])
+def test_metrics_schema_is_enforced(workbench_home, mutate, fragment):
+    run = runs.start_run(resolve_params())
+    m = _metrics()
+    mutate(m)
+    with pytest.raises(ValueError, match=fragment):
+        runs.finish_run(run, m)
+    assert not run.metrics_path.exists()
+
+
+def test_project_root_prefers_env(workbench_home):
+    assert runs.project_root() == workbench_home
+    assert runs.resolve_path("outputs/x") == workbench_home / "outputs" / "x"
+    assert runs.resolve_path("/abs") == runs.Path("/abs")

@@ -1,0 +1,98 @@
+"""Transforms (CLIP normalisation everywhere, letterbox by default) and the P×K sampler."""
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+from torchvision import transforms as T
+
+from handclip_nb.data.sampler import PKSampler
+from handclip_nb.data.transforms import (CLIP_MEAN, CLIP_STD, AugmentConfig, LetterboxResize,
+                                         build_transform)
+
+
+def _normalize_steps(tf):
+    return [t for t in tf.transforms if isinstance(t, T.Normalize)]
+
+
+@pytest.mark.parametrize("train", [False, True])
+def test_train_and_eval_both_use_clip_normalisation(train):
+    """DESIGN §6.2: the earlier code normalised only at evaluation."""
+    tf = build_transform((96, 128), train=train)
+    (norm,) = _normalize_steps(tf)
+    assert tuple(norm.mean) == CLIP_MEAN and tuple(norm.std) == CLIP_STD
+
+
+def test_normalised_mean_colour_is_zero():
+    mean_rgb = tuple(int(round(255 * m)) for m in CLIP_MEAN)
+    img = Image.new("RGB", (160, 120), mean_rgb)
+    x = build_transform((96, 128))(img)
+    assert x.shape == (3, 96, 128)
+    assert x.abs().max() < 0.01
+
+
+def test_letterbox_keeps_aspect_ratio_and_pads():
+    img = Image.new("RGB", (200, 100), (255, 0, 0))  # 2:1 into a 4:3 box
+    out = LetterboxResize((96, 128))(img)
+    arr = np.asarray(out)
+    assert out.size == (128, 96)
+    red_rows = np.where((arr[:, 64, 0] > 200) & (arr[:, 64, 1] < 50))[0]
+    assert len(red_rows) == 64  # 128 wide → 64 high, centred; the rest is padding
+    assert red_rows[0] == 16
+
+
+def test_squash_only_when_asked():
+    img = Image.new("RGB", (200, 100), (255, 0, 0))
+    x = build_transform((96, 128), resize_mode="squash")(img)
+    assert x.shape == (3, 96, 128)
+    assert (x[0] > 1).all()  # all red: nothing padded
+    with pytest.raises(ValueError, match="pad, squash"):
+        build_transform((96, 128), resize_mode="crop")
+
+
+def test_training_augmentation_has_no_flip_by_default():
+    tf = build_transform((96, 128), train=True)
+    kinds = [type(t).__name__ for t in tf.transforms]
+    assert "RandomHorizontalFlip" not in kinds
+    assert {"RandomCrop", "ColorJitter", "RandomErasing"} <= set(kinds)
+    tf_flip = build_transform((96, 128), train=True, augment=AugmentConfig(hflip_p=0.5))
+    assert "RandomHorizontalFlip" in [type(t).__name__ for t in tf_flip.transforms]
+    torch.manual_seed(0)
+    x = tf(Image.new("RGB", (160, 120), (200, 150, 120)))
+    assert x.shape == (3, 96, 128)
+
+
+# ---------------------------------------------------------------- P×K sampler
+def _labels():
+    rng = np.random.default_rng(0)
+    counts = rng.integers(2, 9, size=20)  # some identities have fewer than K images
+    return [lab for lab, c in enumerate(counts) for _ in range(c)]
+
+
+def test_every_batch_is_p_identities_times_k_images():
+    labels = _labels()
+    sampler = PKSampler(labels, p=4, k=4, seed=0)
+    batches = list(sampler)
+    assert len(batches) == len(sampler) > 0
+    for b in batches:
+        assert len(b) == 16
+        labs = [labels[i] for i in b]
+        assert len(set(labs)) == 4
+        assert all(labs.count(x) == 4 for x in set(labs))  # every anchor has K-1 positives
+
+
+def test_sampler_covers_the_data_and_is_seeded_per_epoch():
+    labels = _labels()
+    s = PKSampler(labels, p=4, k=2, seed=1)
+    seen = {i for b in s for i in b}
+    assert len(seen) > 0.8 * len(labels)
+    first = list(s)
+    assert first == list(PKSampler(labels, p=4, k=2, seed=1))  # same seed, same epoch
+    s.set_epoch(1)
+    assert list(s) != first
+
+
+def test_sampler_rejects_impossible_settings():
+    with pytest.raises(ValueError, match="only 3"):
+        PKSampler([0, 0, 1, 1, 2, 2], p=4, k=2)
+    with pytest.raises(ValueError, match="k >= 2"):
+        PKSampler([0, 0, 1, 1], p=2, k=1)
