@@ -1,4 +1,5 @@
-"""Models: CLIP backbones (registry, loading, 2-D positional-embedding adaptation)."""
+"""Models: CLIP backbones (registry, loading, 2-D positional-embedding adaptation), prompt
+learners (CLIP-ReID, PromptSG composer) and re-ID heads."""
 from .backbones import (
     BACKBONES,
     CLIP_MEAN,
@@ -15,6 +16,8 @@ from .backbones import (
     register_backbone,
     resolve_device,
 )
+from .heads import ArcFaceClassifier, BNNeck, LinearClassifier, ReIDHead, build_classifier
+from .prompts import PromptComposer, PromptLearner, aspect_phrase
 
 __all__ = [
     "BACKBONES",
@@ -31,4 +34,12 @@ __all__ = [
     "get_backbone_spec",
     "register_backbone",
     "resolve_device",
+    "ArcFaceClassifier",
+    "BNNeck",
+    "LinearClassifier",
+    "ReIDHead",
+    "build_classifier",
+    "PromptComposer",
+    "PromptLearner",
+    "aspect_phrase",
 ]

@@ -1,0 +1,443 @@
+"""Losses against slow, obvious python-loop references (handclip_nb.losses)."""
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from handclip_nb.losses import (
+    CenterLoss,
+    TripletStats,
+    batch_hard_triplet,
+    cross_entropy_label_smooth,
+    image_to_text_ce,
+    pairwise_euclidean,
+    supcon_loss,
+    symmetric_supcon,
+)
+
+DT = torch.float64
+
+
+@pytest.fixture(autouse=True)
+def _one_thread():
+    """Tiny tensors: intra-op threads only add barrier waits (badly so on a loaded CI box)."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+def _gen(seed: int) -> torch.Generator:
+    return torch.Generator().manual_seed(seed)
+
+
+def _labels(n: int, num_ids: int, seed: int) -> torch.Tensor:
+    return torch.randint(0, num_ids, (n,), generator=_gen(seed))
+
+
+# --------------------------------------------------------------------------------------------------
+# slow references
+# --------------------------------------------------------------------------------------------------
+
+
+def ref_supcon(a, b, la, lb, scale=1.0, normalize=False):
+    a, b = a.tolist(), b.tolist()
+    if normalize:
+        a = [[v / math.sqrt(sum(u * u for u in row)) for v in row] for row in a]
+        b = [[v / math.sqrt(sum(u * u for u in row)) for v in row] for row in b]
+    la, lb = la.tolist(), lb.tolist()
+    terms = []
+    for i in range(len(a)):
+        logits = [scale * sum(x * y for x, y in zip(a[i], b[j])) for j in range(len(b))]
+        lse = math.log(sum(math.exp(z) for z in logits))
+        pos = [j for j in range(len(b)) if lb[j] == la[i]]
+        if not pos:
+            continue
+        terms.append(sum(logits[j] - lse for j in pos) / len(pos))
+    return -sum(terms) / len(terms)
+
+
+def ref_ce_smooth(logits, targets, eps):
+    out = 0.0
+    rows = logits.tolist()
+    for row, t in zip(rows, targets.tolist()):
+        c = len(row)
+        lse = math.log(sum(math.exp(z) for z in row))
+        for k, z in enumerate(row):
+            q = (1 - eps) * (1.0 if k == t else 0.0) + eps / c
+            out += -q * (z - lse)
+    return out / len(rows)
+
+
+def ref_triplet(x, labels, margin):
+    """Returns (loss or None, skipped_no_pos, list of (i, p, n))."""
+    x, labels = x.tolist(), labels.tolist()
+    n = len(x)
+
+    def d(i, j):
+        return math.sqrt(sum((u - v) ** 2 for u, v in zip(x[i], x[j])))
+
+    terms, skipped, picks = [], 0, []
+    for i in range(n):
+        pos = [j for j in range(n) if j != i and labels[j] == labels[i]]
+        neg = [j for j in range(n) if labels[j] != labels[i]]
+        if not pos:
+            skipped += 1
+            continue
+        if not neg:
+            continue
+        p = max(pos, key=lambda j: d(i, j))
+        q = min(neg, key=lambda j: d(i, j))
+        diff = d(i, p) - d(i, q)
+        if margin:
+            terms.append(max(0.0, diff + margin))
+        else:
+            terms.append(math.log1p(math.exp(diff)))
+        picks.append((i, p, q))
+    return (sum(terms) / len(terms) if terms else None), skipped, picks
+
+
+# --------------------------------------------------------------------------------------------------
+# SupCon
+# --------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("na,nb,num_ids,seed", [(8, 8, 3, 0), (12, 5, 2, 1), (6, 10, 4, 2),
+                                                (16, 16, 4, 3)])
+@pytest.mark.parametrize("scale,normalize", [(1.0, False), (20.0, True)])
+def test_supcon_matches_reference(na, nb, num_ids, seed, scale, normalize):
+    g = _gen(seed)
+    a = torch.randn(na, 7, generator=g, dtype=DT)
+    b = torch.randn(nb, 7, generator=g, dtype=DT)
+    la = _labels(na, num_ids, seed + 100)
+    lb = _labels(nb, num_ids, seed + 200)
+    lb[: num_ids] = torch.arange(num_ids)  # every anchor has >= 1 positive
+    got = supcon_loss(a, b, la, lb, logit_scale=scale, normalize=normalize)
+    assert got.item() == pytest.approx(ref_supcon(a, b, la, lb, scale, normalize), rel=1e-9)
+
+
+def test_supcon_several_positives_and_asymmetric_labels():
+    g = _gen(5)
+    a = torch.randn(4, 5, generator=g, dtype=DT)
+    b = torch.randn(7, 5, generator=g, dtype=DT)
+    la = torch.tensor([0, 0, 1, 2])
+    lb = torch.tensor([0, 0, 0, 1, 1, 2, 9])  # 3 / 2 / 1 positives, one label only in b
+    got = supcon_loss(a, b, la, lb)
+    assert got.item() == pytest.approx(ref_supcon(a, b, la, lb), rel=1e-10)
+    # anchors with no positive in b are left out of the mean (not NaN)
+    la2 = torch.tensor([0, 5, 1, 7])
+    got2 = supcon_loss(a, b, la2, lb)
+    assert torch.isfinite(got2)
+    assert got2.item() == pytest.approx(ref_supcon(a, b, la2, lb), rel=1e-10)
+    with pytest.raises(ValueError, match="no anchor"):
+        supcon_loss(a, b, torch.tensor([3, 4, 5, 6]), lb)
+
+
+def test_supcon_scale_is_inverse_temperature_and_normalize_is_explicit():
+    g = _gen(6)
+    a = torch.randn(6, 4, generator=g, dtype=DT) * 3
+    b = torch.randn(6, 4, generator=g, dtype=DT) * 3
+    lab = torch.tensor([0, 0, 1, 1, 2, 2])
+    # scale s on features == scale 1 on features multiplied by s
+    assert supcon_loss(a, b, lab, lab, logit_scale=4.0).item() == pytest.approx(
+        supcon_loss(a * 4.0, b, lab, lab).item(), rel=1e-10)
+    # normalize=True ignores feature norms, normalize=False does not
+    n1 = supcon_loss(a, b, lab, lab, normalize=True)
+    n2 = supcon_loss(a * 5, b * 0.1, lab, lab, normalize=True)
+    assert n1.item() == pytest.approx(n2.item(), rel=1e-10)
+    assert supcon_loss(a, b, lab, lab).item() != pytest.approx(
+        supcon_loss(a * 5, b, lab, lab).item(), rel=1e-3)
+    # tensor scale keeps the graph (CLIP's exp(logit_scale) may be learnable)
+    log_scale = torch.tensor(math.log(10.0), dtype=DT, requires_grad=True)
+    supcon_loss(a, b, lab, lab, logit_scale=log_scale.exp(), normalize=True).backward()
+    assert log_scale.grad is not None and torch.isfinite(log_scale.grad)
+
+
+def test_supcon_refuses_raw_clip_log_scale_parameter():
+    a = torch.randn(4, 3)
+    lab = torch.tensor([0, 0, 1, 1])
+    with pytest.raises(TypeError, match=r"logit_scale.exp\(\)"):
+        supcon_loss(a, a, lab, lab, logit_scale=nn.Parameter(torch.tensor(4.6)))
+    with pytest.raises(ValueError, match="positive"):
+        supcon_loss(a, a, lab, lab, logit_scale=-1.0)
+
+
+def test_supcon_shape_errors():
+    a = torch.randn(4, 3)
+    lab = torch.tensor([0, 0, 1, 1])
+    with pytest.raises(ValueError, match="same dim"):
+        supcon_loss(a, torch.randn(4, 5), lab, lab)
+    with pytest.raises(ValueError, match="labels_b has 3 entries"):
+        supcon_loss(a, a, lab, lab[:3])
+    with pytest.raises(ValueError, match="2-D"):
+        supcon_loss(a[0], a, lab, lab)
+    with pytest.raises(TypeError, match="integer"):
+        supcon_loss(a, a, lab.float(), lab)
+
+
+def test_symmetric_supcon_is_sum_of_both_directions():
+    g = _gen(7)
+    img = torch.randn(8, 6, generator=g, dtype=DT)
+    txt = torch.randn(8, 6, generator=g, dtype=DT)
+    lab = torch.tensor([0, 0, 1, 1, 2, 2, 3, 3])
+    s = 50.0
+    got = symmetric_supcon(img, txt, lab, s)
+    want = ref_supcon(img, txt, lab, lab, s, True) + ref_supcon(txt, img, lab, lab, s, True)
+    assert got.item() == pytest.approx(want, rel=1e-9)
+    raw = symmetric_supcon(img, txt, lab, 1.0, normalize=False)
+    want_raw = ref_supcon(img, txt, lab, lab) + ref_supcon(txt, img, lab, lab)
+    assert raw.item() == pytest.approx(want_raw, rel=1e-9)
+    # distinct text labels (e.g. one prompt per identity)
+    txt_ids = torch.tensor([3, 2, 1, 0])
+    got2 = symmetric_supcon(img, txt[:4], lab, s, text_labels=txt_ids)
+    want2 = (ref_supcon(img, txt[:4], lab, txt_ids, s, True)
+             + ref_supcon(txt[:4], img, txt_ids, lab, s, True))
+    assert got2.item() == pytest.approx(want2, rel=1e-9)
+
+
+# --------------------------------------------------------------------------------------------------
+# label smoothing, i2t CE
+# --------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("b,c,eps,seed", [(5, 3, 0.1, 0), (9, 11, 0.3, 1), (1, 2, 0.1, 2),
+                                          (16, 7, 0.0, 3)])
+def test_label_smoothing_matches_formula(b, c, eps, seed):
+    g = _gen(seed)
+    logits = torch.randn(b, c, generator=g, dtype=DT) * 3
+    targets = torch.randint(0, c, (b,), generator=g)
+    got = cross_entropy_label_smooth(logits, targets, epsilon=eps)
+    assert got.item() == pytest.approx(ref_ce_smooth(logits, targets, eps), rel=1e-10)
+    assert got.item() == pytest.approx(
+        F.cross_entropy(logits, targets, label_smoothing=eps).item(), rel=1e-10)
+
+
+def test_label_smoothing_zero_is_cross_entropy_and_validates():
+    g = _gen(4)
+    logits = torch.randn(6, 4, generator=g, dtype=DT, requires_grad=True)
+    targets = torch.tensor([0, 1, 2, 3, 3, 0])
+    a = cross_entropy_label_smooth(logits, targets, epsilon=0.0)
+    b = F.cross_entropy(logits, targets)
+    assert a.item() == pytest.approx(b.item(), rel=1e-12)
+    ga, = torch.autograd.grad(a, logits)
+    gb, = torch.autograd.grad(b, logits)
+    torch.testing.assert_close(ga, gb)
+    with pytest.raises(ValueError, match=r"\[0, 4\)"):
+        cross_entropy_label_smooth(logits, torch.tensor([0, 1, 2, 3, 4, 0]))
+    with pytest.raises(ValueError, match="epsilon"):
+        cross_entropy_label_smooth(logits, targets, epsilon=1.0)
+    with pytest.raises(ValueError, match="targets has 2 entries"):
+        cross_entropy_label_smooth(logits, targets[:2])
+
+
+@pytest.mark.parametrize("normalize,scale", [(False, 1.0), (True, 30.0)])
+def test_image_to_text_ce_equals_explicit_logits(normalize, scale):
+    g = _gen(8)
+    img = torch.randn(10, 6, generator=g, dtype=DT, requires_grad=True)
+    txt_all = torch.randn(5, 6, generator=g, dtype=DT)
+    labels = torch.tensor([0, 1, 2, 3, 4, 0, 1, 2, 3, 4])
+    got = image_to_text_ce(img, txt_all, labels, scale, normalize=normalize)
+    i, t = (F.normalize(img, dim=1), F.normalize(txt_all, dim=1)) if normalize else (img, txt_all)
+    want = F.cross_entropy(scale * i @ t.t(), labels)
+    assert got.item() == pytest.approx(want.item(), rel=1e-10)
+    smoothed = image_to_text_ce(img, txt_all, labels, scale, normalize=normalize, epsilon=0.1)
+    assert smoothed.item() == pytest.approx(
+        F.cross_entropy(scale * i @ t.t(), labels, label_smoothing=0.1).item(), rel=1e-10)
+    got.backward()
+    assert img.grad is not None and torch.isfinite(img.grad).all()
+
+
+def test_image_to_text_ce_shape_errors():
+    img = torch.randn(4, 6)
+    with pytest.raises(ValueError, match="dim 6 != text_features_all dim 8"):
+        image_to_text_ce(img, torch.randn(3, 8), torch.tensor([0, 1, 2, 0]))
+    with pytest.raises(ValueError, match=r"\[0, 3\)"):
+        image_to_text_ce(img, torch.randn(3, 6), torch.tensor([0, 1, 2, 3]))
+
+
+# --------------------------------------------------------------------------------------------------
+# batch-hard triplet
+# --------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("n,num_ids,dim,seed", [(8, 2, 4, 0), (12, 4, 3, 1), (10, 5, 6, 2),
+                                                (7, 3, 2, 3), (16, 4, 8, 4)])
+@pytest.mark.parametrize("margin", [0.3, None, 5.0])
+def test_triplet_matches_reference(n, num_ids, dim, seed, margin):
+    g = _gen(seed)
+    x = torch.randn(n, dim, generator=g, dtype=DT)
+    labels = _labels(n, num_ids, seed + 10)  # random: unequal counts, maybe singletons
+    want, skipped, picks = ref_triplet(x, labels, margin)
+    loss, stats = batch_hard_triplet(x, labels, margin=margin)
+    assert isinstance(stats, TripletStats)
+    assert stats.num_skipped_no_positive == skipped
+    assert stats.num_valid == len(picks)
+    if want is None:
+        assert loss.item() == 0.0
+    else:
+        assert loss.item() == pytest.approx(want, rel=1e-9, abs=1e-12)
+    for i, p, q in picks:
+        assert int(stats.positive_index[i]) == p
+        assert int(stats.negative_index[i]) == q
+
+
+def test_triplet_soft_margin_zero_equals_none():
+    g = _gen(11)
+    x = torch.randn(8, 3, generator=g, dtype=DT)
+    labels = torch.tensor([0, 0, 1, 1, 2, 2, 3, 3])
+    a, _ = batch_hard_triplet(x, labels, margin=None)
+    b, _ = batch_hard_triplet(x, labels, margin=0.0)
+    assert a.item() == b.item()
+    want, _, _ = ref_triplet(x, labels, None)
+    assert a.item() == pytest.approx(want, rel=1e-10)
+
+
+def test_triplet_anchor_is_never_its_own_positive():
+    # Anchor 0 (label 0) is the only sample of its label, with a negative close by: an
+    # implementation that lets the diagonal count as a positive sees d_ap = 0 and adds
+    # relu(0 - 0.1 + 0.3) = 0.2; ours skips it.  Label 1 has two far-apart samples.
+    x = torch.tensor([[0.0, 0.0], [0.1, 0.0], [5.0, 0.0], [0.0, 3.0], [3.0, 3.0]], dtype=DT)
+    labels = torch.tensor([0, 1, 1, 2, 2])
+    loss, stats = batch_hard_triplet(x, labels, margin=0.3)
+    want, skipped, _ = ref_triplet(x, labels, 0.3)
+    assert loss.item() == pytest.approx(want, rel=1e-10)
+    assert skipped == 1 and stats.num_skipped_no_positive == 1
+    assert stats.frac_with_positive == pytest.approx(4 / 5)
+    assert int(stats.positive_index[0]) == -1 and int(stats.negative_index[0]) == -1
+    idx = torch.arange(5)
+    valid = stats.positive_index >= 0
+    assert (stats.positive_index[valid] != idx[valid]).all()
+
+    # naive (diagonal included, as in the reference hard_example_mining) differs:
+    dist = pairwise_euclidean(x)
+    same = labels.view(-1, 1) == labels.view(1, -1)
+    naive_ap = torch.where(same, dist, torch.tensor(-1.0, dtype=DT)).max(1).values
+    naive_an = torch.where(~same, dist, torch.tensor(1e9, dtype=DT)).min(1).values
+    naive = F.relu(naive_ap - naive_an + 0.3).mean()
+    assert naive.item() != pytest.approx(loss.item(), abs=1e-3)
+
+    # every anchor of a P x K batch has a positive; none is skipped
+    _, st = batch_hard_triplet(torch.randn(8, 4), torch.tensor([0, 0, 1, 1, 2, 2, 3, 3]))
+    assert st.num_skipped_no_positive == 0 and st.frac_with_positive == 1.0
+    assert (st.positive_index != torch.arange(8)).all()
+
+
+def test_triplet_positive_ignores_anchor_even_when_diagonal_is_largest():
+    # Each sample's only positive is an exact duplicate: numerically at the same distance as the
+    # anchor itself (large norms, float32 round-off in |x|²+|y|²-2xy), so a diagonal-including
+    # max may return the anchor.  Ours must return the duplicate.
+    torch.manual_seed(0)
+    base = torch.randn(3, 64) * 300
+    x = torch.cat([base, base])  # each sample has an exact duplicate as its only positive
+    labels = torch.tensor([0, 1, 2, 0, 1, 2])
+    loss, stats = batch_hard_triplet(x, labels, margin=0.3)
+    assert (stats.positive_index == torch.tensor([3, 4, 5, 0, 1, 2])).all()
+    assert stats.num_valid == 6
+
+
+def test_triplet_stats_and_all_skipped():
+    x = torch.tensor([[0.0], [1.0], [10.0], [12.0]], dtype=DT)
+    labels = torch.tensor([0, 0, 1, 1])
+    loss, st = batch_hard_triplet(x, labels, margin=0.3)
+    # d_ap = 1, 1, 2, 2 ; d_an = 10, 9, 9, 11 -> nothing active
+    assert st.mean_pos_dist == pytest.approx(1.5, rel=1e-6)
+    assert st.mean_neg_dist == pytest.approx(39 / 4, rel=1e-6)
+    assert st.frac_active == 0.0 and loss.item() == 0.0
+    _, st = batch_hard_triplet(x, labels, margin=8.5)  # active: anchors 1 (1-9+8.5), 2 (2-9+8.5)
+    assert st.frac_active == pytest.approx(0.5)
+
+    # all labels distinct -> nothing valid, zero loss that still has a graph
+    f = torch.randn(4, 3, requires_grad=True)
+    loss, st = batch_hard_triplet(f, torch.arange(4))
+    assert loss.item() == 0.0 and st.num_valid == 0 and st.num_skipped_no_positive == 4
+    assert math.isnan(st.mean_pos_dist) and math.isnan(st.frac_active)
+    loss.backward()
+    assert torch.equal(f.grad, torch.zeros_like(f))
+    # one label only -> no negatives
+    _, st = batch_hard_triplet(torch.randn(4, 3), torch.zeros(4, dtype=torch.long))
+    assert st.num_skipped_no_negative == 4 and st.num_valid == 0
+
+
+def test_triplet_gradient_finite_at_duplicate_features():
+    base = torch.randn(4, 5, generator=_gen(12))
+    x = torch.cat([base, base, base[:2]]).requires_grad_(True)  # exact duplicates, d = 0
+    labels = torch.tensor([0, 1, 2, 3, 0, 1, 2, 3, 0, 1])
+    for margin in (0.3, None):
+        for normalize in (False, True):
+            loss, _ = batch_hard_triplet(x, labels, margin=margin, normalize=normalize)
+            g, = torch.autograd.grad(loss, x)
+            assert torch.isfinite(loss) and torch.isfinite(g).all()
+    # all features identical (collapsed model)
+    same = torch.ones(6, 4, requires_grad=True)
+    loss, _ = batch_hard_triplet(same, torch.tensor([0, 0, 1, 1, 2, 2]))
+    g, = torch.autograd.grad(loss, same)
+    assert loss.item() == pytest.approx(0.3, abs=1e-5) and torch.isfinite(g).all()
+
+
+def test_triplet_validates():
+    x = torch.randn(4, 3)
+    with pytest.raises(ValueError, match="labels has 3 entries"):
+        batch_hard_triplet(x, torch.tensor([0, 0, 1]))
+    with pytest.raises(ValueError, match="margin"):
+        batch_hard_triplet(x, torch.tensor([0, 0, 1, 1]), margin=-0.1)
+    with pytest.raises(ValueError, match="2-D"):
+        batch_hard_triplet(x[None], torch.tensor([0, 0, 1, 1]))
+
+
+def test_triplet_training_separates_identities():
+    torch.manual_seed(0)
+    labels = torch.arange(6).repeat_interleave(4)  # P=6, K=4
+    x = torch.randn(24, 8, requires_grad=True)
+    lr = 1.0  # plain gradient descent; the loss is a mean over 24 anchors
+    first = None
+    for _ in range(50):
+        loss, st = batch_hard_triplet(x, labels, margin=0.3)
+        if first is None:
+            first = (loss.item(), st.mean_neg_dist - st.mean_pos_dist)
+        g, = torch.autograd.grad(loss, x)
+        with torch.no_grad():
+            x -= lr * g
+    loss, st = batch_hard_triplet(x, labels, margin=0.3)
+    assert loss.item() < 0.2 * first[0]
+    gap = st.mean_neg_dist - st.mean_pos_dist
+    assert gap > first[1] + 1.0 and gap > 0  # random init: negatives start closer than positives
+
+
+# --------------------------------------------------------------------------------------------------
+# center loss
+# --------------------------------------------------------------------------------------------------
+
+
+def test_center_loss_value_and_gradient_direction():
+    torch.manual_seed(0)
+    crit = CenterLoss(num_classes=3, feat_dim=4).double()
+    x = torch.randn(7, 4, dtype=DT, requires_grad=True)
+    labels = torch.tensor([0, 1, 2, 0, 1, 2, 2])
+    loss = crit(x, labels)
+    c = crit.centers.detach().tolist()
+    want = sum(sum((u - v) ** 2 for u, v in zip(x[i].tolist(), c[labels[i]])) for i in range(7)) / 7
+    assert loss.item() == pytest.approx(want, rel=1e-12)
+    loss.backward()
+    # gradient descent moves each feature towards its centre and each centre towards its features
+    to_center = crit.centers.detach()[labels] - x.detach()
+    assert ((-x.grad * to_center).sum(1) > 0).all()
+    torch.testing.assert_close(x.grad, -2 * to_center / 7)
+    for k in range(3):
+        mean_feat = x.detach()[labels == k].mean(0)
+        assert (-crit.centers.grad[k] * (mean_feat - crit.centers.detach()[k])).sum() > 0
+    # a step lowers the loss
+    with torch.no_grad():
+        x2 = x - 0.1 * x.grad
+    assert crit(x2, labels).item() < loss.item()
+
+
+def test_center_loss_validates():
+    crit = CenterLoss(3, 4)
+    with pytest.raises(ValueError, match="feat_dim=4"):
+        crit(torch.randn(2, 5), torch.tensor([0, 1]))
+    with pytest.raises(ValueError, match=r"\[0, 3\)"):
+        crit(torch.randn(2, 4), torch.tensor([0, 3]))
