@@ -99,7 +99,7 @@ SCHEMA: dict[str, ParamSpec] = {
               minimum=1),
         _spec("val_fraction", "float", 0.2,
               "fraction of TRAINING identities held out for model selection", minimum=0.0),
-        _spec("synthetic_subjects", "int", 40, "people in the embedded synthetic dataset",
+        _spec("synthetic_subjects", "int", 60, "people in the embedded synthetic dataset",
               minimum=4),
         _spec("synthetic_images", "int", 6,
               "images per person and aspect in the embedded synthetic dataset", minimum=3),
@@ -156,6 +156,10 @@ SCHEMA: dict[str, ParamSpec] = {
         # --- stage 1: prompt learning --------------------------------------------------------
         _spec("n_ctx", "int", 4, "learnable context tokens per identity", minimum=1,
               stages=("stage1",)),
+        _spec("center_features", "bool", False,
+              "subtract the mean training image feature before the image-text losses; "
+              "needed where image features are nearly collinear (random-init models); "
+              "CLIP-ReID does not", stages=("stage1",)),
         _spec("prompt_template", "str", "A photo of a {ctx} {aspect} hand.",
               "prompt with {ctx} (the learnable words) and {aspect}", stages=("stage1",)),
         # --- stage 2: image fine-tuning ------------------------------------------------------
@@ -185,6 +189,12 @@ SCHEMA: dict[str, ParamSpec] = {
               stages=("stage2", "stage3")),
         _spec("grad_clip", "float", 5.0, "max gradient norm (0 = no clipping)", minimum=0.0,
               stages=("stage2", "stage3")),
+        _spec("random_erasing", "float", 0.5, "probability of random erasing in training",
+              minimum=0.0, stages=("stage2", "stage3")),
+        _spec("color_jitter", "float", 0.0,
+              "brightness/contrast/saturation jitter; off by default because it changes the "
+              "skin tone, an identity cue",
+              minimum=0.0, stages=("stage2", "stage3")),
         _spec("patience", "int", 0, "early stopping after N epochs without val gain (0 = off)",
               minimum=0, stages=("stage2", "stage3")),
     ]

@@ -27,12 +27,20 @@ class Step:
     name: str  # folder name under the output directory
     notebook: str  # file in notebooks/
     parameters: dict = field(default_factory=dict)
+    #: parameters that name another step's run folder, e.g. {"stage1_dir": "stage1-tiny-vit"}
+    links: dict = field(default_factory=dict)
 
 
-#: The demo: zero-shot ranking with both tiny architectures on the same synthetic people.
-DEMO_STEPS = (
-    Step("stage0-tiny-vit", "stage0_zeroshot.ipynb", {"backbone": "tiny-vit"}),
-    Step("stage0-tiny-rn", "stage0_zeroshot.ipynb", {"backbone": "tiny-rn"}),
+#: The demo: every available stage with both tiny architectures on the same synthetic people.
+DEMO_STEPS = tuple(
+    step
+    for bb in ("tiny-vit", "tiny-rn")
+    for step in (
+        Step(f"stage0-{bb}", "stage0_zeroshot.ipynb", {"backbone": bb}),
+        Step(f"stage1-{bb}", "stage1_prompt.ipynb", {"backbone": bb}),
+        Step(f"stage2-{bb}", "stage2_image.ipynb", {"backbone": bb},
+             links={"stage1_dir": f"stage1-{bb}"}),
+    )
 )
 
 
@@ -57,7 +65,8 @@ def run_pipeline(output: str | Path, steps=DEMO_STEPS, extra: dict | None = None
     run_dirs = []
     for step in steps:
         run_dir = out / step.name
-        params = {**step.parameters, **(extra or {}), "output_dir": str(run_dir)}
+        params = {**step.parameters, **(extra or {}), "output_dir": str(run_dir),
+                  **{k: str(out / v) for k, v in step.links.items()}}
         started = time.time()
         run_notebook(step.notebook, out / f"{step.name}.ipynb", params, progress=progress)
         print(f"[pipeline] {step.name}: {time.time() - started:.1f} s -> {run_dir}")

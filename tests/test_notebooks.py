@@ -65,3 +65,31 @@ def test_stage0_bad_parameter_fails_before_writing(workbench_home):
         run_notebook("stage0_zeroshot.ipynb", workbench_home / "s0.ipynb",
                      {"aspect": "sideways", "output_dir": str(out)}, progress=False)
     assert not out.exists()
+
+
+def test_stage1_then_stage2_notebooks_with_smoke_params(workbench_home):
+    """The smoke parameter file drives both notebooks; stage 2 finds stage 1 by its folder."""
+    from handclip_nb.params import load_params_file
+    from handclip_nb.pipeline import NOTEBOOKS_DIR
+
+    smoke = load_params_file(NOTEBOOKS_DIR.parent / "params" / "smoke.yaml")
+    s1, s2 = workbench_home / "outputs" / "s1", workbench_home / "outputs" / "s2"
+    run_notebook("stage1_prompt.ipynb", workbench_home / "s1.ipynb",
+                 {**smoke, "output_dir": str(s1)}, progress=False)
+    m1 = read_metrics(s1)
+    assert m1["stage"] == "stage1"
+    assert set(m1["prompt"]) == {"before", "after"} and "chance_mAP" in m1["prompt"]["after"]
+    assert len(m1["history"]) == smoke["stage1"]["epochs"]
+    assert (s1 / "prompts.pt").is_file() and (s1 / "checkpoints" / "last.pt").is_file()
+    assert (s1 / "figures" / "history.png").is_file()
+
+    run_notebook("stage2_image.ipynb", workbench_home / "s2.ipynb",
+                 {**smoke, "output_dir": str(s2), "stage1_dir": str(s1)}, progress=False)
+    m2 = read_metrics(s2)
+    assert m2["stage"] == "stage2" and m2["best_epoch"] >= 1
+    assert len(m2["val_history"]) == smoke["stage2"]["epochs"]
+    assert set(m2["val"]) == set(METRIC_NAMES)
+    assert m2["seconds_per_epoch"] > 0
+    for fig in ["history", "cmc", "retrieval"]:
+        assert (s2 / "figures" / f"{fig}.png").is_file()
+    assert (s2 / "checkpoints" / "best.pt").is_file()

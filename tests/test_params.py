@@ -129,3 +129,22 @@ def test_stage_specific_parameters_only_apply_to_their_stage():
     assert resolve_params(stage="stage2").milestones == [30, 50]
     with pytest.raises(ParamError, match="list of non-negative integers"):
         resolve_params({"milestones": "[a]"}, stage="stage2")
+
+
+@pytest.mark.parametrize("backbone, s1_epochs, s2_lr", [("vitb16", 120, 5e-6), ("rn50", 60, 3.5e-4)])
+@pytest.mark.parametrize("target", ["dorsal_r", "dorsal_l", "palmar_r", "palmar_l", "hd"])
+def test_reference_params_follow_design(backbone, s1_epochs, s2_lr, target):
+    """DESIGN §5: the CLIP-ReID settings, per backbone, on every 11k aspect and HD."""
+    from pathlib import Path
+
+    values = load_params_file(Path(__file__).resolve().parents[1] / "params"
+                              / f"{backbone}-{target}.yaml")
+    s1 = resolve_params(values, stage="stage1")
+    s2 = resolve_params(values, stage="stage2")
+    assert s1.backbone == s2.backbone == backbone
+    assert (s1.epochs, s1.lr, s1.weight_decay, s1.warmup_epochs) == (s1_epochs, 3.5e-4, 1e-4, 5)
+    assert (s2.epochs, s2.lr, s2.warmup_epochs, s2.milestones) == (60, s2_lr, 10, [30, 50])
+    assert (s2.p_ids, s2.k_images, s2.triplet_margin, s2.label_smoothing) == (16, 4, 0.3, 0.1)
+    assert s1.center_features is False and s2.random_erasing == 0.5 and s2.grad_clip == 0.0
+    assert s1.dataset == ("hd" if target == "hd" else "11k")
+    assert s1.data_root is not None  # never silently the synthetic default

@@ -42,8 +42,8 @@ def extract_features(backbone, paths: Sequence[str], transform: Callable, batch_
                      device: str | torch.device = "cpu", flip: bool = False,
                      cache_dir: str | os.PathLike | None = None, num_workers: int = 0,
                      desc: str = "features", encode: Callable | None = None,
-                     cache_tag: str | None = None) -> torch.Tensor:
-    """Encode ``paths`` → float32 CPU tensor [N, D], each row L2-normalised.
+                     cache_tag: str | None = None, normalize: bool = True) -> torch.Tensor:
+    """Encode ``paths`` → float32 CPU tensor [N, D], each row L2-normalised (``normalize``).
 
     ``encode`` maps an image batch to features (default: the backbone's global embedding), so
     later stages rank with their own heads through the same loop.  A custom ``encode`` is only
@@ -57,7 +57,8 @@ def extract_features(backbone, paths: Sequence[str], transform: Callable, batch_
     if encode is not None and cache_tag is None:
         cache_dir = None
     if cache_dir is not None:
-        key = feature_cache_key(f"{backbone_fingerprint(backbone)}|{cache_tag or 'global'}",
+        key = feature_cache_key(f"{backbone_fingerprint(backbone)}|{cache_tag or 'global'}"
+                                f"|norm={normalize}",
                                 paths, repr(transform), flip)
         cache_path = Path(cache_dir) / f"{key}.pt"
         if cache_path.is_file():
@@ -80,7 +81,7 @@ def extract_features(backbone, paths: Sequence[str], transform: Callable, batch_
             f = encode(images).float()
             if flip:
                 f = f + encode(torch.flip(images, dims=[3])).float()
-        chunks.append(torch.nn.functional.normalize(f, dim=1).cpu())
+        chunks.append((torch.nn.functional.normalize(f, dim=1) if normalize else f).cpu())
     backbone.train(was_training)
     feats = torch.cat(chunks) if chunks else torch.empty(0, 0)
     if cache_path is not None:

@@ -108,7 +108,8 @@ def evaluate_backbone(backbone, protocol: Protocol, params: Mapping, transform,
 
 
 def metrics_record(stage: str, params: Mapping, protocol: Protocol,
-                   results: Mapping[str, EvalResult], backbone=None, **extra) -> dict:
+                   results: Mapping[str, EvalResult], backbone=None,
+                   trained_by: str | None = None, **extra) -> dict:
     """The ``metrics.json`` body of DESIGN §3 (percentages, sizes under ``"data"``)."""
     record = {
         "stage": stage,
@@ -116,7 +117,9 @@ def metrics_record(stage: str, params: Mapping, protocol: Protocol,
         "aspect": protocol.aspect,
         "gallery_mode": protocol.gallery_mode,
         "backbone": params["backbone"],
-        "backbone_display": getattr(backbone, "display_name", params["backbone"]),
+        # the starting point (pretrained or "untrained, random init") and what trained it since
+        "backbone_display": getattr(backbone, "display_name", params["backbone"])
+        + (f" + {trained_by}" if trained_by else ""),
         "pretrained": bool(getattr(backbone, "pretrained", False)),
         "num_splits": protocol.num_splits,
         "ap_mode": params["ap_mode"],

@@ -1,0 +1,209 @@
+"""The shared training loop of every stage: one place for the order of operations.
+
+Per batch: ``zero_grad`` → forward (autocast on CUDA only) → ``backward`` → unscale + clip the
+gradient norm → ``optimizer.step()`` (DESIGN §6.8: clipping after ``step`` did nothing).
+Per epoch: ``scheduler.step()`` once → validation every ``eval_every`` epochs on the
+model-selection split (training identities only, DESIGN §6.1) → the best state is *copied*
+(cloned tensors, DESIGN §6.3) and saved → ``last.pt`` written atomically with optimiser,
+scheduler and RNG states, so ``resume=True`` continues exactly where a killed run stopped.
+
+A stage supplies three callables (torchreid's engine design: only ``forward_backward`` differs
+between stages): ``batches(epoch)`` yields batches, ``step(batch)`` returns a dict of loss tensors
+with the total under ``"loss"``, and ``validate()`` returns a dict of metrics (percent).
+"""
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Iterable, Mapping
+
+import torch
+from torch import nn
+
+from .checkpoint import (CheckpointError, check_meta, load_checkpoint, restore_rng_state,
+                         save_checkpoint)
+
+__all__ = ["TrainLoop", "FitResult", "clone_state"]
+
+
+def clone_state(modules: Mapping[str, nn.Module]) -> dict[str, dict[str, torch.Tensor]]:
+    """A detached CPU copy of every module's state: later training cannot change it."""
+    return {name: {k: v.detach().cpu().clone() for k, v in m.state_dict().items()}
+            for name, m in modules.items()}
+
+
+@dataclass
+class FitResult:
+    history: list[dict]
+    best_epoch: int | None
+    best_score: float | None
+    best_state: dict | None
+    epochs_run: int
+    stopped_early: bool
+    resumed_from: int | None = None
+    seconds_per_epoch: float = 0.0
+    extra: dict = field(default_factory=dict)
+
+    @property
+    def val_history(self) -> list[dict]:
+        """``[{"epoch": e, "rank1": .., "mAP": .., ...}]`` for the epochs that were validated."""
+        return [{"epoch": h["epoch"], **h["val"]} for h in self.history if "val" in h]
+
+
+class TrainLoop:
+    def __init__(self, *, stage: str, output_dir: str | Path, modules: Mapping[str, nn.Module],
+                 optimizer: torch.optim.Optimizer, scheduler, step: Callable[[Any], dict],
+                 batches: Callable[[int], Iterable], validate: Callable[[], dict] | None = None,
+                 select_metric: str = "mAP", eval_every: int = 1, patience: int | None = None,
+                 grad_clip: float | None = None, device: torch.device | str = "cpu",
+                 amp: bool = False, params: Mapping[str, Any] | None = None,
+                 meta: Mapping[str, Any] | None = None,
+                 callbacks: Iterable[Callable[[dict], None]] = (), progress: bool = True):
+        self.stage = stage
+        self.ckpt_dir = Path(output_dir) / "checkpoints"
+        self.modules = dict(modules)
+        self.optimizer, self.scheduler = optimizer, scheduler
+        self.step, self.batches, self.validate = step, batches, validate
+        self.select_metric, self.eval_every, self.patience = select_metric, eval_every, patience
+        self.grad_clip = grad_clip
+        self.device = torch.device(device)
+        # Mixed precision only on CUDA; CPU always trains in fp32 (DESIGN §5).
+        self.amp = bool(amp) and self.device.type == "cuda"
+        self.scaler = torch.amp.GradScaler("cuda", enabled=self.amp)
+        self.params = dict(params or {})
+        self.meta = dict(meta or {})
+        self.callbacks = list(callbacks)
+        self.progress = progress
+
+    @property
+    def last_path(self) -> Path:
+        return self.ckpt_dir / "last.pt"
+
+    @property
+    def best_path(self) -> Path:
+        return self.ckpt_dir / "best.pt"
+
+    def _trainable(self) -> list[torch.Tensor]:
+        return [p for group in self.optimizer.param_groups for p in group["params"]
+                if p.requires_grad]
+
+    def _save(self, path: Path, epoch: int, history, best, state=None) -> None:
+        save_checkpoint(path, stage=self.stage, epoch=epoch,
+                        model=state if state is not None else clone_state(self.modules),
+                        optimizer=self.optimizer, scheduler=self.scheduler, scaler=self.scaler,
+                        history=history, best=best, params=self.params, meta=self.meta)
+
+    def _resume(self) -> tuple[int, list, dict, dict | None]:
+        if not self.last_path.is_file():
+            return 0, [], {}, None
+        ckpt = load_checkpoint(self.last_path, stage=self.stage)
+        check_meta(self.last_path, ckpt["meta"], self.meta)
+        for name, module in self.modules.items():
+            if name not in ckpt["model"]:
+                raise CheckpointError(f"{self.last_path} has no state for {name!r}")
+            module.load_state_dict(ckpt["model"][name])
+        self.optimizer.load_state_dict(ckpt["optimizer"])
+        if self.scheduler is not None and ckpt["scheduler"] is not None:
+            self.scheduler.load_state_dict(ckpt["scheduler"])
+        if ckpt["scaler"] is not None:
+            self.scaler.load_state_dict(ckpt["scaler"])
+        restore_rng_state(ckpt["rng"])
+        best_state = None
+        if ckpt["best"] and self.best_path.is_file():
+            best_state = load_checkpoint(self.best_path, stage=self.stage)["model"]
+        return ckpt["epoch"], ckpt["history"], ckpt["best"], best_state
+
+    def fit(self, epochs: int, resume: bool = False) -> FitResult:
+        from tqdm.auto import tqdm
+
+        if epochs < 0:
+            raise ValueError(f"epochs must be >= 0, got {epochs}")
+        start, history, best, best_state = self._resume() if resume else (0, [], {}, None)
+        resumed_from = start if resume and start > 0 else None
+        if resumed_from:
+            print(f"resuming {self.stage} from {self.last_path} after epoch {start}")
+        stopped_early = False
+        epoch_times = []
+        params = self._trainable()
+        bar = tqdm(range(start, epochs), desc=f"{self.stage} epochs", disable=not self.progress,
+                   initial=start, total=epochs)
+        for epoch in bar:
+            started = time.time()
+            for m in self.modules.values():
+                m.train()
+            sums: dict[str, float] = {}
+            n_batches = n_items = 0
+            lr = self.optimizer.param_groups[0]["lr"]
+            for batch in tqdm(self.batches(epoch), desc=f"epoch {epoch + 1}", leave=False,
+                              disable=not self.progress):
+                self.optimizer.zero_grad(set_to_none=True)
+                with torch.autocast(self.device.type, enabled=self.amp):
+                    parts = self.step(batch)
+                loss = parts["loss"]
+                if not torch.isfinite(loss):
+                    raise FloatingPointError(
+                        f"{self.stage} epoch {epoch + 1}: loss is {loss.item()} "
+                        f"(parts: { {k: float(v) for k, v in parts.items()} }); lower lr")
+                self.scaler.scale(loss).backward()
+                if self.grad_clip:
+                    self.scaler.unscale_(self.optimizer)
+                    nn.utils.clip_grad_norm_(params, self.grad_clip)
+                self.scaler.step(self.optimizer)
+                self.scaler.update()
+                for k, v in parts.items():
+                    sums[k] = sums.get(k, 0.0) + float(v.detach())
+                n_batches += 1
+                n_items += _batch_size(batch)
+            if self.scheduler is not None:
+                self.scheduler.step()  # once per epoch
+            record = {"epoch": epoch + 1, "lr": lr, "images": n_items,
+                      "loss": {k: v / max(1, n_batches) for k, v in sums.items()}}
+            if self.validate is not None and ((epoch + 1) % self.eval_every == 0
+                                              or epoch + 1 == epochs):
+                for m in self.modules.values():
+                    m.eval()
+                with torch.no_grad():
+                    record["val"] = {k: float(v) for k, v in self.validate().items()}
+                score = record["val"][self.select_metric]
+                if not best or score > best["score"]:
+                    best = {"epoch": epoch + 1, "score": score, "metric": self.select_metric}
+                    best_state = clone_state(self.modules)
+                    self._save(self.best_path, epoch + 1, history + [record], best, best_state)
+            record["seconds"] = time.time() - started
+            epoch_times.append(record["seconds"])
+            history.append(record)
+            self._save(self.last_path, epoch + 1, history, best)
+            print(_summary(self.stage, record, epochs, best))
+            for cb in self.callbacks:
+                cb(record)
+            since_best = epoch + 1 - best["epoch"] if best else 0
+            if self.patience and since_best >= self.patience:
+                print(f"early stop: no {self.select_metric} gain for {since_best} epochs")
+                stopped_early = True
+                break
+        bar.close()
+        return FitResult(history=history, best_epoch=best.get("epoch") if best else None,
+                         best_score=best.get("score") if best else None, best_state=best_state,
+                         epochs_run=len(history), stopped_early=stopped_early,
+                         resumed_from=resumed_from,
+                         seconds_per_epoch=(sum(epoch_times) / len(epoch_times)
+                                            if epoch_times else 0.0))
+
+
+def _batch_size(batch) -> int:
+    first = batch[0] if isinstance(batch, (list, tuple)) else batch
+    return int(first.shape[0]) if hasattr(first, "shape") else 0
+
+
+def _summary(stage: str, record: dict, epochs: int, best: dict) -> str:
+    losses = record["loss"]
+    parts = ", ".join(f"{k} {v:.3f}" for k, v in losses.items() if k != "loss")
+    text = (f"[{stage}] epoch {record['epoch']}/{epochs} · loss {losses.get('loss', 0):.4f}"
+            + (f" ({parts})" if parts else "") + f" · lr {record['lr']:.2e}")
+    if "val" in record:
+        text += " · val " + " ".join(f"{k} {record['val'][k]:.1f}"
+                                     for k in ("rank1", "mAP") if k in record["val"])
+        if best and best.get("epoch") == record["epoch"]:
+            text += " *best*"
+    return text + f" · {record.get('seconds', 0):.1f} s"

@@ -1,0 +1,176 @@
+"""CLIP-ReID stage 2 on hands: prompts and text encoder frozen, the image encoder learns.
+
+Loss = ``id_weight`` · Σ_branches label-smoothed CE (BNNeck classifiers on the pre-projection
+and the projected feature) + ``triplet_weight`` · Σ_branches batch-hard triplet (pre-BN
+features) + ``i2t_weight`` · CE(image · text_allᵀ) against every training identity's text
+feature (computed once from stage 1's prompts) [+ ``center_weight`` · center loss].
+P×K batches, warmup + multi-step learning rate per epoch, gradient clipping before the step,
+AMP on CUDA only, validation on held-out *training* identities, best state copied and saved.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable, Iterable, Mapping
+
+import torch
+from torch import nn
+from torch.utils.data import DataLoader
+
+from ..data.datasets import ImageListDataset
+from ..data.protocols import Protocol
+from ..data.sampler import PKSampler
+from ..data.transforms import AugmentConfig, build_transform
+from ..evaluate.protocol_eval import EvalResult, evaluate_backbone, evaluate_splits
+from ..evaluate.features import extract_features
+from ..losses import CenterLoss, batch_hard_triplet, cross_entropy_label_smooth, image_to_text_ce
+from ..models.heads import ReIDHead
+from ..runs import seed_everything
+from .loop import FitResult, TrainLoop
+from .schedulers import warmup_multistep
+
+__all__ = ["ReIDModel", "Stage2Result", "train_stage2", "evaluate_model", "reid_loss"]
+
+
+class ReIDModel(nn.Module):
+    """A CLIP backbone with CLIP-ReID's head; ``embed`` gives the ranking feature."""
+
+    def __init__(self, backbone, num_classes: int, classifier: str = "linear"):
+        super().__init__()
+        self.backbone = backbone
+        self.head = ReIDHead((backbone.visual_width, backbone.embed_dim), num_classes,
+                             classifier=classifier)
+
+    def forward(self, images: torch.Tensor, targets: torch.Tensor | None = None):
+        feats = self.backbone.encode_image(images)
+        return feats, self.head(feats, targets)
+
+    def embed(self, images: torch.Tensor) -> torch.Tensor:
+        return self.head(self.backbone.encode_image(images)).embedding_for_test
+
+    def trainable_modules(self) -> dict[str, nn.Module]:
+        """What stage 2 trains and checkpoints (the text tower stays frozen and is not saved)."""
+        return {"visual": self.backbone.visual, "head": self.head}
+
+
+@dataclass
+class Stage2Result:
+    model: ReIDModel
+    fit: FitResult
+
+
+def reid_loss(out, feats, targets, params: Mapping, text_all=None, logit_scale=None,
+              center: CenterLoss | None = None,
+              image_mean: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
+    """The weighted stage-2/3 loss; returns the total under ``"loss"`` and each part.
+
+    ``image_mean`` (saved by stage 1 with ``center_features``) is subtracted from the image
+    feature before the image→text loss, so it compares images and prompts in the space the
+    prompts were learned in.
+    """
+    parts: dict[str, torch.Tensor] = {}
+    parts["id"] = sum(cross_entropy_label_smooth(lg, targets, params["label_smoothing"])
+                      for lg in out.logits)
+    margin = params["triplet_margin"]
+    parts["triplet"] = sum(batch_hard_triplet(f, targets, margin=margin)[0]
+                           for f in out.features_for_triplet)
+    total = params["id_weight"] * parts["id"] + params["triplet_weight"] * parts["triplet"]
+    if text_all is not None and params.get("i2t_weight", 0) > 0:
+        image = feats.global_embedding
+        if image_mean is not None:
+            image = image - image_mean.to(image.device, image.dtype)
+        parts["i2t"] = image_to_text_ce(image, text_all, targets, logit_scale, normalize=True)
+        total = total + params["i2t_weight"] * parts["i2t"]
+    if center is not None:
+        parts["center"] = center(out.features_for_triplet[0], targets)
+        total = total + params["center_weight"] * parts["center"]
+    parts["loss"] = total
+    return parts
+
+
+def _train_batches(params: Mapping, protocol: Protocol, device: torch.device):
+    transform = build_transform(params["image_size"], train=True,
+                                resize_mode=params["resize_mode"],
+                                augment=AugmentConfig(erasing_p=params["random_erasing"],
+                                                      color_jitter=params["color_jitter"]))
+    sampler = PKSampler(protocol.fit_labels, p=params["p_ids"], k=params["k_images"],
+                        seed=params["seed"])
+    loader = DataLoader(ImageListDataset(protocol.paths(protocol.fit), protocol.fit_labels,
+                                         transform),
+                        batch_sampler=sampler, num_workers=params["num_workers"])
+
+    def batches(epoch: int):
+        sampler.set_epoch(epoch)
+        for images, labels, _ in loader:
+            yield images.to(device), labels.to(device)
+
+    return batches
+
+
+def _validate(model: ReIDModel, protocol: Protocol, params: Mapping, device) -> dict:
+    transform = build_transform(params["image_size"], train=False,
+                                resize_mode=params["resize_mode"])
+    split = protocol.selection
+    indices = sorted({*split.query, *split.gallery})
+    feats = extract_features(model.backbone, protocol.paths(indices), transform,
+                             batch_size=params["batch_size"], device=device,
+                             encode=model.embed, desc="validate")
+    res = evaluate_splits(feats, {i: r for r, i in enumerate(indices)}, protocol, [split],
+                          "val", max_rank=params["max_rank"], ap_mode=params["ap_mode"])
+    return {k: v["mean"] for k, v in res.summary.items()}
+
+
+def train_stage2(params: Mapping, output_dir: str | Path, protocol: Protocol, backbone,
+                 learner, callbacks: Iterable[Callable[[dict], None]] = (),
+                 progress: bool = True) -> Stage2Result:
+    """Fine-tune the image encoder; returns the model with its *best* state loaded."""
+    seed_everything(params["seed"])  # the head's init and the batches depend only on `seed`
+    device = next(backbone.parameters()).device
+    if protocol.selection is None:
+        raise ValueError("stage 2 selects its model on held-out training identities: set "
+                         "val_fraction > 0 (default 0.2)")
+    with torch.no_grad():  # every identity's text feature, once; prompts stay frozen
+        text_all = learner.all_text_features().float().to(device)
+    backbone.requires_grad_(False)
+    backbone.visual.requires_grad_(True)
+    model = ReIDModel(backbone, protocol.num_classes, params["classifier"]).to(device)
+    modules = model.trainable_modules()
+    center = None
+    if params["center_weight"] > 0:
+        center = CenterLoss(protocol.num_classes, backbone.visual_width).to(device)
+        modules["center"] = center
+    trainable = [p for m in modules.values() for p in m.parameters() if p.requires_grad]
+    optimizer = torch.optim.Adam(trainable, lr=params["lr"], weight_decay=params["weight_decay"])
+    scheduler = warmup_multistep(optimizer, params["milestones"], params["gamma"],
+                                 params["warmup_epochs"])
+    logit_scale = backbone.logit_scale.exp().detach()
+    image_mean = getattr(learner, "image_mean", None)
+
+    def step(batch):
+        images, targets = batch
+        feats, out = model(images, targets)
+        return reid_loss(out, feats, targets, params, text_all, logit_scale, center, image_mean)
+
+    meta = {"backbone": backbone.name, "num_classes": protocol.num_classes,
+            "classifier": params["classifier"], "splits": protocol.source_hash}
+    loop = TrainLoop(stage="stage2", output_dir=output_dir, modules=modules, optimizer=optimizer,
+                     scheduler=scheduler, step=step,
+                     batches=_train_batches(params, protocol, device),
+                     validate=lambda: _validate(model, protocol, params, device),
+                     eval_every=params["eval_every"], patience=params["patience"] or None,
+                     grad_clip=params["grad_clip"] or None, device=device, amp=params["amp"],
+                     params=params, meta=meta, callbacks=callbacks, progress=progress)
+    fit = loop.fit(params["epochs"], resume=params["resume"])
+    if fit.best_state is not None:
+        for name, module in modules.items():
+            module.load_state_dict(fit.best_state[name])
+    model.eval()
+    return Stage2Result(model=model, fit=fit)
+
+
+def evaluate_model(model: ReIDModel, protocol: Protocol, params: Mapping) -> dict[str, EvalResult]:
+    """Test (all splits) and val results of a trained model's ranking feature."""
+    transform = build_transform(params["image_size"], train=False,
+                                resize_mode=params["resize_mode"])
+    model.eval()
+    return evaluate_backbone(model.backbone, protocol, params, transform, encode=model.embed)

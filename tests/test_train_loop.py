@@ -1,0 +1,186 @@
+"""The shared loop: order of operations, per-epoch schedules, best-state copies, resume."""
+import math
+
+import pytest
+import torch
+from torch import nn
+
+from handclip_nb.train import CheckpointError, TrainLoop, load_checkpoint, save_checkpoint
+from handclip_nb.train.schedulers import (warmup_cosine, warmup_cosine_factor, warmup_multistep,
+                                          warmup_multistep_factor)
+
+
+def test_warmup_cosine_factor():
+    f = [warmup_cosine_factor(e, epochs=20, warmup_epochs=5, start_factor=0.1, min_factor=0.0)
+         for e in range(21)]
+    assert f[0] == pytest.approx(0.1) and f[5] == pytest.approx(1.0)
+    assert all(a < b for a, b in zip(f[:5], f[1:6]))  # linear warmup rises
+    assert all(a >= b for a, b in zip(f[5:], f[6:]))  # cosine falls
+    assert f[20] == pytest.approx(0.0, abs=1e-12)
+    assert f[5 + 15 // 2] == pytest.approx(0.5 * (1 + math.cos(math.pi * 7 / 15)))
+
+
+def test_warmup_multistep_factor():
+    f = [warmup_multistep_factor(e, [30, 50], 0.1, warmup_epochs=10) for e in range(60)]
+    assert f[0] == pytest.approx(0.1) and f[10] == 1.0 and f[29] == 1.0
+    assert f[30] == pytest.approx(0.1) and f[50] == pytest.approx(0.01)
+
+
+def _toy(seed=0):
+    torch.manual_seed(seed)
+    model = nn.Sequential(nn.Linear(4, 8), nn.ReLU(), nn.Linear(8, 3))
+    x = torch.randn(40, 4)
+    y = (x[:, 0] > 0).long() + (x[:, 1] > 0).long()
+    return model, x, y
+
+
+def _loop(tmp_path, model, x, y, epochs, grad_clip=None, validate=None, callbacks=(),
+          scheduler="cosine", lr=0.05, meta=None):
+    opt = torch.optim.SGD(model.parameters(), lr=lr, momentum=0.9)
+    sched = (warmup_cosine(opt, epochs, warmup_epochs=1) if scheduler == "cosine"
+             else warmup_multistep(opt, [2], warmup_epochs=1))
+
+    def batches(epoch):
+        g = torch.Generator().manual_seed(epoch)
+        order = torch.randperm(len(x), generator=g)
+        for i in range(0, len(x), 8):
+            idx = order[i:i + 8]
+            yield x[idx] + 0.01 * torch.randn(len(idx), 4), y[idx]  # global-RNG noise
+
+    def step(batch):
+        xb, yb = batch
+        loss = nn.functional.cross_entropy(model(xb), yb)
+        return {"loss": loss, "ce": loss.detach()}
+
+    return TrainLoop(stage="toy", output_dir=tmp_path, modules={"model": model}, optimizer=opt,
+                     scheduler=sched, step=step, batches=batches, validate=validate,
+                     grad_clip=grad_clip, meta=meta or {"arch": "toy"}, callbacks=callbacks,
+                     progress=False)
+
+
+def test_loss_falls_and_scheduler_steps_once_per_epoch(tmp_path):
+    model, x, y = _toy()
+    loop = _loop(tmp_path, model, x, y, epochs=6)
+    result = loop.fit(6)
+    losses = [h["loss"]["loss"] for h in result.history]
+    assert losses[-1] < 0.7 * losses[0]
+    assert loop.scheduler.last_epoch == 6  # 5 batches per epoch, but 6 scheduler steps
+    lrs = [h["lr"] for h in result.history]
+    assert lrs == pytest.approx([0.05 * warmup_cosine_factor(e, 6, 1) for e in range(6)])
+
+
+@pytest.mark.filterwarnings("ignore:Seems like `optimizer.step\\(\\)` has been overridden")
+def test_gradient_is_clipped_before_the_optimizer_step(tmp_path):
+    model, x, y = _toy()
+    loop = _loop(tmp_path, model, 100 * x, y, epochs=1, grad_clip=0.5)
+    norms = []
+    original = loop.optimizer.step
+
+    def spy(*a, **k):
+        norms.append(torch.norm(torch.stack([p.grad.norm() for p in model.parameters()])))
+        return original(*a, **k)
+
+    loop.optimizer.step = spy
+    loop.fit(1)
+    assert norms and max(norms) <= 0.5 + 1e-4
+
+
+def test_best_state_is_a_copy_not_the_live_model(tmp_path):
+    """DESIGN §6.3: the 'best' model was a reference to live modules, i.e. the last epoch."""
+    model, x, y = _toy()
+    scores = iter([10.0, 50.0, 20.0, 5.0])
+    snapshots = []
+    loop = _loop(tmp_path, model, x, y, epochs=4, validate=lambda: {"mAP": next(scores)},
+                 callbacks=[lambda rec: snapshots.append(
+                     {k: v.clone() for k, v in model.state_dict().items()})])
+    result = loop.fit(4)
+    assert result.best_epoch == 2 and result.best_score == 50.0
+    for k, v in result.best_state["model"].items():
+        assert torch.equal(v, snapshots[1][k])
+    assert not torch.equal(result.best_state["model"]["0.weight"], model.state_dict()["0.weight"])
+    saved = load_checkpoint(tmp_path / "checkpoints" / "best.pt")
+    assert saved["epoch"] == 2
+    assert torch.equal(saved["model"]["model"]["0.weight"], snapshots[1]["0.weight"])
+
+
+def test_early_stopping(tmp_path):
+    model, x, y = _toy()
+    scores = iter([10.0, 30.0, 20.0, 20.0, 20.0, 20.0])
+    loop = _loop(tmp_path, model, x, y, epochs=6, validate=lambda: {"mAP": next(scores)})
+    loop.patience = 2
+    result = loop.fit(6)
+    assert result.stopped_early and result.epochs_run == 4 and result.best_epoch == 2
+
+
+class _Killed(Exception):
+    pass
+
+
+def test_resume_after_a_crash_matches_an_uninterrupted_run(tmp_path):
+    model_a, x, y = _toy()
+    full = _loop(tmp_path / "a", model_a, x, y, epochs=5,
+                 validate=lambda: {"mAP": float(-model_a[0].weight.sum())}).fit(5)
+
+    torch.manual_seed(123)  # a crashed process leaves whatever RNG state it had
+    model_b, _, _ = _toy()
+
+    def kill(record):
+        if record["epoch"] == 2:
+            raise _Killed()
+
+    with pytest.raises(_Killed):
+        _loop(tmp_path / "b", model_b, x, y, epochs=5, callbacks=[kill],
+              validate=lambda: {"mAP": float(-model_b[0].weight.sum())}).fit(5)
+
+    torch.manual_seed(999)
+    model_c, _, _ = _toy(seed=7)  # a fresh process, differently initialised: state comes back
+    loop_c = _loop(tmp_path / "b", model_c, x, y, epochs=5,
+                   validate=lambda: {"mAP": float(-model_c[0].weight.sum())})
+    resumed = loop_c.fit(5, resume=True)
+    assert resumed.resumed_from == 2
+    for k, v in model_a.state_dict().items():
+        assert torch.equal(v, model_c.state_dict()[k]), k
+    strip = lambda h: [{k: v for k, v in r.items() if k != "seconds"} for r in h]  # noqa: E731
+    assert strip(resumed.history) == strip(full.history)
+    assert resumed.best_epoch == full.best_epoch
+
+
+def test_corrupt_truncated_and_foreign_checkpoints(tmp_path):
+    model, x, y = _toy()
+    _loop(tmp_path, model, x, y, epochs=1).fit(1)
+    last = tmp_path / "checkpoints" / "last.pt"
+    data = last.read_bytes()
+    last.write_bytes(data[: len(data) // 2])
+    with pytest.raises(CheckpointError, match=f"{last}.*corrupt or truncated"):
+        load_checkpoint(last)
+    last.write_bytes(b"\x00garbage")
+    with pytest.raises(CheckpointError, match="corrupt"):
+        _loop(tmp_path, model, x, y, epochs=2).fit(2, resume=True)
+    torch.save({"something": 1}, last)
+    with pytest.raises(CheckpointError, match="not a handclip_nb checkpoint"):
+        load_checkpoint(last)
+
+
+def test_resume_refuses_a_checkpoint_from_another_setup(tmp_path):
+    model, x, y = _toy()
+    _loop(tmp_path, model, x, y, epochs=1, meta={"backbone": "tiny-vit", "num_classes": 3}).fit(1)
+    with pytest.raises(CheckpointError, match="num_classes: checkpoint has 3, this run has 5"):
+        _loop(tmp_path, model, x, y, epochs=2,
+              meta={"backbone": "tiny-vit", "num_classes": 5}).fit(2, resume=True)
+
+
+def test_checkpoint_loads_with_weights_only(tmp_path):
+    model, _, _ = _toy()
+    p = save_checkpoint(tmp_path / "c.pt", stage="toy", epoch=3,
+                        model={"m": model.state_dict()}, params={"seed": 1})
+    ckpt = torch.load(p, weights_only=True)
+    assert ckpt["epoch"] == 3 and ckpt["params"]["seed"] == 1
+
+
+def test_amp_is_off_on_cpu(tmp_path):
+    model, x, y = _toy()
+    loop = _loop(tmp_path, model, x, y, epochs=1)
+    loop2 = TrainLoop(stage="toy", output_dir=tmp_path, modules={"m": model},
+                      optimizer=loop.optimizer, scheduler=None, step=loop.step,
+                      batches=loop.batches, amp=True, device="cpu", progress=False)
+    assert loop2.amp is False and not loop2.scaler.is_enabled()
