@@ -181,3 +181,16 @@ def test_pk_batches_give_every_anchor_a_positive(hands, tmp_path):
         counts = np.bincount(labels.numpy())
         assert set(counts[counts > 0]) == {p2.k_images}
         assert images.shape[0] == p2.p_ids * p2.k_images
+
+
+def test_stage2_with_arcface_and_center_loss_runs(hands, tmp_path):
+    p1, protocol, _, _ = _stage1(hands, tmp_path, epochs=1)
+    p2 = _params("stage2", hands, tmp_path / "s2", epochs=2, classifier="arcface",
+                 center_weight=0.0005)
+    bb = build_backbone("tiny-vit", image_size=p2.image_size, seed=0)
+    result = train_stage2(p2, p2.output_dir, protocol, bb,
+                          load_prompts(p1.output_dir, bb, protocol), progress=False)
+    assert "center" in result.fit.history[0]["loss"]
+    ckpt = load_checkpoint(tmp_path / "s2" / "checkpoints" / "last.pt", stage="stage2")
+    assert set(ckpt["model"]) == {"visual", "head", "center"}
+    assert ckpt["meta"]["classifier"] == "arcface"
