@@ -189,6 +189,22 @@ SCHEMA: dict[str, ParamSpec] = {
               stages=("stage2", "stage3")),
         _spec("grad_clip", "float", 5.0, "max gradient norm (0 = no clipping)", minimum=0.0,
               stages=("stage2", "stage3")),
+        # --- stage 3: PromptSG -------------------------------------------------------------
+        _spec("init_from", "path", None,
+              "a stage-2 run's output_dir to warm-start the image encoder from (optional)",
+              optional=True, stages=("stage3",)),
+        _spec("supcon_weight", "float", 0.5, "weight of the symmetric image-text SupCon loss",
+              minimum=0.0, stages=("stage3",)),
+        _spec("lr_new", "float", 5e-5,
+              "learning rate of the new modules (inversion, cross-attention, head)",
+              minimum=0.0, stages=("stage3",)),
+        _spec("prompt_mode", "str", "simplified",
+              "inference prompt: 'simplified' (one fixed prompt) or 'composed' (each image's S*)",
+              choices=("simplified", "composed"), stages=("stage3", "attention")),
+        _spec("stage3_dir", "path", None, "the stage-3 run to visualise", optional=True,
+              stages=("attention",)),
+        _spec("attention_queries", "int", 4, "queries shown with their heatmaps", minimum=1,
+              stages=("attention",)),
         _spec("random_erasing", "float", 0.5, "probability of random erasing in training",
               minimum=0.0, stages=("stage2", "stage3")),
         _spec("color_jitter", "float", 0.0,
@@ -386,6 +402,8 @@ def resolve_params(values: Mapping[str, Any] | None = None, stage: str = "stage0
         raise _fail(SCHEMA["device"], dev, "expected 'auto', 'cpu', 'cuda' or 'cuda:N'")
     if out["output_dir"] is None:
         out["output_dir"] = default_output_dir(out, stage)
+    if stage == "attention" and out["stage3_dir"] is None:
+        out["stage3_dir"] = default_output_dir(out, "stage3")
     if stage == "stage2" and out["stage1_dir"] is None:
         # the stage-1 run with the same data, backbone and seed (its default folder)
         out["stage1_dir"] = default_output_dir(out, "stage1")

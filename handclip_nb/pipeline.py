@@ -32,6 +32,7 @@ class Step:
 
 
 #: The demo: every available stage with both tiny architectures on the same synthetic people.
+#: Stage 3 trains from the backbone (no warm start), so its numbers compare with stage 2's.
 DEMO_STEPS = tuple(
     step
     for bb in ("tiny-vit", "tiny-rn")
@@ -40,6 +41,9 @@ DEMO_STEPS = tuple(
         Step(f"stage1-{bb}", "stage1_prompt.ipynb", {"backbone": bb}),
         Step(f"stage2-{bb}", "stage2_image.ipynb", {"backbone": bb},
              links={"stage1_dir": f"stage1-{bb}"}),
+        Step(f"stage3-{bb}", "stage3.ipynb", {"backbone": bb}),
+        Step(f"attention-{bb}", "attention.ipynb", {"backbone": bb},
+             links={"stage3_dir": f"stage3-{bb}"}),
     )
 )
 

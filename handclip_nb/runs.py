@@ -220,6 +220,9 @@ def start_run(params: Mapping[str, Any]) -> Run:
     """
     import yaml
 
+    from .progress import set_interactive
+
+    set_interactive(bool(params.get("interactive", False)))
     seed_everything(int(params["seed"]))
     out = resolve_path(params["output_dir"])
     out.mkdir(parents=True, exist_ok=True)

@@ -107,7 +107,7 @@ def retrieval_grid(protocol: Protocol, split, distmat: np.ndarray, k: int = 5,
             for spine in ax.spines.values():
                 spine.set_edgecolor(CORRECT if ok else WRONG)
                 spine.set_linewidth(3)
-            ax.set_title(f"#{c + 1} d={distmat[qi, gi]:.3f}", fontsize=7)
+            ax.set_title(f"#{c + 1} d={distmat[qi, gi]:.3g}", fontsize=7)
     fig.suptitle("retrieval (green = same person)" + (" — rank-1 failures" if failures_only
                                                       else ""), fontsize=10)
     fig.tight_layout()

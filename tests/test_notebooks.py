@@ -93,3 +93,45 @@ def test_stage1_then_stage2_notebooks_with_smoke_params(workbench_home):
     for fig in ["history", "cmc", "retrieval"]:
         assert (s2 / "figures" / f"{fig}.png").is_file()
     assert (s2 / "checkpoints" / "best.pt").is_file()
+
+
+@pytest.mark.parametrize("backbone", ["tiny-vit", "tiny-rn"])
+def test_stage3_then_attention_notebooks(workbench_home, backbone):
+    """PromptSG trains and evaluates headless; the attention notebook renders static heatmaps."""
+    from handclip_nb.params import load_params_file
+    from handclip_nb.pipeline import NOTEBOOKS_DIR
+
+    smoke = load_params_file(NOTEBOOKS_DIR.parent / "params" / "smoke.yaml")
+    s3, att = workbench_home / "outputs" / "s3", workbench_home / "outputs" / "att"
+    run_notebook("stage3.ipynb", workbench_home / "s3.ipynb",
+                 {**smoke, "backbone": backbone, "output_dir": str(s3)}, progress=False)
+    m3 = read_metrics(s3)
+    assert m3["stage"] == "stage3" and set(m3["test"]) == set(METRIC_NAMES)
+    assert {"mean_entropy", "prompt_sensitivity"} <= set(m3["attention"])
+    assert m3["attention"]["prompt_sensitivity"] > 0
+    assert (s3 / "checkpoints" / "best.pt").is_file()
+
+    executed = run_notebook("attention.ipynb", workbench_home / "att.ipynb",
+                            {**smoke, "stage3_dir": str(s3), "output_dir": str(att),
+                             "attention_queries": 2}, progress=False)
+    m = read_metrics(att)
+    assert m["stage"] == "attention" and m["test"] == m3["test"]
+    pngs = sorted(p.name for p in (att / "figures").glob("*.png"))
+    assert "attention_query0.png" in pngs and "attention_aggregate_simplified.png" in pngs
+    assert set(m["figures"]) == set(pngs)
+    nb = json.loads(executed.read_text())
+    shown = [o for c in nb["cells"] for o in c.get("outputs", []) if "image/png" in o.get("data", {})]
+    assert len(shown) >= 4  # the figures are inline, not only on disk
+    assert not any("application/vnd.jupyter.widget-view+json" in o.get("data", {})
+                   for c in nb["cells"] for o in c.get("outputs", []))  # headless: no widgets
+
+
+def test_stage3_offline_vitb16_fails_fast(workbench_home, monkeypatch):
+    import papermill as pm
+
+    monkeypatch.setenv("HOME", str(workbench_home))
+    with pytest.raises(pm.PapermillExecutionError) as err:
+        run_notebook("stage3.ipynb", workbench_home / "s3.ipynb",
+                     {**SMOKE, "backbone": "vitb16",
+                      "output_dir": str(workbench_home / "outputs" / "v")}, progress=False)
+    assert "WeightsNotFoundError" in str(err.value) and "ViT-B-16.pt" in str(err.value)

@@ -148,3 +148,15 @@ def test_reference_params_follow_design(backbone, s1_epochs, s2_lr, target):
     assert s1.center_features is False and s2.random_erasing == 0.5 and s2.grad_clip == 0.0
     assert s1.dataset == ("hd" if target == "hd" else "11k")
     assert s1.data_root is not None  # never silently the synthetic default
+
+
+@pytest.mark.parametrize("target", ["dorsal_r", "palmar_l", "hd"])
+@pytest.mark.parametrize("backbone", ["vitb16", "rn50"])
+def test_reference_promptsg_params(backbone, target):
+    from pathlib import Path
+
+    values = load_params_file(Path(__file__).resolve().parents[1] / "params"
+                              / f"{backbone}-{target}.yaml")
+    s3 = resolve_params(values, stage="stage3")
+    assert (s3.lr, s3.lr_new, s3.supcon_weight, s3.id_weight) == (5e-6, 5e-5, 0.5, 1.0)
+    assert s3.prompt_mode == "simplified" and s3.init_from is None

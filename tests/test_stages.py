@@ -173,11 +173,11 @@ def test_stage2_same_seed_same_metrics_and_resume_after_kill(hands, tmp_path):
 
 def test_pk_batches_give_every_anchor_a_positive(hands, tmp_path):
     """DESIGN §6.7: without P x K sampling most anchors had no positive in the batch."""
-    from handclip_nb.train.stage2 import _train_batches
+    from handclip_nb.train.stage2 import train_batches
 
     p2 = _params("stage2", hands, tmp_path / "s2")
     protocol = build_protocol(p2)
-    for images, labels in _train_batches(p2, protocol, torch.device("cpu"))(0):
+    for images, labels in train_batches(p2, protocol, torch.device("cpu"))(0):
         counts = np.bincount(labels.numpy())
         assert set(counts[counts > 0]) == {p2.k_images}
         assert images.shape[0] == p2.p_ids * p2.k_images

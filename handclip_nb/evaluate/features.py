@@ -18,6 +18,7 @@ from torch.utils.data import DataLoader
 
 from ..data.datasets import ImageListDataset
 from ..models.backbones import backbone_fingerprint, resolve_device
+from ..progress import tqdm
 
 __all__ = ["extract_features", "feature_cache_key", "cosine_distance", "resolve_device"]
 
@@ -50,8 +51,6 @@ def extract_features(backbone, paths: Sequence[str], transform: Callable, batch_
     cached when ``cache_tag`` identifies it (e.g. a hash of the head's weights); the backbone
     fingerprint alone cannot tell two heads apart.
     """
-    from tqdm.auto import tqdm
-
     device = resolve_device(device)
     cache_path = None
     if encode is not None and cache_tag is None:

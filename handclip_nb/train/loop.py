@@ -21,6 +21,7 @@ from typing import Any, Callable, Iterable, Mapping
 import torch
 from torch import nn
 
+from ..progress import tqdm
 from .checkpoint import (CheckpointError, check_meta, load_checkpoint, restore_rng_state,
                          save_checkpoint)
 
@@ -115,8 +116,6 @@ class TrainLoop:
         return ckpt["epoch"], ckpt["history"], ckpt["best"], best_state
 
     def fit(self, epochs: int, resume: bool = False) -> FitResult:
-        from tqdm.auto import tqdm
-
         if epochs < 0:
             raise ValueError(f"epochs must be >= 0, got {epochs}")
         start, history, best, best_state = self._resume() if resume else (0, [], {}, None)

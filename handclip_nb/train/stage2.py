@@ -29,7 +29,8 @@ from ..runs import seed_everything
 from .loop import FitResult, TrainLoop
 from .schedulers import warmup_multistep
 
-__all__ = ["ReIDModel", "Stage2Result", "train_stage2", "evaluate_model", "reid_loss"]
+__all__ = ["ReIDModel", "Stage2Result", "train_stage2", "evaluate_model", "reid_loss",
+           "train_batches", "validate_selection"]
 
 
 class ReIDModel(nn.Module):
@@ -88,7 +89,8 @@ def reid_loss(out, feats, targets, params: Mapping, text_all=None, logit_scale=N
     return parts
 
 
-def _train_batches(params: Mapping, protocol: Protocol, device: torch.device):
+def train_batches(params: Mapping, protocol: Protocol, device: torch.device):
+    """P×K batches of augmented fit images; ``batches(epoch)`` for :class:`TrainLoop`."""
     transform = build_transform(params["image_size"], train=True,
                                 resize_mode=params["resize_mode"],
                                 augment=AugmentConfig(erasing_p=params["random_erasing"],
@@ -107,14 +109,17 @@ def _train_batches(params: Mapping, protocol: Protocol, device: torch.device):
     return batches
 
 
-def _validate(model: ReIDModel, protocol: Protocol, params: Mapping, device) -> dict:
+def validate_selection(model, protocol: Protocol, params: Mapping, device,
+                       encode=None) -> dict:
+    """Mean metrics (percent) of ``encode`` (default ``model.embed``) on the model-selection
+    split: held-out *training* identities only (DESIGN §6.1)."""
     transform = build_transform(params["image_size"], train=False,
                                 resize_mode=params["resize_mode"])
     split = protocol.selection
     indices = sorted({*split.query, *split.gallery})
     feats = extract_features(model.backbone, protocol.paths(indices), transform,
                              batch_size=params["batch_size"], device=device,
-                             encode=model.embed, desc="validate")
+                             encode=encode or model.embed, desc="validate")
     res = evaluate_splits(feats, {i: r for r, i in enumerate(indices)}, protocol, [split],
                           "val", max_rank=params["max_rank"], ap_mode=params["ap_mode"])
     return {k: v["mean"] for k, v in res.summary.items()}
@@ -155,8 +160,8 @@ def train_stage2(params: Mapping, output_dir: str | Path, protocol: Protocol, ba
             "classifier": params["classifier"], "splits": protocol.source_hash}
     loop = TrainLoop(stage="stage2", output_dir=output_dir, modules=modules, optimizer=optimizer,
                      scheduler=scheduler, step=step,
-                     batches=_train_batches(params, protocol, device),
-                     validate=lambda: _validate(model, protocol, params, device),
+                     batches=train_batches(params, protocol, device),
+                     validate=lambda: validate_selection(model, protocol, params, device),
                      eval_every=params["eval_every"], patience=params["patience"] or None,
                      grad_clip=params["grad_clip"] or None, device=device, amp=params["amp"],
                      params=params, meta=meta, callbacks=callbacks, progress=progress)
@@ -168,9 +173,11 @@ def train_stage2(params: Mapping, output_dir: str | Path, protocol: Protocol, ba
     return Stage2Result(model=model, fit=fit)
 
 
-def evaluate_model(model: ReIDModel, protocol: Protocol, params: Mapping) -> dict[str, EvalResult]:
+def evaluate_model(model, protocol: Protocol, params: Mapping,
+                   encode=None) -> dict[str, EvalResult]:
     """Test (all splits) and val results of a trained model's ranking feature."""
     transform = build_transform(params["image_size"], train=False,
                                 resize_mode=params["resize_mode"])
     model.eval()
-    return evaluate_backbone(model.backbone, protocol, params, transform, encode=model.embed)
+    return evaluate_backbone(model.backbone, protocol, params, transform,
+                             encode=encode or model.embed)

@@ -1,0 +1,25 @@
+"""Progress bars that respect headless runs.
+
+``tqdm.auto`` draws ipywidgets bars inside any Jupyter kernel, papermill's included, which would
+leave widget state in every executed notebook.  Widgets are for a person at the screen: runs
+started with ``interactive=False`` (the default, and what papermill uses) get plain text bars.
+"""
+from __future__ import annotations
+
+_interactive = False
+
+__all__ = ["tqdm", "set_interactive"]
+
+
+def set_interactive(flag: bool) -> None:
+    global _interactive
+    _interactive = bool(flag)
+
+
+def tqdm(*args, **kwargs):
+    if _interactive:
+        from tqdm.auto import tqdm as bar
+    else:
+        from tqdm.std import tqdm as bar
+    kwargs.setdefault("mininterval", 0.5)
+    return bar(*args, **kwargs)
