@@ -43,3 +43,15 @@ def workbench_home(tmp_path, monkeypatch) -> Path:
     """A private project root: outputs/, feature cache and synthetic data go under tmp_path."""
     monkeypatch.setenv("HANDCLIP_HOME", str(tmp_path))
     return tmp_path
+
+
+@pytest.fixture()
+def one_thread():
+    """One intra-op thread for tests on tiny tensors, where threads only add barrier waits
+    (badly so on a loaded 2-core CI machine); restored afterwards."""
+    import torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)

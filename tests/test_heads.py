@@ -18,13 +18,8 @@ from handclip_nb.models.heads import (
 )
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """Tiny tensors: intra-op threads only add barrier waits (badly so on a loaded CI box)."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+# tiny tensors: intra-op threads only add barrier waits on a loaded CI box
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 class _Feats:

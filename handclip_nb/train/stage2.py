@@ -30,7 +30,7 @@ from .loop import FitResult, TrainLoop
 from .schedulers import warmup_multistep
 
 __all__ = ["ReIDModel", "Stage2Result", "train_stage2", "evaluate_model", "reid_loss",
-           "train_batches", "validate_selection"]
+           "train_batches", "validate_selection", "fit_image_model"]
 
 
 class ReIDModel(nn.Module):
@@ -146,8 +146,6 @@ def train_stage2(params: Mapping, output_dir: str | Path, protocol: Protocol, ba
         modules["center"] = center
     trainable = [p for m in modules.values() for p in m.parameters() if p.requires_grad]
     optimizer = torch.optim.Adam(trainable, lr=params["lr"], weight_decay=params["weight_decay"])
-    scheduler = warmup_multistep(optimizer, params["milestones"], params["gamma"],
-                                 params["warmup_epochs"])
     logit_scale = backbone.logit_scale.exp().detach()
     image_mean = getattr(learner, "image_mean", None)
 
@@ -156,12 +154,25 @@ def train_stage2(params: Mapping, output_dir: str | Path, protocol: Protocol, ba
         feats, out = model(images, targets)
         return reid_loss(out, feats, targets, params, text_all, logit_scale, center, image_mean)
 
-    meta = {"backbone": backbone.name, "num_classes": protocol.num_classes,
+    fit = fit_image_model("stage2", params, output_dir, protocol, model, modules, optimizer,
+                          step, model.embed, callbacks, progress)
+    return Stage2Result(model=model, fit=fit)
+
+
+def fit_image_model(stage: str, params: Mapping, output_dir, protocol: Protocol, model,
+                    modules: dict, optimizer, step, encode, callbacks=(),
+                    progress: bool = True) -> FitResult:
+    """What stages 2 and 3 share: warmup + multi-step schedule, P×K batches, validation of
+    ``encode`` on held-out training identities, the loop, then the best state loaded."""
+    device = next(model.parameters()).device
+    scheduler = warmup_multistep(optimizer, params["milestones"], params["gamma"],
+                                 params["warmup_epochs"])
+    meta = {"backbone": model.backbone.name, "num_classes": protocol.num_classes,
             "classifier": params["classifier"], "splits": protocol.source_hash}
-    loop = TrainLoop(stage="stage2", output_dir=output_dir, modules=modules, optimizer=optimizer,
+    loop = TrainLoop(stage=stage, output_dir=output_dir, modules=modules, optimizer=optimizer,
                      scheduler=scheduler, step=step,
                      batches=train_batches(params, protocol, device),
-                     validate=lambda: validate_selection(model, protocol, params, device),
+                     validate=lambda: validate_selection(model, protocol, params, device, encode),
                      eval_every=params["eval_every"], patience=params["patience"] or None,
                      grad_clip=params["grad_clip"] or None, device=device, amp=params["amp"],
                      params=params, meta=meta, callbacks=callbacks, progress=progress)
@@ -170,7 +181,7 @@ def train_stage2(params: Mapping, output_dir: str | Path, protocol: Protocol, ba
         for name, module in modules.items():
             module.load_state_dict(fit.best_state[name])
     model.eval()
-    return Stage2Result(model=model, fit=fit)
+    return fit
 
 
 def evaluate_model(model, protocol: Protocol, params: Mapping,

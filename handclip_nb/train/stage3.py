@@ -23,9 +23,8 @@ from ..evaluate.features import extract_features
 from ..models.promptsg import PromptSG, attention_entropy, prompt_sensitivity, promptsg_loss
 from ..runs import resolve_path, seed_everything
 from .checkpoint import CheckpointError, check_meta, load_checkpoint
-from .loop import FitResult, TrainLoop
-from .schedulers import warmup_multistep
-from .stage2 import evaluate_model, train_batches, validate_selection
+from .loop import FitResult
+from .stage2 import evaluate_model, fit_image_model
 
 __all__ = ["Stage3Result", "train_stage3", "evaluate_stage3", "attention_summary", "attention_record",
            "load_stage3_run", "ModelAttentionSource"]
@@ -72,8 +71,6 @@ def train_stage3(params: Mapping, output_dir: str | Path, protocol: Protocol, ba
     modules = model.trainable_modules()
     optimizer = torch.optim.Adam(model.param_groups(params["lr"], params["lr_new"],
                                                     params["weight_decay"]))
-    scheduler = warmup_multistep(optimizer, params["milestones"], params["gamma"],
-                                 params["warmup_epochs"])
     logit_scale = backbone.logit_scale.exp().detach()
 
     def step(batch):
@@ -88,20 +85,8 @@ def train_stage3(params: Mapping, output_dir: str | Path, protocol: Protocol, ba
     def encode(images):
         return model.embed(images, prompt_mode=params["prompt_mode"])
 
-    meta = {"backbone": backbone.name, "num_classes": protocol.num_classes,
-            "classifier": params["classifier"], "splits": protocol.source_hash}
-    loop = TrainLoop(stage="stage3", output_dir=output_dir, modules=modules, optimizer=optimizer,
-                     scheduler=scheduler, step=step,
-                     batches=train_batches(params, protocol, device),
-                     validate=lambda: validate_selection(model, protocol, params, device, encode),
-                     eval_every=params["eval_every"], patience=params["patience"] or None,
-                     grad_clip=params["grad_clip"] or None, device=device, amp=params["amp"],
-                     params=params, meta=meta, callbacks=callbacks, progress=progress)
-    fit = loop.fit(params["epochs"], resume=params["resume"])
-    if fit.best_state is not None:
-        for name, module in modules.items():
-            module.load_state_dict(fit.best_state[name])
-    model.eval()
+    fit = fit_image_model("stage3", params, output_dir, protocol, model, modules, optimizer,
+                          step, encode, callbacks, progress)
     return Stage3Result(model=model, fit=fit, warm_started_from=warm)
 
 
