@@ -76,3 +76,12 @@ def test_project_root_prefers_env(workbench_home):
     assert runs.project_root() == workbench_home
     assert runs.resolve_path("outputs/x") == workbench_home / "outputs" / "x"
     assert runs.resolve_path("/abs") == runs.Path("/abs")
+
+
+def test_atomic_write_uses_normal_file_permissions(tmp_path):
+    mask = os.umask(0o022)
+    try:
+        p = runs.atomic_write_text(tmp_path / "m.json", "{}")
+    finally:
+        os.umask(mask)
+    assert (p.stat().st_mode & 0o777) == 0o644  # not mkstemp's 0600
