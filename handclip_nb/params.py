@@ -16,7 +16,7 @@ import math
 import os
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterable, Mapping
+from typing import Any, Mapping
 
 import yaml
 
@@ -341,14 +341,6 @@ class Params(dict):
         return yaml.safe_dump(dict(self), sort_keys=True)
 
 
-#: Extra parameter specs registered by later stages (prompt learning, PromptSG ...).
-def register(*specs: ParamSpec) -> None:
-    for s in specs:
-        if s.name in SCHEMA and SCHEMA[s.name] != s:
-            raise AssertionError(f"parameter {s.name!r} registered twice with different specs")
-        SCHEMA[s.name] = s
-
-
 def _applies(spec: ParamSpec, stage: str) -> bool:
     return "common" in spec.stages or stage in spec.stages
 
@@ -443,19 +435,3 @@ def load_params_file(path: str | os.PathLike) -> dict[str, Any]:
         if bad:
             raise ParamError(f"parameter file {path}: unknown parameter(s) {bad} in {stage!r}")
     return data
-
-
-def schema_table(stage: str | None = None) -> list[dict[str, Any]]:
-    """Rows (name, default, help) for documentation and notebook display."""
-    rows = []
-    for s in SCHEMA.values():
-        if stage is None or _applies(s, stage):
-            rows.append({"name": s.name, "default": s.default,
-                         "choices": ", ".join(map(str, s.choices)) if s.choices else "",
-                         "help": s.help})
-    return rows
-
-
-def iter_names(stage: str) -> Iterable[str]:
-    return (k for k, s in SCHEMA.items() if _applies(s, stage))
-

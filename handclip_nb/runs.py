@@ -197,6 +197,8 @@ class Run:
     params: Mapping[str, Any]
     output_dir: Path
     started: float = field(default_factory=time.time)
+    #: versions and git commit, read once at the start and recorded again with the metrics
+    environment: dict = field(default_factory=dict)
 
     @property
     def figures_dir(self) -> Path:
@@ -237,10 +239,11 @@ def start_run(params: Mapping[str, Any]) -> Run:
     stale = out / "metrics.json"
     if stale.exists():
         stale.unlink()
-    record = {"params": dict(params), "environment": environment_info(),
+    env = environment_info()
+    record = {"params": dict(params), "environment": env,
               "started": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
     atomic_write_text(out / "params.yaml", yaml.safe_dump(record, sort_keys=True))
-    return Run(params=params, output_dir=out)
+    return Run(params=params, output_dir=out, environment=env)
 
 
 def _check_metric_block(block: Mapping[str, Any], where: str) -> None:
@@ -271,7 +274,7 @@ def finish_run(run: Run, metrics: Mapping[str, Any]) -> Path:
         raise ValueError(f"metrics['data'] lacks protocol sizes {lacking}")
     record = dict(metrics)
     record.setdefault("seconds", round(run.elapsed(), 2))
-    env = environment_info()
+    env = run.environment or environment_info()
     record["provenance"] = {"git_commit": env["git_commit"], "packages": env["packages"],
                             "seed": run.params.get("seed"),
                             "finished": time.strftime("%Y-%m-%dT%H:%M:%S%z")}

@@ -29,7 +29,6 @@ with the prompt module (``learner.to(device)`` moves ``ctx`` and the buffers, no
 from __future__ import annotations
 
 import string
-import warnings
 from dataclasses import dataclass
 from typing import Any, Mapping, Optional, Sequence
 
@@ -39,9 +38,7 @@ from torch import nn
 from ..data.handinfo import ASPECT_NAMES, HD_ASPECT
 from .backbones import ClipBackbone
 
-with warnings.catch_warnings():  # openai-clip imports pkg_resources, which warns on import
-    warnings.filterwarnings("ignore", message=".*pkg_resources.*")
-    import clip.clip
+import clip.clip  # already imported, warning-free, by .backbones above
 
 __all__ = [
     "DEFAULT_TEMPLATE",

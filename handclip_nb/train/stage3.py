@@ -171,7 +171,7 @@ class ModelAttentionSource:
 
     @property
     def num_heads(self) -> int:
-        return int(self._maps("simplified", (self.split.query[0],)).shape[1])
+        return self.model.num_heads
 
     def query_ids(self) -> list[int]:
         return list(range(len(self.split.query)))
