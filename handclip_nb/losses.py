@@ -30,6 +30,8 @@ Contents
   Triplet Loss"), hard or soft margin, with statistics.
 * :class:`CenterLoss` -- Wen et al. ECCV 2016, as in torchreid / CLIP-ReID.
 * :func:`image_to_text_ce` -- CLIP-ReID stage-2 image-to-text cross entropy.
+* :func:`clip_contrastive_loss` -- CLIP's symmetric InfoNCE over matched image-text pairs
+  (Radford et al. ICML 2021, the pseudo-code of Fig. 3), used to pretrain ``handclip-mini``.
 """
 from __future__ import annotations
 
@@ -50,6 +52,7 @@ __all__ = [
     "pairwise_euclidean",
     "CenterLoss",
     "image_to_text_ce",
+    "clip_contrastive_loss",
 ]
 
 Scale = Union[float, torch.Tensor]
@@ -460,3 +463,30 @@ class CenterLoss(nn.Module):
 
     def extra_repr(self) -> str:
         return f"num_classes={self.num_classes}, feat_dim={self.feat_dim}"
+
+
+# --------------------------------------------------------------------------------------------------
+# CLIP pretraining
+# --------------------------------------------------------------------------------------------------
+
+
+def clip_contrastive_loss(image_features: torch.Tensor, text_features: torch.Tensor,
+                          logit_scale: Scale) -> torch.Tensor:
+    """CLIP's symmetric InfoNCE: row ``i`` of each input is a matched pair.
+
+    ``logits = scale * norm(img) @ norm(txt).T``; the loss is the mean of the image→text and
+    text→image cross entropies with targets ``arange(B)`` (Radford et al. 2021, Fig. 3).
+    ``logit_scale`` is the multiplicative factor (``clip.logit_scale.exp()``, a learnable
+    temperature when passed as that tensor), never the raw log-parameter.
+    """
+    _check_features("image_features", image_features)
+    _check_features("text_features", text_features)
+    if image_features.shape != text_features.shape:
+        raise ValueError(f"image and text features must pair up row by row, got shapes "
+                         f"{tuple(image_features.shape)} and {tuple(text_features.shape)}")
+    _check_scale(logit_scale)
+    img = F.normalize(_upcast(image_features), dim=-1)
+    txt = F.normalize(_upcast(text_features), dim=-1)
+    logits = logit_scale * img @ txt.t()
+    targets = torch.arange(img.shape[0], device=img.device)
+    return 0.5 * (F.cross_entropy(logits, targets) + F.cross_entropy(logits.t(), targets))

@@ -34,10 +34,10 @@ __all__ = [
 ]
 
 #: Stages (one notebook each).  ``common`` parameters apply to all of them.
-STAGES = ("stage0", "stage1", "stage2", "stage3", "evaluation", "attention")
+STAGES = ("pretrain", "stage0", "stage1", "stage2", "stage3", "evaluation", "attention")
 
 ASPECTS = ("dorsal_r", "dorsal_l", "palmar_r", "palmar_l")
-BACKBONE_NAMES = ("vitb16", "vitb32", "rn50", "rn101", "tiny-vit", "tiny-rn")
+BACKBONE_NAMES = ("handclip-mini", "vitb16", "vitb32", "rn50", "rn101", "tiny-vit", "tiny-rn")
 DATASETS = ("11k", "hd")
 GALLERY_MODES = ("aspect", "all")
 RESIZE_MODES = ("pad", "squash")
@@ -46,8 +46,10 @@ AP_MODES = ("standard", "mbanet_trapezoid")
 #: Image size (height, width) used when ``image_size`` is None.  Hands are 4:3 landscape;
 #: the real backbones get a 224-high input whose width is the nearest multiple of 32 to
 #: 4/3 x 224 (298 -> 288), so both ViT patches (16/32) and the RN stride (32) divide it.
-#: The tiny backbones get 96x128, an exact 4:3 that keeps CPU tests fast.
+#: The tiny backbones and handclip-mini (pretrained at that size) get 96x128, an exact 4:3
+#: that keeps CPU runs fast.
 DEFAULT_IMAGE_SIZE = {
+    "handclip-mini": (96, 128),
     "vitb16": (224, 288),
     "vitb32": (224, 288),
     "rn50": (224, 288),
@@ -58,7 +60,7 @@ DEFAULT_IMAGE_SIZE = {
 
 
 #: Stages that train (their schema adds the optimisation parameters).
-TRAINING = ("stage1", "stage2", "stage3")
+TRAINING = ("pretrain", "stage1", "stage2", "stage3")
 
 
 class ParamError(ValueError):
@@ -68,7 +70,7 @@ class ParamError(ValueError):
 @dataclass(frozen=True)
 class ParamSpec:
     name: str
-    kind: str  # "str" | "int" | "float" | "bool" | "size" | "path" | "intlist"
+    kind: str  # "str" | "int" | "float" | "bool" | "size" | "path" | "intlist" | "pathlist"
     default: Any
     help: str
     choices: tuple | None = None
@@ -109,7 +111,9 @@ SCHEMA: dict[str, ParamSpec] = {
               "seed of the embedded synthetic dataset (fixed, so runs with different `seed` "
               "compare on the same people)", minimum=0),
         # --- model ------------------------------------------------------------------------
-        _spec("backbone", "str", "tiny-vit", "CLIP backbone", choices=BACKBONE_NAMES),
+        _spec("backbone", "str", "handclip-mini",
+              "CLIP backbone (handclip-mini: small CLIP pretrained on captioned synthetic hands, "
+              "shipped; tiny-vit/tiny-rn: untrained, for fast tests)", choices=BACKBONE_NAMES),
         _spec("weights", "path", None,
               "local CLIP checkpoint (.pt); None = clip's cache (~/.cache/clip) or download_root",
               optional=True),
@@ -153,6 +157,44 @@ SCHEMA: dict[str, ParamSpec] = {
               "continue an interrupted run from output_dir/checkpoints/last.pt",
               stages=TRAINING),
         _spec("amp", "bool", True, "mixed precision on CUDA (never on CPU)", stages=TRAINING),
+        # --- pretraining of handclip-mini (CLIP image-text contrastive) ------------------------
+        _spec("pretrain_people", "int", 400,
+              "synthetic people in the captioned pretraining set (disjoint from every evaluated "
+              "dataset)", minimum=8, stages=("pretrain",)),
+        _spec("pretrain_images", "int", 3, "pretraining photos per person and aspect", minimum=1,
+              stages=("pretrain",)),
+        _spec("pretrain_heldout", "int", 60,
+              "further people (same population, never trained on) for retrieval and probes",
+              minimum=4, stages=("pretrain",)),
+        _spec("pretrain_seed", "int", 104729,
+              "population seed of the pretraining people (not used by any evaluated dataset)",
+              minimum=0, stages=("pretrain",)),
+        _spec("pretrain_accessory_rate", "float", 0.3,
+              "share of pretraining photos with a ring, bracelet or watch", minimum=0.0,
+              stages=("pretrain",)),
+        _spec("caption_dropout", "float", 0.3,
+              "chance of dropping each attribute phrase of a caption in training", minimum=0.0,
+              stages=("pretrain",)),
+        _spec("vision_arch", "str", "rn",
+              "image tower: 'rn' (CLIP's ModifiedResNet; learns faster from little data) or "
+              "'vit' (ViT-16)", choices=("rn", "vit"), stages=("pretrain",)),
+        _spec("vision_width", "int", 16,
+              "image tower width (rn: stem width, pool on 32 x width channels; vit: width, "
+              "heads = width // 64)", minimum=8, stages=("pretrain",)),
+        _spec("vision_layers", "int", 1, "rn: blocks in each of the 4 stages; vit: layers",
+              minimum=1, stages=("pretrain",)),
+        _spec("text_width", "int", 128, "text transformer width (heads = width // 64)",
+              minimum=64, stages=("pretrain",)),
+        _spec("text_layers", "int", 3, "text transformer layers", minimum=1,
+              stages=("pretrain",)),
+        _spec("embed_dim", "int", 128, "joint image-text embedding dimension", minimum=8,
+              stages=("pretrain",)),
+        _spec("export_weights", "path", None,
+              "write the trained model here as fp16 weights + model card (e.g. "
+              "handclip_nb/models/weights/handclip_mini.pt); None = only the run folder",
+              optional=True, stages=("pretrain",)),
+        _spec("probe_k", "int", 10, "k of the attribute probes' precision@k", minimum=1,
+              stages=("pretrain", "stage0")),
         # --- stage 1: prompt learning --------------------------------------------------------
         _spec("n_ctx", "int", 4, "learnable context tokens per identity", minimum=1,
               stages=("stage1",)),
@@ -213,6 +255,32 @@ SCHEMA: dict[str, ParamSpec] = {
               minimum=0.0, stages=("stage2", "stage3")),
         _spec("patience", "int", 0, "early stopping after N epochs without val gain (0 = off)",
               minimum=0, stages=("stage2", "stage3")),
+        # --- evaluation across runs (notebooks/evaluation.ipynb) -----------------------------
+        # The common data parameters (dataset, aspect, gallery_mode, data_root, num_splits,
+        # seed) give the TEST protocol; each run's own params.yaml says what it was trained on.
+        _spec("runs", "pathlist", None,
+              "run folders to evaluate (stage0/stage2/stage3 output_dir), e.g. "
+              "[outputs/stage2-11k-dorsal_r-tiny-vit-seed0]; None or [] = the zero-shot "
+              "`backbone` plus this protocol's default stage-2/3 folders that have finished",
+              optional=True, stages=("evaluation",)),
+        _spec("rerank", "bool", False,
+              "k-reciprocal re-ranking of the test distances (Zhong et al., CVPR 2017)",
+              stages=("evaluation",)),
+        _spec("rerank_k1", "int", 20, "re-ranking: k-reciprocal neighbourhood size",
+              minimum=1, stages=("evaluation",)),
+        _spec("rerank_k2", "int", 6, "re-ranking: local query expansion size (1 = off)",
+              minimum=1, stages=("evaluation",)),
+        _spec("rerank_lambda", "float", 0.3,
+              "re-ranking: weight of the original distance, in [0, 1]", minimum=0.0,
+              stages=("evaluation",)),
+        _spec("tsne", "bool", True, "t-SNE figure of each run's test embeddings",
+              stages=("evaluation",)),
+        _spec("tsne_ids", "int", 12, "identities shown in the t-SNE figures", minimum=2,
+              stages=("evaluation",)),
+        _spec("failure_queries", "int", 6,
+              "rank-1 failures shown per run in the retrieval grids (0 = none)", minimum=0,
+              stages=("evaluation",)),
+        # --- end of evaluation parameters --------------------------------------------------
     ]
 }
 
@@ -283,12 +351,40 @@ def _coerce(spec: ParamSpec, value: Any) -> Any:
         out = _coerce_size(spec, value)
     elif kind == "intlist":
         out = _coerce_intlist(spec, value)
+    elif kind == "pathlist":
+        out = _coerce_pathlist(spec, value)
     else:  # pragma: no cover - schema error
         raise AssertionError(f"unknown kind {kind}")
     if spec.choices is not None and out not in spec.choices:
         raise _fail(spec, value, "unknown value")
     if spec.minimum is not None and isinstance(out, (int, float)) and out < spec.minimum:
         raise _fail(spec, value, f"must be >= {spec.minimum}")
+    return out
+
+
+def _coerce_pathlist(spec: ParamSpec, value: Any) -> list[str]:
+    """A list of paths: a YAML/Python list, or one path (papermill ``-p runs a/b`` gives a
+    string; ``-p runs "[a, b]"`` a YAML list in a string)."""
+    hint = "expected a list of folders like [outputs/run-a, outputs/run-b] (or one folder)"
+    if isinstance(value, str) and value.strip().startswith("["):
+        try:
+            value = yaml.safe_load(value)
+        except yaml.YAMLError:
+            raise _fail(spec, value, hint) from None
+    if isinstance(value, (str, Path)):
+        value = [value]
+    if not isinstance(value, (list, tuple)):
+        raise _fail(spec, value, hint)
+    out = []
+    for entry in value:
+        if isinstance(entry, Path):
+            entry = str(entry)
+        if not isinstance(entry, str) or not entry.strip():
+            raise _fail(spec, value, f"{hint}; entry {entry!r} is not a non-empty path")
+        out.append(os.path.expanduser(entry.strip()))
+    twice = sorted({p for p in out if out.count(p) > 1})
+    if twice:
+        raise _fail(spec, value, f"{', '.join(twice)} listed more than once")
     return out
 
 
@@ -346,6 +442,8 @@ def _applies(spec: ParamSpec, stage: str) -> bool:
 
 
 def default_output_dir(p: Mapping[str, Any], stage: str) -> str:
+    if stage == "pretrain":  # no evaluated dataset: the run is named by what it trains
+        return os.path.join("outputs", f"pretrain-{p['backbone']}-seed{p['seed']}")
     aspect = p["aspect"] if p["dataset"] == "11k" else "dorsal"
     return os.path.join(
         "outputs", f"{stage}-{p['dataset']}-{aspect}-{p['backbone']}-seed{p['seed']}"
@@ -387,6 +485,8 @@ def resolve_params(values: Mapping[str, Any] | None = None, stage: str = "stage0
 
     if out["image_size"] is None:
         out["image_size"] = list(DEFAULT_IMAGE_SIZE[out["backbone"]])
+    if out.get("rerank_lambda", 0.0) > 1.0:
+        raise _fail(SCHEMA["rerank_lambda"], out["rerank_lambda"], "must be <= 1")
     if out["val_fraction"] >= 1.0:
         raise _fail(SCHEMA["val_fraction"], out["val_fraction"], "must be < 1")
     dev = out["device"]

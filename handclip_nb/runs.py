@@ -264,14 +264,18 @@ REQUIRED_DATA_KEYS = ("train_ids", "train_images", "test_ids", "test_images",
 
 def finish_run(run: Run, metrics: Mapping[str, Any]) -> Path:
     """Validate the DESIGN §3 schema, add provenance and write ``metrics.json`` atomically."""
-    required = ("stage", "dataset", "aspect", "backbone", "num_splits", "test", "data")
+    if metrics.get("stage") == "pretrain":  # no re-ID protocol: retrieval and probes instead
+        required = ("stage", "backbone", "retrieval", "probes", "data")
+    else:
+        required = ("stage", "dataset", "aspect", "backbone", "num_splits", "test", "data")
     missing = [k for k in required if k not in metrics]
     if missing:
         raise ValueError(f"metrics.json would lack {missing}")
-    _check_metric_block(metrics["test"], "test")
-    lacking = [k for k in REQUIRED_DATA_KEYS if k not in metrics["data"]]
-    if lacking:
-        raise ValueError(f"metrics['data'] lacks protocol sizes {lacking}")
+    if metrics["stage"] != "pretrain":
+        _check_metric_block(metrics["test"], "test")
+        lacking = [k for k in REQUIRED_DATA_KEYS if k not in metrics["data"]]
+        if lacking:
+            raise ValueError(f"metrics['data'] lacks protocol sizes {lacking}")
     record = dict(metrics)
     record.setdefault("seconds", round(run.elapsed(), 2))
     env = run.environment or environment_info()

@@ -11,7 +11,8 @@ from PIL import Image
 from .data.protocols import Protocol
 
 __all__ = ["protocol_table", "identity_grid", "plot_cmc", "retrieval_grid", "metrics_table",
-           "plot_history", "plot_prompt_retrieval"]
+           "plot_history", "plot_prompt_retrieval", "caption_grid", "plot_probes",
+           "plot_retrieval_gain", "plot_split_boxes", "plot_tsne"]
 
 CORRECT, WRONG = "#1a9850", "#d73027"
 
@@ -169,5 +170,115 @@ def plot_prompt_retrieval(before: Mapping[str, float], after: Mapping[str, float
     ax.set_ylim(0, 100)
     ax.set_title("prompt → image retrieval (training ids)")
     ax.legend(fontsize=8)
+    fig.tight_layout()
+    return fig
+
+
+def caption_grid(data, n: int = 6, seed: int = 0, width: int = 44):
+    """``n`` random captioned images (a :class:`~handclip_nb.train.pretrain.CaptionedImages`)
+    with their captions wrapped underneath: what the pretraining pairs look like."""
+    import textwrap
+
+    rng = np.random.default_rng(seed)
+    pick = rng.choice(len(data), size=min(n, len(data)), replace=False)
+    cols = min(3, len(pick))
+    rows = int(np.ceil(len(pick) / cols))
+    fig, axes = plt.subplots(rows, cols, figsize=(4.2 * cols, 4.0 * rows), squeeze=False)
+    for ax in axes.flat:
+        ax.axis("off")
+    for ax, i in zip(axes.flat, pick):
+        ax.imshow(data.pixels[int(i)].permute(1, 2, 0).numpy())
+        ax.set_title("\n".join(textwrap.wrap(data.captions[int(i)], width)), fontsize=7.5,
+                     loc="left")
+    fig.tight_layout()
+    return fig
+
+
+def plot_probes(probes: pd.DataFrame, title: str = "attribute probes"):
+    """Precision@k of each text probe next to its base rate (what a random ranking scores)."""
+    col = next(c for c in probes.columns if c.startswith("precision@"))
+    fig, ax = plt.subplots(figsize=(max(5.0, 0.9 * len(probes)), 3.4))
+    x = np.arange(len(probes))
+    ax.bar(x - 0.18, probes["base_rate"], width=0.36, color="lightgrey", label="base rate")
+    ax.bar(x + 0.18, probes[col], width=0.36, label=col)
+    ax.set_xticks(x, probes.index, rotation=20, ha="right")
+    ax.set_ylabel("%")
+    ax.set_ylim(0, 105)
+    ax.set_title(title)
+    ax.legend(fontsize=8)
+    ax.grid(axis="y", alpha=0.3)
+    fig.tight_layout()
+    return fig
+
+
+def plot_retrieval_gain(before: Mapping[str, float], after: Mapping[str, float],
+                        keys: Sequence[str] = ("i2t_R1", "i2t_mAP", "t2i_R1", "t2i_mAP")):
+    """Held-out image↔caption retrieval before (random init) and after pretraining."""
+    fig, ax = plt.subplots(figsize=(5.4, 3.2))
+    x = np.arange(len(keys))
+    ax.bar(x - 0.18, [before[k] for k in keys], width=0.36, color="lightgrey",
+           label="random init")
+    ax.bar(x + 0.18, [after[k] for k in keys], width=0.36, label="pretrained")
+    ax.set_xticks(x, keys)
+    ax.set_ylabel("%")
+    ax.set_ylim(0, 100)
+    ax.set_title("image ↔ caption retrieval, held-out people")
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    return fig
+
+
+# --- evaluation across runs (handclip_nb.evaluate.compare) ---------------------------------
+
+
+def plot_split_boxes(values: pd.DataFrame, metrics: Sequence[str] = ("rank1", "mAP", "mINP"),
+                     title: str = "per-split metrics"):
+    """Box plot per run of each metric over the Monte-Carlo splits, every split drawn as a dot
+    (``values``: the long table of ``compare.split_values``: run, metric, split, value)."""
+    import warnings
+
+    import seaborn as sns
+
+    fig, axes = plt.subplots(1, len(metrics), squeeze=False,
+                             figsize=(max(4.5, 1.1 * values["run"].nunique() + 2) * len(metrics)
+                                      / 1.6, 3.6))
+    order = list(dict.fromkeys(values["run"]))
+    for ax, metric in zip(axes[0], metrics):
+        data = values[values["metric"] == metric]
+        with warnings.catch_warnings():  # seaborn 0.13 passes matplotlib 3.11's deprecated vert=
+            warnings.simplefilter("ignore", category=DeprecationWarning)
+            sns.boxplot(data=data, x="run", y="value", hue="run", order=order, hue_order=order,
+                        ax=ax, width=0.55, fliersize=0, legend=False)
+        sns.stripplot(data=data, x="run", y="value", order=order, ax=ax, color="black",
+                      size=3.5, alpha=0.7, jitter=0.12)
+        ax.set_title(metric)
+        ax.set_xlabel("")
+        ax.set_ylabel("%")
+        ax.tick_params(axis="x", labelrotation=20, labelsize=8)
+        ax.grid(axis="y", alpha=0.3)
+    fig.suptitle(f"{title} ({values['split'].nunique()} splits)", fontsize=10)
+    fig.tight_layout()
+    return fig
+
+
+def plot_tsne(embeddings: Mapping[str, Mapping[str, np.ndarray]],
+              title: str = "t-SNE of test embeddings"):
+    """One panel per run: ``compare.tsne_points`` output, coloured by person; the gallery image
+    of each person is the large outlined marker, queries the small dots."""
+    names = list(embeddings)
+    fig, axes = plt.subplots(1, len(names), squeeze=False, figsize=(4.2 * len(names), 4.0))
+    for ax, name in zip(axes[0], names):
+        e = embeddings[name]
+        people = sorted(set(e["person"].tolist()))
+        colours = plt.get_cmap("tab20")(np.linspace(0, 1, max(len(people), 1), endpoint=False))
+        for person, colour in zip(people, colours):
+            mine = e["person"] == person
+            q, g = mine & ~e["gallery"], mine & e["gallery"]
+            ax.scatter(*e["points"][q].T, s=14, color=colour, alpha=0.8)
+            ax.scatter(*e["points"][g].T, s=70, color=colour, edgecolor="black", linewidth=1.0)
+        ax.set_title(f"{name}\n{len(people)} people, {len(e['person'])} images", fontsize=8)
+        ax.set_xticks([])
+        ax.set_yticks([])
+    fig.suptitle(f"{title} (colour = person, outlined = gallery image)", fontsize=10)
     fig.tight_layout()
     return fig

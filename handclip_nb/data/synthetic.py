@@ -20,6 +20,9 @@ Layouts written by :func:`generate_dataset` (and the CLI)::
     11k:  ROOT/Hands/Hand_0000001.jpg ...  and  ROOT/HandInfo.csv  (real header and quoting)
     hd:   ROOT/Original Images/1-501/<id>_<n>.jpg     main subjects, ids 1..N
           ROOT/Original Images/502-712/<id>_<n>.jpg   distractors, ids 502..502+M-1
+    both: ROOT/captions.csv  ``image,caption`` -- every photo's caption (:func:`caption_for`),
+          built from what the photo shows: view and side, gender, skin tone, nail polish,
+          proportions, the accessory drawn and the person's visible marks
 
 CLI::
 
@@ -46,6 +49,8 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, ImageDraw, ImageFilter
 
+from .captions import CAPTIONS_FILE
+
 __all__ = [
     "ASPECTS",
     "HANDINFO_HEADER",
@@ -60,6 +65,10 @@ __all__ = [
     "image_seed",
     "sample_photo",
     "render_image",
+    "render_photo",
+    "caption_phrases",
+    "caption_for",
+    "CAPTIONS_FILE",
     "accessory_plan",
     "generate_dataset",
     "main",
@@ -82,6 +91,7 @@ HANDINFO_HEADER = (
     "irregularities",
 )
 LAYOUTS = ("11k", "hd")
+CAPTIONS_HEADER = ("image", "caption")
 GENDERS = ("male", "female")
 # skinColor values of the real HandInfo.csv, with the base RGB of the back of the hand.
 SKIN_COLORS = ("very fair", "fair", "medium", "dark")
@@ -236,6 +246,14 @@ class SyntheticPerson:
     @property
     def skin_tone_name(self) -> str:
         return f"{self.skin_color} skin"
+
+    def visible_marks(self, view: str) -> tuple[Mark, ...]:
+        """The marks a photo of ``view`` ("dorsal" | "palmar") shows (drawing and captions agree).
+
+        A mark is drawn on its own surface; a wrist scar wraps round and shows on both.
+        """
+        return tuple(m for m in self.marks
+                     if m.surface == view or (m.region == "wrist" and m.kind == "scar"))
 
     def describe(self) -> list[str]:
         """Human-describable attributes, one phrase each (material for captions)."""
@@ -565,6 +583,19 @@ def render_image(
     left and a right hand rendered with the same seed are mirror images of each other
     (exactly so with ``noise=False``; sensor noise is added after mirroring).
     """
+    return render_photo(person, aspect, image_seed, difficulty, size, accessory, noise)[0]
+
+
+def render_photo(
+    person: SyntheticPerson,
+    aspect: str,
+    image_seed: int,
+    difficulty: float = 0.5,
+    size: tuple[int, int] = (160, 120),
+    accessory: str | None = None,
+    noise: bool = True,
+) -> tuple[Image.Image, str]:
+    """:func:`render_image` plus the photo's caption (:func:`caption_for` of what was drawn)."""
     if aspect not in ASPECTS:
         raise ValueError(f"aspect must be one of {list(ASPECTS)}, got {aspect!r}")
     if accessory is not None and accessory not in ACCESSORIES:
@@ -574,13 +605,48 @@ def render_image(
     rng = np.random.default_rng(np.random.SeedSequence([_SALT, int(image_seed)]))
     photo = sample_photo(rng, d)
     view, side = aspect.split()
-    arr = _draw_right_hand(person, view, photo, width, height, accessory, rng)
+    arr, accessory_phrase = _draw_right_hand(person, view, photo, width, height, accessory, rng)
     if side == "left":
         arr = arr[:, ::-1]
     if noise:
         nrng = np.random.default_rng(np.random.SeedSequence([_SALT, int(image_seed), 7]))
         arr = arr + nrng.normal(0.0, photo.noise, arr.shape).astype(np.float32)
-    return Image.fromarray(np.clip(np.rint(arr), 0, 255).astype(np.uint8), "RGB")
+    image = Image.fromarray(np.clip(np.rint(arr), 0, 255).astype(np.uint8), "RGB")
+    return image, caption_for(person, aspect, accessory_phrase)
+
+
+def caption_phrases(person: SyntheticPerson, aspect: str,
+                    accessory_phrase: str | None = None) -> list[str]:
+    """The caption of one photo as phrases: the view first, then what the photo shows.
+
+    Only what is visible goes in: nails (and their polish) are drawn on the dorsal side only,
+    marks only on their own surface (:meth:`SyntheticPerson.visible_marks`). Proportions are
+    included because they are visible and identity-specific; age is not (not drawn).
+    """
+    if aspect not in ASPECTS:
+        raise ValueError(f"aspect must be one of {list(ASPECTS)}, got {aspect!r}")
+    view, side = aspect.split()
+    owner = "woman's" if person.gender == "female" else "man's"
+    surface = "dorsal side" if view == "dorsal" else "palm side"
+    g = person.geometry
+    phrases = [f"a photo of the {surface} of a {owner} {side} hand", person.skin_tone_name]
+    if view == "dorsal":
+        phrases.append(f"{person.nail_polish} nail polish" if person.nail_polish
+                       else "unpolished nails")
+    phrases.append("long fingers" if g.finger_lengths[2] / g.palm_height > 0.82
+                   else "short fingers")
+    phrases.append("broad palm" if g.palm_width > 1.0 else "narrow palm")
+    if accessory_phrase:
+        phrases.append(accessory_phrase)
+    phrases.extend(m.describe() for m in person.visible_marks(view))
+    return phrases
+
+
+def caption_for(person: SyntheticPerson, aspect: str, accessory_phrase: str | None = None) -> str:
+    """One photo's caption, e.g. "a photo of the dorsal side of a woman's right hand, medium
+    skin, red nail polish, long fingers, narrow palm, a gold ring on the ring finger, mole on
+    the back of the hand" (phrases joined by ", ")."""
+    return ", ".join(caption_phrases(person, aspect, accessory_phrase))
 
 
 def _check_size(size) -> tuple[int, int]:
@@ -596,7 +662,8 @@ def _check_size(size) -> tuple[int, int]:
 
 
 def _draw_right_hand(person, view, photo, width, height, accessory, rng):
-    """The noise-free photo of the right hand as float32 HxWx3 (0..255)."""
+    """The noise-free photo of the right hand as float32 HxWx3 (0..255), and the caption
+    phrase of the accessory drawn (None without one)."""
     ss = _SUPERSAMPLE
     W, H = width * ss, height * ss
     g = person.geometry
@@ -649,8 +716,9 @@ def _draw_right_hand(person, view, photo, width, height, accessory, rng):
     else:
         _draw_palmar(person, ld, frame, all_fingers, skin, crease, px)
     _draw_marks(person, view, ld, frame, all_fingers, skin, px)
+    accessory_phrase = None
     if accessory is not None:
-        _draw_accessory(accessory, view, ld, md, frame, fingers, g, rng, px)
+        accessory_phrase = _draw_accessory(accessory, view, ld, md, frame, fingers, g, rng, px)
 
     # ---- compose at output resolution
     mask = mask.reduce(ss)
@@ -678,7 +746,7 @@ def _draw_right_hand(person, view, photo, width, height, accessory, rng):
         blurred = Image.fromarray(np.rint(img).astype(np.uint8)).filter(
             ImageFilter.GaussianBlur(photo.blur))
         img = np.asarray(blurred, np.float32)
-    return img.astype(np.float32)
+    return img.astype(np.float32), accessory_phrase
 
 
 def _draw_dorsal(person, ld, frame, fingers, thumb, skin, px):
@@ -771,10 +839,7 @@ def _mark_center(mark, all_fingers):
 
 
 def _draw_marks(person, view, ld, frame, all_fingers, skin, px):
-    for mark in person.marks:
-        visible = mark.surface == view or (mark.region == "wrist" and mark.kind == "scar")
-        if not visible:
-            continue
+    for mark in person.visible_marks(view):
         c, f = _mark_center(mark, all_fingers)
         color = _mix(skin, mark.color, float(np.clip(0.9 * person.mark_contrast, 0.2, 1.0)))
         a = math.radians(mark.angle)
@@ -793,15 +858,18 @@ def _draw_marks(person, view, ld, frame, all_fingers, skin, px):
                 ld.polygon(frame(_polygon_ellipse(p, mark.size, mark.size, n=8)), fill=color)
 
 
-def _draw_accessory(kind, view, ld, md, frame, fingers, g, rng, px):
-    metal = _METALS["gold" if rng.random() < 0.5 else "silver"]
+def _draw_accessory(kind, view, ld, md, frame, fingers, g, rng, px) -> str:
+    """Draw ``kind`` and return the caption phrase of what was drawn."""
+    metal_name = "gold" if rng.random() < 0.5 else "silver"
+    metal = _METALS[metal_name]
     if kind == "ring":
-        f = fingers[int(rng.choice([0, 2, 2, 1]))]  # index, ring (most often), middle
+        which = int(rng.choice([0, 2, 2, 1]))  # index, ring (most often), middle
+        f = fingers[which]
         t = 0.22
         band = np.concatenate([f.across(t - 0.05, 1.1), f.across(t + 0.05, 1.1)[::-1]])
         md.polygon(frame(band), fill=255)
         ld.polygon(frame(band), fill=metal, outline=_scale(metal, 0.7))
-        return
+        return f"a {metal_name} ring on the {FINGERS[which + 1]}"
     strap = tuple(int(v) for v in rng.integers(20, 200, 3))
     ww = g.wrist_width / 2 + 0.05
     y0, y1 = -0.14, -0.3
@@ -819,6 +887,7 @@ def _draw_accessory(kind, view, ld, md, frame, fingers, g, rng, px):
                 width=px(0.012))
     else:
         ld.polygon(frame(_polygon_ellipse((0.0, (y0 + y1) / 2), 0.06, 0.05, n=8)), fill=metal)
+    return f"a {metal_name} bracelet" if kind == "bracelet" else "a wristwatch"
 
 
 # --------------------------------------------------------------------------------------------
@@ -930,6 +999,7 @@ def _write_11k(root, subjects, k_img, seed, d, size, rate, id_offset, quality):
     hands.mkdir(parents=True, exist_ok=True)
     rows = []
     written = set()
+    captions = []
     n = 0
     for i in range(subjects):
         number = id_offset + i
@@ -939,10 +1009,11 @@ def _write_11k(root, subjects, k_img, seed, d, size, rate, id_offset, quality):
             for k in range(k_img):
                 n += 1
                 name = f"Hand_{n:07d}.jpg"
-                img = render_image(person, aspect, image_seed(seed, number, a, k), d, size,
-                                   accessory=plan[k])
+                img, caption = render_photo(person, aspect, image_seed(seed, number, a, k), d,
+                                            size, accessory=plan[k])
                 img.save(hands / name, "JPEG", quality=quality)
                 written.add(name)
+                captions.append((f"Hands/{name}", caption))
                 rows.append([person.id, person.age, person.gender, person.skin_color,
                              int(plan[k] is not None), person.nail_polish_flag, aspect, name, 0])
     _remove_stale(hands, "Hand_*.jpg", written)
@@ -950,11 +1021,22 @@ def _write_11k(root, subjects, k_img, seed, d, size, rate, id_offset, quality):
         fh.write(",".join(HANDINFO_HEADER) + "\r\n")
         writer = csv.writer(fh, quoting=csv.QUOTE_NONNUMERIC, lineterminator="\r\n")
         writer.writerows(rows)
+    _write_captions(root, captions)
+
+
+def _write_captions(root: Path, captions: list[tuple[str, str]]) -> None:
+    """``root/captions.csv``: image path relative to ``root``, caption (beside the dataset's own
+    files, so the 11k/HD layouts and HandInfo.csv stay exactly as the real datasets')."""
+    with open(root / CAPTIONS_FILE, "w", newline="", encoding="utf-8") as fh:
+        writer = csv.writer(fh, lineterminator="\n")
+        writer.writerow(CAPTIONS_HEADER)
+        writer.writerows(captions)
 
 
 def _write_hd(root, subjects, k_img, seed, d, size, id_offset, m, quality):
     base = root / "Original Images"
     groups = [(base / "1-501", range(1, subjects + 1)), (base / "502-712", range(502, 502 + m))]
+    captions = []
     for folder, ids in groups:
         folder.mkdir(parents=True, exist_ok=True)
         written = set()
@@ -963,10 +1045,13 @@ def _write_hd(root, subjects, k_img, seed, d, size, id_offset, m, quality):
             person = make_person(number, seed, d)
             for k in range(k_img):
                 name = f"{pid}_{k + 1}.jpg"
-                img = render_image(person, "dorsal right", image_seed(seed, number, 0, k), d, size)
+                img, caption = render_photo(person, "dorsal right", image_seed(seed, number, 0, k),
+                                            d, size)
                 img.save(folder / name, "JPEG", quality=quality)
                 written.add(name)
+                captions.append((f"Original Images/{folder.name}/{name}", caption))
         _remove_stale(folder, "*_*.jpg", written)
+    _write_captions(root, captions)
 
 
 # --------------------------------------------------------------------------------------------

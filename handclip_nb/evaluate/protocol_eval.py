@@ -3,6 +3,11 @@
 Percent values (0–100) are used in every summary and in ``metrics.json``; ``rank_metrics``
 itself returns fractions.  ``std`` is the sample standard deviation over splits (ddof=1; 0 for
 a single split).
+
+Split distances are cosine distances of the L2-normalised features, or, with re-ranking
+settings (``rerank_settings(params)``: the evaluation notebook's ``rerank*`` parameters), the
+k-reciprocal re-ranked distances of :mod:`handclip_nb.evaluate.reranking`, computed per split
+from that split's queries and gallery only.
 """
 from __future__ import annotations
 
@@ -16,9 +21,11 @@ from ..data.protocols import Protocol, Split
 from ..runs import METRIC_NAMES
 from .features import cosine_distance, extract_features
 from .metrics import rank_metrics
+from .reranking import rerank_features
 
 __all__ = ["SplitResult", "EvalResult", "evaluate_split", "evaluate_splits", "summarise",
-           "evaluate_backbone", "metrics_record", "needed_indices"]
+           "evaluate_backbone", "metrics_record", "needed_indices", "rerank_settings",
+           "split_distances"]
 
 
 @dataclass
@@ -65,12 +72,29 @@ def needed_indices(splits: Sequence[Split]) -> list[int]:
     return sorted({i for s in splits for i in (*s.query, *s.gallery)})
 
 
-def evaluate_split(features: torch.Tensor, row_of: Mapping[int, int], protocol: Protocol,
-                   split: Split, max_rank: int = 50, ap_mode: str = "standard",
-                   keep_distmat: bool = False) -> SplitResult:
+def rerank_settings(params: Mapping) -> dict | None:
+    """``{"k1", "k2", "lambda_value"}`` when ``params["rerank"]`` is on, else None (stages
+    without the evaluation parameters never re-rank)."""
+    if not params.get("rerank", False):
+        return None
+    return {"k1": int(params["rerank_k1"]), "k2": int(params["rerank_k2"]),
+            "lambda_value": float(params["rerank_lambda"])}
+
+
+def split_distances(features: torch.Tensor, row_of: Mapping[int, int], split: Split,
+                    rerank: Mapping | None = None) -> np.ndarray:
+    """Query × gallery distances of one split: cosine, or re-ranked with ``rerank`` settings."""
     q = features[[row_of[i] for i in split.query]]
     g = features[[row_of[i] for i in split.gallery]]
-    dist = cosine_distance(q, g).numpy()
+    if rerank is not None:
+        return rerank_features(q, g, **rerank)
+    return cosine_distance(q, g).numpy()
+
+
+def evaluate_split(features: torch.Tensor, row_of: Mapping[int, int], protocol: Protocol,
+                   split: Split, max_rank: int = 50, ap_mode: str = "standard",
+                   keep_distmat: bool = False, rerank: Mapping | None = None) -> SplitResult:
+    dist = split_distances(features, row_of, split, rerank)
     m = rank_metrics(dist, protocol.ids_of(split.query), protocol.ids_of(split.gallery),
                      max_rank=max_rank, ap_mode=ap_mode)
     return SplitResult(split=split, metrics=m, distmat=dist if keep_distmat else None)
@@ -78,9 +102,10 @@ def evaluate_split(features: torch.Tensor, row_of: Mapping[int, int], protocol: 
 
 def evaluate_splits(features: torch.Tensor, row_of: Mapping[int, int], protocol: Protocol,
                     splits: Sequence[Split], name: str, max_rank: int = 50,
-                    ap_mode: str = "standard") -> EvalResult:
+                    ap_mode: str = "standard", rerank: Mapping | None = None) -> EvalResult:
     results = [evaluate_split(features, row_of, protocol, s, max_rank, ap_mode,
-                              keep_distmat=(k == 0)) for k, s in enumerate(splits)]
+                              keep_distmat=(k == 0), rerank=rerank)
+               for k, s in enumerate(splits)]
     return EvalResult(name=name, splits=results,
                       summary=summarise([r.percent() for r in results]))
 
@@ -103,7 +128,8 @@ def evaluate_backbone(backbone, protocol: Protocol, params: Mapping, transform,
                              encode=encode, cache_tag=cache_tag)
     row_of = {idx: r for r, idx in enumerate(indices)}
     return {name: evaluate_splits(feats, row_of, protocol, splits, name,
-                                  max_rank=params["max_rank"], ap_mode=params["ap_mode"])
+                                  max_rank=params["max_rank"], ap_mode=params["ap_mode"],
+                                  rerank=rerank_settings(params))
             for name, splits in groups.items()}
 
 

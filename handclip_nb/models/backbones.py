@@ -18,12 +18,10 @@ Registry (``BACKBONES``):
 * ``tiny-vit``, ``tiny-rn`` -- tiny, randomly initialised (seeded) CLIP architectures built with the
   real ``clip.model.CLIP`` class, real vocabulary (49408) and context length (77), so the real
   ``clip.tokenize`` works. They are *untrained* and named so in ``display_name``.
-* Adding a backbone with shipped weights (e.g. ``handclip-mini``) is one registry entry::
-
-      register_backbone(BackboneSpec(
-          name="handclip-mini", description="tiny ViT pretrained on ...",
-          arch=TINY_VIT_ARCH, weights_file=str(WEIGHTS_DIR / "handclip_mini.pt"),
-          weights_label="handclip-mini pretrained weights"))
+* ``handclip-mini`` -- a small CLIP (ResNet image tower) pretrained image-text on captioned synthetic hands
+  (``notebooks/pretrain_mini.ipynb``); its fp16 weights ship in ``handclip_nb/models/weights/``
+  with a SHA-256 (checked before loading) and a model card. It is *pretrained on synthetic hands
+  only* and named so. Adding another shipped backbone is one ``register_backbone`` entry.
 
 Dense features of the ResNets (``patch_tokens``): CLIP's RN image embedding is the output of an
 attention pool whose query is the mean-pooled feature map. Following MaskCLIP (Zhou et al., ECCV 2022),
@@ -68,6 +66,8 @@ __all__ = [
     "CLIP_STD",
     "TINY_VIT_ARCH",
     "TINY_RN_ARCH",
+    "HANDCLIP_MINI_NAME",
+    "HANDCLIP_MINI_ARCH",
     "WEIGHTS_DIR",
     "BackboneSpec",
     "BACKBONES",
@@ -94,8 +94,9 @@ __all__ = [
 CLIP_MEAN: tuple[float, float, float] = (0.48145466, 0.4578275, 0.40821073)
 CLIP_STD: tuple[float, float, float] = (0.26862954, 0.26130258, 0.27577711)
 
-#: Folder for weight files shipped with the package (e.g. a future ``handclip-mini``).
+#: Folder for weight files shipped with the package (``handclip-mini``).
 WEIGHTS_DIR = Path(__file__).resolve().parent / "weights"
+HANDCLIP_MINI_NAME = "handclip-mini"
 
 #: Format tag written by :meth:`ClipBackbone.save_weights`.
 _SAVE_FORMAT = "handclip_nb.backbone/1"
@@ -129,6 +130,22 @@ TINY_RN_ARCH: Mapping[str, Any] = MappingProxyType(dict(
     transformer_layers=2,
 ))
 
+#: The shipped handclip-mini (``handclip_nb.train.pretrain.mini_arch``): CLIP's ModifiedResNet
+#: with one block per stage, stem width 16 (attention pool on 512 channels, 8 heads); text width
+#: 128, 3 layers; joint space 128. Saved at 96x128 (the file records it).
+HANDCLIP_MINI_ARCH: Mapping[str, Any] = MappingProxyType(dict(
+    embed_dim=128,
+    image_resolution=128,
+    vision_layers=(1, 1, 1, 1),
+    vision_width=16,
+    vision_patch_size=None,
+    context_length=_CLIP_CONTEXT_LENGTH,
+    vocab_size=_CLIP_VOCAB_SIZE,
+    transformer_width=128,
+    transformer_heads=2,
+    transformer_layers=3,
+))
+
 # --------------------------------------------------------------------------------------------------
 # Registry
 # --------------------------------------------------------------------------------------------------
@@ -150,6 +167,8 @@ class BackboneSpec:
     arch: Optional[Mapping[str, Any]] = None
     weights_file: Optional[str] = None
     weights_label: str = "OpenAI CLIP weights"
+    #: a ``sha256sum``-format file beside a shipped ``weights_file``; checked before loading
+    weights_sha256_file: Optional[str] = None
     #: expected architecture of OpenAI entries: ("vit", patch, width, layers) or ("rn", layers, width)
     expected: Optional[tuple] = None
 
@@ -210,6 +229,11 @@ for _spec in (
     BackboneSpec("rn101", "OpenAI CLIP RN101", openai_name="RN101", expected=("rn", (3, 4, 23, 3), 64)),
     BackboneSpec("tiny-vit", "tiny CLIP ViT (random init, for tests and smoke runs)", arch=TINY_VIT_ARCH),
     BackboneSpec("tiny-rn", "tiny CLIP ModifiedResNet (random init, for tests and smoke runs)", arch=TINY_RN_ARCH),
+    BackboneSpec(HANDCLIP_MINI_NAME,
+                 "small CLIP (ResNet) pretrained image-text on captioned synthetic hands (shipped, offline)",
+                 arch=HANDCLIP_MINI_ARCH, weights_file=str(WEIGHTS_DIR / "handclip_mini.pt"),
+                 weights_label="pretrained on synthetic hands only (handclip-mini)",
+                 weights_sha256_file=str(WEIGHTS_DIR / "handclip_mini.sha256")),
 ):
     register_backbone(_spec)
 del _spec
@@ -682,19 +706,26 @@ class ClipBackbone(nn.Module):
         return ImageFeatures(glob, patches, self.grid, fmap.mean(dim=(2, 3)))
 
     # -- persistence -------------------------------------------------------------------------------
-    def save_weights(self, path: Union[str, os.PathLike]) -> Path:
+    def save_weights(self, path: Union[str, os.PathLike], dtype: Optional[torch.dtype] = None) -> Path:
         """Save the CLIP weights (at the current image size) so that
-        ``build_backbone(name, weights=path, image_size=...)`` restores them exactly (fp32).
+        ``build_backbone(name, weights=path, image_size=...)`` restores them (exactly, in the
+        default fp32; ``dtype=torch.float16`` halves the file, as OpenAI ships CLIP, and loads
+        back into an fp32 model).
         """
         from ..runs import atomic_torch_save
 
         path = Path(path)
+
+        def cast(t: torch.Tensor) -> torch.Tensor:
+            t = t.detach().cpu()
+            return t.to(dtype) if dtype is not None and t.is_floating_point() else t
+
         payload = {
             "format": _SAVE_FORMAT,
             "name": self.name,
             "image_size": tuple(self.image_size),
             "arch": dict(self.arch),
-            "state_dict": {k: t.detach().cpu() for k, t in self.clip.state_dict().items()},
+            "state_dict": {k: cast(t) for k, t in self.clip.state_dict().items()},
         }
         return atomic_torch_save(payload, path)
 
@@ -749,9 +780,31 @@ def _resolve_weights_file(spec: BackboneSpec, weights, download_root) -> Optiona
     if spec.weights_file is not None:
         p = Path(spec.weights_file)
         if p.is_file():
+            _check_shipped_sha256(spec, p)
             return p
         raise _not_found(spec, [str(p)], None)
     return None
+
+
+def _check_shipped_sha256(spec: BackboneSpec, path: Path) -> None:
+    """A shipped file must match its recorded SHA-256 (a git-lfs pointer or a truncated copy
+    would otherwise fail later with a confusing unpickling error)."""
+    if spec.weights_sha256_file is None:
+        return
+    record = Path(spec.weights_sha256_file)
+    if not record.is_file():
+        raise IncompatibleWeightsError(f"{record} is missing: the SHA-256 of the shipped weights "
+                                       f"{path} cannot be checked; reinstall the package")
+    expected = record.read_text().split()[0].strip().lower()
+    h = hashlib.sha256()
+    with open(path, "rb") as fh:
+        for block in iter(lambda: fh.read(1 << 20), b""):
+            h.update(block)
+    if h.hexdigest() != expected:
+        raise IncompatibleWeightsError(
+            f"shipped weights {path} have SHA-256 {h.hexdigest()}, but {record} records {expected}: "
+            f"the file is corrupt, truncated or a git-lfs pointer; restore it from the repository "
+            f"(git checkout -- {path.name}) or re-run notebooks/pretrain_mini.ipynb")
 
 
 def _read_checkpoint(path: Path, spec: BackboneSpec) -> tuple[dict[str, torch.Tensor], Optional[dict]]:
@@ -911,7 +964,10 @@ def build_backbone(
         else:
             sd, meta = _read_checkpoint(path, spec)
         if meta is not None:  # our own format: architecture recorded in the file
-            arch = dict(spec.arch) if spec.arch is not None else dict(meta["arch"])
+            # An arch entry keeps its architecture, except that a file saved under the same name
+            # (e.g. a handclip-mini re-pretrained with another width) brings its own.
+            own_family = spec.arch is None or meta.get("name") == spec.name
+            arch = dict(meta["arch"]) if own_family else dict(spec.arch)
             model = _build_arch(arch, seed)  # loaded below, after adapting to the file's image size
         elif spec.openai_name is not None:
             model = _load_openai_jit(path, spec, download_root) if sd is None else _build_openai_state_dict(sd, path, spec)
