@@ -9,7 +9,7 @@ from typing import Callable, Mapping, Sequence
 from PIL import Image
 from torch.utils.data import Dataset
 
-from .handinfo import read_handinfo, read_hd
+from .handinfo import DataError, read_handinfo, read_hd
 from .protocols import Protocol, build_11k_protocol, build_hd_protocol, verify_images
 
 __all__ = ["ImageListDataset", "build_protocol", "default_synthetic_root", "ensure_synthetic"]
@@ -90,18 +90,24 @@ def build_protocol(params: Mapping, verify: bool = True) -> Protocol:
     if dataset == "11k":
         csv_path = root / "HandInfo.csv"
         records = read_handinfo(csv_path)
-        protocol = build_11k_protocol(records, params["aspect"], root=root, seed=params["seed"],
-                                      num_splits=params["num_splits"],
-                                      gallery_mode=params["gallery_mode"],
-                                      val_fraction=params["val_fraction"],
-                                      source_hash=_file_hash(csv_path))
+        try:
+            protocol = build_11k_protocol(records, params["aspect"], root=root,
+                                          seed=params["seed"], num_splits=params["num_splits"],
+                                          gallery_mode=params["gallery_mode"],
+                                          val_fraction=params["val_fraction"],
+                                          source_hash=_file_hash(csv_path))
+        except DataError as exc:  # too few people/images for the protocol: name the file
+            raise DataError(f"{csv_path}: {exc}") from None
     elif dataset == "hd":
         records = read_hd(root)
         listing = "\n".join(r.path for r in records).encode()
-        protocol = build_hd_protocol(records, root=root, seed=params["seed"],
-                                     num_splits=params["num_splits"],
-                                     val_fraction=params["val_fraction"],
-                                     source_hash=hashlib.sha256(listing).hexdigest())
+        try:
+            protocol = build_hd_protocol(records, root=root, seed=params["seed"],
+                                         num_splits=params["num_splits"],
+                                         val_fraction=params["val_fraction"],
+                                         source_hash=hashlib.sha256(listing).hexdigest())
+        except DataError as exc:
+            raise DataError(f"{root / 'Original Images'}: {exc}") from None
     else:  # the parameter schema already refuses this
         raise ValueError(f"unknown dataset {dataset!r}; valid: 11k, hd")
     if verify:

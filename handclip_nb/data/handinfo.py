@@ -6,6 +6,7 @@ Malformed input fails with the file and line number (11k) or the offending file 
 from __future__ import annotations
 
 import csv
+import io
 import os
 import re
 from dataclasses import dataclass
@@ -82,47 +83,65 @@ def read_handinfo(csv_path: str | os.PathLike, images_dir: str = "Hands") -> lis
             f"data_root=None for the embedded synthetic hands)"
         )
     records: list[HandImage] = []
-    with csv_path.open(newline="", encoding="utf-8-sig") as fh:
-        reader = csv.reader(fh)
+    raw = csv_path.read_bytes()
+    try:
+        text = raw.decode("utf-8-sig")
+    except UnicodeDecodeError as exc:  # binary garbage, UTF-16, Latin-1 ...
+        line = raw[:exc.start].count(b"\n") + 1
+        raise DataError(f"{csv_path}:{line}: not UTF-8 text (byte {raw[exc.start]:#04x} at offset "
+                        f"{exc.start}); HandInfo.csv must be the dataset's UTF-8 CSV") from None
+    reader = csv.reader(io.StringIO(text, newline=""))
+    try:
+        header = next(reader)
+    except StopIteration:
+        raise DataError(f"{csv_path}:1: empty file, expected the header "
+                        f"{','.join(HANDINFO_COLUMNS)}") from None
+    except csv.Error as exc:
+        raise DataError(f"{csv_path}:1: not a readable CSV header ({exc})") from None
+    header = [h.strip() for h in header]
+    if tuple(header) != HANDINFO_COLUMNS:
+        raise DataError(f"{csv_path}:1: header is {','.join(header)[:200]}; "
+                        f"expected {','.join(HANDINFO_COLUMNS)}")
+    rows = iter(reader)
+    while True:
+        first = reader.line_num + 1  # a quoted field may span lines: report where the row began
         try:
-            header = next(reader)
+            row = next(rows)
         except StopIteration:
-            raise DataError(f"{csv_path}:1: empty file, expected the header "
-                            f"{','.join(HANDINFO_COLUMNS)}") from None
-        header = [h.strip() for h in header]
-        if tuple(header) != HANDINFO_COLUMNS:
-            raise DataError(f"{csv_path}:1: header is {','.join(header)}; "
-                            f"expected {','.join(HANDINFO_COLUMNS)}")
-        for row in reader:
-            line = reader.line_num
-            where = f"{csv_path}:{line}"
-            if not row or all(not c.strip() for c in row):
-                continue  # blank line
-            if len(row) != len(HANDINFO_COLUMNS):
-                raise DataError(f"{where}: expected {len(HANDINFO_COLUMNS)} columns "
-                                f"({','.join(HANDINFO_COLUMNS)}), found {len(row)}: {row!r}")
-            rec = dict(zip(HANDINFO_COLUMNS, row))
-            person = rec["id"].strip()  # the real file writes one id as "1200000 "
-            if not person:
-                raise DataError(f"{where}: empty id")
-            aspect_text = rec["aspectOfHand"].strip().lower()
-            if aspect_text not in ASPECT_NAMES:
-                raise DataError(f"{where}: unknown aspectOfHand {rec['aspectOfHand']!r}; "
-                                f"expected one of {sorted(ASPECT_NAMES)}")
-            name = rec["imageName"].strip()
-            if not name or "/" in name or "\\" in name:
-                raise DataError(f"{where}: bad imageName {rec['imageName']!r}")
-            records.append(HandImage(
-                path=f"{images_dir}/{name}",
-                person=person,
-                aspect=ASPECT_NAMES[aspect_text],
-                accessories=_int_field(rec["accessories"], "accessories", where, (0, 1)),
-                nail_polish=_int_field(rec["nailPolish"], "nailPolish", where, (0, 1)),
-                age=_int_field(rec["age"], "age", where),
-                gender=rec["gender"].strip(),
-                skin_color=rec["skinColor"].strip(),
-                irregularities=_int_field(rec["irregularities"], "irregularities", where, (0, 1)),
-            ))
+            break
+        except csv.Error as exc:  # e.g. an unclosed quote swallowing the rest of the file
+            raise DataError(f"{csv_path}:{first}: not valid CSV ({exc}); "
+                            f"check the quotes on this line") from None
+        line = reader.line_num
+        where = f"{csv_path}:{first}" + (f"-{line} (one quoted row over several lines)"
+                                         if line > first else "")
+        if not row or all(not c.strip() for c in row):
+            continue  # blank line
+        if len(row) != len(HANDINFO_COLUMNS):
+            raise DataError(f"{where}: expected {len(HANDINFO_COLUMNS)} columns "
+                            f"({','.join(HANDINFO_COLUMNS)}), found {len(row)}: {repr(row)[:200]}")
+        rec = dict(zip(HANDINFO_COLUMNS, row))
+        person = rec["id"].strip()  # the real file writes one id as "1200000 "
+        if not person:
+            raise DataError(f"{where}: empty id")
+        aspect_text = rec["aspectOfHand"].strip().lower()
+        if aspect_text not in ASPECT_NAMES:
+            raise DataError(f"{where}: unknown aspectOfHand {rec['aspectOfHand']!r}; "
+                            f"expected one of {sorted(ASPECT_NAMES)}")
+        name = rec["imageName"].strip()
+        if not name or "/" in name or "\\" in name:
+            raise DataError(f"{where}: bad imageName {rec['imageName']!r}")
+        records.append(HandImage(
+            path=f"{images_dir}/{name}",
+            person=person,
+            aspect=ASPECT_NAMES[aspect_text],
+            accessories=_int_field(rec["accessories"], "accessories", where, (0, 1)),
+            nail_polish=_int_field(rec["nailPolish"], "nailPolish", where, (0, 1)),
+            age=_int_field(rec["age"], "age", where),
+            gender=rec["gender"].strip(),
+            skin_color=rec["skinColor"].strip(),
+            irregularities=_int_field(rec["irregularities"], "irregularities", where, (0, 1)),
+        ))
     if not records:
         raise DataError(f"{csv_path}: no image rows after the header")
     return records

@@ -104,10 +104,11 @@ def load_checkpoint(path: str | os.PathLike, stage: str | None = None) -> dict[s
         raise CheckpointError(f"checkpoint {path} does not exist")
     try:
         ckpt = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as exc:  # truncated zip, random bytes, pickled code ...
+    except Exception as exc:  # truncated zip, random bytes, empty file, pickled code ...
+        detail = (str(exc).strip().splitlines() or ["no details"])[0][:160]  # EOFError: ""
         raise CheckpointError(
             f"checkpoint {path} is corrupt or truncated and cannot be read "
-            f"({type(exc).__name__}: {str(exc).splitlines()[0][:160]}); delete it to start over "
+            f"({type(exc).__name__}: {detail}); delete it to start over "
             f"or point to another run"
         ) from None
     if not isinstance(ckpt, dict) or ckpt.get("format") != FORMAT:

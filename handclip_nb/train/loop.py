@@ -99,21 +99,33 @@ class TrainLoop:
         if not self.last_path.is_file():
             return 0, [], {}, None
         ckpt = load_checkpoint(self.last_path, stage=self.stage)
-        check_meta(self.last_path, ckpt["meta"], self.meta)
-        for name, module in self.modules.items():
-            if name not in ckpt["model"]:
-                raise CheckpointError(f"{self.last_path} has no state for {name!r}")
-            module.load_state_dict(ckpt["model"][name])
-        self.optimizer.load_state_dict(ckpt["optimizer"])
-        if self.scheduler is not None and ckpt["scheduler"] is not None:
-            self.scheduler.load_state_dict(ckpt["scheduler"])
-        if ckpt["scaler"] is not None:
-            self.scaler.load_state_dict(ckpt["scaler"])
-        restore_rng_state(ckpt["rng"])
-        best_state = None
-        if ckpt["best"] and self.best_path.is_file():
-            best_state = load_checkpoint(self.best_path, stage=self.stage)["model"]
-        return ckpt["epoch"], ckpt["history"], ckpt["best"], best_state
+        check_meta(self.last_path, ckpt.get("meta") or {}, self.meta)
+        try:
+            for name, module in self.modules.items():
+                if name not in ckpt["model"]:
+                    raise CheckpointError(f"{self.last_path} has no state for {name!r}")
+                module.load_state_dict(ckpt["model"][name])
+            self.optimizer.load_state_dict(ckpt["optimizer"])
+            if self.scheduler is not None and ckpt["scheduler"] is not None:
+                self.scheduler.load_state_dict(ckpt["scheduler"])
+            if ckpt["scaler"] is not None:
+                self.scaler.load_state_dict(ckpt["scaler"])
+            restore_rng_state(ckpt["rng"])
+            best_state = None
+            if ckpt["best"] and self.best_path.is_file():
+                best_state = load_checkpoint(self.best_path, stage=self.stage)["model"]
+            return ckpt["epoch"], ckpt["history"], ckpt["best"], best_state
+        except CheckpointError:
+            raise
+        except (KeyError, TypeError, ValueError, RuntimeError, IndexError) as exc:
+            # a shape or parameter-group mismatch (image size, center loss on/off, ...) that the
+            # meta check does not cover: name the file and the settings, not torch's traceback
+            detail = " ".join(str(exc).split())[:240]
+            raise CheckpointError(
+                f"checkpoint {self.last_path} does not fit this run ({type(exc).__name__}: "
+                f"{detail}){_changed_params(ckpt.get('params'), self.params)}; resume with the "
+                f"settings it was made with, or run without resume in a new output_dir"
+            ) from None
 
     def fit(self, epochs: int, resume: bool = False) -> FitResult:
         if epochs < 0:
@@ -188,6 +200,17 @@ class TrainLoop:
                          resumed_from=resumed_from,
                          seconds_per_epoch=(sum(epoch_times) / len(epoch_times)
                                             if epoch_times else 0.0))
+
+
+def _changed_params(saved, current: Mapping[str, Any]) -> str:
+    """The parameters (besides ``resume``/``epochs``) whose value differs from a checkpoint's."""
+    if not isinstance(saved, Mapping):
+        return ""
+    changed = sorted(k for k in set(saved) & set(current)
+                     if k not in ("resume", "epochs") and saved[k] != current[k])
+    return (f"; parameters that differ from the checkpoint's: "
+            f"{', '.join(f'{k} ({saved[k]!r} -> {current[k]!r})' for k in changed)}"
+            if changed else "")
 
 
 def _batch_size(batch) -> int:
