@@ -327,7 +327,10 @@ def _coerce(spec: ParamSpec, value: Any) -> Any:
         if isinstance(value, bool):
             raise _fail(spec, value, "expected a number")
         if isinstance(value, (int, float)):
-            out = float(value)
+            try:
+                out = float(value)
+            except OverflowError:  # an int beyond float's range
+                raise _fail(spec, value, "expected a finite number") from None
         elif isinstance(value, str):
             try:
                 out = float(value.strip())
@@ -467,14 +470,14 @@ def resolve_params(values: Mapping[str, Any] | None = None, stage: str = "stage0
         if not isinstance(section, Mapping):
             raise ParamError(f"parameter section {name!r} must be a mapping of name: value, "
                              f"got {section!r}")
-        bad = sorted(k for k in section if k not in SCHEMA)
+        bad = sorted((k for k in section if k not in SCHEMA), key=str)
         if bad:
             raise ParamError(f"unknown parameter(s) {bad} in section {name!r}")
     given.update(sections.get(stage, {}))
-    unknown = [k for k in given if k not in SCHEMA]
+    unknown = sorted((k for k in given if k not in SCHEMA), key=str)  # YAML keys may be ints
     if unknown:
         raise ParamError(
-            f"unknown parameter(s) {', '.join(map(repr, sorted(unknown)))} for {stage}; "
+            f"unknown parameter(s) {', '.join(map(repr, unknown))} for {stage}; "
             f"known parameters: {', '.join(sorted(k for k, s in SCHEMA.items() if _applies(s, stage)))}"
         )
     out = Params()
@@ -524,14 +527,14 @@ def load_params_file(path: str | os.PathLike) -> dict[str, Any]:
         raise ParamError(f"parameter file {path} is not valid YAML: {exc}") from None
     if not isinstance(data, dict):
         raise ParamError(f"parameter file {path} must hold a mapping of name: value")
-    unknown = sorted(k for k in data if k not in SCHEMA and k not in STAGES)
+    unknown = sorted((k for k in data if k not in SCHEMA and k not in STAGES), key=str)
     if unknown:
         raise ParamError(f"parameter file {path}: unknown parameter(s) {unknown}")
     for stage in STAGES:
         section = data.get(stage, {})
         if not isinstance(section, dict):
             raise ParamError(f"parameter file {path}: section {stage!r} must be a mapping")
-        bad = sorted(k for k in section if k not in SCHEMA)
+        bad = sorted((k for k in section if k not in SCHEMA), key=str)
         if bad:
             raise ParamError(f"parameter file {path}: unknown parameter(s) {bad} in {stage!r}")
     return data
