@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import io
 import os
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, Iterable, Sequence
 
@@ -39,6 +40,26 @@ def figure_png(fig, close: bool = True) -> bytes:
         if close:
             plt.close(fig)
     return buf.getvalue()
+
+
+@contextmanager
+def _no_progress_bars():
+    """Progress bars off while drawing into the explorer's Output widget.
+
+    A bar drawn there (an ipywidgets bar in a live session, ``leave=False``) is closed before
+    the front end renders the Output's captured outputs, which then show "Error displaying
+    widget: model not found" above the figures (seen in JupyterLab; tests/
+    test_jupyterlab_browser.py checks it). ``HANDCLIP_PROGRESS=off`` is progress.py's switch.
+    """
+    before = os.environ.get("HANDCLIP_PROGRESS")
+    os.environ["HANDCLIP_PROGRESS"] = "off"
+    try:
+        yield
+    finally:
+        if before is None:
+            os.environ.pop("HANDCLIP_PROGRESS", None)
+        else:
+            os.environ["HANDCLIP_PROGRESS"] = before
 
 
 def _show_png(png: bytes) -> None:
@@ -116,7 +137,7 @@ class AttentionExplorer:
         c = self._controls
         i, head, k, mode = c["query"].value, c["head"].value, c["k"].value, c["prompt_mode"].value
         before = set(plt.get_fignums())
-        with self._out:
+        with self._out, _no_progress_bars():
             clear_output(wait=True)
             try:
                 _show_png(figure_png(query_figure(self.source, i, head=head)))
