@@ -237,12 +237,11 @@ def test_pretraining_lowers_the_loss_and_improves_retrieval(tiny_pretraining, tm
                             warmup_epochs=1, eval_every=4, **TINY)
     result = pretrain.pretrain_mini(params, tmp_path / "run", train, heldout)
     losses = [h["loss"]["loss"] for h in result.fit.history]
-    assert losses[-1] < 0.8 * losses[0], losses
-    before, after = result.retrieval_before, result.retrieval_after
-    # training captions: the model must have learned to pair images with their captions
-    on_train = pretrain.retrieval_metrics(result.backbone, train)
-    assert on_train["t2i_mAP"] > before["t2i_mAP"] + 10, (on_train, before)
-    assert after["t2i_mAP"] > before["t2i_mAP"], (after, before)
+    # chance level is ln(32) = 3.47; the tiny model starts above it and must end well below
+    assert losses[-1] < losses[0] - 0.5 and losses[-1] < np.log(32) - 0.3, losses
+    before, after = result.retrieval_before, result.retrieval_after  # held-out people
+    assert after["t2i_mAP"] > before["t2i_mAP"] + 5, (after, before)
+    assert after["i2t_mAP"] > before["i2t_mAP"], (after, before)
     assert result.backbone.pretrained and "synthetic" in result.backbone.display_name
     assert (tmp_path / "run" / "checkpoints" / "last.pt").is_file()
 

@@ -72,3 +72,23 @@ def test_notebooks_contain_no_training_loop_metric_or_loss():
             if cell["cell_type"] == "code":
                 src = "".join(cell["source"])
                 assert not forbidden.search(src), f"{path.name}: logic in a notebook:\n{src}"
+
+
+def test_notebooks_do_not_shadow_a_params_section():
+    """papermill injects a params file's stage sections as variables (``pretrain = {...}``); a
+    notebook that binds the same name (``from handclip_nb.train import pretrain``) silently drops
+    that section, and the run uses the notebook's defaults instead of the file's values."""
+    from handclip_nb.params import STAGES
+
+    names = "|".join(STAGES)
+    binds = re.compile(rf"(^|\n)\s*(({names})\s*=|from \S+ import .*\b({names})\b\s*($|,|#)|"
+                       rf"import .* as ({names})\b)")
+    for path in NOTEBOOKS:
+        nb = json.loads(path.read_text())
+        for cell in nb["cells"]:  # what runs before the parameters are resolved
+            if cell["cell_type"] == "code" and "parameters" not in cell["metadata"].get("tags", []):
+                src = "".join(cell["source"])
+                head = src.split("params_from_namespace(globals()")[0]
+                assert not binds.search(head), f"{path.name} binds a stage name:\n{src}"
+                if "params_from_namespace(globals()" in src:
+                    break

@@ -49,7 +49,8 @@ __all__ = ["PRETRAIN_ID_OFFSET", "EVALUATED_SEEDS", "PretrainData", "CaptionedIm
            "export_mini_weights", "file_sha256", "compare_with_card", "write_model_card",
            "CARD_TOLERANCE", "pretraining_data_root", "prepare_pretraining", "pretrain_record",
            "ship_weights", "read_card", "new_mini_backbone", "PretrainResult",
-           "reproduction_check", "TRAINING_SETTINGS"]
+           "reproduction_check", "TRAINING_SETTINGS", "probes_record", "zero_shot_probes",
+           "CAPTION_HEADS", "remeasure_card"]
 
 #: First person number of the pretraining population (evaluated datasets stay far below it).
 PRETRAIN_ID_OFFSET = 5_000_000
@@ -189,9 +190,8 @@ def distinct_person_batches(people: np.ndarray, batch_size: int,
     """One epoch of batches in which no person appears twice.
 
     Rounds take one random not-yet-used photo of every person (people in random order); each
-    round is cut into batches, and a round's tail shorter than half a batch is folded into the
-    round's last full batch only if that keeps people distinct, else dropped (a few photos per
-    epoch; every photo is used over the epochs).
+    round is cut into batches, and a round's tail shorter than half a batch is dropped (a few
+    photos per epoch, different ones each epoch).
     """
     if batch_size < 2:
         raise ValueError(f"batch_size must be >= 2 for a contrastive loss, got {batch_size}")
@@ -204,9 +204,11 @@ def distinct_person_batches(people: np.ndarray, batch_size: int,
         names = [p for p in queues if queues[p]]
         order = rng.permutation(len(names))
         picked = np.asarray([queues[names[j]].pop() for j in order])
+        # a tail below half a batch is dropped; "a batch" is at most the people available
+        min_size = max(2, min(batch_size, len(by_person)) // 2)
         for start in range(0, len(picked), batch_size):
             chunk = picked[start:start + batch_size]
-            if len(chunk) >= max(2, batch_size // 2):
+            if len(chunk) >= min_size:
                 batches.append(chunk)
     return batches
 
@@ -274,26 +276,36 @@ class Probe:
     pool_note: str = "all images"
 
 
+#: The caption heads the pretraining captions start with (view, gender, side).
+CAPTION_HEADS = tuple(f"a photo of the {view} of a {owner} {side} hand"
+                      for view in ("dorsal side", "palm side") for owner in ("woman's", "man's")
+                      for side in ("right", "left"))
+
+
+def _ensemble(phrases: Sequence[str], keep=lambda head: True) -> tuple[str, ...]:
+    """Each attribute phrase behind each caption head (CLIP's prompt ensembling, in the caption
+    format the model was trained on: a bare "a hand, dark skin" is out of its distribution)."""
+    heads = [h for h in CAPTION_HEADS if keep(h)]
+    return tuple(f"{h}, {p}" if p else h for h in heads for p in phrases)
+
+
 #: Attribute probes over the 11k metadata columns (so they also run on the real 11k Hands).
 PROBES: tuple[Probe, ...] = (
-    Probe("nail polish", tuple(f"a photo of a hand, {c} nail polish"
-                               for c in ("red", "pink", "purple", "black", "blue", "coral")),
+    Probe("nail polish", _ensemble([f"{c} nail polish" for c in ("red", "pink", "purple",
+                                                                  "black", "blue", "coral")],
+                                   lambda h: "dorsal" in h),
           lambda r: r.nail_polish == 1, lambda r: r.aspect.startswith("dorsal"),
           "dorsal images (nails show on the back of the hand)"),
-    Probe("accessory", ("a photo of a hand, a gold ring on the ring finger",
-                        "a photo of a hand, a silver bracelet", "a photo of a hand, a wristwatch"),
+    Probe("accessory", _ensemble(["a gold ring on the ring finger", "a silver ring on the index "
+                                  "finger", "a gold bracelet", "a silver bracelet",
+                                  "a wristwatch"]),
           lambda r: r.accessories == 1),
-    Probe("dark skin", ("a photo of a hand, dark skin",), lambda r: r.skin_color == "dark"),
-    Probe("very fair skin", ("a photo of a hand, very fair skin",),
-          lambda r: r.skin_color == "very fair"),
-    Probe("male", ("a photo of the dorsal side of a man's right hand",
-                   "a photo of the palm side of a man's left hand"),
-          lambda r: r.gender == "male"),
-    Probe("palm side", ("a photo of the palm side of a hand",),
+    Probe("dark skin", _ensemble(["dark skin"]), lambda r: r.skin_color == "dark"),
+    Probe("very fair skin", _ensemble(["very fair skin"]), lambda r: r.skin_color == "very fair"),
+    Probe("male", _ensemble([""], lambda h: " man's" in h), lambda r: r.gender == "male"),
+    Probe("palm side", _ensemble([""], lambda h: "palm side" in h),
           lambda r: r.aspect.startswith("palmar")),
-    Probe("left hand", ("a photo of the dorsal side of a left hand",
-                        "a photo of the palm side of a left hand"),
-          lambda r: r.aspect.endswith("_l")),
+    Probe("left hand", _ensemble([""], lambda h: "left" in h), lambda r: r.aspect.endswith("_l")),
 )
 
 
@@ -456,6 +468,7 @@ def write_model_card(weights_path: str | os.PathLike, card: Mapping) -> Path:
              f"seed {card['seed']}; {card['epochs']} epochs; {card['train_seconds']:.0f} s of "
              f"training on {card['machine']}; git commit {card['git_commit']}.", "",
              "## Metrics (held-out synthetic people, never trained on)", "",
+             *([f"_{card['measured']}._", ""] if card.get("measured") else []),
              "| retrieval | before (random init) | after |", "|---|---|---|"]
     for key in ("i2t_R1", "i2t_mAP", "t2i_R1", "t2i_mAP"):
         lines.append(f"| {key} | {card['retrieval_before'][key]:.1f} | "
@@ -529,8 +542,7 @@ def pretrain_record(params: Mapping, result: PretrainResult, probes, train: Capt
         "stage": "pretrain", "backbone": HANDCLIP_MINI_NAME,
         "backbone_display": result.backbone.display_name,
         "retrieval": {"before": result.retrieval_before, "after": result.retrieval_after},
-        "probes": {name: {c: (v if isinstance(v, str) else float(v)) for c, v in row.items()}
-                   for name, row in probes.to_dict(orient="index").items()},
+        "probes": probes_record(probes),
         "probe_k": k,
         "best_epoch": result.fit.best_epoch,
         "seconds_per_epoch": result.fit.seconds_per_epoch,
@@ -611,11 +623,81 @@ TRAINING_SETTINGS = ("pretrain_people", "pretrain_images", "pretrain_heldout", "
 
 
 def reproduction_check(params: Mapping, probes, weights_path=None):
-    """Compare this run's probes with the shipped card when the run used the card's settings;
-    None when there is no card or the settings differ (nothing to compare)."""
+    """Compare this run's probes with the shipped card when the run used the card's settings
+    (AssertionError when a probe is off by more than :data:`CARD_TOLERANCE` points); None when
+    there is no card or the settings differ (nothing to compare)."""
     try:
         card = read_card(weights_path)
     except FileNotFoundError:
         return None
     same = all(card["params"].get(k) == params.get(k) for k in TRAINING_SETTINGS)
-    return compare_with_card(probes, card, CARD_TOLERANCE) if same else None
+    if not same:
+        return None
+    comparison = compare_with_card(probes, card, CARD_TOLERANCE)
+    if not comparison["within"].all():
+        raise AssertionError(
+            f"this run used the shipped model's settings but its probes differ from the card by "
+            f"more than {CARD_TOLERANCE:g} points:\n{comparison.round(2).to_string()}")
+    return comparison
+
+
+def probes_record(probes) -> dict:
+    """A probe table as plain JSON (for ``metrics.json``)."""
+    return {name: {c: (v if isinstance(v, str) else float(v)) for c, v in row.items()}
+            for name, row in probes.to_dict(orient="index").items()}
+
+
+def zero_shot_probes(backbone: ClipBackbone, protocol, params: Mapping):
+    """The attribute probes on every image of an 11k-layout dataset (HandInfo ground truth);
+    None for HD, which has no attribute metadata."""
+    if protocol.dataset != "11k":
+        return None
+    return attribute_probes(backbone, protocol.root, k=params["probe_k"],
+                            image_size=params["image_size"])
+
+
+def remeasure_card(weights_path: str | os.PathLike | None = None) -> dict:
+    """Re-measure a shipped model's held-out retrieval and probes from its (fp16) weights and
+    rewrite its card; the weights, their SHA-256 and the training record stay as they are.
+
+    For when the *measurement* changes (e.g. the probe set), not the model: no retraining.
+    ``python -m handclip_nb.train.pretrain --remeasure-card``.
+    """
+    import time
+
+    from ..models.backbones import build_backbone, get_backbone_spec
+    from ..params import resolve_params
+
+    path = Path(weights_path or get_backbone_spec(HANDCLIP_MINI_NAME).weights_file)
+    card = read_card(path)
+    params = resolve_params(stage="pretrain", **{k: v for k, v in card["params"].items()
+                                                 if k in TRAINING_SETTINGS})
+    data = build_pretraining_data(pretraining_data_root(params), params["pretrain_people"],
+                                  params["pretrain_images"], params["pretrain_heldout"],
+                                  params["pretrain_seed"],
+                                  accessory_rate=params["pretrain_accessory_rate"])
+    heldout = CaptionedImages(data.heldout_root, params["image_size"], progress=False)
+    backbone = build_backbone(HANDCLIP_MINI_NAME, weights=path, image_size=params["image_size"])
+    card["retrieval_after"] = retrieval_metrics(backbone, heldout)
+    card["probes"] = probes_record(attribute_probes(backbone, heldout, k=card["probe_k"]))
+    card["measured"] = (f"held-out retrieval and probes re-measured from the shipped fp16 "
+                        f"weights on {time.strftime('%Y-%m-%d')} (remeasure_card)")
+    write_model_card(path, card)
+    return card
+
+
+if __name__ == "__main__":
+    import argparse
+    import sys
+
+    parser = argparse.ArgumentParser(description="handclip-mini model-card maintenance")
+    parser.add_argument("--remeasure-card", action="store_true",
+                        help="re-measure the shipped model's held-out metrics into its card")
+    parser.add_argument("--weights", default=None, help="weights file (default: the shipped one)")
+    args = parser.parse_args()
+    if not args.remeasure_card:
+        parser.print_help()
+        sys.exit(2)
+    remeasured = remeasure_card(args.weights)
+    print(json.dumps({"retrieval_after": remeasured["retrieval_after"],
+                      "probes": remeasured["probes"]}, indent=1))
