@@ -1,50 +1,95 @@
 """Run the workbench's notebooks headlessly with papermill (the README's main command).
 
-``python -m handclip_nb.pipeline --output outputs/demo`` executes each pipeline step's notebook
-on the embedded default (synthetic hands, tiny untrained backbone), writes the executed
-notebooks and their run folders under ``--output``, and prints a comparison table read back
-from the runs' ``metrics.json``.
+``python -m handclip_nb.pipeline --output outputs/demo`` executes the demo's steps on the
+embedded default (synthetic hands, the shipped ``handclip-mini``): stage 0 (and the untrained
+``tiny-vit`` as the zero-shot baseline) → stage 1 → stage 2 → stage 3 → evaluation →
+attention. Each step's parameters live in ``params/demo/<step>.yaml``. The executed notebooks
+and run folders go under ``--output``, and a comparison table is printed and saved as
+``comparison.{csv,md}``.
+
+Resumable and incremental (``make``-like): every step has a fingerprint of its inputs — the
+notebook, its parameter file and overrides, the package's source and shipped weights, and the
+fingerprints of the steps it reads. ``<output>/.pipeline/<step>.json`` records the fingerprint
+and whether the step finished. A rerun skips a finished step whose fingerprint is unchanged,
+resumes an interrupted training step from its ``checkpoints/last.pt`` (losing at most the
+epoch in progress), and starts over any step whose inputs changed (its old folder is removed
+first, so no stale checkpoint is resumed).
 """
 from __future__ import annotations
 
 import argparse
+import hashlib
+import json
+import shutil
 import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Mapping, Sequence
 
-from .runs import project_root, read_metrics, resolve_path
+from .runs import atomic_write_json, atomic_write_text, project_root, resolve_path
 
-__all__ = ["Step", "DEMO_STEPS", "run_notebook", "run_pipeline", "comparison_table", "markdown_table", "main"]
-
+__all__ = ["Step", "DEMO_STEPS", "GOLDEN_STEPS", "NOTEBOOK_STAGES", "run_notebook", "run_pipeline",
+           "step_fingerprint", "code_fingerprint", "demo_table", "markdown_table", "main"]
 
 #: The notebooks ship beside the package in the checkout.
 NOTEBOOKS_DIR = Path(__file__).resolve().parents[1] / "notebooks"
+PARAMS_DIR = Path(__file__).resolve().parents[1] / "params"
+
+#: Which stage of the parameter schema each notebook resolves (training ones accept ``resume``).
+NOTEBOOK_STAGES = {
+    "pretrain_mini.ipynb": "pretrain", "stage0_zeroshot.ipynb": "stage0",
+    "stage1_prompt.ipynb": "stage1", "stage2_image.ipynb": "stage2", "stage3.ipynb": "stage3",
+    "evaluation.ipynb": "evaluation", "attention.ipynb": "attention",
+}
 
 
 @dataclass(frozen=True)
 class Step:
     name: str  # folder name under the output directory
     notebook: str  # file in notebooks/
-    parameters: dict = field(default_factory=dict)
-    #: parameters that name another step's run folder, e.g. {"stage1_dir": "stage1-tiny-vit"}
+    params_file: str | None = None  # relative to params/, papermill's -f
+    parameters: dict = field(default_factory=dict)  # -p overrides
+    #: parameters that name other steps' run folders: {"stage1_dir": "stage1"} or a list
     links: dict = field(default_factory=dict)
 
+    @property
+    def stage(self) -> str:
+        return NOTEBOOK_STAGES[self.notebook]
 
-#: The demo: every available stage with both tiny architectures on the same synthetic people.
+    def upstream(self) -> list[str]:
+        out = []
+        for target in self.links.values():
+            out.extend(target if isinstance(target, (list, tuple)) else [target])
+        return out
+
+
+#: The demo: every stage on the embedded synthetic hands with the shipped handclip-mini, plus
+#: the untrained tiny-vit's zero-shot ranking as the baseline a pretrained model must beat.
 #: Stage 3 trains from the backbone (no warm start), so its numbers compare with stage 2's.
-DEMO_STEPS = tuple(
-    step
-    for bb in ("tiny-vit", "tiny-rn")
-    for step in (
-        Step(f"stage0-{bb}", "stage0_zeroshot.ipynb", {"backbone": bb}),
-        Step(f"stage1-{bb}", "stage1_prompt.ipynb", {"backbone": bb}),
-        Step(f"stage2-{bb}", "stage2_image.ipynb", {"backbone": bb},
-             links={"stage1_dir": f"stage1-{bb}"}),
-        Step(f"stage3-{bb}", "stage3.ipynb", {"backbone": bb}),
-        Step(f"attention-{bb}", "attention.ipynb", {"backbone": bb},
-             links={"stage3_dir": f"stage3-{bb}"}),
-    )
+DEMO_STEPS = (
+    Step("stage0", "stage0_zeroshot.ipynb", "demo/stage0.yaml"),
+    Step("stage0-tiny-vit", "stage0_zeroshot.ipynb", "demo/stage0.yaml",
+         {"backbone": "tiny-vit"}),
+    Step("stage1", "stage1_prompt.ipynb", "demo/stage1.yaml"),
+    Step("stage2", "stage2_image.ipynb", "demo/stage2.yaml", links={"stage1_dir": "stage1"}),
+    Step("stage3", "stage3.ipynb", "demo/stage3.yaml"),
+    Step("evaluation", "evaluation.ipynb", "demo/evaluation.yaml",
+         links={"runs": ["stage0-tiny-vit", "stage0", "stage2", "stage3"]}),
+    Step("attention", "attention.ipynb", "demo/attention.yaml", links={"stage3_dir": "stage3"}),
+)
+
+
+#: The nbval goldens (tests/golden/): every notebook once with params/smoke.yaml, in order.
+GOLDEN_STEPS = (
+    Step("pretrain", "pretrain_mini.ipynb", "smoke.yaml"),
+    Step("stage0", "stage0_zeroshot.ipynb", "smoke.yaml"),
+    Step("stage1", "stage1_prompt.ipynb", "smoke.yaml"),
+    Step("stage2", "stage2_image.ipynb", "smoke.yaml", links={"stage1_dir": "stage1"}),
+    Step("stage3", "stage3.ipynb", "smoke.yaml"),
+    Step("evaluation", "evaluation.ipynb", "smoke.yaml",
+         links={"runs": ["stage0", "stage2", "stage3"]}),
+    Step("attention", "attention.ipynb", "smoke.yaml", links={"stage3_dir": "stage3"}),
 )
 
 
@@ -63,55 +108,136 @@ def run_notebook(notebook: str, executed_path: Path, parameters: dict,
     return executed_path
 
 
-def run_pipeline(output: str | Path, steps=DEMO_STEPS, extra: dict | None = None,
-                 progress: bool = True) -> list[Path]:
+# ------------------------------------------------------------------------------------------------
+# Fingerprints
+# ------------------------------------------------------------------------------------------------
+
+
+def _hash_files(paths: Sequence[Path], base: Path) -> str:
+    h = hashlib.sha256()
+    for p in sorted(paths):
+        h.update(p.relative_to(base).as_posix().encode() + b"\0")
+        h.update(p.read_bytes())
+    return h.hexdigest()
+
+
+def code_fingerprint() -> str:
+    """The package's source and the shipped weights' SHA-256 record: a change to either may
+    change every result, so every step re-runs after it (conservative, never stale)."""
+    pkg = Path(__file__).resolve().parent
+    files = [p for p in pkg.rglob("*") if p.is_file() and p.suffix in (".py", ".sha256")
+             and "__pycache__" not in p.parts]
+    return _hash_files(files, pkg)
+
+
+def _load_params_file(name: str | None) -> dict:
+    if name is None:
+        return {}
+    from .params import load_params_file
+
+    return load_params_file(PARAMS_DIR / name)
+
+
+def _portable(path: Path) -> str:
+    """``path`` relative to the project root when inside it: executed notebooks then hold no
+    machine-specific absolute path (the nbval goldens re-run on any checkout)."""
+    try:
+        return path.resolve().relative_to(project_root().resolve()).as_posix()
+    except ValueError:
+        return str(path)
+
+
+def step_parameters(step: Step, out: Path, extra: Mapping | None = None) -> dict:
+    """The papermill parameters of ``step``: its file, its overrides, the command line's
+    extras, its run folder and its links to other steps' folders."""
+    params = {**_load_params_file(step.params_file), **step.parameters, **(extra or {}),
+              "output_dir": _portable(out / step.name)}
+    for key, target in step.links.items():
+        params[key] = ([_portable(out / t) for t in target] if isinstance(target, (list, tuple))
+                       else _portable(out / target))
+    return params
+
+
+def step_fingerprint(step: Step, parameters: Mapping, upstream: Mapping[str, str],
+                     code: str) -> str:
+    notebook = (NOTEBOOKS_DIR / step.notebook).read_bytes()
+    record = {"notebook": hashlib.sha256(notebook).hexdigest(), "parameters": parameters,
+              "upstream": {name: upstream[name] for name in step.upstream()}, "code": code}
+    return hashlib.sha256(json.dumps(record, sort_keys=True, default=str).encode()).hexdigest()
+
+
+# ------------------------------------------------------------------------------------------------
+# Running
+# ------------------------------------------------------------------------------------------------
+
+
+def _state_path(out: Path, step: Step) -> Path:
+    return out / ".pipeline" / f"{step.name}.json"
+
+
+def _read_state(out: Path, step: Step) -> dict | None:
+    path = _state_path(out, step)
+    try:
+        return json.loads(path.read_text())
+    except (OSError, ValueError):
+        return None
+
+
+def run_pipeline(output: str | Path, steps: Sequence[Step] = DEMO_STEPS,
+                 extra: Mapping | None = None, progress: bool = True,
+                 force: bool = False) -> list[Path]:
+    """Run ``steps`` in order, skipping finished ones whose inputs did not change (see the
+    module docstring); ``force`` re-runs everything. Returns the run folders."""
     out = resolve_path(output)
+    names = [s.name for s in steps]
+    for step in steps:
+        missing = [u for u in step.upstream() if u not in names[:names.index(step.name)]]
+        if missing:
+            raise ValueError(f"step {step.name!r} reads {missing}, which do not run before it")
+    code = code_fingerprint()
+    fingerprints: dict[str, str] = {}
     run_dirs = []
     for step in steps:
         run_dir = out / step.name
-        params = {**step.parameters, **(extra or {}), "output_dir": str(run_dir),
-                  **{k: str(out / v) for k, v in step.links.items()}}
+        params = step_parameters(step, out, extra)
+        fp = step_fingerprint(step, params, fingerprints, code)
+        fingerprints[step.name] = fp
+        run_dirs.append(run_dir)
+        state = _read_state(out, step)
+        same_inputs = state is not None and state.get("fingerprint") == fp
+        if (not force and same_inputs and state.get("status") == "done"
+                and (run_dir / "metrics.json").is_file()):
+            print(f"[pipeline] {step.name}: up to date, skipped")
+            continue
+        resume = not force and same_inputs and state.get("status") == "running"
+        if not resume and run_dir.exists():
+            shutil.rmtree(run_dir)  # inputs changed (or forced): never resume stale state
+        from .params import TRAINING
+
+        if resume and step.stage in TRAINING:
+            params["resume"] = True
+        atomic_write_json(_state_path(out, step), {"fingerprint": fp, "status": "running",
+                                                   "started": time.time()})
         started = time.time()
         run_notebook(step.notebook, out / f"{step.name}.ipynb", params, progress=progress)
-        print(f"[pipeline] {step.name}: {time.time() - started:.1f} s -> {run_dir}")
-        run_dirs.append(run_dir)
+        seconds = time.time() - started
+        atomic_write_json(_state_path(out, step), {"fingerprint": fp, "status": "done",
+                                                   "seconds": round(seconds, 1)})
+        print(f"[pipeline] {step.name}: {'resumed, ' if resume else ''}{seconds:.1f} s "
+              f"-> {run_dir}")
     return run_dirs
 
 
-def comparison_table(run_dirs) -> "pandas.DataFrame":  # noqa: F821
-    import pandas as pd
+def demo_table(run_dirs: Sequence[Path]):
+    """The comparison table of the runs that rank hands (their own ``metrics.json``)."""
+    from .evaluate.compare import comparison_table, format_table
+    from .runs import read_metrics
 
-    rows = {}
-    for d in run_dirs:
-        m = read_metrics(d)
-        row = {"stage": m["stage"], "backbone": m.get("backbone_display", m["backbone"]),
-               "dataset": f"{m['dataset']}/{m['aspect']}"}
-        for k, v in m["test"].items():
-            row[k] = f"{v['mean']:.2f} ± {v['std']:.2f}"
-        rows[Path(d).name] = row
-    return pd.DataFrame(rows).T
-
-
-def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--output", default="outputs/demo", help="folder for executed notebooks")
-    parser.add_argument("-p", "--param", nargs=2, action="append", default=[],
-                        metavar=("NAME", "VALUE"), help="extra parameter for every step")
-    args = parser.parse_args(argv)
-    import yaml
-
-    extra = {k: yaml.safe_load(v) for k, v in args.param}
-    started = time.time()
-    run_dirs = run_pipeline(args.output, extra=extra)
-    table = comparison_table(run_dirs)
-    print(table.to_string())
-    out = resolve_path(args.output)
-    from .runs import atomic_write_text
-
-    atomic_write_text(out / "comparison.csv", table.to_csv())
-    atomic_write_text(out / "comparison.md", markdown_table(table))
-    print(f"[pipeline] done in {time.time() - started:.1f} s; results in {out}")
-    return 0
+    ranked = [d for d in run_dirs
+              if (d / "metrics.json").is_file()
+              and read_metrics(d)["stage"] in ("stage0", "stage2", "stage3")]
+    table = comparison_table(ranked)
+    return table, format_table(table)
 
 
 def markdown_table(table) -> str:
@@ -121,6 +247,29 @@ def markdown_table(table) -> str:
     for name, row in table.iterrows():
         lines.append("| " + " | ".join([str(name), *map(str, row.tolist())]) + " |")
     return "\n".join(lines) + "\n"
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--output", default="outputs/demo", help="folder for executed notebooks")
+    parser.add_argument("-p", "--param", nargs=2, action="append", default=[],
+                        metavar=("NAME", "VALUE"), help="extra parameter for every step")
+    parser.add_argument("--force", action="store_true",
+                        help="re-run every step even when its inputs did not change")
+    args = parser.parse_args(argv)
+    import yaml
+
+    extra = {k: yaml.safe_load(v) for k, v in args.param}
+    started = time.time()
+    run_dirs = run_pipeline(args.output, extra=extra, force=args.force)
+    numbers, shown = demo_table(run_dirs)
+    columns = ["stage", "backbone", "rank1", "rank5", "mAP", "mINP"]
+    print(shown[columns].to_string())
+    out = resolve_path(args.output)
+    atomic_write_text(out / "comparison.csv", numbers.to_csv())
+    atomic_write_text(out / "comparison.md", markdown_table(shown[columns]))
+    print(f"[pipeline] done in {time.time() - started:.1f} s; results in {out}")
+    return 0
 
 
 if __name__ == "__main__":

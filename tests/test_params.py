@@ -7,9 +7,9 @@ from handclip_nb.params import (BACKBONE_NAMES, SCHEMA, ParamError, load_params_
 
 def test_defaults_resolve_to_the_embedded_default():
     p = resolve_params(stage="stage0")
-    assert p.backbone == "tiny-vit" and p.data_root is None
-    assert p.image_size == [96, 128]  # the tiny backbone's 4:3 default
-    assert p.output_dir == "outputs/stage0-11k-dorsal_r-tiny-vit-seed0"
+    assert p.backbone == "handclip-mini" and p.data_root is None  # the shipped default
+    assert p.image_size == [96, 128]  # handclip-mini's (and the tiny backbones') 4:3 default
+    assert p.output_dir == "outputs/stage0-11k-dorsal_r-handclip-mini-seed0"
     assert p.stage == "stage0"
 
 

@@ -25,8 +25,8 @@ def hands(tmp_path_factory):
 
 
 def _p3(hands, out, **kw):
-    base = dict(data_root=str(hands), num_splits=2, output_dir=str(out), feature_cache=False,
-                warmup_epochs=1, epochs=30, lr=3e-3, lr_new=3e-3, milestones=[24], p_ids=8,
+    base = dict(backbone="tiny-vit", data_root=str(hands), num_splits=2, output_dir=str(out),
+                feature_cache=False, warmup_epochs=1, epochs=30, lr=3e-3, lr_new=3e-3, milestones=[24], p_ids=8,
                 k_images=4, id_weight=0.25, supcon_weight=0.1, random_erasing=0.0)
     base.update(kw)
     return resolve_params(base, stage="stage3")

@@ -29,8 +29,8 @@ def hands(tmp_path_factory):
 
 
 def _params(stage, hands, out, **kw):
-    base = dict(data_root=str(hands), num_splits=2, output_dir=str(out), feature_cache=False,
-                warmup_epochs=1)
+    base = dict(backbone="tiny-vit", data_root=str(hands), num_splits=2, output_dir=str(out),
+                feature_cache=False, warmup_epochs=1)
     if stage == "stage1":
         base.update(epochs=30, lr=1e-2, center_features=True)
     if stage == "stage2":
