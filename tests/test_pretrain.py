@@ -331,12 +331,8 @@ def test_shipped_model_reproduces_its_card_probes(one_thread):
     """Re-measure the card's held-out probes from the shipped weights (deterministic
     evaluation: only fp16 storage and float rounding differ, so 2 points is ample)."""
     card = pretrain.read_card()
-    params = resolve_params(stage="pretrain", **{k: v for k, v in card["params"].items()
-                                                 if k in pretrain.TRAINING_SETTINGS})
-    data = pretrain.build_pretraining_data(pretrain.pretraining_data_root(params),
-                                           params.pretrain_people, params.pretrain_images,
-                                           params.pretrain_heldout, params.pretrain_seed,
-                                           accessory_rate=params.pretrain_accessory_rate)
+    params = pretrain.card_params(card)
+    data = pretrain.pretraining_data(params)
     heldout = pretrain.CaptionedImages(data.heldout_root, params.image_size, progress=False)
     bb = build_backbone(HANDCLIP_MINI_NAME, image_size=params.image_size)
     probes = pretrain.attribute_probes(bb, heldout, k=card["probe_k"])

@@ -50,7 +50,7 @@ __all__ = ["PRETRAIN_ID_OFFSET", "EVALUATED_SEEDS", "PretrainData", "CaptionedIm
            "CARD_TOLERANCE", "pretraining_data_root", "prepare_pretraining", "pretrain_record",
            "ship_weights", "read_card", "new_mini_backbone", "PretrainResult",
            "reproduction_check", "TRAINING_SETTINGS", "probes_record", "zero_shot_probes",
-           "CAPTION_HEADS", "remeasure_card"]
+           "CAPTION_HEADS", "remeasure_card", "pretraining_data", "card_params"]
 
 #: First person number of the pretraining population (evaluated datasets stay far below it).
 PRETRAIN_ID_OFFSET = 5_000_000
@@ -505,9 +505,9 @@ def compare_with_card(probes: "pandas.DataFrame", card: Mapping,  # noqa: F821
 #: Tolerance of the reproduction check: probe precision@10 of a re-run (other CPU, other thread
 #: count, so other float rounding) must be within this many percentage points of the card's.
 CARD_TOLERANCE = 10.0
-SHIP_COMMAND = ("papermill notebooks/pretrain_mini.ipynb outputs/pretrain_mini.ipynb "
-                "-f params/pretrain_mini.yaml -p export_weights "
-                "handclip_nb/models/weights/handclip_mini.pt")
+RETRAIN_COMMAND = ("papermill notebooks/pretrain_mini.ipynb outputs/pretrain_mini.ipynb "
+                   "-f params/pretrain_mini.yaml")
+SHIP_COMMAND = RETRAIN_COMMAND + " -p export_weights handclip_nb/models/weights/handclip_mini.pt"
 
 
 def pretraining_data_root(params: Mapping) -> Path:
@@ -520,15 +520,28 @@ def pretraining_data_root(params: Mapping) -> Path:
     return project_root() / "outputs" / "data" / name
 
 
+def pretraining_data(params: Mapping) -> PretrainData:
+    """The captioned pretraining and held-out sets the parameters describe (generated once)."""
+    return build_pretraining_data(pretraining_data_root(params), params["pretrain_people"],
+                                  params["pretrain_images"], params["pretrain_heldout"],
+                                  params["pretrain_seed"],
+                                  accessory_rate=params["pretrain_accessory_rate"])
+
+
+def card_params(card: Mapping):
+    """The resolved pretraining parameters a model card was trained with."""
+    from ..params import resolve_params
+
+    return resolve_params(stage="pretrain", **{k: v for k, v in card["params"].items()
+                                               if k in TRAINING_SETTINGS})
+
+
 def prepare_pretraining(params: Mapping, progress: bool = True):
     """Generate (once) and load the pretraining and held-out sets: (train, heldout)."""
     if params["backbone"] != HANDCLIP_MINI_NAME:
         raise ValueError(f"the pretrain notebook trains {HANDCLIP_MINI_NAME!r} (a new small CLIP); "
                          f"got backbone={params['backbone']!r}: set -p backbone {HANDCLIP_MINI_NAME}")
-    data = build_pretraining_data(pretraining_data_root(params), params["pretrain_people"],
-                                  params["pretrain_images"], params["pretrain_heldout"],
-                                  params["pretrain_seed"],
-                                  accessory_rate=params["pretrain_accessory_rate"])
+    data = pretraining_data(params)
     train = CaptionedImages(data.train_root, params["image_size"], progress=progress)
     heldout = CaptionedImages(data.heldout_root, params["image_size"], progress=progress)
     return train, heldout
@@ -590,7 +603,7 @@ def ship_weights(params: Mapping, result: PretrainResult, record: Mapping, run) 
         "retrieval_after": record["retrieval"]["after"],
         "probes": record["probes"], "probe_k": record["probe_k"],
         "tolerance_points": CARD_TOLERANCE,
-        "reproduce": (f"`{SHIP_COMMAND.replace(' -p export_weights handclip_nb/models/weights/handclip_mini.pt', '')}` "
+        "reproduce": (f"`{RETRAIN_COMMAND}` "
                       f"retrains from scratch (same seed, same data); `make check-mini` does it and "
                       f"compares the probes with this card: each precision@{record['probe_k']} "
                       f"must be within {CARD_TOLERANCE:g} points (float rounding differs between "
@@ -666,16 +679,11 @@ def remeasure_card(weights_path: str | os.PathLike | None = None) -> dict:
     import time
 
     from ..models.backbones import build_backbone, get_backbone_spec
-    from ..params import resolve_params
 
     path = Path(weights_path or get_backbone_spec(HANDCLIP_MINI_NAME).weights_file)
     card = read_card(path)
-    params = resolve_params(stage="pretrain", **{k: v for k, v in card["params"].items()
-                                                 if k in TRAINING_SETTINGS})
-    data = build_pretraining_data(pretraining_data_root(params), params["pretrain_people"],
-                                  params["pretrain_images"], params["pretrain_heldout"],
-                                  params["pretrain_seed"],
-                                  accessory_rate=params["pretrain_accessory_rate"])
+    params = card_params(card)
+    data = pretraining_data(params)
     heldout = CaptionedImages(data.heldout_root, params["image_size"], progress=False)
     backbone = build_backbone(HANDCLIP_MINI_NAME, weights=path, image_size=params["image_size"])
     card["retrieval_after"] = retrieval_metrics(backbone, heldout)
