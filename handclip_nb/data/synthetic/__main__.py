@@ -1,0 +1,8 @@
+"""``python -m handclip_nb.data.synthetic``: see :mod:`.cli`."""
+
+import sys
+
+from .cli import main
+
+if __name__ == "__main__":
+    sys.exit(main())
