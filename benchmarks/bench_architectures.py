@@ -12,7 +12,7 @@ package's ``ClipBackbone`` with the label "random init (architecture benchmark o
 depend on the architecture and input size, not on the weight values, so they stand for the
 pretrained models' cost; the features themselves mean nothing.
 
-For each architecture and input size (H x W: 224 x 288, ``DEFAULT_IMAGE_SIZE`` of the real
+For each architecture and input size (H x W: 224 x 288, the registry's default input size of the real
 backbones, and 224 x 224) it measures
 
   extract  images/s of ``ClipBackbone.encode_image`` under ``torch.no_grad()`` in eval mode
@@ -62,9 +62,9 @@ MODES = ("extract", "train")
 
 
 def default_sizes() -> list[tuple[int, int]]:
-    from handclip_nb.params import DEFAULT_IMAGE_SIZE
+    from handclip_nb.backbone_specs import get_backbone_spec
 
-    return [tuple(DEFAULT_IMAGE_SIZE["vitb16"]), (224, 224)]
+    return [tuple(get_backbone_spec("vitb16").default_image_size), (224, 224)]
 
 
 # --------------------------------------------------------------------------- model

@@ -26,7 +26,7 @@ the wall time of the whole call (feature caching, model building, checkpoints) a
 
 Part 2, papermill.  ``notebooks/stage2_image.ipynb`` through ``handclip_nb.pipeline.run_notebook``
 against, in the same process and on the same data and resolved parameters,
-  direct train  ``build_protocol`` + ``build_backbone`` + ``load_prompts`` + ``train_stage2``;
+  direct train  ``build_protocol`` + ``backbone_from_params`` + ``load_stage1_prompts`` + ``train_stage2``;
   direct cells  the notebook's own code cells executed in this process (``exec``; training,
                 evaluation, figures saved to disk, metrics.json): the same work, without a
                 kernel, papermill or inline rendering.
@@ -96,16 +96,16 @@ def stage_params(stage: str, data_root, output_dir, backbone: str, epochs: int, 
 
 def check_backbones(names) -> tuple[list[str], list[str]]:
     """(the names that can be built here, a note for each one skipped)."""
-    from handclip_nb.models.backbones import WeightsNotFoundError, build_backbone
-    from handclip_nb.params import BACKBONE_NAMES, DEFAULT_IMAGE_SIZE
+    from handclip_nb.backbone_specs import BACKBONES
+    from handclip_nb.models import WeightsNotFoundError, build_backbone
 
     ok, notes = [], []
     for name in names:
-        if name not in BACKBONE_NAMES:
-            notes.append(f"{name}: skipped, not in handclip_nb.params.BACKBONE_NAMES (not added yet)")
+        if name not in BACKBONES:
+            notes.append(f"{name}: skipped, not in the backbone registry (handclip_nb.backbone_specs)")
             continue
         try:
-            build_backbone(name, image_size=DEFAULT_IMAGE_SIZE.get(name, (224, 224)))
+            build_backbone(name)  # at the registry's default input size
         except WeightsNotFoundError as exc:
             notes.append(f"{name}: skipped, weights missing ({str(exc).splitlines()[0]})")
             continue
@@ -243,11 +243,14 @@ def measure_papermill(backbone: str, data_root, workdir: Path, epochs: int, p_id
     from handclip_nb.data import build_protocol
     from handclip_nb.models import build_backbone
     from handclip_nb.pipeline import run_notebook
-    from handclip_nb.train.stage1 import load_prompts, train_stage1
-    from handclip_nb.train.stage2 import train_stage2
+    from handclip_nb.models import backbone_from_params
+    from handclip_nb.runs import start_run
+    from handclip_nb.train.stage1 import train_stage1
+    from handclip_nb.train.stage2 import load_stage1_prompts, train_stage2
 
     s1 = stage_params("stage1", data_root, workdir / "nb-stage1", backbone, 2, num_splits=2)
     with _quiet():
+        start_run(s1)  # params.yaml: stage 2 rebuilds the stage-1 run from it
         train_stage1(s1, s1.output_dir, build_protocol(s1), build_backbone(
             backbone, image_size=s1.image_size, seed=s1.seed), progress=False)
     given = dict(data_root=str(data_root), backbone=backbone, num_splits=2, epochs=epochs,
@@ -262,11 +265,10 @@ def measure_papermill(backbone: str, data_root, workdir: Path, epochs: int, p_id
     t0 = time.perf_counter()
     p = notebook_params("stage2_image.ipynb", {**given, **out("direct-train")}, "stage2")
     protocol = build_protocol(p)
-    bb = build_backbone(p.backbone, weights=p.weights, image_size=p.image_size, device=p.device,
-                        seed=p.seed, download_root=p.download_root)
+    bb = backbone_from_params(p)
     with _quiet():
-        res = train_stage2(p, p.output_dir, protocol, bb, load_prompts(p.stage1_dir, bb, protocol),
-                           progress=False)
+        res = train_stage2(p, p.output_dir, protocol, bb,
+                           load_stage1_prompts(p.stage1_dir, bb, protocol), progress=False)
     t_train = time.perf_counter() - t0
 
     t0 = time.perf_counter()

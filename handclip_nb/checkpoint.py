@@ -28,7 +28,7 @@ from typing import Any, Mapping
 import numpy as np
 import torch
 
-from ..runs import atomic_torch_save, git_commit
+from .runs import atomic_torch_save, git_commit
 
 __all__ = ["FORMAT", "CheckpointError", "save_checkpoint", "load_checkpoint", "rng_state",
            "restore_rng_state", "check_meta"]

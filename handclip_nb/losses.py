@@ -18,7 +18,7 @@ The contrastive losses take ``normalize=`` explicitly.  :func:`supcon_loss` and
 official CLIP-ReID code does (``loss/supcontrast.py`` with ``temperature = 1.0`` and
 ``processor_clipreid_stage2.py``: ``logits = image_features @ text_features.t()``, raw, un-normalised
 features, in both stages).  :func:`symmetric_supcon` defaults to the CLIP-style form described in
-DESIGN §5 (L2-normalised features, logits multiplied by CLIP's scale); set ``normalize=False,
+docs/methods.md (L2-normalised features, logits multiplied by CLIP's scale); set ``normalize=False,
 logit_scale=1.0`` there to reproduce the reference code bit for bit.
 
 Contents
@@ -190,7 +190,7 @@ def symmetric_supcon(
 
     CLIP-ReID stage 1 (``processor_clipreid_stage1.py``) computes
     ``xent(img, txt, target, target) + xent(txt, img, target, target)``, one text feature per image
-    (the prompt of that image's identity).  PromptSG weights this sum by 0.5 (DESIGN §5); the
+    (the prompt of that image's identity).  PromptSG weights this sum by 0.5 (docs/methods.md); the
     weight is the caller's.
 
     Args:

@@ -16,9 +16,12 @@ import math
 import os
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any, Callable, Mapping
 
 import yaml
+
+from .backbone_specs import BACKBONES, get_backbone_spec
+from .constants import ASPECTS, DATASETS
 
 __all__ = [
     "ParamError",
@@ -29,35 +32,15 @@ __all__ = [
     "resolve_params",
     "params_from_namespace",
     "load_params_file",
-    "BACKBONE_NAMES",
     "ASPECTS",
 ]
 
 #: Stages (one notebook each).  ``common`` parameters apply to all of them.
 STAGES = ("pretrain", "stage0", "stage1", "stage2", "stage3", "evaluation", "attention")
 
-ASPECTS = ("dorsal_r", "dorsal_l", "palmar_r", "palmar_l")
-BACKBONE_NAMES = ("handclip-mini", "vitb16", "vitb32", "rn50", "rn101", "tiny-vit", "tiny-rn")
-DATASETS = ("11k", "hd")
 GALLERY_MODES = ("aspect", "all")
 RESIZE_MODES = ("pad", "squash")
 AP_MODES = ("standard", "mbanet_trapezoid")
-
-#: Image size (height, width) used when ``image_size`` is None.  Hands are 4:3 landscape;
-#: the real backbones get a 224-high input whose width is the nearest multiple of 32 to
-#: 4/3 x 224 (298 -> 288), so both ViT patches (16/32) and the RN stride (32) divide it.
-#: The tiny backbones and handclip-mini (pretrained at that size) get 96x128, an exact 4:3
-#: that keeps CPU runs fast.
-DEFAULT_IMAGE_SIZE = {
-    "handclip-mini": (96, 128),
-    "vitb16": (224, 288),
-    "vitb32": (224, 288),
-    "rn50": (224, 288),
-    "rn101": (224, 288),
-    "tiny-vit": (96, 128),
-    "tiny-rn": (96, 128),
-}
-
 
 #: Stages that train (their schema adds the optimisation parameters).
 TRAINING = ("pretrain", "stage1", "stage2", "stage3")
@@ -73,10 +56,20 @@ class ParamSpec:
     kind: str  # "str" | "int" | "float" | "bool" | "size" | "path" | "intlist" | "pathlist"
     default: Any
     help: str
-    choices: tuple | None = None
+    #: valid values: a tuple, or a callable returning one when they live in a registry that
+    #: may grow at run time (``backbone``: every registered backbone is valid)
+    choices: tuple | Callable[[], tuple] | None = None
     optional: bool = False  # None is an accepted value
     minimum: float | None = None
     stages: tuple = ("common",)
+    #: a stage's own default where it differs from ``default`` (e.g. ``epochs``: 0 for
+    #: zero-shot, 30 for stage 2); the notebooks' parameters cells repeat exactly these values
+    #: (tests/test_notebook_params.py checks it)
+    stage_defaults: Mapping[str, Any] | None = None
+
+    def default_for(self, stage: str) -> Any:
+        """The default of this parameter in ``stage``."""
+        return (self.stage_defaults or {}).get(stage, self.default)
 
 
 def _spec(name, kind, default, help, **kw) -> ParamSpec:
@@ -113,7 +106,8 @@ SCHEMA: dict[str, ParamSpec] = {
         # --- model ------------------------------------------------------------------------
         _spec("backbone", "str", "handclip-mini",
               "CLIP backbone (handclip-mini: small CLIP pretrained on captioned synthetic hands, "
-              "shipped; tiny-vit/tiny-rn: untrained, for fast tests)", choices=BACKBONE_NAMES),
+              "shipped; tiny-vit/tiny-rn: untrained, for fast tests)",
+              choices=lambda: tuple(BACKBONES)),
         _spec("weights", "path", None,
               "local CLIP checkpoint (.pt); None = clip's cache (~/.cache/clip) or download_root",
               optional=True),
@@ -126,8 +120,12 @@ SCHEMA: dict[str, ParamSpec] = {
               choices=RESIZE_MODES),
         # --- optimisation / run -----------------------------------------------------------
         _spec("batch_size", "int", 64, "batch size", minimum=1),
-        _spec("epochs", "int", 0, "training epochs (0 for zero-shot)", minimum=0),
-        _spec("lr", "float", 3.5e-4, "learning rate", minimum=0.0),
+        _spec("epochs", "int", 0, "training epochs (0 for zero-shot)", minimum=0,
+              stage_defaults={"pretrain": 30, "stage1": 30, "stage2": 30, "stage3": 60}),
+        # the training stages' defaults suit the small embedded models (handclip-mini and the
+        # tiny ones); params/<backbone>-*.yaml hold the reference settings for real CLIP
+        _spec("lr", "float", 3.5e-4, "learning rate", minimum=0.0,
+              stage_defaults={"pretrain": 1e-3, "stage1": 1e-2, "stage2": 3e-4, "stage3": 3e-4}),
         _spec("seed", "int", 0, "seed for every random number generator", minimum=0),
         _spec("device", "str", "auto", "'auto' (cuda if available), 'cpu', 'cuda' or 'cuda:N'"),
         _spec("num_workers", "int", 0, "data-loader worker processes", minimum=0),
@@ -148,11 +146,11 @@ SCHEMA: dict[str, ParamSpec] = {
               "ipywidgets views (a person is present); False renders static figures"),
         # --- training (stages 1-3) ----------------------------------------------------------
         _spec("weight_decay", "float", 1e-4, "Adam weight decay", minimum=0.0,
-              stages=TRAINING),
-        _spec("warmup_epochs", "int", 5, "linear warmup epochs (from 0.1 x lr)", minimum=0,
+              stages=TRAINING, stage_defaults={"pretrain": 0.1}),
+        _spec("warmup_epochs", "int", 2, "linear warmup epochs (from 0.1 x lr)", minimum=0,
               stages=TRAINING),
         _spec("eval_every", "int", 1, "validate on the model-selection split every N epochs",
-              minimum=1, stages=TRAINING),
+              minimum=1, stages=TRAINING, stage_defaults={"pretrain": 2}),
         _spec("resume", "bool", False,
               "continue an interrupted run from output_dir/checkpoints/last.pt",
               stages=TRAINING),
@@ -198,7 +196,7 @@ SCHEMA: dict[str, ParamSpec] = {
         # --- stage 1: prompt learning --------------------------------------------------------
         _spec("n_ctx", "int", 4, "learnable context tokens per identity", minimum=1,
               stages=("stage1",)),
-        _spec("center_features", "bool", False,
+        _spec("center_features", "bool", True,
               "subtract the mean training image feature before the image-text losses; "
               "needed where image features are nearly collinear (random-init models); "
               "CLIP-ReID does not", stages=("stage1",)),
@@ -221,12 +219,12 @@ SCHEMA: dict[str, ParamSpec] = {
               stages=("stage2", "stage3")),
         _spec("label_smoothing", "float", 0.1, "label smoothing epsilon of the ID loss",
               minimum=0.0, stages=("stage2", "stage3")),
-        _spec("p_ids", "int", 16, "identities per P x K batch", minimum=2,
+        _spec("p_ids", "int", 8, "identities per P x K batch", minimum=2,
               stages=("stage2", "stage3")),
         _spec("k_images", "int", 4, "images per identity in a P x K batch", minimum=2,
               stages=("stage2", "stage3")),
-        _spec("milestones", "intlist", [30, 50], "epochs where lr is multiplied by gamma",
-              stages=("stage2", "stage3")),
+        _spec("milestones", "intlist", [24], "epochs where lr is multiplied by gamma",
+              stages=("stage2", "stage3"), stage_defaults={"stage3": [48]}),
         _spec("gamma", "float", 0.1, "lr factor at each milestone", minimum=0.0,
               stages=("stage2", "stage3")),
         _spec("grad_clip", "float", 5.0, "max gradient norm (0 = no clipping)", minimum=0.0,
@@ -235,9 +233,11 @@ SCHEMA: dict[str, ParamSpec] = {
         _spec("init_from", "path", None,
               "a stage-2 run's output_dir to warm-start the image encoder from (optional)",
               optional=True, stages=("stage3",)),
-        _spec("supcon_weight", "float", 0.5, "weight of the symmetric image-text SupCon loss",
+        _spec("supcon_weight", "float", 0.1,
+              "weight of the symmetric image-text SupCon loss (PromptSG: 0.5; smaller by default "
+              "for the small embedded text encoders)",
               minimum=0.0, stages=("stage3",)),
-        _spec("lr_new", "float", 5e-5,
+        _spec("lr_new", "float", 3e-3,
               "learning rate of the new modules (inversion, cross-attention, head)",
               minimum=0.0, stages=("stage3",)),
         _spec("prompt_mode", "str", "simplified",
@@ -247,7 +247,8 @@ SCHEMA: dict[str, ParamSpec] = {
               stages=("attention",)),
         _spec("attention_queries", "int", 4, "queries shown with their heatmaps", minimum=1,
               stages=("attention",)),
-        _spec("random_erasing", "float", 0.5, "probability of random erasing in training",
+        _spec("random_erasing", "float", 0.0, "probability of random erasing in training (CLIP-ReID: 0.5; off by default because it "
+              "hides the small cues of the synthetic hands)",
               minimum=0.0, stages=("stage2", "stage3")),
         _spec("color_jitter", "float", 0.0,
               "brightness/contrast/saturation jitter; off by default because it changes the "
@@ -285,8 +286,13 @@ SCHEMA: dict[str, ParamSpec] = {
 }
 
 
+def _choices(spec: ParamSpec) -> tuple | None:
+    return spec.choices() if callable(spec.choices) else spec.choices
+
+
 def _fail(spec: ParamSpec, value: Any, why: str) -> ParamError:
-    valid = f" Valid values: {', '.join(map(str, spec.choices))}." if spec.choices else ""
+    choices = _choices(spec)
+    valid = f" Valid values: {', '.join(map(str, choices))}." if choices else ""
     return ParamError(
         f"parameter {spec.name!r}: {why} (got {value!r} of type {type(value).__name__}).{valid} "
         f"Meaning: {spec.help}. Fix it in the parameters cell, with papermill "
@@ -358,7 +364,7 @@ def _coerce(spec: ParamSpec, value: Any) -> Any:
         out = _coerce_pathlist(spec, value)
     else:  # pragma: no cover - schema error
         raise AssertionError(f"unknown kind {kind}")
-    if spec.choices is not None and out not in spec.choices:
+    if spec.choices is not None and out not in _choices(spec):
         raise _fail(spec, value, "unknown value")
     if spec.minimum is not None and isinstance(out, (int, float)) and out < spec.minimum:
         raise _fail(spec, value, f"must be >= {spec.minimum}")
@@ -484,10 +490,11 @@ def resolve_params(values: Mapping[str, Any] | None = None, stage: str = "stage0
     for name, spec in SCHEMA.items():
         if not _applies(spec, stage):
             continue
-        out[name] = _coerce(spec, given.get(name, spec.default))
+        out[name] = _coerce(spec, given.get(name, spec.default_for(stage)))
 
     if out["image_size"] is None:
-        out["image_size"] = list(DEFAULT_IMAGE_SIZE[out["backbone"]])
+        # the registry entry's default: the one place input sizes are defined
+        out["image_size"] = list(get_backbone_spec(out["backbone"]).default_image_size)
     if out.get("rerank_lambda", 0.0) > 1.0:
         raise _fail(SCHEMA["rerank_lambda"], out["rerank_lambda"], "must be <= 1")
     if out["val_fraction"] >= 1.0:

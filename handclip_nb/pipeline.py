@@ -27,10 +27,14 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Mapping, Sequence
 
-from .runs import atomic_write_json, atomic_write_text, project_root, resolve_path
+import yaml
+
+from .evaluate.tables import comparison_table, format_table, markdown_table
+from .params import TRAINING, load_params_file
+from .runs import atomic_write_json, atomic_write_text, project_root, read_metrics, resolve_path
 
 __all__ = ["Step", "DEMO_STEPS", "GOLDEN_STEPS", "NOTEBOOK_STAGES", "run_notebook", "run_pipeline",
-           "step_fingerprint", "code_fingerprint", "demo_table", "markdown_table", "main"]
+           "step_fingerprint", "code_fingerprint", "demo_table", "main"]
 
 #: The notebooks ship beside the package in the checkout.
 NOTEBOOKS_DIR = Path(__file__).resolve().parents[1] / "notebooks"
@@ -96,7 +100,7 @@ GOLDEN_STEPS = (
 def run_notebook(notebook: str, executed_path: Path, parameters: dict,
                  progress: bool = True) -> Path:
     """Execute ``notebooks/<notebook>`` with papermill; the kernel runs in the project root."""
-    import papermill as pm
+    import papermill as pm  # here: ~2 s to import, and fingerprints and tables never need it
 
     root = project_root()
     source = NOTEBOOKS_DIR / notebook
@@ -133,8 +137,6 @@ def code_fingerprint() -> str:
 def _load_params_file(name: str | None) -> dict:
     if name is None:
         return {}
-    from .params import load_params_file
-
     return load_params_file(PARAMS_DIR / name)
 
 
@@ -212,8 +214,6 @@ def run_pipeline(output: str | Path, steps: Sequence[Step] = DEMO_STEPS,
         resume = not force and same_inputs and state.get("status") == "running"
         if not resume and run_dir.exists():
             shutil.rmtree(run_dir)  # inputs changed (or forced): never resume stale state
-        from .params import TRAINING
-
         if resume and step.stage in TRAINING:
             params["resume"] = True
         atomic_write_json(_state_path(out, step), {"fingerprint": fp, "status": "running",
@@ -230,23 +230,11 @@ def run_pipeline(output: str | Path, steps: Sequence[Step] = DEMO_STEPS,
 
 def demo_table(run_dirs: Sequence[Path]):
     """The comparison table of the runs that rank hands (their own ``metrics.json``)."""
-    from .evaluate.compare import comparison_table, format_table
-    from .runs import read_metrics
-
     ranked = [d for d in run_dirs
               if (d / "metrics.json").is_file()
               and read_metrics(d)["stage"] in ("stage0", "stage2", "stage3")]
     table = comparison_table(ranked)
     return table, format_table(table)
-
-
-def markdown_table(table) -> str:
-    """A GitHub-flavoured markdown table (pandas' to_markdown needs the optional tabulate)."""
-    header = ["run", *map(str, table.columns)]
-    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
-    for name, row in table.iterrows():
-        lines.append("| " + " | ".join([str(name), *map(str, row.tolist())]) + " |")
-    return "\n".join(lines) + "\n"
 
 
 def main(argv=None) -> int:
@@ -257,8 +245,6 @@ def main(argv=None) -> int:
     parser.add_argument("--force", action="store_true",
                         help="re-run every step even when its inputs did not change")
     args = parser.parse_args(argv)
-    import yaml
-
     extra = {k: yaml.safe_load(v) for k, v in args.param}
     started = time.time()
     run_dirs = run_pipeline(args.output, extra=extra, force=args.force)

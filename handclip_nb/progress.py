@@ -21,10 +21,11 @@ def set_interactive(flag: bool) -> None:
 
 
 def tqdm(*args, **kwargs):
+    # chosen per call (the run may switch to interactive); tqdm.auto pulls in ipywidgets
     if _interactive:
-        from tqdm.auto import tqdm as bar
+        from tqdm.auto import tqdm as bar  # widget bars: only when a person is present
     else:
-        from tqdm.std import tqdm as bar
+        from tqdm.std import tqdm as bar  # text bars (already imported with tqdm itself)
     kwargs.setdefault("mininterval", 0.5)
     if os.environ.get("HANDCLIP_PROGRESS", "").strip().lower() in ("off", "0", "false", "no"):
         kwargs["disable"] = True

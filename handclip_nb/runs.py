@@ -6,13 +6,15 @@ Layout of ``output_dir``::
     splits.json        the protocol's index manifest (seed + content hash), no image copies
     metrics.json       written last, atomically: its presence means the run finished
     figures/*.png      figures shown in the notebook
-    checkpoints/       model state (later stages)
+    checkpoints/       last.pt (every epoch) and best.pt (every validation gain), training stages
+    prompts.pt         stage 1's learned prompts
 
 Every file is written to a temporary name in the same folder and renamed into place, so an
 interrupted run never leaves a half-written ``metrics.json`` or checkpoint behind.
 """
 from __future__ import annotations
 
+import io
 import json
 import os
 import platform
@@ -27,8 +29,18 @@ from pathlib import Path
 from typing import Any, Mapping
 
 import numpy as np
+import yaml
+
+from .constants import METRIC_NAMES
+from .progress import set_interactive
 
 __all__ = [
+    "PARAMS_FILE",
+    "METRICS_FILE",
+    "SPLITS_FILE",
+    "PROMPTS_FILE",
+    "LAST_CHECKPOINT",
+    "BEST_CHECKPOINT",
     "atomic_write_bytes",
     "atomic_write_text",
     "atomic_write_json",
@@ -43,10 +55,19 @@ __all__ = [
     "start_run",
     "finish_run",
     "read_metrics",
+    "RunFolderError",
+    "domain_name",
     "METRIC_NAMES",
 ]
 
-METRIC_NAMES = ("rank1", "rank5", "rank10", "mAP", "mINP")
+#: The run-folder layout: every reader and writer names its files through these.
+PARAMS_FILE = "params.yaml"
+METRICS_FILE = "metrics.json"
+SPLITS_FILE = "splits.json"
+PROMPTS_FILE = "prompts.pt"
+LAST_CHECKPOINT = "checkpoints/last.pt"
+BEST_CHECKPOINT = "checkpoints/best.pt"
+
 PACKAGES = ("torch", "torchvision", "openai-clip", "numpy", "pillow", "scikit-learn",
             "papermill", "nbval", "matplotlib", "handclip-nb")
 
@@ -100,9 +121,7 @@ def atomic_write_json(path: str | os.PathLike, obj: Any) -> Path:
 
 def atomic_torch_save(obj: Any, path: str | os.PathLike) -> Path:
     """``torch.save`` to a temp file then rename (a killed run keeps the previous file)."""
-    import io
-
-    import torch
+    import torch  # here, not at the top: the pipeline's command line imports runs without torch
 
     buf = io.BytesIO()
     torch.save(obj, buf)
@@ -111,7 +130,7 @@ def atomic_torch_save(obj: Any, path: str | os.PathLike) -> Path:
 
 def seed_everything(seed: int) -> None:
     """Seed Python, NumPy and torch (CPU and CUDA) and ask for deterministic kernels."""
-    import torch
+    import torch  # here, not at the top: the pipeline's command line imports runs without torch
 
     random.seed(seed)
     np.random.seed(seed % (2**32))
@@ -180,7 +199,7 @@ def environment_info() -> dict[str, Any]:
         "git_commit": git_commit(),
     }
     try:
-        import torch
+        import torch  # here, not at the top: the pipeline's command line imports runs without torch
 
         info["cuda"] = torch.version.cuda if torch.cuda.is_available() else None
         if torch.cuda.is_available():
@@ -208,18 +227,20 @@ class Run:
 
     @property
     def metrics_path(self) -> Path:
-        return self.output_dir / "metrics.json"
+        return self.output_dir / METRICS_FILE
 
     def elapsed(self) -> float:
         return time.time() - self.started
 
     def save_figure(self, fig, name: str) -> Path:
         """Save a matplotlib figure as ``figures/<name>.png`` (atomically)."""
-        import io
-
         buf = io.BytesIO()
         fig.savefig(buf, format="png", dpi=110, bbox_inches="tight")
         return atomic_write_bytes(self.figures_dir / f"{name}.png", buf.getvalue())
+
+    def save_figures(self, figures: Mapping[str, Any]) -> list[Path]:
+        """Save each ``{name: figure}`` as ``figures/<name>.png``."""
+        return [self.save_figure(fig, name) for name, fig in figures.items()]
 
 
 def start_run(params: Mapping[str, Any]) -> Run:
@@ -228,21 +249,17 @@ def start_run(params: Mapping[str, Any]) -> Run:
     A stale ``metrics.json`` from an earlier run in the same folder is removed first, so the
     folder never looks finished while this run is in progress.
     """
-    import yaml
-
-    from .progress import set_interactive
-
     set_interactive(bool(params.get("interactive", False)))
     seed_everything(int(params["seed"]))
     out = resolve_path(params["output_dir"])
     out.mkdir(parents=True, exist_ok=True)
-    stale = out / "metrics.json"
+    stale = out / METRICS_FILE
     if stale.exists():
         stale.unlink()
     env = environment_info()
     record = {"params": dict(params), "environment": env,
               "started": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
-    atomic_write_text(out / "params.yaml", yaml.safe_dump(record, sort_keys=True))
+    atomic_write_text(out / PARAMS_FILE, yaml.safe_dump(record, sort_keys=True))
     return Run(params=params, output_dir=out, environment=env)
 
 
@@ -263,7 +280,7 @@ REQUIRED_DATA_KEYS = ("train_ids", "train_images", "test_ids", "test_images",
 
 
 def finish_run(run: Run, metrics: Mapping[str, Any]) -> Path:
-    """Validate the DESIGN §3 schema, add provenance and write ``metrics.json`` atomically."""
+    """Validate the docs/contracts.md schema, add provenance and write ``metrics.json`` atomically."""
     if metrics.get("stage") == "pretrain":  # no re-ID protocol: retrieval and probes instead
         required = ("stage", "backbone", "retrieval", "probes", "data")
     else:
@@ -285,8 +302,17 @@ def finish_run(run: Run, metrics: Mapping[str, Any]) -> Path:
     return atomic_write_json(run.metrics_path, record)
 
 
+class RunFolderError(FileNotFoundError):
+    """A run folder that cannot be used; the message names it and the fix."""
+
+
+def domain_name(dataset: str, aspect: str | None) -> str:
+    """``11k/<aspect>`` or ``hd``: where a run was trained or tested."""
+    return f"11k/{aspect}" if dataset == "11k" else "hd"
+
+
 def read_metrics(output_dir: str | os.PathLike) -> dict[str, Any]:
-    path = Path(output_dir) / "metrics.json"
+    path = Path(output_dir) / METRICS_FILE
     if not path.is_file():
         raise FileNotFoundError(
             f"{path} does not exist: the run in {output_dir} has not finished (or never ran)"

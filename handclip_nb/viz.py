@@ -1,7 +1,9 @@
 """Figures and tables that notebooks show (static matplotlib: they render under papermill too)."""
 from __future__ import annotations
 
-from typing import Mapping, Sequence
+import textwrap
+import warnings
+from typing import Any, Mapping, Sequence
 
 import matplotlib.pyplot as plt
 import numpy as np
@@ -12,7 +14,7 @@ from .data.protocols import Protocol
 
 __all__ = ["protocol_table", "identity_grid", "plot_cmc", "retrieval_grid", "metrics_table",
            "plot_history", "plot_prompt_retrieval", "caption_grid", "plot_probes",
-           "plot_retrieval_gain", "plot_split_boxes", "plot_tsne"]
+           "plot_retrieval_gain", "plot_split_boxes", "plot_tsne", "failure_figures"]
 
 CORRECT, WRONG = "#1a9850", "#d73027"
 
@@ -175,10 +177,8 @@ def plot_prompt_retrieval(before: Mapping[str, float], after: Mapping[str, float
 
 
 def caption_grid(data, n: int = 6, seed: int = 0, width: int = 44):
-    """``n`` random captioned images (a :class:`~handclip_nb.train.pretrain.CaptionedImages`)
+    """``n`` random captioned images (a :class:`~handclip_nb.data.captioned.CaptionedImages`)
     with their captions wrapped underneath: what the pretraining pairs look like."""
-    import textwrap
-
     rng = np.random.default_rng(seed)
     pick = rng.choice(len(data), size=min(n, len(data)), replace=False)
     cols = min(3, len(pick))
@@ -234,10 +234,8 @@ def plot_retrieval_gain(before: Mapping[str, float], after: Mapping[str, float],
 def plot_split_boxes(values: pd.DataFrame, metrics: Sequence[str] = ("rank1", "mAP", "mINP"),
                      title: str = "per-split metrics"):
     """Box plot per run of each metric over the Monte-Carlo splits, every split drawn as a dot
-    (``values``: the long table of ``compare.split_values``: run, metric, split, value)."""
-    import warnings
-
-    import seaborn as sns
+    (``values``: the long table of ``tables.split_values``: run, metric, split, value)."""
+    import seaborn as sns  # here: seaborn adds ~2 s to start-up and only this figure uses it
 
     fig, axes = plt.subplots(1, len(metrics), squeeze=False,
                              figsize=(max(4.5, 1.1 * values["run"].nunique() + 2) * len(metrics)
@@ -282,3 +280,24 @@ def plot_tsne(embeddings: Mapping[str, Mapping[str, np.ndarray]],
     fig.suptitle(f"{title} (colour = person, outlined = gallery image)", fontsize=10)
     fig.tight_layout()
     return fig
+
+
+def failure_figures(evaluations: Sequence, k: int = 5, n_queries: int = 6,
+                    seed: int = 0) -> dict[str, Any]:
+    """``{"failures_<run>": figure}``: queries of the first split whose rank-1 is wrong, with
+    their top-k gallery (green = same person), ranked by the distances used for the metrics
+    (re-ranked when re-ranking is on).  ``n_queries=0``: no figures."""
+    figures = {}
+    if n_queries <= 0:
+        return figures
+    for e in evaluations:
+        first = e.test.splits[0]
+        fig = retrieval_grid(e.protocol, first.split, first.distmat, k=k,
+                                 n_queries=n_queries, failures_only=True, seed=seed)
+        fig.suptitle(f"{e.name}: rank-1 failures (green = same person)", fontsize=10)
+        figures[f"failures_{_slug(e.name)}"] = fig
+    return figures
+
+
+def _slug(name: str) -> str:
+    return "".join(c if c.isalnum() or c in "-_." else "_" for c in name)

@@ -30,6 +30,16 @@ def synthetic_11k(tmp_path_factory) -> Path:
 
 
 @pytest.fixture(scope="session")
+def hands(tmp_path_factory) -> Path:
+    """60 people x 4 aspects x 6 images (the demo's size), default difficulty: enough training
+    identities (24 fit people of dorsal_r) for the behaviour tests' measured margins."""
+    from handclip_nb.data.synthetic import generate_dataset
+
+    return generate_dataset(tmp_path_factory.mktemp("hands"), subjects=60, images_per_subject=6,
+                            seed=0)
+
+
+@pytest.fixture(scope="session")
 def synthetic_hd(tmp_path_factory) -> Path:
     from handclip_nb.data.synthetic import generate_dataset
 

@@ -12,7 +12,7 @@ import numpy as np  # noqa: E402
 import pytest  # noqa: E402
 from PIL import Image  # noqa: E402
 
-from handclip_nb.attention_viz import (  # noqa: E402
+from handclip_nb.attention.figures import (  # noqa: E402
     AttentionSource,
     Match,
     aggregate_figure,
@@ -269,7 +269,7 @@ def _pngs(d):
 
 
 def test_static_writes_pngs_atomically(source, tmp_path):
-    from handclip_nb.widgets import AttentionExplorer
+    from handclip_nb.attention.explorer import AttentionExplorer
 
     out = tmp_path / "figs"
     ex = AttentionExplorer(source, k=2, out_dir=out)
@@ -287,7 +287,7 @@ def test_static_writes_pngs_atomically(source, tmp_path):
 
 
 def test_widget_rerenders_on_change(source):
-    from handclip_nb.widgets import AttentionExplorer
+    from handclip_nb.attention.explorer import AttentionExplorer
 
     ex = AttentionExplorer(source, k=2)
     view = ex.widget()
@@ -313,7 +313,7 @@ def test_widget_rerenders_on_change(source):
 
 
 def test_explore_headless_never_touches_ipywidgets(source, tmp_path, monkeypatch):
-    from handclip_nb import widgets
+    from handclip_nb.attention import explorer as widgets
 
     monkeypatch.setitem(sys.modules, "ipywidgets", None)  # any import of it now fails
     paths = widgets.explore(source, interactive=False, queries=[1], out_dir=tmp_path / "o", k=2)
@@ -325,7 +325,7 @@ def test_explore_headless_never_touches_ipywidgets(source, tmp_path, monkeypatch
 
 
 def test_explore_interactive_still_saves(source, tmp_path):
-    from handclip_nb import widgets
+    from handclip_nb.attention import explorer as widgets
 
     paths = widgets.explore(source, interactive=True, queries=None, out_dir=tmp_path, k=1,
                             aggregate=False)
@@ -337,6 +337,6 @@ def test_explore_interactive_still_saves(source, tmp_path):
 def test_module_import_does_not_import_ipywidgets():
     import subprocess
 
-    code = ("import sys, handclip_nb.widgets, handclip_nb.attention_viz; "
+    code = ("import sys, handclip_nb.attention.explorer, handclip_nb.attention.figures, handclip_nb.attention; "
             "assert 'ipywidgets' not in sys.modules, 'imported eagerly'")
     subprocess.run([sys.executable, "-c", code], check=True)

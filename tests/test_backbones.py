@@ -12,25 +12,18 @@ import warnings
 import pytest
 import torch
 
-from handclip_nb.models import backbones as bb
-from handclip_nb.models.backbones import (
-    CLIP_MEAN,
-    CLIP_STD,
-    TINY_RN_ARCH,
-    TINY_VIT_ARCH,
-    ClipBackbone,
-    ImageFeatures,
-    IncompatibleWeightsError,
-    WeightsNotFoundError,
-    available_backbones,
-    backbone_fingerprint,
-    build_backbone,
-    get_backbone_spec,
-    resize_positional_embedding,
-    resolve_device,
-)
+from handclip_nb import backbone_specs as bb
+from handclip_nb.backbone_specs import (TINY_RN_ARCH, TINY_VIT_ARCH, available_backbones,
+                                        get_backbone_spec)
+from handclip_nb.constants import CLIP_MEAN, CLIP_STD
+from handclip_nb.device import resolve_device
+from handclip_nb.models import backbones as backbones_mod
+from handclip_nb.models.backbones import (ClipBackbone, ImageFeatures, backbone_fingerprint,
+                                          build_backbone)
+from handclip_nb.models.positional import resize_positional_embedding
+from handclip_nb.models.weight_files import IncompatibleWeightsError, WeightsNotFoundError
 
-clip = bb.clip
+clip = backbones_mod.clip
 from clip.model import CLIP, convert_weights  # noqa: E402
 
 SIZES = [(224, 224), (96, 128), (224, 288)]
@@ -106,20 +99,20 @@ def test_unknown_name_lists_valid_names():
 
 def test_register_local_weights_entry_is_one_line(tmp_path):
     """A 'handclip-mini'-style entry (arch + shipped weights file) needs only a BackboneSpec."""
-    src = build_backbone("tiny-vit", seed=5)
+    src = build_backbone("tiny-vit", seed=5, image_size=(224, 224))
     path = tmp_path / "mini.pt"
     torch.save(src.clip.state_dict(), path)
     spec = bb.BackboneSpec("test-mini", "test entry", arch=TINY_VIT_ARCH, weights_file=str(path),
                            weights_label="test-mini pretrained weights")
     bb.register_backbone(spec)
     try:
-        b = build_backbone("test-mini")
+        b = build_backbone("test-mini", image_size=(224, 224))
         assert b.pretrained and b.display_name == "test-mini (test-mini pretrained weights)"
         x = _images((224, 224))
         assert torch.equal(b.encode_image(x).global_embedding, src.encode_image(x).global_embedding)
         path.unlink()
         with pytest.raises(WeightsNotFoundError, match="mini.pt"):
-            build_backbone("test-mini")
+            build_backbone("test-mini", image_size=(224, 224))
     finally:
         bb.BACKBONES.pop("test-mini")
 
@@ -158,7 +151,7 @@ def test_tiny_shapes_fp32_and_clip_agreement(name, size):
 
 def test_display_names_say_untrained():
     for name in ["tiny-vit", "tiny-rn"]:
-        b = build_backbone(name, seed=3)
+        b = build_backbone(name, seed=3, image_size=(224, 224))
         assert b.pretrained is False and b.name == name
         assert b.display_name == f"{name} (untrained, random init seed 3)"
         assert "untrained" in repr(b)
@@ -168,21 +161,21 @@ def test_seeded_init_is_deterministic_and_leaves_global_rng_alone():
     torch.manual_seed(123)
     expected = torch.rand(3)
     torch.manual_seed(123)
-    a = build_backbone("tiny-vit", seed=0)
+    a = build_backbone("tiny-vit", seed=0, image_size=(224, 224))
     assert torch.equal(torch.rand(3), expected)  # global RNG stream untouched
-    b = build_backbone("tiny-vit", seed=0)
-    c = build_backbone("tiny-vit", seed=1)
+    b = build_backbone("tiny-vit", seed=0, image_size=(224, 224))
+    c = build_backbone("tiny-vit", seed=1, image_size=(224, 224))
     sa, sb, sc = a.state_dict(), b.state_dict(), c.state_dict()
     assert all(torch.equal(sa[k], sb[k]) for k in sa)
     assert not all(torch.equal(sa[k], sc[k]) for k in sa)
     assert not torch.equal(sa["clip.visual.conv1.weight"], sc["clip.visual.conv1.weight"])
-    ra, rb = build_backbone("tiny-rn", seed=0), build_backbone("tiny-rn", seed=0)
+    ra, rb = build_backbone("tiny-rn", seed=0, image_size=(224, 224)), build_backbone("tiny-rn", seed=0, image_size=(224, 224))
     assert all(torch.equal(v, rb.state_dict()[k]) for k, v in ra.state_dict().items())
 
 
 def test_tiny_arch_matches_independently_built_clip():
     ref = _seeded_clip(TINY_VIT_ARCH, 7)
-    b = build_backbone("tiny-vit", seed=7)
+    b = build_backbone("tiny-vit", seed=7, image_size=(224, 224))
     own = b.clip.state_dict()
     assert all(torch.equal(v, own[k]) for k, v in ref.state_dict().items())
 
@@ -204,7 +197,7 @@ def test_native_size_is_bit_identical_to_clip(name):
 
 
 def test_vit_patch_tokens_follow_clip_forward():
-    b = build_backbone("tiny-vit")
+    b = build_backbone("tiny-vit", image_size=(224, 224))
     fresh = copy.deepcopy(b.clip)
     seen = {}
     fresh.visual.transformer.register_forward_hook(lambda m, i, o: seen.setdefault("out", o))
@@ -276,7 +269,7 @@ def test_patch_tokens_change_with_the_image(name):
 
 @pytest.mark.parametrize("name", ["tiny-vit", "tiny-rn"])
 def test_same_grid_is_noop(name):
-    b = build_backbone(name)
+    b = build_backbone(name, image_size=(224, 224))
     pos = b._pos_param()
     before = pos.detach().clone()
     b.set_image_size((224, 224))
@@ -310,7 +303,7 @@ def test_resize_keeps_a_linear_embedding_nearly_linear(new_grid):
 
 
 def test_backbone_resize_uses_the_2d_grid():
-    b = build_backbone("tiny-vit")
+    b = build_backbone("tiny-vit", image_size=(224, 224))
     with torch.no_grad():
         lin = _linear_grid(14, 14)
         b.clip.visual.positional_embedding[1:, :3] = lin
@@ -324,7 +317,7 @@ def test_backbone_resize_uses_the_2d_grid():
 def test_rn_attnpool_positional_embedding_resized():
     b = build_backbone("tiny-rn", image_size=(224, 288))
     assert b.clip.visual.attnpool.positional_embedding.shape == (1 + 7 * 9, 256)
-    b2 = build_backbone("tiny-rn")
+    b2 = build_backbone("tiny-rn", image_size=(224, 224))
     assert torch.equal(b.clip.visual.attnpool.positional_embedding[0], b2.clip.visual.attnpool.positional_embedding[0])
 
 
@@ -356,7 +349,7 @@ def test_offline_missing_weights_fail_fast_and_explain(name, fname, tmp_path, _o
     dl = tmp_path / "dl"
     t0 = time.perf_counter()
     with pytest.raises(WeightsNotFoundError) as exc:
-        build_backbone(name, download_root=dl)
+        build_backbone(name, download_root=dl, image_size=(224, 224))
     assert time.perf_counter() - t0 < 2.0
     err = exc.value
     assert isinstance(err, FileNotFoundError)
@@ -374,7 +367,7 @@ def test_missing_weights_path_is_named(tmp_path):
     for name in ["vitb16", "tiny-vit"]:
         t0 = time.perf_counter()
         with pytest.raises(WeightsNotFoundError) as exc:
-            build_backbone(name, weights=missing)
+            build_backbone(name, weights=missing, image_size=(224, 224))
         assert time.perf_counter() - t0 < 2.0
         assert str(missing) in str(exc.value) and "weights=" in str(exc.value)
 
@@ -426,14 +419,14 @@ def test_wrong_family_weights_for_real_name(tmp_path):
     path = tmp_path / "rn.pt"
     torch.save(_seeded_clip(TINY_RN_ARCH, 0).state_dict(), path)
     with pytest.raises(IncompatibleWeightsError, match="ResNet"):
-        build_backbone("vitb16", weights=path)
+        build_backbone("vitb16", weights=path, image_size=(224, 224))
 
 
 def test_unreadable_weights_file(tmp_path):
     path = tmp_path / "garbage.pt"
     path.write_bytes(b"not a checkpoint")
     with pytest.raises(IncompatibleWeightsError, match="garbage.pt"):
-        build_backbone("rn50", weights=path)
+        build_backbone("rn50", weights=path, image_size=(224, 224))
 
 
 # ------------------------------------------------------------------------------------------------
@@ -442,24 +435,24 @@ def test_unreadable_weights_file(tmp_path):
 
 
 def test_tiny_weights_roundtrip_exact(tmp_path):
-    src = build_backbone("tiny-rn", seed=9)
+    src = build_backbone("tiny-rn", seed=9, image_size=(224, 224))
     path = tmp_path / "tiny_rn.pt"
     torch.save(src.clip.state_dict(), path)
-    b = build_backbone("tiny-rn", weights=path, seed=0)
+    b = build_backbone("tiny-rn", weights=path, seed=0, image_size=(224, 224))
     assert b.pretrained and b.display_name == "tiny-rn (weights from tiny_rn.pt)"
     own = b.clip.state_dict()
     assert all(torch.equal(v, own[k]) for k, v in src.clip.state_dict().items())
     # a wrapper state dict ("clip." prefix) works too
     torch.save(src.state_dict(), path)
-    b2 = build_backbone("tiny-rn", weights=path)
+    b2 = build_backbone("tiny-rn", weights=path, image_size=(224, 224))
     assert torch.equal(b2.clip.visual.conv1.weight, src.clip.visual.conv1.weight)
 
 
 def test_tiny_weights_shape_mismatch_names_checkpoint_and_backbone(tmp_path):
     path = tmp_path / "from_rn.pt"
-    torch.save(build_backbone("tiny-rn").clip.state_dict(), path)
+    torch.save(build_backbone("tiny-rn", image_size=(224, 224)).clip.state_dict(), path)
     with pytest.raises(IncompatibleWeightsError) as exc:
-        build_backbone("tiny-vit", weights=path)
+        build_backbone("tiny-vit", weights=path, image_size=(224, 224))
     msg = str(exc.value)
     assert str(path) in msg and "'tiny-vit'" in msg and "ResNet" in msg
 
@@ -491,7 +484,7 @@ def test_save_weights_roundtrip_at_non_native_size(tmp_path):
 
 @pytest.mark.parametrize("name", ["tiny-vit", "tiny-rn"])
 def test_text_side_with_real_tokenizer(name):
-    b = build_backbone(name)
+    b = build_backbone(name, image_size=(224, 224))
     assert b.context_length == 77 and b.vocab_size == 49408
     tokens = b.tokenize(["A photo of a X X X X dorsal right hand.", "a hand"])
     assert tokens.shape == (2, 77)
@@ -509,7 +502,7 @@ def test_preprocess_constants_match_clip():
     norm = clip.clip._transform(224).transforms[-1]
     assert tuple(norm.mean) == CLIP_MEAN and tuple(norm.std) == CLIP_STD
     cfg = build_backbone("tiny-vit", image_size=(96, 128)).preprocess_config()
-    assert cfg["mean"] == CLIP_MEAN and cfg["std"] == CLIP_STD and cfg["image_size"] == (96, 128)
+    assert cfg.mean == CLIP_MEAN and cfg.std == CLIP_STD and cfg.image_size == (96, 128)
 
 
 def test_devices():
@@ -519,18 +512,43 @@ def test_devices():
         resolve_device("gpu")
     if not torch.cuda.is_available():
         with pytest.raises(ValueError, match="CUDA is not available"):
-            build_backbone("tiny-vit", device="cuda")
-    assert build_backbone("tiny-vit", device="auto").device.type == resolve_device("auto").type
+            build_backbone("tiny-vit", device="cuda", image_size=(224, 224))
+    assert build_backbone("tiny-vit", device="auto", image_size=(224, 224)).device.type == resolve_device("auto").type
 
 
 def test_fingerprint():
-    a = build_backbone("tiny-vit", seed=0)
+    a = build_backbone("tiny-vit", seed=0, image_size=(224, 224))
     fa = backbone_fingerprint(a)
     assert len(fa) == 16 and all(ch in "0123456789abcdef" for ch in fa)
-    assert backbone_fingerprint(build_backbone("tiny-vit", seed=0)) == fa
-    assert backbone_fingerprint(build_backbone("tiny-vit", seed=1)) != fa
+    assert backbone_fingerprint(build_backbone("tiny-vit", seed=0, image_size=(224, 224))) == fa
+    assert backbone_fingerprint(build_backbone("tiny-vit", seed=1, image_size=(224, 224))) != fa
     assert backbone_fingerprint(build_backbone("tiny-vit", seed=0, image_size=(96, 128))) != fa
-    assert backbone_fingerprint(build_backbone("tiny-rn", seed=0)) != fa
+    assert backbone_fingerprint(build_backbone("tiny-rn", seed=0, image_size=(224, 224))) != fa
     with torch.no_grad():
         a.clip.ln_final.weight[0] += 1e-3
     assert backbone_fingerprint(a) != fa
+
+
+@pytest.mark.parametrize("name", ["tiny-vit", "tiny-rn", "handclip-mini"])
+def test_default_input_size_and_preprocessing_come_from_the_registry(name):
+    """build_backbone(name) without a size uses the registry entry's default, and the built
+    model's preprocessing config is the entry's (one source for both)."""
+    spec = get_backbone_spec(name)
+    b = build_backbone(name)
+    assert b.image_size == tuple(spec.default_image_size)
+    cfg = b.preprocess_config()
+    assert cfg == spec.preprocess(b.image_size, "pad")
+    assert (cfg.mean, cfg.std) == (CLIP_MEAN, CLIP_STD)
+    assert build_backbone(name, resize_mode="squash").preprocess_config().resize_mode == "squash"
+
+
+def test_openai_entries_name_real_clip_releases():
+    """Each OpenAI entry names a model of the installed openai-clip (its file name and SHA-256
+    come from there), and a wrong name fails with the list of real ones."""
+    for spec in bb.BACKBONES.values():
+        if spec.openai_name is not None:
+            assert spec.openai_name in clip.clip._MODELS, spec.name
+            assert spec.weights_basename.endswith(".pt") and len(spec.sha256) == 64
+    bad = bb.BackboneSpec("test-bad", "bad", openai_name="ViT-Z/99")
+    with pytest.raises(ValueError, match="not an OpenAI CLIP model"):
+        bad.url

@@ -39,7 +39,7 @@ ROW_KEYS = {"arch", "model", "weights", "pretrained", "image_size", "mode", "dev
 
 
 def test_architecture_rows_have_figures_and_say_random_weights(arch, monkeypatch, one_thread):
-    from handclip_nb.models.backbones import TINY_VIT_ARCH
+    from handclip_nb.backbone_specs import TINY_VIT_ARCH
 
     # a tiny architecture through the same code path (the real ones take seconds per step)
     monkeypatch.setitem(arch.ARCHS, "tiny-test", dict(TINY_VIT_ARCH))

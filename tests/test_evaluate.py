@@ -5,6 +5,7 @@ import numpy as np
 import pytest
 import torch
 
+from handclip_nb.backbone_specs import PreprocessConfig
 from handclip_nb.data import build_transform
 from handclip_nb.evaluate import extract_features, summarise
 from handclip_nb.evaluate.protocol_eval import evaluate_splits
@@ -34,7 +35,7 @@ def _counting(backbone):
 
 
 def test_features_are_l2_normalised_and_match_the_backbone(backbone, images):
-    tf = build_transform((96, 128))
+    tf = build_transform(PreprocessConfig((96, 128)))
     f = extract_features(backbone, images, tf, batch_size=5)
     assert f.shape == (12, backbone.embed_dim)
     assert torch.allclose(f.norm(dim=1), torch.ones(12), atol=1e-5)
@@ -47,7 +48,7 @@ def test_features_are_l2_normalised_and_match_the_backbone(backbone, images):
 
 
 def test_flip_tta_averages_the_image_and_its_mirror(backbone, images):
-    tf = build_transform((96, 128))
+    tf = build_transform(PreprocessConfig((96, 128)))
     from PIL import Image
 
     x = torch.stack([tf(Image.open(p)) for p in images[:4]])
@@ -61,7 +62,7 @@ def test_flip_tta_averages_the_image_and_its_mirror(backbone, images):
 
 
 def test_cache_hit_skips_encoding_and_changes_invalidate(backbone, images, tmp_path):
-    tf = build_transform((96, 128))
+    tf = build_transform(PreprocessConfig((96, 128)))
     cache = tmp_path / "cache"
     first = extract_features(backbone, images, tf, cache_dir=cache)
     assert len(os.listdir(cache)) == 1
@@ -74,7 +75,8 @@ def test_cache_hit_skips_encoding_and_changes_invalidate(backbone, images, tmp_p
         backbone.encode_image = backbone_encode
     assert torch.equal(first, again)
     # other transform, flip flag, or a different model: new entries
-    extract_features(backbone, images, build_transform((96, 128), resize_mode="squash"),
+    extract_features(backbone, images,
+                     build_transform(PreprocessConfig((96, 128), resize_mode="squash")),
                      cache_dir=cache)
     extract_features(backbone, images, tf, cache_dir=cache, flip=True)
     other = build_backbone("tiny-vit", image_size=(96, 128), seed=1)
@@ -85,7 +87,7 @@ def test_cache_hit_skips_encoding_and_changes_invalidate(backbone, images, tmp_p
 def test_cache_notices_a_changed_image_and_survives_corruption(backbone, images, tmp_path):
     import shutil
 
-    tf = build_transform((96, 128))
+    tf = build_transform(PreprocessConfig((96, 128)))
     local = [str(tmp_path / f"{i}.jpg") for i in range(3)]
     for src, dst in zip(images, local):
         shutil.copy(src, dst)

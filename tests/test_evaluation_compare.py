@@ -13,16 +13,19 @@ import numpy as np
 import pandas as pd
 import pytest
 import torch
+from builders import run_params
 
-from handclip_nb.data import build_protocol, build_transform
-from handclip_nb.evaluate import compare, evaluate_backbone, metrics_record
+from handclip_nb.data import build_protocol
+from handclip_nb import viz
+from handclip_nb.evaluate import compare, evaluate_backbone, metrics_record, tables, tsne
+from handclip_nb.run_loader import RunInfo, load_run
+from handclip_nb.runs import RunFolderError
 from handclip_nb.evaluate.reranking import rerank_features
 from handclip_nb.models import build_backbone
 from handclip_nb.params import ParamError, resolve_params
 from handclip_nb.runs import METRIC_NAMES, finish_run, read_metrics, start_run
 
-COMMON = dict(num_splits=2, feature_cache=False, backbone="tiny-vit", warmup_epochs=1,
-              batch_size=32)
+COMMON = dict(batch_size=32)
 TRAIN = dict(epochs=1, p_ids=4, k_images=2, milestones=[1])
 
 
@@ -30,17 +33,16 @@ TRAIN = dict(epochs=1, p_ids=4, k_images=2, milestones=[1])
 def runs(synthetic_11k, tmp_path_factory):
     """Finished stage-0, stage-2 and stage-3 run folders (and the trained models), plus an
     unfinished one, all trained on 11k dorsal_r."""
-    from handclip_nb.train.stage1 import load_prompts, train_stage1
-    from handclip_nb.train.stage2 import evaluate_model, train_stage2
+    from handclip_nb.train.stage1 import train_stage1
+    from handclip_nb.train.stage2 import evaluate_model, load_stage1_prompts, train_stage2
     from handclip_nb.train.stage3 import evaluate_stage3, train_stage3
 
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     root = tmp_path_factory.mktemp("runs")
-    common = {**COMMON, "data_root": str(synthetic_11k)}
 
     def finished(stage, extra, make):
-        p = resolve_params({**common, **extra, "output_dir": str(root / stage)}, stage=stage)
+        p = run_params(stage, root / stage, synthetic_11k, **{**COMMON, **extra})
         run = start_run(p)
         protocol = build_protocol(p)
         protocol.write_manifest(run.output_dir / "splits.json")
@@ -51,15 +53,14 @@ def runs(synthetic_11k, tmp_path_factory):
 
     out = {"root": root}
     out["stage0_backbone"] = finished("stage0", {}, lambda p, pr, bb: (
-        bb, evaluate_backbone(bb, pr, p, build_transform(p.image_size)), None))
-    p1 = resolve_params({**common, "epochs": 1, "output_dir": str(root / "stage1")},
-                        stage="stage1")
+        bb, evaluate_backbone(bb, pr, p), None))
+    p1 = run_params("stage1", root / "stage1", synthetic_11k, epochs=1, **COMMON)
     start_run(p1)
     bb1 = build_backbone("tiny-vit", image_size=p1.image_size, seed=0)
     train_stage1(p1, p1.output_dir, build_protocol(p1), bb1, progress=False)
 
     def stage2(p, protocol, bb):
-        r = train_stage2(p, p.output_dir, protocol, bb, load_prompts(p1.output_dir, bb, protocol),
+        r = train_stage2(p, p.output_dir, protocol, bb, load_stage1_prompts(p1.output_dir, bb, protocol),
                          progress=False)
         return r.model, evaluate_model(r.model, protocol, p), "stage-2 fine-tuning"
 
@@ -69,14 +70,13 @@ def runs(synthetic_11k, tmp_path_factory):
 
     out["stage2_model"] = finished("stage2", {**TRAIN, "stage1_dir": p1.output_dir}, stage2)
     out["stage3_model"] = finished("stage3", TRAIN, stage3)
-    start_run(resolve_params({**common, "output_dir": str(root / "unfinished")},
-                             stage="stage0"))
+    start_run(run_params("stage0", root / "unfinished", synthetic_11k, **COMMON))
     torch.set_num_threads(threads)
     return out
 
 
 def _eval_params(data_root, **kw):
-    return resolve_params({**COMMON, "data_root": str(data_root), **kw}, stage="evaluation")
+    return run_params("evaluation", None, data_root, **{**COMMON, **kw})
 
 
 # ----------------------------------------------------------------------------- loader
@@ -84,13 +84,13 @@ def _eval_params(data_root, **kw):
 
 def test_load_run_rebuilds_each_stage(runs, one_thread):
     x = torch.randn(3, 3, 96, 128)
-    s0 = compare.load_run(runs["root"] / "stage0", device="cpu")
+    s0 = load_run(runs["root"] / "stage0", device="cpu")
     assert s0.info.stage == "stage0" and s0.model is None and s0.info.trained_on == "zero-shot"
     with torch.no_grad():
         assert torch.allclose(s0.embed(x),
                               runs["stage0_backbone"].encode_image(x).global_embedding)
 
-    s2 = compare.load_run(runs["root"] / "stage2", device="cpu")
+    s2 = load_run(runs["root"] / "stage2", device="cpu")
     assert s2.info.stage == "stage2" and s2.info.trained_on == "11k/dorsal_r"
     assert "stage-2" in s2.info.backbone_display and "untrained" in s2.info.backbone_display
     with torch.no_grad():
@@ -98,7 +98,7 @@ def test_load_run_rebuilds_each_stage(runs, one_thread):
         # it is not simply the backbone: the fine-tuned encoder and the head are loaded
         assert not torch.allclose(s2.embed(x)[:, -64:], s0.embed(x), atol=1e-3)
 
-    s3 = compare.load_run(runs["root"] / "stage3", device="cpu")
+    s3 = load_run(runs["root"] / "stage3", device="cpu")
     assert s3.info.prompt_mode == "simplified" and s3.model.aspect == "dorsal_r"
     with torch.no_grad():
         assert torch.allclose(s3.embed(x), runs["stage3_model"].embed(x), atol=1e-5)
@@ -147,11 +147,11 @@ def test_seen_test_people_counts_training_people_in_the_test_set(runs, synthetic
     folder.mkdir()
     (folder / "splits.json").write_text(json.dumps(
         {"train_people": [*protocol.test_people[:2], "someone else"]}))
-    info = compare.RunInfo(name="r", folder=str(folder), stage="stage2",
+    info = RunInfo(name="r", folder=str(folder), stage="stage2",
                            params={"dataset": "11k", "aspect": "dorsal_l"}, recorded=None,
                            backbone_display="x")
     assert compare._seen_test_people(info, protocol) == 2
-    hd_info = compare.RunInfo(**{**info.__dict__, "params": {"dataset": "hd"}})
+    hd_info = RunInfo(**{**info.__dict__, "params": {"dataset": "hd"}})
     assert compare._seen_test_people(hd_info, protocol) == 0
 
 
@@ -182,7 +182,7 @@ def test_flip_tta_and_rerank_change_the_ranking_as_configured(runs, synthetic_11
     g = plain.features[[plain.row_of[i] for i in first.split.gallery]]
     np.testing.assert_allclose(first.distmat, rerank_features(q, g, k1=5, k2=2,
                                                               lambda_value=0.5), atol=1e-6)
-    table = compare.comparison_table([plain, reranked])
+    table = tables.comparison_table([plain, reranked])
     assert list(table["rerank"]) == ["off", "k1=5 k2=2 λ=0.5"]
 
 
@@ -204,19 +204,19 @@ def test_default_runs_are_zero_shot_plus_finished_default_folders(runs, syntheti
 
 def test_comparison_table_from_metrics_json_csv_and_markdown(runs, tmp_path):
     folders = [runs["root"] / "stage0", runs["root"] / "stage2"]
-    table = compare.comparison_table(folders)
+    table = tables.comparison_table(folders)
     assert list(table.index) == ["stage0", "stage2"]
     assert list(table["trained_on"]) == ["zero-shot", "11k/dorsal_r"]
     for m in METRIC_NAMES:
         recorded = read_metrics(folders[1])["test"][m]
         assert table.loc["stage2", f"{m}_mean"] == pytest.approx(recorded["mean"], abs=1e-4)
         assert table.loc["stage2", f"{m}_std"] == pytest.approx(recorded["std"], abs=1e-4)
-    shown = compare.format_table(table)
+    shown = tables.format_table(table)
     r = read_metrics(folders[1])["test"]["mAP"]
     assert shown.loc["stage2", "mAP"] == f"{r['mean']:.2f} ± {r['std']:.2f}"
     assert shown.loc["stage0", "seen_test_people"] == "–"
 
-    paths = compare.write_tables(table, tmp_path / "out")
+    paths = tables.write_tables(table, tmp_path / "out")
     back = pd.read_csv(paths["csv"], index_col="run")
     np.testing.assert_allclose(back["mAP_mean"], table["mAP_mean"])
     md = paths["md"].read_text().splitlines()
@@ -226,16 +226,15 @@ def test_comparison_table_from_metrics_json_csv_and_markdown(runs, tmp_path):
 
 
 def test_figures_are_created(runs, synthetic_11k, one_thread):
-    from handclip_nb import viz
 
     params = _eval_params(synthetic_11k, runs=[str(runs["root"] / s)
                                                for s in ("stage0", "stage2")])
     evaluations = compare.evaluate_runs(params)
     figures = {
         "cmc": viz.plot_cmc(compare.cmc_curves(evaluations)),
-        "splits": viz.plot_split_boxes(compare.split_values(evaluations)),
-        "tsne": viz.plot_tsne(compare.tsne_by_run(evaluations, max_ids=4, seed=0)),
-        **compare.failure_figures(evaluations, k=3, n_queries=2),
+        "splits": viz.plot_split_boxes(tables.split_values(evaluations)),
+        "tsne": viz.plot_tsne(tsne.tsne_by_run(evaluations, max_ids=4, seed=0)),
+        **viz.failure_figures(evaluations, k=3, n_queries=2),
     }
     assert set(figures) == {"cmc", "splits", "tsne", "failures_stage0", "failures_stage2"}
     for fig in figures.values():
@@ -243,15 +242,15 @@ def test_figures_are_created(runs, synthetic_11k, one_thread):
     assert len(figures["cmc"].axes[0].lines) == 2
     assert len(figures["splits"].axes) == 3  # rank1, mAP, mINP
     assert len(figures["tsne"].axes) == 2
-    points = compare.tsne_points(evaluations[0], max_ids=4, seed=0)
+    points = tsne.tsne_points(evaluations[0], max_ids=4, seed=0)
     protocol, split = evaluations[0].protocol, evaluations[0].protocol.test[0]
     expected = [i for i in (*split.query, *split.gallery)
                 if protocol.items[i].person in set(points["person"])
                 and protocol.items[i].aspect == "dorsal_r"]  # the "all" gallery's others left out
     assert points["points"].shape == (len(expected), 2)
     assert points["gallery"].sum() == 4 and len(set(points["person"])) == 4
-    assert compare.failure_figures(evaluations, n_queries=0) == {}
-    values = compare.split_values(evaluations)
+    assert viz.failure_figures(evaluations, n_queries=0) == {}
+    values = tables.split_values(evaluations)
     assert len(values) == 2 * len(METRIC_NAMES) * 2  # runs x metrics x splits
     for fig in figures.values():
         plt.close(fig)
@@ -263,8 +262,8 @@ def test_evaluation_record_is_a_valid_metrics_json(runs, synthetic_11k, tmp_path
     run = start_run(params)
     protocol = build_protocol(params)
     evaluations = compare.evaluate_runs(params, protocol)
-    tables = compare.write_tables(compare.comparison_table(evaluations), run.output_dir)
-    finish_run(run, compare.evaluation_record(params, protocol, evaluations, tables))
+    written = tables.write_tables(tables.comparison_table(evaluations), run.output_dir)
+    finish_run(run, compare.evaluation_record(params, protocol, evaluations, written))
     m = read_metrics(tmp_path / "eval")
     assert m["stage"] == "evaluation" and m["primary_run"] == "stage2"
     assert m["test"] == evaluations[0].summary and m["tables"] == {"csv": "comparison.csv",
@@ -273,7 +272,7 @@ def test_evaluation_record_is_a_valid_metrics_json(runs, synthetic_11k, tmp_path
     assert m["runs"][0]["recorded_test_mean"]["mAP"] == pytest.approx(
         evaluations[0].summary["mAP"]["mean"])
     # an evaluation folder in a table expands into its runs
-    table = compare.comparison_table([tmp_path / "eval"])
+    table = tables.comparison_table([tmp_path / "eval"])
     assert list(table.index) == ["stage2", "stage0"]
     with pytest.raises(ValueError, match="no evaluated runs"):
         compare.evaluation_record(params, protocol, [])
@@ -284,20 +283,20 @@ def test_evaluation_record_is_a_valid_metrics_json(runs, synthetic_11k, tmp_path
 
 def test_missing_or_unfinished_run_folders_fail_clearly(runs, tmp_path):
     missing = tmp_path / "nope"
-    with pytest.raises(compare.RunFolderError, match=f"{missing}.*does not exist.*Fix"):
-        compare.load_run(missing)
-    with pytest.raises(compare.RunFolderError, match="no params.yaml"):
-        compare.load_run(tmp_path)
+    with pytest.raises(RunFolderError, match=f"{missing}.*does not exist.*Fix"):
+        load_run(missing)
+    with pytest.raises(RunFolderError, match="no params.yaml"):
+        load_run(tmp_path)
     unfinished = runs["root"] / "unfinished"
-    with pytest.raises(compare.RunFolderError) as err:
-        compare.load_run(unfinished)
+    with pytest.raises(RunFolderError) as err:
+        load_run(unfinished)
     msg = str(err.value)
     assert str(unfinished) in msg and "metrics.json" in msg and "has not finished" in msg
-    assert "resume true" in msg and "remove it from `runs`" in msg
-    with pytest.raises(compare.RunFolderError, match="has not finished"):
-        compare.comparison_table([unfinished])
+    assert "resume true" in msg and "leave it out" in msg
+    with pytest.raises(RunFolderError, match="has not finished"):
+        tables.comparison_table([unfinished])
     with pytest.raises(ValueError, match="nothing to compare"):
-        compare.comparison_table([])
+        tables.comparison_table([])
 
 
 def test_evaluate_runs_checks_every_folder_before_building_a_model(runs, synthetic_11k,
@@ -308,40 +307,42 @@ def test_evaluate_runs_checks_every_folder_before_building_a_model(runs, synthet
     monkeypatch.setattr(compare, "load_run", no_build)
     params = _eval_params(synthetic_11k, runs=[str(runs["root"] / "stage2"),
                                                str(runs["root"] / "unfinished")])
-    with pytest.raises(compare.RunFolderError, match="unfinished"):
+    with pytest.raises(RunFolderError, match="unfinished"):
         compare.evaluate_runs(params)
 
 
 def test_runs_without_an_image_model_of_their_own_are_refused(runs, tmp_path):
     with pytest.raises(ValueError, match="stage-1 run.*zero-shot backbone"):
-        compare.load_run(_finished_copy(runs["root"] / "stage1", tmp_path / "s1"))
+        compare.check_evaluable(_finished_copy(runs["root"] / "stage1", tmp_path / "s1"))
     att = _finished_copy(runs["root"] / "stage0", tmp_path / "att",
                          stage="attention", stage3_dir="outputs/s3")
     with pytest.raises(ValueError, match="attention run.*outputs/s3"):
-        compare.load_run(att)
+        compare.check_evaluable(att)
+    with pytest.raises(ValueError, match="attention run.*outputs/s3"):
+        load_run(att)
     no_best = _finished_copy(runs["root"] / "stage2", tmp_path / "s2")
     (no_best / "checkpoints" / "best.pt").unlink()
-    with pytest.raises(compare.RunFolderError, match="checkpoints/best.pt.*epochs=0"):
-        compare.load_run(no_best)
+    with pytest.raises(RunFolderError, match="checkpoints/best.pt.*epochs=0"):
+        load_run(no_best)
 
 
 def test_checkpoint_that_does_not_fit_the_run_is_refused(runs, tmp_path, one_thread):
-    from handclip_nb.train.checkpoint import CheckpointError
+    from handclip_nb.checkpoint import CheckpointError
 
     # a stage-2 folder whose params.yaml claims another backbone than its checkpoint
     other = _finished_copy(runs["root"] / "stage2", tmp_path / "s2", backbone="tiny-rn")
     with pytest.raises(CheckpointError, match="backbone: checkpoint has 'tiny-vit'"):
-        compare.load_run(other, device="cpu")
+        load_run(other, device="cpu")
     # ... or another image size than the one it was trained at
     resized = _finished_copy(runs["root"] / "stage3", tmp_path / "s3", image_size=[64, 96])
     with pytest.raises(CheckpointError, match="'visual' state does not fit"):
-        compare.load_run(resized, device="cpu")
+        load_run(resized, device="cpu")
     bare = tmp_path / "bare"
     bare.mkdir()
     (bare / "params.yaml").write_text("note: hand-written\n")
     (bare / "metrics.json").write_text("{}")
-    with pytest.raises(compare.RunFolderError, match="holds no resolved parameters"):
-        compare.load_run(bare)
+    with pytest.raises(RunFolderError, match="holds no resolved parameters"):
+        load_run(bare)
 
 
 def _finished_copy(source, target, **param_changes):

@@ -201,7 +201,8 @@ def _smoke_stage3_run(out: Path) -> Path:
     from handclip_nb.params import load_params_file, resolve_params
     from handclip_nb.pipeline import NOTEBOOKS_DIR
     from handclip_nb.runs import finish_run, start_run
-    from handclip_nb.train.stage3 import attention_summary, evaluate_stage3, train_stage3
+    from handclip_nb.attention import attention_summary
+    from handclip_nb.train.stage3 import evaluate_stage3, train_stage3
 
     smoke = load_params_file(NOTEBOOKS_DIR.parent / "params" / "smoke.yaml")
     # tiny-vit: untrained, no weight file, fast; what matters here is the UI, not the model

@@ -1,7 +1,8 @@
 """The shared parameter schema: defaults, coercion of papermill/YAML values, clear errors."""
 import pytest
 
-from handclip_nb.params import (BACKBONE_NAMES, SCHEMA, ParamError, load_params_file,
+from handclip_nb.backbone_specs import BACKBONES
+from handclip_nb.params import (SCHEMA, ParamError, load_params_file,
                                 params_from_namespace, resolve_params)
 
 
@@ -33,7 +34,7 @@ def test_coercion(name, value, expected):
 
 
 @pytest.mark.parametrize("name, value, fragment", [
-    ("backbone", "vit-huge", "Valid values: " + ", ".join(BACKBONE_NAMES)),
+    ("backbone", "vit-huge", "Valid values: " + ", ".join(BACKBONES)),
     ("aspect", "dorsal", "palmar_l"),
     ("epochs", -1, "must be >= 0"),
     ("epochs", "ten", "expected an integer"),
@@ -134,7 +135,7 @@ def test_stage_specific_parameters_only_apply_to_their_stage():
 @pytest.mark.parametrize("backbone, s1_epochs, s2_lr", [("vitb16", 120, 5e-6), ("rn50", 60, 3.5e-4)])
 @pytest.mark.parametrize("target", ["dorsal_r", "dorsal_l", "palmar_r", "palmar_l", "hd"])
 def test_reference_params_follow_design(backbone, s1_epochs, s2_lr, target):
-    """DESIGN §5: the CLIP-ReID settings, per backbone, on every 11k aspect and HD."""
+    """docs/methods.md: the CLIP-ReID settings, per backbone, on every 11k aspect and HD."""
     from pathlib import Path
 
     values = load_params_file(Path(__file__).resolve().parents[1] / "params"

@@ -8,15 +8,22 @@ import numpy as np
 import pytest
 import torch
 
+from handclip_nb.backbone_specs import HANDCLIP_MINI_NAME, get_backbone_spec
+from handclip_nb.data.captioned import (EVALUATED_SEEDS, PRETRAIN_ID_OFFSET, CaptionedImages,
+                                        build_pretraining_data, check_disjoint,
+                                        distinct_person_batches, pretraining_data)
 from handclip_nb.data.captions import caption_variant, read_captions
 from handclip_nb.data.handinfo import DataError, read_handinfo
 from handclip_nb.data.synthetic import (ASPECTS, caption_for, caption_phrases, generate_dataset,
                                         image_seed, make_person, render_image, render_photo)
+from handclip_nb.evaluate.probes import PROBES, attribute_probes, retrieval_metrics
 from handclip_nb.losses import clip_contrastive_loss
-from handclip_nb.models.backbones import (HANDCLIP_MINI_NAME, IncompatibleWeightsError,
-                                          build_backbone, get_backbone_spec)
+from handclip_nb.models.backbones import build_backbone
+from handclip_nb.models.weight_files import IncompatibleWeightsError
 from handclip_nb.params import ParamError, resolve_params
-from handclip_nb.train import pretrain
+from handclip_nb.train.model_card import (card_params, compare_with_card, export_mini_weights,
+                                          file_sha256, read_card)
+from handclip_nb.train.pretrain import new_mini_backbone, prepare_pretraining, pretrain_mini
 
 
 # --------------------------------------------------------------------------------------------
@@ -172,23 +179,23 @@ def test_clip_contrastive_loss_trains_the_temperature_and_checks_inputs():
 def test_distinct_person_batches_never_repeat_a_person():
     people = np.repeat(np.arange(30), 7).astype(str)  # 30 people x 7 photos
     rng = np.random.default_rng(0)
-    batches = pretrain.distinct_person_batches(people, 8, rng)
+    batches = distinct_person_batches(people, 8, rng)
     used = np.concatenate(batches)
     assert len(set(used.tolist())) == len(used)  # no photo twice in an epoch
     assert len(used) >= 0.9 * len(people)
     for b in batches:
         assert len(set(people[b])) == len(b) and 4 <= len(b) <= 8
     with pytest.raises(ValueError, match="batch_size"):
-        pretrain.distinct_person_batches(people, 1, rng)
+        distinct_person_batches(people, 1, rng)
 
 
 def test_pretraining_refuses_evaluated_seeds():
     with pytest.raises(ValueError, match="pretrain_seed 0 is a seed evaluated datasets use"):
-        pretrain.check_disjoint(0, 10, 5)
+        check_disjoint(0, 10, 5)
     # the demo's and the tests' datasets use seeds in the refused range and small person numbers
-    assert resolve_params(stage="stage0").synthetic_seed in pretrain.EVALUATED_SEEDS
-    assert resolve_params(stage="pretrain").pretrain_seed not in pretrain.EVALUATED_SEEDS
-    assert pretrain.PRETRAIN_ID_OFFSET > 10 * 712  # above every evaluated person number
+    assert resolve_params(stage="stage0").synthetic_seed in EVALUATED_SEEDS
+    assert resolve_params(stage="pretrain").pretrain_seed not in EVALUATED_SEEDS
+    assert PRETRAIN_ID_OFFSET > 10 * 712  # above every evaluated person number
 
 
 def test_pretrain_stage_parameters():
@@ -198,7 +205,7 @@ def test_pretrain_stage_parameters():
     with pytest.raises(ParamError, match="parameter 'vision_layers'"):
         resolve_params(stage="pretrain", vision_layers=0)
     with pytest.raises(ValueError, match="trains 'handclip-mini'"):
-        pretrain.prepare_pretraining(resolve_params(stage="pretrain", backbone="tiny-vit"))
+        prepare_pretraining(resolve_params(stage="pretrain", backbone="tiny-vit"))
 
 
 # --------------------------------------------------------------------------------------------
@@ -212,20 +219,21 @@ TINY = dict(vision_arch="rn", vision_width=8, vision_layers=1, text_width=64, te
 @pytest.fixture(scope="module")
 def tiny_pretraining(tmp_path_factory):
     root = tmp_path_factory.mktemp("pretrain")
-    data = pretrain.build_pretraining_data(root, people=32, images_per_person=2,
-                                           heldout_people=8, seed=104729)
-    train = pretrain.CaptionedImages(data.train_root, (96, 128), progress=False)
-    heldout = pretrain.CaptionedImages(data.heldout_root, (96, 128), progress=False)
+    data = build_pretraining_data(root, people=32, images_per_person=2,
+                                  heldout_people=8, seed=104729)
+    preprocess = get_backbone_spec(HANDCLIP_MINI_NAME).preprocess((96, 128))
+    train = CaptionedImages(data.train_root, preprocess, progress=False)
+    heldout = CaptionedImages(data.heldout_root, preprocess, progress=False)
     return root, data, train, heldout
 
 
 def test_pretraining_data_is_disjoint_and_generated_once(tiny_pretraining):
     root, data, train, heldout = tiny_pretraining
     assert not set(train.people) & set(heldout.people)
-    assert min(int(p) for p in train.people) == pretrain.PRETRAIN_ID_OFFSET
+    assert min(int(p) for p in train.people) == PRETRAIN_ID_OFFSET
     stamp = (data.train_root / "HandInfo.csv").stat().st_mtime_ns
-    again = pretrain.build_pretraining_data(root, people=32, images_per_person=2,
-                                            heldout_people=8, seed=104729)
+    again = build_pretraining_data(root, people=32, images_per_person=2,
+                                   heldout_people=8, seed=104729)
     assert again == data and (data.train_root / "HandInfo.csv").stat().st_mtime_ns == stamp
 
 
@@ -235,7 +243,7 @@ def test_pretraining_lowers_the_loss_and_improves_retrieval(tiny_pretraining, tm
     _, _, train, heldout = tiny_pretraining
     params = resolve_params(stage="pretrain", epochs=12, lr=2e-3, batch_size=32,
                             warmup_epochs=1, eval_every=4, **TINY)
-    result = pretrain.pretrain_mini(params, tmp_path / "run", train, heldout)
+    result = pretrain_mini(params, tmp_path / "run", train, heldout)
     losses = [h["loss"]["loss"] for h in result.fit.history]
     # chance level is ln(32) = 3.47; the tiny model starts above it and must end well below
     assert losses[-1] < losses[0] - 0.5 and losses[-1] < np.log(32) - 0.3, losses
@@ -249,10 +257,10 @@ def test_pretraining_lowers_the_loss_and_improves_retrieval(tiny_pretraining, tm
 def test_export_fp16_roundtrip_and_sha256(tiny_pretraining, tmp_path):
     _, _, train, _ = tiny_pretraining
     params = resolve_params(stage="pretrain", **TINY)
-    bb = pretrain.new_mini_backbone(params).eval()  # eval: BatchNorm uses its running stats
-    path, digest = pretrain.export_mini_weights(bb, tmp_path / "mini.pt")
+    bb = new_mini_backbone(params).eval()  # eval: BatchNorm uses its running stats
+    path, digest = export_mini_weights(bb, tmp_path / "mini.pt")
     assert (tmp_path / "mini.sha256").read_text().split() == [digest, "mini.pt"]
-    assert digest == pretrain.file_sha256(path)
+    assert digest == file_sha256(path)
     sd = torch.load(path, weights_only=True)["state_dict"]
     assert {t.dtype for t in sd.values() if t.is_floating_point()} == {torch.float16}
     # a handclip-mini file with its own (smaller) architecture loads under the registry name
@@ -266,10 +274,10 @@ def test_export_fp16_roundtrip_and_sha256(tiny_pretraining, tmp_path):
 
 
 def test_a_corrupt_shipped_file_is_refused_by_its_sha256(tmp_path):
-    from handclip_nb.models.backbones import BACKBONES, BackboneSpec, register_backbone
+    from handclip_nb.backbone_specs import BACKBONES, BackboneSpec, register_backbone
 
     params = resolve_params(stage="pretrain", **TINY)
-    path, _ = pretrain.export_mini_weights(pretrain.new_mini_backbone(params), tmp_path / "m.pt")
+    path, _ = export_mini_weights(new_mini_backbone(params), tmp_path / "m.pt")
     spec = BackboneSpec("test-shipped", "test", arch=get_backbone_spec(HANDCLIP_MINI_NAME).arch,
                         weights_file=str(path), weights_sha256_file=str(tmp_path / "m.sha256"))
     register_backbone(spec)
@@ -291,7 +299,7 @@ def test_model_card_and_reproduction_comparison(tmp_path):
     card = {"probe_k": 10, "probes": {"nail polish": {"precision@10": 80.0},
                                       "dark skin": {"precision@10": 50.0}}}
     now = pd.DataFrame({"precision@10": [75.0, 70.0]}, index=["nail polish", "dark skin"])
-    cmp = pretrain.compare_with_card(now, card, tolerance=10.0)
+    cmp = compare_with_card(now, card, tolerance=10.0)
     assert cmp.loc["nail polish", "within"] and not cmp.loc["dark skin", "within"]
     assert cmp.loc["dark skin", "difference"] == pytest.approx(20.0)
 
@@ -309,9 +317,9 @@ def test_shipped_weights_are_small_fp16_and_match_their_sha256():
     path = Path(SPEC.weights_file)
     assert path.is_file(), "handclip_mini.pt must ship with the package"
     assert path.stat().st_size <= 25 * 1024 * 1024
-    digest = pretrain.file_sha256(path)
+    digest = file_sha256(path)
     assert Path(SPEC.weights_sha256_file).read_text().split()[0] == digest
-    card = pretrain.read_card()
+    card = read_card()
     assert card["sha256"] == digest and card["name"] == HANDCLIP_MINI_NAME
     md = path.with_suffix(".md").read_text()
     assert "Trained on synthetic hands only" in md and digest in md
@@ -330,22 +338,22 @@ def test_shipped_model_loads_offline_and_says_what_it_is(monkeypatch, tmp_path):
 def test_shipped_model_reproduces_its_card_probes(one_thread):
     """Re-measure the card's held-out probes from the shipped weights (deterministic
     evaluation: only fp16 storage and float rounding differ, so 2 points is ample)."""
-    card = pretrain.read_card()
-    params = pretrain.card_params(card)
-    data = pretrain.pretraining_data(params)
-    heldout = pretrain.CaptionedImages(data.heldout_root, params.image_size, progress=False)
+    card = read_card()
+    params = card_params(card)
+    data = pretraining_data(params)
     bb = build_backbone(HANDCLIP_MINI_NAME, image_size=params.image_size)
-    probes = pretrain.attribute_probes(bb, heldout, k=card["probe_k"])
-    cmp = pretrain.compare_with_card(probes, card, tolerance=2.0)
+    heldout = CaptionedImages(data.heldout_root, bb.preprocess_config(), progress=False)
+    probes = attribute_probes(bb, heldout, k=card["probe_k"])
+    cmp = compare_with_card(probes, card, tolerance=2.0)
     assert cmp["within"].all(), cmp
-    retrieval = pretrain.retrieval_metrics(bb, heldout)
+    retrieval = retrieval_metrics(bb, heldout)
     assert retrieval["t2i_mAP"] == pytest.approx(card["retrieval_after"]["t2i_mAP"], abs=2.0)
 
 
 @pytest.mark.slow
 def test_shipped_model_ranks_hands_zero_shot_better_than_an_untrained_one(synthetic_11k,
                                                                         one_thread):
-    from handclip_nb.data import build_protocol, build_transform
+    from handclip_nb.data import build_protocol
     from handclip_nb.evaluate import evaluate_backbone
 
     maps = {}
@@ -354,7 +362,7 @@ def test_shipped_model_ranks_hands_zero_shot_better_than_an_untrained_one(synthe
                            num_splits=3, feature_cache=False)
         protocol = build_protocol(p)
         bb = build_backbone(name, image_size=p.image_size)
-        res = evaluate_backbone(bb, protocol, p, build_transform(p.image_size), cache_dir=None)
+        res = evaluate_backbone(bb, protocol, p, cache_dir=None)  # preprocessed as bb says
         maps[name] = res["test"].summary["mAP"]["mean"]
     assert maps[HANDCLIP_MINI_NAME] > maps["tiny-vit"] + 5, maps
 
@@ -366,8 +374,8 @@ def test_attribute_probes_run_on_data_without_captions(synthetic_11k, tmp_path):
     shutil.copytree(synthetic_11k, root)
     (root / "captions.csv").unlink()  # like the real 11k Hands
     params = resolve_params(stage="pretrain", **TINY)
-    probes = pretrain.attribute_probes(pretrain.new_mini_backbone(params), root, k=5)
-    assert list(probes.index) == [p.name for p in pretrain.PROBES]
+    probes = attribute_probes(new_mini_backbone(params), root, k=5)
+    assert list(probes.index) == [p.name for p in PROBES]
     row = probes.loc["palm side"]
     assert row["base_rate"] == pytest.approx(50.0) and 0 <= row["precision@5"] <= 100
     assert row["images"] == len(read_handinfo(root / "HandInfo.csv"))

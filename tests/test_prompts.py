@@ -1,6 +1,6 @@
 """CLIP-ReID prompt learner and PromptSG prompt composer (tiny, untrained CLIP text towers; offline).
 
-Guards DESIGN §6.5 (text feature read at position 0) and §6.6 (template slicing that assumed 4 context
+Guards docs/mistakes.md #5 (text feature read at position 0) and docs/mistakes.md #6 (template slicing that assumed 4 context
 tokens, so with 12 the EOT token was overwritten).
 """
 from __future__ import annotations
@@ -39,7 +39,7 @@ def backbone(request, vit, rn):
 
 
 # --------------------------------------------------------------------------------------------------
-# Assembly for any n_ctx (§6.6)
+# Assembly for any n_ctx (docs/mistakes.md #6)
 # --------------------------------------------------------------------------------------------------
 
 
@@ -107,7 +107,7 @@ def test_placeholder_found_from_tokens_not_assumed(vit):
 
 
 # --------------------------------------------------------------------------------------------------
-# Reading at EOT, not position 0 (§6.5)
+# Reading at EOT, not position 0 (docs/mistakes.md #5)
 # --------------------------------------------------------------------------------------------------
 
 

@@ -1,6 +1,6 @@
 """PromptSG model (tiny, untrained CLIP backbones; offline, CPU).
 
-Guards DESIGN §6.4 -- the earlier implementation's cross-attention over a *single* image vector
+Guards docs/mistakes.md #4 -- the earlier implementation's cross-attention over a *single* image vector
 (softmax over one key is 1, so the text had no effect) and the inversion MLP that received no
 gradient with the SupCon weight at 0 -- plus the simplified-prompt cache, the frozen text tower,
 the attention statistics and a short optimisation.
@@ -21,8 +21,8 @@ from handclip_nb.models.promptsg import (
     attention_entropy,
     default_num_heads,
     prompt_sensitivity,
-    promptsg_loss,
 )
+from handclip_nb.train.stage3 import promptsg_loss
 
 SIZE = (96, 128)
 
@@ -107,7 +107,7 @@ def test_forward_outputs_and_prompt_mode_validation(vit_model):
 
 
 # --------------------------------------------------------------------------------------------------
-# §6.4 guards
+# docs/mistakes.md #4 guards
 # --------------------------------------------------------------------------------------------------
 
 

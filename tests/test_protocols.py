@@ -8,7 +8,7 @@ from handclip_nb.data.handinfo import DataError, read_handinfo, read_hd
 from handclip_nb.data.protocols import (build_11k_protocol, build_hd_protocol, load_manifest,
                                         verify_images)
 
-# DESIGN.md §4: the MBA-Net protocol sizes on the real HandInfo.csv.
+# docs/protocols.md: the MBA-Net protocol sizes on the real HandInfo.csv.
 PUBLISHED = {
     "dorsal_r": (72, 962, 71, 1042, 971),
     "dorsal_l": (73, 808, 73, 1061, 988),
@@ -219,7 +219,7 @@ def test_hd_bad_file_name_is_reported(synthetic_hd, tmp_path):
 
 
 def test_hd_protocol_on_real_shaped_ids():
-    """502 ids in 1-501 → ids <= 251 train, the other 251 test (DESIGN §4)."""
+    """502 ids in 1-501 → ids <= 251 train, the other 251 test (docs/protocols.md)."""
     from handclip_nb.data.handinfo import HandImage
 
     records = [HandImage(path=f"Original Images/1-501/{i}_{n}.jpg", person=str(i),

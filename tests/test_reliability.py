@@ -27,12 +27,14 @@ from pathlib import Path
 
 import pytest
 import torch
+from builders import run_params
 
 from handclip_nb.data.datasets import build_protocol
 from handclip_nb.data.handinfo import HANDINFO_COLUMNS, DataError, read_handinfo
 from handclip_nb.params import (SCHEMA, STAGES, ParamError, _applies, load_params_file,
                                 resolve_params)
-from handclip_nb.train.checkpoint import CheckpointError
+from handclip_nb.checkpoint import CheckpointError
+from handclip_nb.runs import start_run
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -47,12 +49,9 @@ def tiny_hands(tmp_path_factory) -> Path:
 
 
 def _params(stage, data_root, out, **kw):
-    base = dict(data_root=str(data_root) if data_root is not None else None, num_splits=2,
-                output_dir=str(out), feature_cache=False, warmup_epochs=1, backbone="tiny-vit")
-    if stage == "stage2":
-        base.update(p_ids=4, k_images=4, milestones=[100], random_erasing=0.0)
-    base.update(kw)
-    return resolve_params(base, stage=stage)
+    base = dict(p_ids=4, k_images=4, milestones=[100], random_erasing=0.0) \
+        if stage == "stage2" else {}
+    return run_params(stage, out, data_root, **{**base, **kw})
 
 
 def _train_stage1(data_root, out, **kw):
@@ -63,18 +62,18 @@ def _train_stage1(data_root, out, **kw):
     p = _params("stage1", data_root, out, **kw)
     protocol = build_protocol(p)
     bb = build_backbone(p.backbone, image_size=p.image_size, seed=p.seed)
+    start_run(p)  # params.yaml: stage 2 rebuilds the run from it
     return train_stage1(p, p.output_dir, protocol, bb, progress=False)
 
 
 def _train_stage2(data_root, out, stage1_dir, **kw):
     from handclip_nb.models import build_backbone
-    from handclip_nb.train.stage1 import load_prompts
-    from handclip_nb.train.stage2 import train_stage2
+    from handclip_nb.train.stage2 import load_stage1_prompts, train_stage2
 
     p = _params("stage2", data_root, out, stage1_dir=str(stage1_dir), **kw)
     protocol = build_protocol(p)
     bb = build_backbone(p.backbone, image_size=p.image_size, seed=p.seed)
-    return train_stage2(p, p.output_dir, protocol, bb, load_prompts(stage1_dir, bb, protocol),
+    return train_stage2(p, p.output_dir, protocol, bb, load_stage1_prompts(stage1_dir, bb, protocol),
                         progress=False)
 
 
@@ -94,14 +93,13 @@ STAGE2_COMMAND = textwrap.dedent("""
     from handclip_nb.evaluate import metrics_record
     from handclip_nb.models import build_backbone
     from handclip_nb.params import resolve_params
-    from handclip_nb.train.stage1 import load_prompts
-    from handclip_nb.train.stage2 import evaluate_model, train_stage2
+    from handclip_nb.train.stage2 import evaluate_model, load_stage1_prompts, train_stage2
 
     params = resolve_params(json.loads(sys.argv[1]), stage="stage2")
     run = runs.start_run(params)
     protocol = build_protocol(params)
     backbone = build_backbone(params.backbone, image_size=params.image_size, seed=params.seed)
-    prompts = load_prompts(params.stage1_dir, backbone, protocol)
+    prompts = load_stage1_prompts(params.stage1_dir, backbone, protocol)
     done = lambda record: print("EPOCH-DONE", record["epoch"], flush=True)
     result = train_stage2(params, run.output_dir, protocol, backbone, prompts,
                           callbacks=[done], progress=False)

@@ -3,33 +3,23 @@ resume, rebuilding a finished run, and the attention source the attention notebo
 import numpy as np
 import pytest
 import torch
+from builders import run_params
 
-from handclip_nb.data import build_protocol, build_transform
+from handclip_nb.attention import ModelAttentionSource, attention_summary
+from handclip_nb.data import build_protocol
 from handclip_nb.evaluate import evaluate_backbone
 from handclip_nb.models import build_backbone
-from handclip_nb.params import resolve_params
-from handclip_nb.runs import start_run
-from handclip_nb.train.checkpoint import CheckpointError
-from handclip_nb.train.stage3 import (ModelAttentionSource, attention_summary, evaluate_stage3,
-                                      load_stage3_run, train_stage3)
+from handclip_nb.run_loader import load_run
+from handclip_nb.runs import RunFolderError, start_run
+from handclip_nb.train.stage3 import evaluate_stage3, train_stage3
 
 pytestmark = pytest.mark.slow
 
 
-@pytest.fixture(scope="module")
-def hands(tmp_path_factory):
-    from handclip_nb.data.synthetic import generate_dataset
-
-    return generate_dataset(tmp_path_factory.mktemp("hands3"), subjects=60, images_per_subject=6,
-                            seed=0)
-
-
 def _p3(hands, out, **kw):
-    base = dict(backbone="tiny-vit", data_root=str(hands), num_splits=2, output_dir=str(out),
-                feature_cache=False, warmup_epochs=1, epochs=30, lr=3e-3, lr_new=3e-3, milestones=[24], p_ids=8,
-                k_images=4, id_weight=0.25, supcon_weight=0.1, random_erasing=0.0)
-    base.update(kw)
-    return resolve_params(base, stage="stage3")
+    base = dict(epochs=30, lr=3e-3, lr_new=3e-3, milestones=[24], p_ids=8, k_images=4,
+                id_weight=0.25, supcon_weight=0.1, random_erasing=0.0)
+    return run_params("stage3", out, hands, **{**base, **kw})
 
 
 @pytest.mark.parametrize("backbone", ["tiny-rn", "tiny-vit"])
@@ -38,7 +28,7 @@ def test_promptsg_beats_zero_shot_and_text_shapes_attention(hands, tmp_path, bac
             random_erasing=0.5 if backbone == "tiny-vit" else 0.0)
     protocol = build_protocol(p)
     bb = build_backbone(backbone, image_size=p.image_size, seed=0)
-    zero = evaluate_backbone(bb, protocol, p, build_transform(p.image_size))["test"]
+    zero = evaluate_backbone(bb, protocol, p)["test"]
     result = train_stage3(p, p.output_dir, protocol, bb, progress=False)
     losses = [h["loss"]["loss"] for h in result.fit.history]
     assert losses[-1] < losses[0]
@@ -53,20 +43,21 @@ def test_promptsg_beats_zero_shot_and_text_shapes_attention(hands, tmp_path, bac
 
 
 def test_warm_start_from_stage2_and_refusal(hands, tmp_path):
-    from handclip_nb.train.stage1 import load_prompts, train_stage1
-    from handclip_nb.train.stage2 import train_stage2
+    from handclip_nb.train.stage1 import train_stage1
+    from handclip_nb.train.stage2 import load_stage1_prompts, train_stage2
 
-    common = dict(data_root=str(hands), num_splits=1, feature_cache=False, warmup_epochs=1)
-    p1 = resolve_params({**common, "epochs": 1, "output_dir": str(tmp_path / "s1")},
-                        stage="stage1")
+    common = dict(num_splits=1)
+    p1 = run_params("stage1", tmp_path / "s1", hands, epochs=1, **common)
     protocol = build_protocol(p1)
     bb = build_backbone("tiny-vit", image_size=p1.image_size, seed=0)
+    start_run(p1)
     train_stage1(p1, p1.output_dir, protocol, bb, progress=False)
-    p2 = resolve_params({**common, "epochs": 1, "p_ids": 4, "k_images": 2, "milestones": [1],
-                         "output_dir": str(tmp_path / "s2"), "stage1_dir": p1.output_dir},
-                        stage="stage2")
+    p2 = run_params("stage2", tmp_path / "s2", hands, epochs=1, p_ids=4, k_images=2,
+                    milestones=[1], stage1_dir=p1.output_dir, **common)
     bb2 = build_backbone("tiny-vit", image_size=p2.image_size, seed=0)
-    s2 = train_stage2(p2, p2.output_dir, protocol, bb2, load_prompts(p1.output_dir, bb2, protocol),
+    start_run(p2)
+    s2 = train_stage2(p2, p2.output_dir, protocol, bb2,
+                      load_stage1_prompts(p1.output_dir, bb2, protocol),
                       progress=False)
     p3 = _p3(hands, tmp_path / "s3", epochs=0, init_from=str(tmp_path / "s2"))
     bb3 = build_backbone("tiny-vit", image_size=p3.image_size, seed=0)
@@ -75,11 +66,11 @@ def test_warm_start_from_stage2_and_refusal(hands, tmp_path):
     for k, v in s2.model.backbone.visual.state_dict().items():
         assert torch.equal(v, r3.model.backbone.visual.state_dict()[k]), k
     bb_rn = build_backbone("tiny-rn", image_size=p3.image_size, seed=0)
-    with pytest.raises(CheckpointError, match="backbone: checkpoint has 'tiny-vit'"):
+    with pytest.raises(ValueError, match="is a tiny-vit run.*'tiny-rn'"):
         train_stage3(_p3(hands, tmp_path / "s3rn", backbone="tiny-rn", epochs=0,
                          init_from=str(tmp_path / "s2")), tmp_path / "s3rn", protocol, bb_rn,
                      progress=False)
-    with pytest.raises(FileNotFoundError, match="no stage-2 checkpoint"):
+    with pytest.raises(FileNotFoundError, match="(?s)init_from=.*does not exist.*notebooks/stage2"):
         train_stage3(_p3(hands, tmp_path / "x", epochs=0, init_from=str(tmp_path / "none")),
                      tmp_path / "x", protocol, bb3, progress=False)
 
@@ -115,7 +106,9 @@ def test_stage3_resume_matches_uninterrupted_and_run_rebuilds(hands, tmp_path, w
     protocol = build_protocol(p)
     bb = build_backbone("tiny-vit", image_size=p.image_size, seed=0)
     model = train_stage3(p, p.output_dir, protocol, bb, progress=False).model
-    params2, protocol2, model2 = load_stage3_run(p.output_dir, device="cpu")
+    loaded = load_run(p.output_dir, device="cpu", require_finished=False, stages=("stage3",))
+    params2, model2 = loaded.params, loaded.model
+    protocol2 = build_protocol(params2)
     x = torch.randn(3, 3, *p.image_size)
     with torch.no_grad():
         assert torch.allclose(model.embed(x), model2.embed(x), atol=1e-5)
@@ -132,6 +125,6 @@ def test_stage3_resume_matches_uninterrupted_and_run_rebuilds(hands, tmp_path, w
     assert source.aggregate("simplified", limit=5).shape[0] == 5
 
 
-def test_load_stage3_run_errors(tmp_path):
-    with pytest.raises(FileNotFoundError, match="not a finished stage-3 run"):
-        load_stage3_run(tmp_path)
+def test_load_run_of_a_folder_that_is_not_a_run(tmp_path):
+    with pytest.raises(RunFolderError, match="not a run folder.*no params.yaml"):
+        load_run(tmp_path, stages=("stage3",))

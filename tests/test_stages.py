@@ -1,4 +1,4 @@
-"""CLIP-ReID stages 1 and 2 on synthetic hands: behaviour, guards of DESIGN §6, resume, determinism.
+"""CLIP-ReID stages 1 and 2 on synthetic hands: behaviour, guards of docs/mistakes.md, resume, determinism.
 
 The datasets are small so that each training run takes seconds on 2 CPU cores; the behaviour
 assertions are margins measured on these exact settings (seed 0), not hopes.
@@ -8,42 +8,34 @@ import copy
 import numpy as np
 import pytest
 import torch
+from builders import run_params
 
-from handclip_nb.data import build_protocol, build_transform
+from handclip_nb.checkpoint import CheckpointError, load_checkpoint
+from handclip_nb.data import build_protocol
 from handclip_nb.evaluate import evaluate_backbone
 from handclip_nb.models import build_backbone
-from handclip_nb.params import resolve_params
-from handclip_nb.train.checkpoint import load_checkpoint
-from handclip_nb.train.stage1 import PROMPTS_FILE, load_prompts, train_stage1
-from handclip_nb.train.stage2 import evaluate_model, train_stage2
+from handclip_nb.runs import PROMPTS_FILE, start_run
+from handclip_nb.train.stage1 import train_stage1
+from handclip_nb.train.stage2 import evaluate_model, load_stage1_prompts, train_stage2
 
 pytestmark = pytest.mark.slow
 
 
-@pytest.fixture(scope="module")
-def hands(tmp_path_factory):
-    from handclip_nb.data.synthetic import generate_dataset
-
-    return generate_dataset(tmp_path_factory.mktemp("hands"), subjects=60, images_per_subject=6,
-                            seed=0)
-
-
 def _params(stage, hands, out, **kw):
-    base = dict(backbone="tiny-vit", data_root=str(hands), num_splits=2, output_dir=str(out),
-                feature_cache=False, warmup_epochs=1)
+    base = {}
     if stage == "stage1":
         base.update(epochs=30, lr=1e-2, center_features=True)
     if stage == "stage2":
         base.update(epochs=30, lr=3e-3, milestones=[24], p_ids=8, k_images=4, random_erasing=0.0,
                     stage1_dir=str(out.parent / "s1"))
-    base.update(kw)
-    return resolve_params(base, stage=stage)
+    return run_params(stage, out, hands, **{**base, **kw})
 
 
 def _stage1(hands, root, backbone="tiny-vit", **kw):
     p = _params("stage1", hands, root / "s1", backbone=backbone, **kw)
     protocol = build_protocol(p)
     bb = build_backbone(backbone, image_size=p.image_size, seed=p.seed)
+    start_run(p)  # params.yaml: stage 2 rebuilds the run from it
     return p, protocol, bb, train_stage1(p, p.output_dir, protocol, bb, progress=False)
 
 
@@ -77,12 +69,13 @@ def test_stage2_refuses_missing_or_foreign_prompts(hands, tmp_path):
     p, protocol, _, _ = _stage1(hands, tmp_path, backbone="tiny-rn", epochs=2)
     bb_vit = build_backbone("tiny-vit", image_size=p.image_size, seed=0)
     with pytest.raises(ValueError, match="backbone"):
-        load_prompts(tmp_path / "s1", bb_vit, protocol)
+        load_stage1_prompts(tmp_path / "s1", bb_vit, protocol)
     with pytest.raises(FileNotFoundError, match="run notebooks/stage1_prompt.ipynb"):
-        load_prompts(tmp_path / "nowhere", bb_vit, protocol)
+        load_stage1_prompts(tmp_path / "nowhere", bb_vit, protocol)
     (tmp_path / "s1" / PROMPTS_FILE).write_bytes(b"truncated")
-    with pytest.raises(ValueError, match="corrupt or truncated"):
-        load_prompts(tmp_path / "s1", bb_vit, protocol)
+    bb_rn = build_backbone("tiny-rn", image_size=p.image_size, seed=0)
+    with pytest.raises(CheckpointError, match="corrupt or truncated"):
+        load_stage1_prompts(tmp_path / "s1", bb_rn, protocol)
 
 
 @pytest.mark.parametrize("backbone", ["tiny-rn", "tiny-vit"])
@@ -92,10 +85,10 @@ def test_stage2_beats_zero_shot_and_keeps_text_frozen(hands, tmp_path, backbone)
     extra = {"tiny-rn": {}, "tiny-vit": dict(epochs=60, milestones=[48], random_erasing=0.5)}
     p2 = _params("stage2", hands, tmp_path / "s2", backbone=backbone, **extra[backbone])
     bb = build_backbone(backbone, image_size=p2.image_size, seed=0)
-    zero = evaluate_backbone(bb, protocol, p2, build_transform(p2.image_size))["test"]
+    zero = evaluate_backbone(bb, protocol, p2)["test"]
     text_before = {k: v.clone() for k, v in bb.clip.transformer.state_dict().items()}
     visual_before = bb.clip.visual.conv1.weight.detach().clone()
-    prompts = load_prompts(p1.output_dir, bb, protocol)
+    prompts = load_stage1_prompts(p1.output_dir, bb, protocol)
     result = train_stage2(p2, p2.output_dir, protocol, bb, prompts, progress=False)
     for k, v in bb.clip.transformer.state_dict().items():
         assert torch.equal(v, text_before[k]), f"text encoder weight {k} changed"
@@ -109,7 +102,7 @@ def test_stage2_beats_zero_shot_and_keeps_text_frozen(hands, tmp_path, backbone)
 
 
 def test_stage2_validates_on_training_identities_only(hands, tmp_path, monkeypatch):
-    """DESIGN §6.1: model selection saw query0/gallery0 of the *test* identities."""
+    """docs/mistakes.md #1: model selection saw query0/gallery0 of the *test* identities."""
     import handclip_nb.train.stage2 as stage2
 
     p1, protocol, _, _ = _stage1(hands, tmp_path, epochs=2)
@@ -123,7 +116,7 @@ def test_stage2_validates_on_training_identities_only(hands, tmp_path, monkeypat
 
     monkeypatch.setattr(stage2, "extract_features", spy)
     bb = build_backbone("tiny-vit", image_size=p2.image_size, seed=0)
-    train_stage2(p2, p2.output_dir, protocol, bb, load_prompts(p1.output_dir, bb, protocol),
+    train_stage2(p2, p2.output_dir, protocol, bb, load_stage1_prompts(p1.output_dir, bb, protocol),
                  progress=False)
     test_paths = set(protocol.paths(i for s in protocol.test for i in (*s.query, *s.gallery)))
     assert seen and not set(seen) & test_paths
@@ -140,7 +133,7 @@ def _run_stage2(hands, root, prompts_dir, callbacks=(), resume=False, epochs=4):
     from handclip_nb.runs import seed_everything
 
     seed_everything(p2.seed)
-    prompts = load_prompts(prompts_dir, bb, protocol)
+    prompts = load_stage1_prompts(prompts_dir, bb, protocol)
     result = train_stage2(p2, p2.output_dir, protocol, bb, prompts, callbacks=callbacks,
                           progress=False)
     test = evaluate_model(result.model, protocol, p2)["test"]
@@ -172,12 +165,13 @@ def test_stage2_same_seed_same_metrics_and_resume_after_kill(hands, tmp_path):
 
 
 def test_pk_batches_give_every_anchor_a_positive(hands, tmp_path):
-    """DESIGN §6.7: without P x K sampling most anchors had no positive in the batch."""
+    """docs/mistakes.md #7: without P x K sampling most anchors had no positive in the batch."""
     from handclip_nb.train.stage2 import train_batches
 
     p2 = _params("stage2", hands, tmp_path / "s2")
     protocol = build_protocol(p2)
-    for images, labels in train_batches(p2, protocol, torch.device("cpu"))(0):
+    bb = build_backbone("tiny-vit", image_size=p2.image_size, seed=0)
+    for images, labels in train_batches(p2, protocol, bb, torch.device("cpu"))(0):
         counts = np.bincount(labels.numpy())
         assert set(counts[counts > 0]) == {p2.k_images}
         assert images.shape[0] == p2.p_ids * p2.k_images
@@ -189,7 +183,7 @@ def test_stage2_with_arcface_and_center_loss_runs(hands, tmp_path):
                  center_weight=0.0005)
     bb = build_backbone("tiny-vit", image_size=p2.image_size, seed=0)
     result = train_stage2(p2, p2.output_dir, protocol, bb,
-                          load_prompts(p1.output_dir, bb, protocol), progress=False)
+                          load_stage1_prompts(p1.output_dir, bb, protocol), progress=False)
     assert "center" in result.fit.history[0]["loss"]
     ckpt = load_checkpoint(tmp_path / "s2" / "checkpoints" / "last.pt", stage="stage2")
     assert set(ckpt["model"]) == {"visual", "head", "center"}

@@ -5,7 +5,8 @@ import pytest
 import torch
 from torch import nn
 
-from handclip_nb.train import CheckpointError, TrainLoop, load_checkpoint, save_checkpoint
+from handclip_nb.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
+from handclip_nb.train import TrainLoop
 from handclip_nb.train.schedulers import (warmup_cosine, warmup_cosine_factor, warmup_multistep,
                                           warmup_multistep_factor)
 
@@ -86,7 +87,7 @@ def test_gradient_is_clipped_before_the_optimizer_step(tmp_path):
 
 
 def test_best_state_is_a_copy_not_the_live_model(tmp_path):
-    """DESIGN §6.3: the 'best' model was a reference to live modules, i.e. the last epoch."""
+    """docs/mistakes.md #3: the 'best' model was a reference to live modules, i.e. the last epoch."""
     model, x, y = _toy()
     scores = iter([10.0, 50.0, 20.0, 5.0])
     snapshots = []

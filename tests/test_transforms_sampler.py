@@ -5,9 +5,10 @@ import torch
 from PIL import Image
 from torchvision import transforms as T
 
+from handclip_nb.backbone_specs import PreprocessConfig
+from handclip_nb.constants import CLIP_MEAN, CLIP_STD
 from handclip_nb.data.sampler import PKSampler
-from handclip_nb.data.transforms import (CLIP_MEAN, CLIP_STD, AugmentConfig, LetterboxResize,
-                                         build_transform)
+from handclip_nb.data.transforms import AugmentConfig, LetterboxResize, build_transform
 
 
 def _normalize_steps(tf):
@@ -16,16 +17,25 @@ def _normalize_steps(tf):
 
 @pytest.mark.parametrize("train", [False, True])
 def test_train_and_eval_both_use_clip_normalisation(train):
-    """DESIGN §6.2: the earlier code normalised only at evaluation."""
-    tf = build_transform((96, 128), train=train)
+    """docs/mistakes.md #2: the earlier code normalised only at evaluation."""
+    tf = build_transform(PreprocessConfig((96, 128)), train=train)
     (norm,) = _normalize_steps(tf)
     assert tuple(norm.mean) == CLIP_MEAN and tuple(norm.std) == CLIP_STD
+
+
+def test_transform_comes_from_a_preprocess_config_only():
+    """One way to build a transform: from the model's own config, never a bare size."""
+    with pytest.raises(TypeError, match="PreprocessConfig.*backbone.preprocess_config"):
+        build_transform((96, 128))
+    cfg = PreprocessConfig((96, 128), mean=(0.5, 0.5, 0.5), std=(0.25, 0.25, 0.25))
+    (norm,) = _normalize_steps(build_transform(cfg))
+    assert tuple(norm.mean) == (0.5, 0.5, 0.5) and tuple(norm.std) == (0.25, 0.25, 0.25)
 
 
 def test_normalised_mean_colour_is_zero():
     mean_rgb = tuple(int(round(255 * m)) for m in CLIP_MEAN)
     img = Image.new("RGB", (160, 120), mean_rgb)
-    x = build_transform((96, 128))(img)
+    x = build_transform(PreprocessConfig((96, 128)))(img)
     assert x.shape == (3, 96, 128)
     assert x.abs().max() < 0.01
 
@@ -42,19 +52,20 @@ def test_letterbox_keeps_aspect_ratio_and_pads():
 
 def test_squash_only_when_asked():
     img = Image.new("RGB", (200, 100), (255, 0, 0))
-    x = build_transform((96, 128), resize_mode="squash")(img)
+    x = build_transform(PreprocessConfig((96, 128), resize_mode="squash"))(img)
     assert x.shape == (3, 96, 128)
     assert (x[0] > 1).all()  # all red: nothing padded
     with pytest.raises(ValueError, match="pad, squash"):
-        build_transform((96, 128), resize_mode="crop")
+        build_transform(PreprocessConfig((96, 128), resize_mode="crop"))
 
 
 def test_training_augmentation_has_no_flip_by_default():
-    tf = build_transform((96, 128), train=True)
+    tf = build_transform(PreprocessConfig((96, 128)), train=True)
     kinds = [type(t).__name__ for t in tf.transforms]
     assert "RandomHorizontalFlip" not in kinds
     assert {"RandomCrop", "ColorJitter", "RandomErasing"} <= set(kinds)
-    tf_flip = build_transform((96, 128), train=True, augment=AugmentConfig(hflip_p=0.5))
+    tf_flip = build_transform(PreprocessConfig((96, 128)), train=True,
+                              augment=AugmentConfig(hflip_p=0.5))
     assert "RandomHorizontalFlip" in [type(t).__name__ for t in tf_flip.transforms]
     torch.manual_seed(0)
     x = tf(Image.new("RGB", (160, 120), (200, 150, 120)))

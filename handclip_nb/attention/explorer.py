@@ -8,14 +8,18 @@ from __future__ import annotations
 
 import io
 import os
+import traceback
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, Iterable, Sequence
 
 import matplotlib.pyplot as plt
+from IPython import get_ipython
+from IPython.display import Image as IPythonImage
+from IPython.display import clear_output, display
 
-from .attention_viz import AttentionSource, Head, aggregate_figure, query_figure, topk_figure
-from .runs import atomic_write_bytes
+from ..runs import atomic_write_bytes
+from .figures import AttentionSource, Head, aggregate_figure, query_figure, topk_figure
 
 __all__ = ["AttentionExplorer", "explore", "figure_png", "in_ipython"]
 
@@ -24,10 +28,6 @@ DPI = 110
 
 def in_ipython() -> bool:
     """True inside an IPython shell or kernel (a notebook, papermill, the IPython REPL)."""
-    try:
-        from IPython import get_ipython
-    except ImportError:  # pragma: no cover - IPython ships with the project
-        return False
     return get_ipython() is not None
 
 
@@ -63,14 +63,12 @@ def _no_progress_bars():
 
 
 def _show_png(png: bytes) -> None:
-    from IPython.display import Image, display
-
-    display(Image(data=png, format="png"))
+    display(IPythonImage(data=png, format="png"))
 
 
 def _import_ipywidgets():
     try:
-        import ipywidgets
+        import ipywidgets  # only when a person is present: headless runs never pay for it
     except ImportError as exc:
         raise ImportError(
             "the interactive attention explorer needs ipywidgets (pip install 'ipywidgets>=8', "
@@ -80,7 +78,7 @@ def _import_ipywidgets():
 
 
 class AttentionExplorer:
-    """Query picker over an :class:`~handclip_nb.attention_viz.AttentionSource`.
+    """Query picker over an :class:`~handclip_nb.attention.figures.AttentionSource`.
 
     ``widget()`` builds the interactive view; ``static()`` / ``aggregate()`` render the same
     figures as PNGs into ``out_dir`` (and show them inside IPython).
@@ -132,8 +130,6 @@ class AttentionExplorer:
         """Redraw the query and top-k figures for the current control values into the Output."""
         if self._out is None:
             raise RuntimeError("call widget() first")
-        from IPython.display import clear_output
-
         c = self._controls
         i, head, k, mode = c["query"].value, c["head"].value, c["k"].value, c["prompt_mode"].value
         before = set(plt.get_fignums())
@@ -144,8 +140,6 @@ class AttentionExplorer:
                 _show_png(figure_png(topk_figure(self.source, i, k=k, prompt_mode=mode,
                                                  head=head)))
             except Exception:  # show the error in the view and keep the widget alive
-                import traceback
-
                 print(f"could not render query {i}:")
                 traceback.print_exc()
                 for n in set(plt.get_fignums()) - before:  # a half-built figure
@@ -212,8 +206,6 @@ def explore(source: AttentionSource, interactive: bool, queries: Sequence[int] |
     if interactive:
         view = explorer.widget()  # raises a clear ImportError without ipywidgets
         if in_ipython():
-            from IPython.display import display
-
             display(view)
         show_static = False
     paths = explorer.static(queries, head=head, show=show_static)

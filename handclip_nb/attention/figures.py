@@ -9,7 +9,7 @@ pixels.
 Everything a figure needs from a trained model goes through :class:`AttentionSource` (the
 attention notebook implements it over the real model; the tests over a fake). Every function
 returns a pyplot ``Figure`` and never calls ``plt.show()``: the caller displays, saves and closes
-it (``handclip_nb.widgets`` does all three).
+it (:mod:`.explorer` does all three).
 """
 from __future__ import annotations
 
@@ -24,7 +24,7 @@ import torch.nn.functional as F
 from matplotlib.patches import Rectangle
 from PIL import Image
 
-from .data.transforms import LetterboxResize
+from ..data.transforms import LetterboxResize
 
 __all__ = ["Match", "AttentionSource", "select_head", "upsample", "normalize", "total_variation",
            "region_masses", "REGION_ROWS", "REGION_COLS", "REGION_NAMES", "overlay",

@@ -3,14 +3,17 @@ from __future__ import annotations
 
 import hashlib
 import os
+import shutil
 from pathlib import Path
 from typing import Callable, Mapping, Sequence
 
 from PIL import Image
 from torch.utils.data import Dataset
 
+from ..runs import project_root, resolve_path
 from .handinfo import DataError, read_handinfo, read_hd
 from .protocols import Protocol, build_11k_protocol, build_hd_protocol, verify_images
+from .synthetic import generate_dataset
 
 __all__ = ["ImageListDataset", "build_protocol", "default_synthetic_root", "ensure_synthetic"]
 
@@ -35,8 +38,6 @@ class ImageListDataset(Dataset):
 
 def default_synthetic_root(params: Mapping) -> Path:
     """Where the embedded synthetic dataset for these parameters lives (one per settings)."""
-    from ..runs import project_root
-
     name = (f"synthetic-{params['dataset']}-{params['synthetic_subjects']}x"
             f"{params['synthetic_images']}-d{params['synthetic_difficulty']:g}"
             f"-seed{params['synthetic_seed']}")
@@ -46,8 +47,6 @@ def default_synthetic_root(params: Mapping) -> Path:
 def ensure_synthetic(root: Path, subjects: int, images: int, difficulty: float, seed: int,
                      layout: str = "11k") -> Path:
     """Generate the embedded synthetic dataset once (into a temp folder, then rename)."""
-    from .synthetic import generate_dataset
-
     marker = "HandInfo.csv" if layout == "11k" else "Original Images"
     if (root / marker).exists():
         return root
@@ -57,8 +56,6 @@ def ensure_synthetic(root: Path, subjects: int, images: int, difficulty: float, 
     try:
         os.replace(tmp, root)
     except OSError:  # another process finished first
-        import shutil
-
         shutil.rmtree(tmp, ignore_errors=True)
     return root
 
@@ -81,8 +78,6 @@ def build_protocol(params: Mapping, verify: bool = True) -> Protocol:
                                 params["synthetic_subjects"], params["synthetic_images"],
                                 params["synthetic_difficulty"], params["synthetic_seed"],
                                 layout="11k" if dataset == "11k" else "hd")
-    from ..runs import resolve_path
-
     root = resolve_path(root)
     if not root.is_dir():
         raise FileNotFoundError(f"data_root {root} is not a folder; set data_root to the dataset "

@@ -12,6 +12,8 @@ import re
 from dataclasses import dataclass
 from pathlib import Path
 
+from ..constants import ASPECT_NAMES, HD_ASPECT
+
 __all__ = [
     "HandImage",
     "DataError",
@@ -25,17 +27,8 @@ __all__ = [
 
 HANDINFO_COLUMNS = ("id", "age", "gender", "skinColor", "accessories", "nailPolish",
                     "aspectOfHand", "imageName", "irregularities")
-#: ``aspectOfHand`` text in HandInfo.csv -> the workbench's short aspect name.
-ASPECT_NAMES = {
-    "dorsal right": "dorsal_r",
-    "dorsal left": "dorsal_l",
-    "palmar right": "palmar_r",
-    "palmar left": "palmar_l",
-}
 HD_MAIN_FOLDER = "1-501"
 HD_DISTRACTOR_FOLDER = "502-712"
-#: HD holds dorsal images only; its records carry this aspect (used in prompts and reports).
-HD_ASPECT = "dorsal"
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff")
 
 
@@ -154,7 +147,7 @@ def read_hd(root: str | os.PathLike) -> list[HandImage]:
     """Scan the HD layout ``Original Images/1-501`` and ``502-712``.
 
     Labels come from the file names ``<id>_<n>.<ext>``, never from folder enumeration order
-    (the earlier implementation's 0 % rank-1 bug, DESIGN §6.9).  Images of ``502-712`` are
+    (the earlier implementation's 0 % rank-1 bug, docs/mistakes.md #9).  Images of ``502-712`` are
     marked as distractors.
     """
     base = Path(root) / "Original Images"

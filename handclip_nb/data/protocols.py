@@ -1,4 +1,4 @@
-"""Evaluation protocols as index manifests (DESIGN §4).
+"""Evaluation protocols as index manifests (docs/protocols.md).
 
 11k (MBA-Net): per aspect, drop ``accessories == 1`` images, sort the stripped ids, the first
 ⌈n/2⌉ are training identities and the rest test identities; one random image per training
@@ -28,8 +28,11 @@ from pathlib import Path
 from typing import Iterable, Sequence
 
 import numpy as np
+from PIL import Image, UnidentifiedImageError
 
-from .handinfo import ASPECT_NAMES, DataError, HandImage
+from ..constants import ASPECT_NAMES
+from ..runs import atomic_write_json
+from .handinfo import DataError, HandImage
 
 __all__ = ["Split", "Protocol", "build_11k_protocol", "build_hd_protocol", "verify_images",
            "load_manifest"]
@@ -92,7 +95,7 @@ class Protocol:
         return np.asarray([self.identities[i] for i in indices], dtype=np.int64)
 
     def sizes(self) -> dict[str, int]:
-        """The protocol sizes recorded under ``metrics["data"]`` (DESIGN §3)."""
+        """The protocol sizes recorded under ``metrics["data"]`` (docs/contracts.md)."""
         train_set, test_set = set(self.train_people), set(self.test_people)
         train_images = sum(1 for it in self._aspect_items() if it.person in train_set)
         test_images = sum(1 for it in self._aspect_items() if it.person in test_set)
@@ -133,8 +136,6 @@ class Protocol:
         return body
 
     def write_manifest(self, path: str | os.PathLike) -> Path:
-        from ..runs import atomic_write_json
-
         return atomic_write_json(path, self.manifest())
 
 
@@ -311,8 +312,6 @@ def build_hd_protocol(records: Sequence[HandImage], root: str | os.PathLike = ""
 def verify_images(root: str | os.PathLike, items: Sequence[HandImage], check_decode: bool = True,
                   max_listed: int = 20) -> None:
     """Check, before any work, that every image exists and opens; report all problems at once."""
-    from PIL import Image, UnidentifiedImageError
-
     missing, unreadable = [], []
     for it in items:
         p = os.path.join(root, it.path)

@@ -1,7 +1,7 @@
 """P×K identity sampler: every batch holds P identities with K images each.
 
 Without it most anchors of a batch-hard triplet loss have no positive in the batch
-(DESIGN §6.7).  Identities with fewer than K images are sampled with replacement.  An epoch
+(docs/mistakes.md #7).  Identities with fewer than K images are sampled with replacement.  An epoch
 visits every identity's images in chunks of K (torchreid's RandomIdentitySampler design), and
 the order depends only on (seed, epoch), so a resumed run draws the same batches.
 """

@@ -1,8 +1,11 @@
-"""Image transforms: one builder for training and evaluation, CLIP normalisation in both.
+"""Image transforms: one builder for training and evaluation, built from the backbone's own
+preprocessing config (:class:`~handclip_nb.backbone_specs.PreprocessConfig`, from
+``backbone.preprocess_config()``), so the input size, resize mode and normalisation a model
+sees cannot drift from what it was built for.
 
-The earlier implementation normalised only at final evaluation (DESIGN §6.2); here both
-pipelines end in the same :class:`torchvision.transforms.Normalize` with CLIP's statistics,
-and a test checks it.  Hands are 4:3 landscape photos: the default ``resize_mode="pad"``
+The earlier implementation normalised only at final evaluation (docs/mistakes.md #2); here both
+pipelines end in the same :class:`torchvision.transforms.Normalize` with the backbone's
+statistics, and a test checks the loaders the stages actually use.  Hands are 4:3 landscape photos: the default ``resize_mode="pad"``
 letterboxes them (aspect ratio kept, borders filled with CLIP's mean colour, which is zero
 after normalisation); ``"squash"`` stretches and must be asked for.  Horizontal flip is off by
 default because it turns a right hand into a left one.
@@ -14,11 +17,21 @@ from dataclasses import dataclass
 from PIL import Image
 from torchvision import transforms as T
 
-from ..models.backbones import CLIP_MEAN, CLIP_STD
+from ..backbone_specs import PreprocessConfig
+from ..constants import CLIP_MEAN
 
-__all__ = ["LetterboxResize", "AugmentConfig", "build_transform", "CLIP_MEAN", "CLIP_STD"]
+__all__ = ["LetterboxResize", "AugmentConfig", "build_transform"]
 
-_MEAN_RGB = tuple(int(round(255 * m)) for m in CLIP_MEAN)
+_INTERPOLATION = {"bicubic": (Image.BICUBIC, T.InterpolationMode.BICUBIC),
+                  "bilinear": (Image.BILINEAR, T.InterpolationMode.BILINEAR)}
+
+
+def _mean_rgb(mean) -> tuple[int, int, int]:
+    """The normalisation mean as an 8-bit colour: padding in it is zero after normalising."""
+    return tuple(int(round(255 * m)) for m in mean)
+
+
+_MEAN_RGB = _mean_rgb(CLIP_MEAN)
 
 
 class LetterboxResize:
@@ -53,18 +66,30 @@ class AugmentConfig:
     hflip_p: float = 0.0  # a flipped right hand is a left hand: off unless asked for
 
 
-def build_transform(image_size: tuple[int, int] | list[int], train: bool = False,
-                    resize_mode: str = "pad", augment: AugmentConfig | None = None) -> T.Compose:
-    """The transform for ``image_size`` = (height, width).  Evaluation when ``train`` is False."""
-    size = (int(image_size[0]), int(image_size[1]))
-    if resize_mode == "pad":
-        resize = LetterboxResize(size)
-    elif resize_mode == "squash":
-        resize = T.Resize(size, interpolation=T.InterpolationMode.BICUBIC)
+def build_transform(preprocess: PreprocessConfig, train: bool = False,
+                    augment: AugmentConfig | None = None) -> T.Compose:
+    """The transform of a backbone's ``preprocess`` config (``backbone.preprocess_config()``):
+    resize to its (height, width) by its resize mode, normalise with its mean and std.
+    Evaluation when ``train`` is False; training adds ``augment``."""
+    if not isinstance(preprocess, PreprocessConfig):
+        raise TypeError(
+            f"build_transform takes a PreprocessConfig (backbone.preprocess_config()), got "
+            f"{type(preprocess).__name__} {preprocess!r}: the transform must come from the "
+            f"model's own config so the two cannot drift apart")
+    size = (int(preprocess.image_size[0]), int(preprocess.image_size[1]))
+    if preprocess.interpolation not in _INTERPOLATION:
+        raise ValueError(f"unknown interpolation {preprocess.interpolation!r}; valid: "
+                         f"{', '.join(_INTERPOLATION)}")
+    pil_mode, tv_mode = _INTERPOLATION[preprocess.interpolation]
+    fill = _mean_rgb(preprocess.mean)
+    if preprocess.resize_mode == "pad":
+        resize = LetterboxResize(size, fill=fill, interpolation=pil_mode)
+    elif preprocess.resize_mode == "squash":
+        resize = T.Resize(size, interpolation=tv_mode)
     else:
-        raise ValueError(f"unknown resize_mode {resize_mode!r}; valid: pad, squash")
+        raise ValueError(f"unknown resize_mode {preprocess.resize_mode!r}; valid: pad, squash")
     to_rgb = T.Lambda(_to_rgb)
-    normalize = T.Normalize(CLIP_MEAN, CLIP_STD)
+    normalize = T.Normalize(preprocess.mean, preprocess.std)
     if not train:
         return T.Compose([to_rgb, resize, T.ToTensor(), normalize])
     aug = augment or AugmentConfig()
@@ -72,7 +97,7 @@ def build_transform(image_size: tuple[int, int] | list[int], train: bool = False
     if aug.hflip_p > 0:
         steps.append(T.RandomHorizontalFlip(aug.hflip_p))
     if aug.pad > 0:
-        steps += [T.Pad(aug.pad, fill=_MEAN_RGB), T.RandomCrop(size)]
+        steps += [T.Pad(aug.pad, fill=fill), T.RandomCrop(size)]
     if aug.color_jitter > 0:
         j = aug.color_jitter
         steps.append(T.ColorJitter(brightness=j, contrast=j, saturation=j, hue=0.0))

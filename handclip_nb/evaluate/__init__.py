@@ -1,13 +1,29 @@
 """Evaluation: ranking metrics (one module), feature extraction + cache, multi-split summaries,
-k-reciprocal re-ranking, and evaluation across runs (:mod:`.compare`)."""
-from .features import cosine_distance, extract_features, resolve_device
-from .metrics import rank_metrics
-from .protocol_eval import (EvalResult, SplitResult, evaluate_backbone, evaluate_split,
-                            evaluate_splits, metrics_record, summarise)
-from .reranking import re_ranking, rerank_features
-from .compare import RunEvaluation, RunFolderError, comparison_table, evaluate_runs, load_run
+k-reciprocal re-ranking, attribute probes, and evaluation across runs (:mod:`.compare`, with its
+tables in :mod:`.tables` and t-SNE maps in :mod:`.tsne`).
 
-__all__ = ["rank_metrics", "extract_features", "cosine_distance", "resolve_device",
-           "EvalResult", "SplitResult", "evaluate_backbone", "evaluate_split", "evaluate_splits",
-           "metrics_record", "summarise", "re_ranking", "rerank_features", "RunEvaluation",
-           "RunFolderError", "comparison_table", "evaluate_runs", "load_run"]
+Names are imported lazily (PEP 562): ``handclip_nb.evaluate.tables`` and ``.metrics`` are used
+by the pipeline's command line, which must not pay for importing torch and CLIP.
+"""
+from importlib import import_module
+
+_EXPORTS = {
+    "cosine_distance": "features", "extract_features": "features",
+    "rank_metrics": "metrics",
+    "EvalResult": "protocol_eval", "SplitResult": "protocol_eval",
+    "evaluate_backbone": "protocol_eval", "evaluate_split": "protocol_eval",
+    "evaluate_splits": "protocol_eval", "metrics_record": "protocol_eval",
+    "summarise": "protocol_eval",
+    "re_ranking": "reranking", "rerank_features": "reranking",
+}
+__all__ = sorted(_EXPORTS)
+
+
+def __getattr__(name):
+    if name in _EXPORTS:
+        return getattr(import_module(f".{_EXPORTS[name]}", __name__), name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
+def __dir__():
+    return __all__

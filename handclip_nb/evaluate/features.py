@@ -17,10 +17,12 @@ import torch
 from torch.utils.data import DataLoader
 
 from ..data.datasets import ImageListDataset
-from ..models.backbones import backbone_fingerprint, resolve_device
+from ..device import resolve_device
+from ..models.backbones import backbone_fingerprint
 from ..progress import tqdm
+from ..runs import atomic_torch_save
 
-__all__ = ["extract_features", "feature_cache_key", "cosine_distance", "resolve_device"]
+__all__ = ["extract_features", "feature_cache_key", "cosine_distance"]
 
 
 def feature_cache_key(fingerprint: str, paths: Sequence[str], transform_desc: str,
@@ -84,7 +86,5 @@ def extract_features(backbone, paths: Sequence[str], transform: Callable, batch_
     backbone.train(was_training)
     feats = torch.cat(chunks) if chunks else torch.empty(0, 0)
     if cache_path is not None:
-        from ..runs import atomic_torch_save
-
         atomic_torch_save({"features": feats, "count": len(paths)}, cache_path)
     return feats

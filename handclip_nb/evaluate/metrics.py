@@ -190,7 +190,7 @@ def _is_torch_tensor(x: Any) -> bool:
 
 def _as_distmat(distmat: Any) -> np.ndarray:
     if _is_torch_tensor(distmat):
-        import torch
+        import torch  # already loaded when a tensor is passed; the module itself is numpy-only
 
         t = distmat.detach()
         if t.dtype in (torch.float16, torch.bfloat16):

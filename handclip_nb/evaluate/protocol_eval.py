@@ -1,4 +1,4 @@
-"""Evaluate features on a protocol's splits and summarise over splits (DESIGN §3 schema).
+"""Evaluate features on a protocol's splits and summarise over splits (docs/contracts.md schema).
 
 Percent values (0–100) are used in every summary and in ``metrics.json``; ``rank_metrics``
 itself returns fractions.  ``std`` is the sample standard deviation over splits (ddof=1; 0 for
@@ -18,7 +18,8 @@ import numpy as np
 import torch
 
 from ..data.protocols import Protocol, Split
-from ..runs import METRIC_NAMES
+from ..constants import METRIC_NAMES
+from ..data.transforms import build_transform
 from .features import cosine_distance, extract_features
 from .metrics import rank_metrics
 from .reranking import rerank_features
@@ -110,9 +111,10 @@ def evaluate_splits(features: torch.Tensor, row_of: Mapping[int, int], protocol:
                       summary=summarise([r.percent() for r in results]))
 
 
-def evaluate_backbone(backbone, protocol: Protocol, params: Mapping, transform,
-                      cache_dir=None, encode=None, cache_tag=None) -> dict[str, EvalResult]:
-    """Encode the images of the test splits and the model-selection split once, then rank.
+def evaluate_backbone(backbone, protocol: Protocol, params: Mapping, cache_dir=None,
+                      encode=None, cache_tag=None) -> dict[str, EvalResult]:
+    """Encode the images of the test splits and the model-selection split once (preprocessed
+    as the backbone's own config says), then rank.
 
     Returns ``{"test": EvalResult, "val": EvalResult}`` (``"val"`` only when the protocol has
     a model-selection split).
@@ -121,6 +123,7 @@ def evaluate_backbone(backbone, protocol: Protocol, params: Mapping, transform,
     if protocol.selection is not None:
         groups["val"] = [protocol.selection]
     indices = needed_indices([s for splits in groups.values() for s in splits])
+    transform = build_transform(backbone.preprocess_config(), train=False)
     feats = extract_features(backbone, protocol.paths(indices), transform,
                              batch_size=params["batch_size"], device=params["device"],
                              flip=params["flip_tta"], cache_dir=cache_dir,
@@ -136,7 +139,7 @@ def evaluate_backbone(backbone, protocol: Protocol, params: Mapping, transform,
 def metrics_record(stage: str, params: Mapping, protocol: Protocol,
                    results: Mapping[str, EvalResult], backbone=None,
                    trained_by: str | None = None, **extra) -> dict:
-    """The ``metrics.json`` body of DESIGN §3 (percentages, sizes under ``"data"``)."""
+    """The ``metrics.json`` body of docs/contracts.md (percentages, sizes under ``"data"``)."""
     record = {
         "stage": stage,
         "dataset": protocol.dataset,

@@ -186,7 +186,7 @@ class ReIDHead(nn.Module):
     * ``"post_bn"`` (``'after'``): ``cat(bn_features)`` (BN with running statistics in eval mode).
 
     The concatenation is returned un-normalised; like CLIP-ReID (``TEST.FEAT_NORM: 'yes'``) the
-    evaluation L2-normalises the whole concatenated vector (DESIGN §5), which
+    evaluation L2-normalises the whole concatenated vector (docs/methods.md), which
     ``handclip_nb.evaluate.features`` does.  Logits are computed in eval mode too (without margin).
     """
 

@@ -2,8 +2,8 @@
 
 Both build on one piece of machinery, :func:`layout_prompt`: fill a template, tokenise it **once** with
 the backbone's tokenizer, and find the placeholder positions and the EOT position *from the tokens*
-(never by assuming 4 context words or a fixed slice: DESIGN §6.6). The text feature is always read
-at the EOT position (``ClipBackbone.encode_text_embeddings``), never at position 0 (DESIGN §6.5).
+(never by assuming 4 context words or a fixed slice: docs/mistakes.md #6). The text feature is always read
+at the EOT position (``ClipBackbone.encode_text_embeddings``), never at position 0 (docs/mistakes.md #5).
 
 :class:`PromptLearner` (CLIP-ReID stage 1)::
 
@@ -35,7 +35,7 @@ from typing import Any, Mapping, Optional, Sequence
 import torch
 from torch import nn
 
-from ..data.handinfo import ASPECT_NAMES, HD_ASPECT
+from ..constants import ASPECT_NAMES, HD_ASPECT
 from .backbones import ClipBackbone
 
 import clip.clip  # already imported, warning-free, by .backbones above

@@ -26,7 +26,7 @@ Pipeline (one image batch)::
   ``heads = max(1, D // 32)`` by default (the largest divisor of D not above it: tiny D = 64 -> 2,
   ViT-B/16 D = 512 -> 16).  The per-head attention weights ``[B, heads, N]`` are returned for
   heatmaps and statistics.  A single key (N = 1) is refused: softmax over one key is 1, the text
-  would have no effect (DESIGN §6.4, the earlier implementation's bug).
+  would have no effect (docs/mistakes.md #4, the earlier implementation's bug).
 * ``prompt_mode``: ``"composed"`` (each image's own prompt, used in training) or ``"simplified"``
   (the fixed prompt "A photo of a {aspect} hand." for every image: the paper's fast inference).
   The simplified text feature is encoded **once** under ``no_grad`` and cached; it is re-encoded
@@ -34,12 +34,12 @@ Pipeline (one image batch)::
   weights), detected from the tensors' version counters.  The inversion network is never called in
   this mode.  ``clear_text_cache()`` forces a re-encode.
 
-Loss (:func:`promptsg_loss`, DESIGN §5): ``id_weight`` · Σ_branches label-smoothed CE (ε = 0.1)
+Loss (:func:`promptsg_loss`, docs/methods.md): ``id_weight`` · Σ_branches label-smoothed CE (ε = 0.1)
 + ``triplet_weight`` · Σ_branches batch-hard triplet (margin 0.3, pre-BN features)
 + ``supcon_weight`` (λ = 0.5) · symmetric SupCon(global image embedding, composed text, labels,
 ``logit_scale``).  The inversion network receives gradients from both the SupCon term and, through
 the composed cross-attention query, from the ID and triplet terms -- so it also learns with
-``supcon_weight = 0`` (DESIGN §6.4).
+``supcon_weight = 0`` (docs/mistakes.md #4).
 
 Training setup: the caller freezes the text tower (``backbone.requires_grad_(False);
 backbone.visual.requires_grad_(True)``, or :meth:`PromptSG.freeze_text_encoder`), then
@@ -52,13 +52,11 @@ Attention statistics (pure functions): :func:`attention_entropy` and :func:`prom
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Optional, Union
+from typing import Optional
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
-from ..losses import batch_hard_triplet, cross_entropy_label_smooth, symmetric_supcon
 from .backbones import ClipBackbone, ImageFeatures
 from .heads import ReIDHead, ReIDHeadOutput
 from .prompts import COMPOSER_TEMPLATE, SIMPLIFIED_TEMPLATE, PromptComposer
@@ -70,7 +68,6 @@ __all__ = [
     "PromptSGOutput",
     "PromptSG",
     "default_num_heads",
-    "promptsg_loss",
     "attention_entropy",
     "prompt_sensitivity",
 ]
@@ -159,7 +156,7 @@ class LanguageGuidedFusion(nn.Module):
         b, n, _ = tokens.shape
         if n < 2:
             raise ValueError(f"cross-attention needs N > 1 patch tokens, got N = {n}: softmax over a single key "
-                             f"is 1, so the text would have no effect (DESIGN §6.4); use a larger input size")
+                             f"is 1, so the text would have no effect (docs/mistakes.md #4); use a larger input size")
         if text.ndim != 2 or tuple(text.shape) != (b, self.dim):
             raise ValueError(f"text features must be [{b}, {self.dim}], got {tuple(text.shape)}")
         text = text.to(tokens.dtype)
@@ -346,45 +343,6 @@ class PromptSG(nn.Module):
 # --------------------------------------------------------------------------------------------------
 # Loss
 # --------------------------------------------------------------------------------------------------
-
-
-def promptsg_loss(out: PromptSGOutput, targets: torch.Tensor, *, id_weight: float = 1.0,
-                  triplet_weight: float = 1.0, supcon_weight: float = 0.5, label_smoothing: float = 0.1,
-                  triplet_margin: Optional[float] = 0.3,
-                  logit_scale: Union[float, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """PromptSG's loss; returns ``{"loss": total, "id", "triplet", "supcon"}``.
-
-    * ``id`` = Σ over the head's branches of label-smoothed CE (``label_smoothing``),
-    * ``triplet`` = Σ over branches of batch-hard triplet (``triplet_margin``) on the pre-BN features,
-    * ``supcon`` = symmetric SupCon(global image embedding, composed text feature, targets,
-      ``logit_scale``; L2-normalised) -- needs ``prompt_mode="composed"`` when ``supcon_weight > 0``
-      (the simplified prompt is one text for every image).  With ``supcon_weight == 0`` it is still
-      reported (detached) in composed mode, and left out in simplified mode.
-
-    ``total = id_weight·id + triplet_weight·triplet + supcon_weight·supcon``.
-    """
-    for name, w in (("id_weight", id_weight), ("triplet_weight", triplet_weight), ("supcon_weight", supcon_weight)):
-        if float(w) < 0:
-            raise ValueError(f"{name} must be >= 0, got {w}")
-    targets = targets.to(out.fused.device)
-    parts: dict[str, torch.Tensor] = {}
-    parts["id"] = sum(cross_entropy_label_smooth(lg, targets, label_smoothing) for lg in out.head.logits)
-    parts["triplet"] = sum(batch_hard_triplet(f, targets, margin=triplet_margin)[0]
-                           for f in out.head.features_for_triplet)
-    total = id_weight * parts["id"] + triplet_weight * parts["triplet"]
-    composed = out.pseudo_words is not None
-    if float(supcon_weight) > 0:
-        if not composed:
-            raise ValueError("the SupCon term needs composed prompts (one text per image); train with "
-                             "prompt_mode='composed' or set supcon_weight=0")
-        parts["supcon"] = symmetric_supcon(out.features.global_embedding, out.text, targets, logit_scale)
-        total = total + supcon_weight * parts["supcon"]
-    elif composed:
-        with torch.no_grad():
-            parts["supcon"] = symmetric_supcon(out.features.global_embedding.detach(), out.text.detach(),
-                                               targets, logit_scale)
-    parts["loss"] = total
-    return parts
 
 
 # --------------------------------------------------------------------------------------------------

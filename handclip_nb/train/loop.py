@@ -1,10 +1,10 @@
 """The shared training loop of every stage: one place for the order of operations.
 
 Per batch: ``zero_grad`` → forward (autocast on CUDA only) → ``backward`` → unscale + clip the
-gradient norm → ``optimizer.step()`` (DESIGN §6.8: clipping after ``step`` did nothing).
+gradient norm → ``optimizer.step()`` (docs/mistakes.md #8: clipping after ``step`` did nothing).
 Per epoch: ``scheduler.step()`` once → validation every ``eval_every`` epochs on the
-model-selection split (training identities only, DESIGN §6.1) → the best state is *copied*
-(cloned tensors, DESIGN §6.3) and saved → ``last.pt`` written atomically with optimiser,
+model-selection split (training identities only, docs/mistakes.md #1) → the best state is *copied*
+(cloned tensors, docs/mistakes.md #3) and saved → ``last.pt`` written atomically with optimiser,
 scheduler and RNG states, so ``resume=True`` continues exactly where a killed run stopped.
 
 A stage supplies three callables (torchreid's engine design: only ``forward_backward`` differs
@@ -22,7 +22,8 @@ import torch
 from torch import nn
 
 from ..progress import tqdm
-from .checkpoint import (CheckpointError, check_meta, load_checkpoint, restore_rng_state,
+from ..runs import BEST_CHECKPOINT, LAST_CHECKPOINT
+from ..checkpoint import (CheckpointError, check_meta, load_checkpoint, restore_rng_state,
                          save_checkpoint)
 
 __all__ = ["TrainLoop", "FitResult", "clone_state"]
@@ -62,14 +63,15 @@ class TrainLoop:
                  meta: Mapping[str, Any] | None = None,
                  callbacks: Iterable[Callable[[dict], None]] = (), progress: bool = True):
         self.stage = stage
-        self.ckpt_dir = Path(output_dir) / "checkpoints"
+        self.output_dir = Path(output_dir)
+        self.ckpt_dir = self.output_dir / Path(LAST_CHECKPOINT).parent
         self.modules = dict(modules)
         self.optimizer, self.scheduler = optimizer, scheduler
         self.step, self.batches, self.validate = step, batches, validate
         self.select_metric, self.eval_every, self.patience = select_metric, eval_every, patience
         self.grad_clip = grad_clip
         self.device = torch.device(device)
-        # Mixed precision only on CUDA; CPU always trains in fp32 (DESIGN §5).
+        # Mixed precision only on CUDA; CPU always trains in fp32 (docs/methods.md).
         self.amp = bool(amp) and self.device.type == "cuda"
         self.scaler = torch.amp.GradScaler("cuda", enabled=self.amp)
         self.params = dict(params or {})
@@ -79,11 +81,11 @@ class TrainLoop:
 
     @property
     def last_path(self) -> Path:
-        return self.ckpt_dir / "last.pt"
+        return self.output_dir / LAST_CHECKPOINT
 
     @property
     def best_path(self) -> Path:
-        return self.ckpt_dir / "best.pt"
+        return self.output_dir / BEST_CHECKPOINT
 
     def _trainable(self) -> list[torch.Tensor]:
         return [p for group in self.optimizer.param_groups for p in group["params"]

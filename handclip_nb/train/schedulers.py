@@ -1,4 +1,4 @@
-"""Learning-rate schedules, stepped once per EPOCH (DESIGN §6.8: the earlier code stepped per
+"""Learning-rate schedules, stepped once per EPOCH (docs/mistakes.md #8: the earlier code stepped per
 batch with T_max in epochs).  Both are ``LambdaLR`` factors of the base learning rate, so their
 state dicts save and restore with the checkpoint.
 """

@@ -25,14 +25,11 @@ from ..evaluate.features import extract_features
 from ..evaluate.metrics import rank_metrics
 from ..losses import symmetric_supcon
 from ..models.prompts import PromptLearner
-from ..runs import atomic_torch_save, feature_cache_dir, resolve_path
-from ..runs import seed_everything
+from ..runs import PROMPTS_FILE, atomic_torch_save, feature_cache_dir, seed_everything
 from .loop import FitResult, TrainLoop
 from .schedulers import warmup_cosine
 
-__all__ = ["Stage1Result", "PROMPTS_FILE", "image_space", "prompt_retrieval", "train_stage1", "load_prompts"]
-
-PROMPTS_FILE = "prompts.pt"
+__all__ = ["Stage1Result", "image_space", "prompt_retrieval", "train_stage1"]
 
 
 @dataclass
@@ -78,8 +75,7 @@ def train_stage1(params: Mapping, output_dir: str | Path, protocol: Protocol, ba
     device = next(backbone.parameters()).device
     backbone.requires_grad_(False)  # both encoders frozen: only the context vectors learn
     backbone.eval()
-    transform = build_transform(params["image_size"], train=False,
-                                resize_mode=params["resize_mode"])
+    transform = build_transform(backbone.preprocess_config(), train=False)
     raw = extract_features(backbone, protocol.paths(protocol.fit), transform,
                            batch_size=params["batch_size"], device=device,
                            cache_dir=feature_cache_dir() if params["feature_cache"] else None,
@@ -128,29 +124,3 @@ def train_stage1(params: Mapping, output_dir: str | Path, protocol: Protocol, ba
     path = atomic_torch_save(state, Path(output_dir) / PROMPTS_FILE)
     return Stage1Result(learner=learner, fit=fit, before=before, after=after,
                         image_features=feats, image_labels=labels, prompts_path=path)
-
-
-def load_prompts(stage1_dir: str | Path, backbone, protocol: Protocol) -> PromptLearner:
-    """Stage 1's prompts for this backbone and these training identities, or a clear error."""
-    path = resolve_path(stage1_dir) / PROMPTS_FILE
-    if not path.is_file():
-        raise FileNotFoundError(
-            f"no stage-1 prompts at {path}: run notebooks/stage1_prompt.ipynb with the same "
-            f"dataset, aspect, backbone and seed first, or set stage1_dir to that run's output_dir"
-        )
-    try:
-        state = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as exc:
-        raise ValueError(f"{path} is corrupt or truncated ({type(exc).__name__}); re-run "
-                         f"stage 1") from None
-    meta = state.get("meta", {})
-    if meta.get("splits") not in (None, protocol.source_hash) or \
-            meta.get("dataset") not in (None, protocol.dataset):
-        raise ValueError(f"{path} was learned on another dataset or data file "
-                         f"({meta.get('dataset')}, {meta.get('splits', '')[:12]}) than this run "
-                         f"({protocol.dataset}, {protocol.source_hash[:12]}); re-run stage 1 on it")
-    learner = PromptLearner.from_checkpoint(state, backbone, num_classes=protocol.num_classes,
-                                            identities=protocol.fit_people)
-    learner = learner.to(next(backbone.parameters()).device)
-    learner.image_mean = state.get("image_mean")
-    return learner

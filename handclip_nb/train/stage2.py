@@ -14,7 +14,6 @@ from pathlib import Path
 from typing import Callable, Iterable, Mapping
 
 import torch
-from torch import nn
 from torch.utils.data import DataLoader
 
 from ..data.datasets import ImageListDataset
@@ -24,34 +23,15 @@ from ..data.transforms import AugmentConfig, build_transform
 from ..evaluate.protocol_eval import EvalResult, evaluate_backbone, evaluate_splits
 from ..evaluate.features import extract_features
 from ..losses import CenterLoss, batch_hard_triplet, cross_entropy_label_smooth, image_to_text_ce
-from ..models.heads import ReIDHead
+from ..models.prompts import check_compatible
+from ..models.reid import ReIDModel
+from ..run_loader import RunFolderError, load_run
 from ..runs import seed_everything
 from .loop import FitResult, TrainLoop
 from .schedulers import warmup_multistep
 
-__all__ = ["ReIDModel", "Stage2Result", "train_stage2", "evaluate_model", "reid_loss",
+__all__ = ["Stage2Result", "load_stage1_prompts", "train_stage2", "evaluate_model", "reid_loss",
            "train_batches", "validate_selection", "fit_image_model"]
-
-
-class ReIDModel(nn.Module):
-    """A CLIP backbone with CLIP-ReID's head; ``embed`` gives the ranking feature."""
-
-    def __init__(self, backbone, num_classes: int, classifier: str = "linear"):
-        super().__init__()
-        self.backbone = backbone
-        self.head = ReIDHead((backbone.visual_width, backbone.embed_dim), num_classes,
-                             classifier=classifier)
-
-    def forward(self, images: torch.Tensor, targets: torch.Tensor | None = None):
-        feats = self.backbone.encode_image(images)
-        return feats, self.head(feats, targets)
-
-    def embed(self, images: torch.Tensor) -> torch.Tensor:
-        return self.head(self.backbone.encode_image(images)).embedding_for_test
-
-    def trainable_modules(self) -> dict[str, nn.Module]:
-        """What stage 2 trains and checkpoints (the text tower stays frozen and is not saved)."""
-        return {"visual": self.backbone.visual, "head": self.head}
 
 
 @dataclass
@@ -89,10 +69,10 @@ def reid_loss(out, feats, targets, params: Mapping, text_all=None, logit_scale=N
     return parts
 
 
-def train_batches(params: Mapping, protocol: Protocol, device: torch.device):
-    """P×K batches of augmented fit images; ``batches(epoch)`` for :class:`TrainLoop`."""
-    transform = build_transform(params["image_size"], train=True,
-                                resize_mode=params["resize_mode"],
+def train_batches(params: Mapping, protocol: Protocol, backbone, device: torch.device):
+    """P×K batches of augmented fit images, preprocessed as ``backbone`` expects;
+    ``batches(epoch)`` for :class:`TrainLoop`."""
+    transform = build_transform(backbone.preprocess_config(), train=True,
                                 augment=AugmentConfig(erasing_p=params["random_erasing"],
                                                       color_jitter=params["color_jitter"]))
     sampler = PKSampler(protocol.fit_labels, p=params["p_ids"], k=params["k_images"],
@@ -112,9 +92,8 @@ def train_batches(params: Mapping, protocol: Protocol, device: torch.device):
 def validate_selection(model, protocol: Protocol, params: Mapping, device,
                        encode=None) -> dict:
     """Mean metrics (percent) of ``encode`` (default ``model.embed``) on the model-selection
-    split: held-out *training* identities only (DESIGN §6.1)."""
-    transform = build_transform(params["image_size"], train=False,
-                                resize_mode=params["resize_mode"])
+    split: held-out *training* identities only (docs/mistakes.md #1)."""
+    transform = build_transform(model.backbone.preprocess_config(), train=False)
     split = protocol.selection
     indices = sorted({*split.query, *split.gallery})
     feats = extract_features(model.backbone, protocol.paths(indices), transform,
@@ -171,7 +150,7 @@ def fit_image_model(stage: str, params: Mapping, output_dir, protocol: Protocol,
             "classifier": params["classifier"], "splits": protocol.source_hash}
     loop = TrainLoop(stage=stage, output_dir=output_dir, modules=modules, optimizer=optimizer,
                      scheduler=scheduler, step=step,
-                     batches=train_batches(params, protocol, device),
+                     batches=train_batches(params, protocol, model.backbone, device),
                      validate=lambda: validate_selection(model, protocol, params, device, encode),
                      eval_every=params["eval_every"], patience=params["patience"] or None,
                      grad_clip=params["grad_clip"] or None, device=device, amp=params["amp"],
@@ -187,8 +166,32 @@ def fit_image_model(stage: str, params: Mapping, output_dir, protocol: Protocol,
 def evaluate_model(model, protocol: Protocol, params: Mapping,
                    encode=None) -> dict[str, EvalResult]:
     """Test (all splits) and val results of a trained model's ranking feature."""
-    transform = build_transform(params["image_size"], train=False,
-                                resize_mode=params["resize_mode"])
     model.eval()
-    return evaluate_backbone(model.backbone, protocol, params, transform,
-                             encode=encode or model.embed)
+    return evaluate_backbone(model.backbone, protocol, params, encode=encode or model.embed)
+
+
+def load_stage1_prompts(stage1_dir: str | Path, backbone, protocol: Protocol):
+    """Stage 1's prompts (a PromptLearner on ``backbone``) for exactly this protocol's training
+    identities, in order, learned on the same data file; a clear error otherwise."""
+    try:
+        loaded = load_run(stage1_dir, backbone=backbone, require_finished=False,
+                          stages=("stage1",))
+    except RunFolderError as exc:
+        raise FileNotFoundError(
+            f"{exc}\nstage 2 reads the prompts of a stage-1 run: run "
+            f"notebooks/stage1_prompt.ipynb with the same dataset, aspect, backbone and seed "
+            f"first, or set stage1_dir to that run's output_dir") from None
+    meta = loaded.meta
+    if meta.get("splits") not in (None, protocol.source_hash) or \
+            meta.get("dataset") not in (None, protocol.dataset):
+        raise ValueError(f"the prompts in {stage1_dir} were learned on another dataset or data "
+                         f"file ({meta.get('dataset')}, {str(meta.get('splits', ''))[:12]}) than "
+                         f"this run ({protocol.dataset}, {protocol.source_hash[:12]}); re-run "
+                         f"stage 1 on it")
+    learner = loaded.model
+    try:
+        check_compatible(meta, backbone.name, protocol.num_classes,
+                         embed_width=learner.width, identities=protocol.fit_people)
+    except ValueError as exc:
+        raise ValueError(f"the prompts in {stage1_dir} do not fit this run: {exc}") from None
+    return learner

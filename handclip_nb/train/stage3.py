@@ -11,23 +11,20 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Iterable, Mapping
+from typing import Callable, Iterable, Mapping, Optional, Union
 
-import numpy as np
 import torch
-import yaml
 
+from ..checkpoint import CheckpointError
 from ..data.protocols import Protocol
-from ..data.transforms import LetterboxResize, build_transform
-from ..evaluate.features import extract_features
-from ..models.promptsg import PromptSG, attention_entropy, prompt_sensitivity, promptsg_loss
-from ..runs import resolve_path, seed_everything
-from .checkpoint import CheckpointError, check_meta, load_checkpoint
+from ..losses import batch_hard_triplet, cross_entropy_label_smooth, symmetric_supcon
+from ..models.promptsg import PromptSG, PromptSGOutput
+from ..run_loader import RunFolderError, load_run
+from ..runs import BEST_CHECKPOINT, seed_everything
 from .loop import FitResult
 from .stage2 import evaluate_model, fit_image_model
 
-__all__ = ["Stage3Result", "train_stage3", "evaluate_stage3", "attention_summary", "attention_record",
-           "load_stage3_run", "ModelAttentionSource"]
+__all__ = ["Stage3Result", "train_stage3", "evaluate_stage3", "promptsg_loss"]
 
 
 @dataclass
@@ -37,20 +34,24 @@ class Stage3Result:
     warm_started_from: str | None
 
 
-def _warm_start(model: PromptSG, init_from: str, protocol: Protocol, backbone) -> str:
-    """Copy the image encoder of a stage-2 run's best checkpoint (heads differ: not copied)."""
-    path = resolve_path(init_from) / "checkpoints" / "best.pt"
-    if not path.is_file():
-        raise FileNotFoundError(f"init_from={init_from!r}: no stage-2 checkpoint at {path}; run "
-                                f"notebooks/stage2_image.ipynb first or set init_from=None")
-    ckpt = load_checkpoint(path, stage="stage2")
-    check_meta(path, ckpt["meta"], {"backbone": backbone.name, "splits": protocol.source_hash})
-    try:
-        model.backbone.visual.load_state_dict(ckpt["model"]["visual"])
-    except RuntimeError as exc:
-        raise CheckpointError(f"{path}: its image encoder does not fit this backbone "
-                              f"({str(exc).splitlines()[0]})") from None
-    return str(path)
+def _warm_start(model: PromptSG, init_from: str, protocol: Protocol) -> str:
+    """Load the image encoder of a stage-2 run's best checkpoint into ``model``'s backbone
+    (through the one run loader; the heads differ and are not copied)."""
+    # rebuilding the run's head draws random numbers: keep the training's RNG stream untouched
+    with torch.random.fork_rng(devices=[]):
+        try:
+            loaded = load_run(init_from, backbone=model.backbone, require_finished=False,
+                              stages=("stage2",))
+        except RunFolderError as exc:
+            raise FileNotFoundError(f"init_from={init_from!r}: {exc}\nRun "
+                                    f"notebooks/stage2_image.ipynb first or set "
+                                    f"init_from=None") from None
+    if loaded.meta.get("splits") != protocol.source_hash:
+        raise CheckpointError(
+            f"init_from={init_from!r}: that stage-2 run was trained on another data file "
+            f"(splits {str(loaded.meta.get('splits'))[:12]}) than this run "
+            f"({protocol.source_hash[:12]}); warm-start from a run on the same data")
+    return str(Path(loaded.info.folder) / BEST_CHECKPOINT)
 
 
 def train_stage3(params: Mapping, output_dir: str | Path, protocol: Protocol, backbone,
@@ -66,8 +67,7 @@ def train_stage3(params: Mapping, output_dir: str | Path, protocol: Protocol, ba
     backbone.visual.requires_grad_(True)
     model = PromptSG(backbone, protocol.num_classes, aspect=protocol.aspect,
                      classifier=params["classifier"]).to(device)
-    warm = _warm_start(model, params["init_from"], protocol, backbone) \
-        if params["init_from"] else None
+    warm = _warm_start(model, params["init_from"], protocol) if params["init_from"] else None
     modules = model.trainable_modules()
     optimizer = torch.optim.Adam(model.param_groups(params["lr"], params["lr_new"],
                                                     params["weight_decay"]))
@@ -96,150 +96,40 @@ def evaluate_stage3(model: PromptSG, protocol: Protocol, params: Mapping):
                           encode=lambda x: model.embed(x, prompt_mode=params["prompt_mode"]))
 
 
-@torch.no_grad()
-def _attention(model: PromptSG, paths, params, mode: str) -> torch.Tensor:
-    """[N, heads, patches] cross-attention of ``mode`` for the images at ``paths``."""
-    transform = build_transform(params["image_size"], train=False,
-                                resize_mode=params["resize_mode"])
-    maps = extract_features(model.backbone, paths, transform, batch_size=params["batch_size"],
-                            device=next(model.parameters()).device, normalize=False,
-                            encode=lambda x: model(x, prompt_mode=mode).attention.flatten(1),
-                            desc=f"attention ({mode})")
-    return maps.view(len(paths), -1, model.backbone.grid[0] * model.backbone.grid[1])
+def promptsg_loss(out: PromptSGOutput, targets: torch.Tensor, *, id_weight: float = 1.0,
+                  triplet_weight: float = 1.0, supcon_weight: float = 0.5, label_smoothing: float = 0.1,
+                  triplet_margin: Optional[float] = 0.3,
+                  logit_scale: Union[float, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """PromptSG's loss; returns ``{"loss": total, "id", "triplet", "supcon"}``.
 
+    * ``id`` = Σ over the head's branches of label-smoothed CE (``label_smoothing``),
+    * ``triplet`` = Σ over branches of batch-hard triplet (``triplet_margin``) on the pre-BN features,
+    * ``supcon`` = symmetric SupCon(global image embedding, composed text feature, targets,
+      ``logit_scale``; L2-normalised) -- needs ``prompt_mode="composed"`` when ``supcon_weight > 0``
+      (the simplified prompt is one text for every image).  With ``supcon_weight == 0`` it is still
+      reported (detached) in composed mode, and left out in simplified mode.
 
-def attention_summary(model: PromptSG, protocol: Protocol, params: Mapping,
-                      limit: int | None = None) -> dict[str, float]:
-    """``metrics["attention"]`` over the first split's test queries: the mean entropy of the
-    inference mode's maps and the prompt sensitivity (mean total-variation distance between
-    the composed and the simplified prompt's maps; 0 would mean the text has no effect)."""
-    queries = list(protocol.test[0].query)[:limit]
-    paths = protocol.paths(queries)
-    composed = _attention(model, paths, params, "composed")
-    simplified = _attention(model, paths, params, "simplified")
-    chosen = composed if params["prompt_mode"] == "composed" else simplified
-    return {"mean_entropy": float(attention_entropy(chosen).mean()),
-            "max_entropy": float(np.log(chosen.shape[-1])),
-            "prompt_sensitivity": float(prompt_sensitivity(composed, simplified)),
-            "queries": len(queries), "prompt_mode": params["prompt_mode"]}
-
-
-def load_stage3_run(stage3_dir: str | Path, device: str = "auto"):
-    """Rebuild a finished stage-3 run: (its params, protocol, PromptSG with the best state)."""
-    from ..data.datasets import build_protocol
-    from ..models.backbones import build_backbone, resolve_device
-
-    folder = resolve_path(stage3_dir)
-    params_path = folder / "params.yaml"
-    best = folder / "checkpoints" / "best.pt"
-    if not params_path.is_file() or not best.is_file():
-        raise FileNotFoundError(
-            f"stage3_dir={str(stage3_dir)!r} is not a finished stage-3 run (looked for "
-            f"{params_path} and {best}); run notebooks/stage3.ipynb first")
-    params = yaml.safe_load(params_path.read_text())["params"]
-    if params.get("stage") != "stage3":
-        raise ValueError(f"{folder} is a {params.get('stage')} run, not a stage-3 run")
-    params["device"] = str(resolve_device(device))
-    protocol = build_protocol(params)
-    backbone = build_backbone(params["backbone"], weights=params["weights"],
-                              image_size=params["image_size"], device=params["device"],
-                              seed=params["seed"], download_root=params["download_root"])
-    model = PromptSG(backbone, protocol.num_classes, aspect=protocol.aspect,
-                     classifier=params["classifier"]).to(params["device"])
-    ckpt = load_checkpoint(best, stage="stage3")
-    check_meta(best, ckpt["meta"], {"backbone": backbone.name,
-                                    "num_classes": protocol.num_classes})
-    for name, module in model.trainable_modules().items():
-        module.load_state_dict(ckpt["model"][name])
-    model.eval()
-    return params, protocol, model
-
-
-class ModelAttentionSource:
-    """:class:`handclip_nb.attention_viz.AttentionSource` over a trained PromptSG and the first
-    test split: query images, their heatmaps, their top-k gallery matches."""
-
-    prompt_modes = ("composed", "simplified")
-
-    def __init__(self, model: PromptSG, protocol: Protocol, params: Mapping, split: int = 0):
-        self.model, self.protocol, self.params = model, protocol, params
-        self.split = protocol.test[split]
-        self.image_size = tuple(params["image_size"])
-        self.grid = model.backbone.grid
-        self._letterbox = LetterboxResize(self.image_size)
-        self._cache: dict = {}
-
-    @property
-    def num_heads(self) -> int:
-        return self.model.num_heads
-
-    def query_ids(self) -> list[int]:
-        return list(range(len(self.split.query)))
-
-    def query_title(self, i: int) -> str:
-        item = self.protocol.items[self.split.query[i]]
-        return f"query {i}: person {item.person} ({item.aspect})"
-
-    def _image(self, index: int):
-        from PIL import Image
-
-        with Image.open(self.protocol.paths([index])[0]) as im:
-            return self._letterbox(im.convert("RGB"))
-
-    def image(self, i: int):
-        return self._image(self.split.query[i])
-
-    def _maps(self, mode: str, indices) -> np.ndarray:
-        key = (mode, tuple(indices))
-        if key not in self._cache:
-            maps = _attention(self.model, self.protocol.paths(indices), self.params, mode)
-            self._cache[key] = maps.view(len(indices), maps.shape[1], *self.grid).numpy()
-        return self._cache[key]
-
-    def attention(self, i: int, prompt_mode: str) -> np.ndarray:
-        return self._maps(prompt_mode, (self.split.query[i],))[0]
-
-    def _ranking(self, prompt_mode: str) -> np.ndarray:
-        key = ("rank", prompt_mode)
-        if key not in self._cache:
-            transform = build_transform(self.params["image_size"], train=False,
-                                        resize_mode=self.params["resize_mode"])
-            idx = [*self.split.query, *self.split.gallery]
-            feats = extract_features(self.model.backbone, self.protocol.paths(idx), transform,
-                                     batch_size=self.params["batch_size"],
-                                     device=next(self.model.parameters()).device,
-                                     encode=lambda x: self.model.embed(x, prompt_mode),
-                                     desc="rank")
-            q, g = feats[:len(self.split.query)], feats[len(self.split.query):]
-            self._cache[key] = (1.0 - q @ g.T).numpy()
-        return self._cache[key]
-
-    def topk(self, i: int, k: int, prompt_mode: str):
-        from ..attention_viz import Match
-
-        dist = self._ranking(prompt_mode)[i]
-        order = np.argsort(dist, kind="stable")[:k]
-        gallery = [self.split.gallery[j] for j in order]
-        maps = self._maps(prompt_mode, tuple(gallery))
-        q_id = self.protocol.identities[self.split.query[i]]
-        return [Match(image=self._image(g), attention=maps[n], distance=float(dist[j]),
-                      correct=self.protocol.identities[g] == q_id,
-                      title=f"#{n + 1} person {self.protocol.items[g].person}")
-                for n, (g, j) in enumerate(zip(gallery, order))]
-
-    def aggregate(self, prompt_mode: str, limit: int = 200) -> np.ndarray:
-        return self._maps(prompt_mode, tuple(self.split.query[:limit]))
-
-
-def attention_record(stage3_dir: str | Path, attention: Mapping, figures) -> dict:
-    """``metrics.json`` of the attention notebook: the stage-3 run's test metrics and protocol
-    sizes (so every run folder has the same schema), this run's attention figures and summary."""
-    from ..runs import read_metrics
-
-    source = read_metrics(resolve_path(stage3_dir))
-    keep = ("dataset", "aspect", "gallery_mode", "backbone", "backbone_display", "num_splits",
-            "test", "data", "splits_hash")
-    record = {k: source[k] for k in keep if k in source}
-    record.update(stage="attention", stage3_dir=str(stage3_dir), attention=dict(attention),
-                  figures=[str(Path(f).name) for f in figures])
-    return record
+    ``total = id_weight·id + triplet_weight·triplet + supcon_weight·supcon``.
+    """
+    for name, w in (("id_weight", id_weight), ("triplet_weight", triplet_weight), ("supcon_weight", supcon_weight)):
+        if float(w) < 0:
+            raise ValueError(f"{name} must be >= 0, got {w}")
+    targets = targets.to(out.fused.device)
+    parts: dict[str, torch.Tensor] = {}
+    parts["id"] = sum(cross_entropy_label_smooth(lg, targets, label_smoothing) for lg in out.head.logits)
+    parts["triplet"] = sum(batch_hard_triplet(f, targets, margin=triplet_margin)[0]
+                           for f in out.head.features_for_triplet)
+    total = id_weight * parts["id"] + triplet_weight * parts["triplet"]
+    composed = out.pseudo_words is not None
+    if float(supcon_weight) > 0:
+        if not composed:
+            raise ValueError("the SupCon term needs composed prompts (one text per image); train with "
+                             "prompt_mode='composed' or set supcon_weight=0")
+        parts["supcon"] = symmetric_supcon(out.features.global_embedding, out.text, targets, logit_scale)
+        total = total + supcon_weight * parts["supcon"]
+    elif composed:
+        with torch.no_grad():
+            parts["supcon"] = symmetric_supcon(out.features.global_embedding.detach(), out.text.detach(),
+                                               targets, logit_scale)
+    parts["loss"] = total
+    return parts

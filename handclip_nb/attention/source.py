@@ -1,0 +1,131 @@
+"""Attention data of a trained PromptSG: the cross-attention maps of images under a prompt
+mode, the summary statistics a stage-3 run records (``metrics["attention"]``), the attention
+notebook's ``metrics.json``, and :class:`ModelAttentionSource`, which feeds the figures
+(:mod:`.figures`) and the explorer (:mod:`.explorer`) from a real model."""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Mapping
+
+import numpy as np
+import torch
+from PIL import Image
+
+from ..data.protocols import Protocol
+from ..data.transforms import LetterboxResize, build_transform
+from ..evaluate.features import extract_features
+from ..models.promptsg import PromptSG, attention_entropy, prompt_sensitivity
+from ..runs import read_metrics, resolve_path
+from .figures import Match
+
+__all__ = ["attention_maps", "attention_summary", "attention_record", "ModelAttentionSource"]
+
+
+@torch.no_grad()
+def attention_maps(model: PromptSG, paths, params, mode: str) -> torch.Tensor:
+    """[N, heads, patches] cross-attention of ``mode`` for the images at ``paths``."""
+    transform = build_transform(model.backbone.preprocess_config(), train=False)
+    maps = extract_features(model.backbone, paths, transform, batch_size=params["batch_size"],
+                            device=next(model.parameters()).device, normalize=False,
+                            encode=lambda x: model(x, prompt_mode=mode).attention.flatten(1),
+                            desc=f"attention ({mode})")
+    return maps.view(len(paths), -1, model.backbone.grid[0] * model.backbone.grid[1])
+
+
+def attention_summary(model: PromptSG, protocol: Protocol, params: Mapping,
+                      limit: int | None = None) -> dict[str, float]:
+    """``metrics["attention"]`` over the first split's test queries: the mean entropy of the
+    inference mode's maps and the prompt sensitivity (mean total-variation distance between
+    the composed and the simplified prompt's maps; 0 would mean the text has no effect)."""
+    queries = list(protocol.test[0].query)[:limit]
+    paths = protocol.paths(queries)
+    composed = attention_maps(model, paths, params, "composed")
+    simplified = attention_maps(model, paths, params, "simplified")
+    chosen = composed if params["prompt_mode"] == "composed" else simplified
+    return {"mean_entropy": float(attention_entropy(chosen).mean()),
+            "max_entropy": float(np.log(chosen.shape[-1])),
+            "prompt_sensitivity": float(prompt_sensitivity(composed, simplified)),
+            "queries": len(queries), "prompt_mode": params["prompt_mode"]}
+
+
+class ModelAttentionSource:
+    """:class:`handclip_nb.attention.figures.AttentionSource` over a trained PromptSG and the first
+    test split: query images, their heatmaps, their top-k gallery matches."""
+
+    prompt_modes = ("composed", "simplified")
+
+    def __init__(self, model: PromptSG, protocol: Protocol, params: Mapping, split: int = 0):
+        self.model, self.protocol, self.params = model, protocol, params
+        self.split = protocol.test[split]
+        self.image_size = tuple(model.backbone.image_size)
+        self.grid = model.backbone.grid
+        self._letterbox = LetterboxResize(self.image_size)
+        self._cache: dict = {}
+
+    @property
+    def num_heads(self) -> int:
+        return self.model.num_heads
+
+    def query_ids(self) -> list[int]:
+        return list(range(len(self.split.query)))
+
+    def query_title(self, i: int) -> str:
+        item = self.protocol.items[self.split.query[i]]
+        return f"query {i}: person {item.person} ({item.aspect})"
+
+    def _image(self, index: int):
+        with Image.open(self.protocol.paths([index])[0]) as im:
+            return self._letterbox(im.convert("RGB"))
+
+    def image(self, i: int):
+        return self._image(self.split.query[i])
+
+    def _maps(self, mode: str, indices) -> np.ndarray:
+        key = (mode, tuple(indices))
+        if key not in self._cache:
+            maps = attention_maps(self.model, self.protocol.paths(indices), self.params, mode)
+            self._cache[key] = maps.view(len(indices), maps.shape[1], *self.grid).numpy()
+        return self._cache[key]
+
+    def attention(self, i: int, prompt_mode: str) -> np.ndarray:
+        return self._maps(prompt_mode, (self.split.query[i],))[0]
+
+    def _ranking(self, prompt_mode: str) -> np.ndarray:
+        key = ("rank", prompt_mode)
+        if key not in self._cache:
+            transform = build_transform(self.model.backbone.preprocess_config(), train=False)
+            idx = [*self.split.query, *self.split.gallery]
+            feats = extract_features(self.model.backbone, self.protocol.paths(idx), transform,
+                                     batch_size=self.params["batch_size"],
+                                     device=next(self.model.parameters()).device,
+                                     encode=lambda x: self.model.embed(x, prompt_mode),
+                                     desc="rank")
+            q, g = feats[:len(self.split.query)], feats[len(self.split.query):]
+            self._cache[key] = (1.0 - q @ g.T).numpy()
+        return self._cache[key]
+
+    def topk(self, i: int, k: int, prompt_mode: str):
+        dist = self._ranking(prompt_mode)[i]
+        order = np.argsort(dist, kind="stable")[:k]
+        gallery = [self.split.gallery[j] for j in order]
+        maps = self._maps(prompt_mode, tuple(gallery))
+        q_id = self.protocol.identities[self.split.query[i]]
+        return [Match(image=self._image(g), attention=maps[n], distance=float(dist[j]),
+                      correct=self.protocol.identities[g] == q_id,
+                      title=f"#{n + 1} person {self.protocol.items[g].person}")
+                for n, (g, j) in enumerate(zip(gallery, order))]
+
+    def aggregate(self, prompt_mode: str, limit: int = 200) -> np.ndarray:
+        return self._maps(prompt_mode, tuple(self.split.query[:limit]))
+
+
+def attention_record(stage3_dir: str | Path, attention: Mapping, figures) -> dict:
+    """``metrics.json`` of the attention notebook: the stage-3 run's test metrics and protocol
+    sizes (so every run folder has the same schema), this run's attention figures and summary."""
+    source = read_metrics(resolve_path(stage3_dir))
+    keep = ("dataset", "aspect", "gallery_mode", "backbone", "backbone_display", "num_splits",
+            "test", "data", "splits_hash")
+    record = {k: source[k] for k in keep if k in source}
+    record.update(stage="attention", stage3_dir=str(stage3_dir), attention=dict(attention),
+                  figures=[str(Path(f).name) for f in figures])
+    return record

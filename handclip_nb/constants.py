@@ -1,0 +1,30 @@
+"""Constants every layer shares: the bottom of the import graph (imports nothing of ours).
+
+They live here, not in the module that first needed them, so that ``data`` and ``models``
+can both use them without importing each other (see docs/architecture.md).
+"""
+from __future__ import annotations
+
+__all__ = ["CLIP_MEAN", "CLIP_STD", "ASPECTS", "ASPECT_NAMES", "HD_ASPECT", "DATASETS",
+           "METRIC_NAMES"]
+
+#: Per-channel RGB normalisation of every OpenAI CLIP model (and of handclip-mini, trained with
+#: it). A backbone's preprocessing config carries it; transforms read it from there.
+CLIP_MEAN: tuple[float, float, float] = (0.48145466, 0.4578275, 0.40821073)
+CLIP_STD: tuple[float, float, float] = (0.26862954, 0.26130258, 0.27577711)
+
+#: The four 11k aspects, by their short names (parameter ``aspect``).
+ASPECTS = ("dorsal_r", "dorsal_l", "palmar_r", "palmar_l")
+#: ``aspectOfHand`` text in HandInfo.csv -> the short aspect name.
+ASPECT_NAMES = {
+    "dorsal right": "dorsal_r",
+    "dorsal left": "dorsal_l",
+    "palmar right": "palmar_r",
+    "palmar left": "palmar_l",
+}
+#: HD holds dorsal images only; its records carry this aspect (used in prompts and reports).
+HD_ASPECT = "dorsal"
+#: Dataset layouts the readers understand (parameter ``dataset``).
+DATASETS = ("11k", "hd")
+#: Test metrics of every ``metrics.json`` (percent), in report order.
+METRIC_NAMES = ("rank1", "rank5", "rank10", "mAP", "mINP")
