@@ -74,21 +74,41 @@ def test_notebooks_contain_no_training_loop_metric_or_loss():
                 assert not forbidden.search(src), f"{path.name}: logic in a notebook:\n{src}"
 
 
-def test_notebooks_do_not_shadow_a_params_section():
+def test_notebooks_do_not_shadow_a_params_section_or_a_parameter():
     """papermill injects a params file's stage sections as variables (``pretrain = {...}``); a
     notebook that binds the same name (``from handclip_nb.train import pretrain``) silently drops
-    that section, and the run uses the notebook's defaults instead of the file's values."""
-    from handclip_nb.params import STAGES
+    that section, and the run uses the notebook's defaults instead of the file's values. A
+    parameter's name bound by an import (``from handclip_nb.evaluate import tsne``) replaces
+    the parameter's value before it is read."""
+    from handclip_nb.params import SCHEMA, STAGES
+    from handclip_nb.pipeline import NOTEBOOK_STAGES
 
-    names = "|".join(STAGES)
-    binds = re.compile(rf"(^|\n)\s*(({names})\s*=|from \S+ import .*\b({names})\b\s*($|,|#)|"
-                       rf"import .* as ({names})\b)")
     for path in NOTEBOOKS:
+        stage = NOTEBOOK_STAGES[path.name]
+        own = [n for n, spec in SCHEMA.items() if "common" in spec.stages or stage in spec.stages]
+        names = "|".join([*STAGES, *own])
+        binds = re.compile(rf"^[ \t]*(({names})\s*=|from \S+ import .*\b({names})\b[ \t]*($|,|#)|"
+                           rf"import .* as ({names})\b)", re.MULTILINE)
         nb = json.loads(path.read_text())
         for cell in nb["cells"]:  # what runs before the parameters are resolved
             if cell["cell_type"] == "code" and "parameters" not in cell["metadata"].get("tags", []):
                 src = "".join(cell["source"])
                 head = src.split("params_from_namespace(globals()")[0]
-                assert not binds.search(head), f"{path.name} binds a stage name:\n{src}"
+                assert not binds.search(head), f"{path.name} binds a stage or parameter name:\n{src}"
                 if "params_from_namespace(globals()" in src:
                     break
+
+
+def test_the_repo_does_not_point_outside_itself_for_its_design():
+    """The design lives in docs/; nothing cites the design note that stays outside the repo."""
+    import subprocess
+
+    files = subprocess.run(["git", "ls-files", "--cached", "--others", "--exclude-standard"],
+                           cwd=REPO, capture_output=True, text=True, check=True).stdout.split()
+    outside = re.compile("DESIGN" + r"(\.md)? ?§|shared/" + "DESIGN")
+    cited = [f for f in files if not f.startswith("tests/golden/")
+             and (REPO / f).is_file() and (REPO / f).suffix in (".py", ".md", ".yaml", ".ipynb", ".cfg", ".toml")
+             and outside.search((REPO / f).read_text(errors="replace"))]
+    assert not cited, f"files citing the design note outside the repo (use docs/): {cited}"
+    for name in ("architecture", "contracts", "protocols", "methods", "mistakes"):
+        assert (REPO / "docs" / f"{name}.md").is_file(), f"docs/{name}.md is missing"
