@@ -6,7 +6,7 @@ can both use them without importing each other (see docs/architecture.md).
 from __future__ import annotations
 
 __all__ = ["CLIP_MEAN", "CLIP_STD", "ASPECTS", "ASPECT_NAMES", "HD_ASPECT", "DATASETS",
-           "METRIC_NAMES"]
+           "METRIC_NAMES", "METRIC_LABELS", "AP_METRIC"]
 
 #: Per-channel RGB normalisation of every OpenAI CLIP model (and of handclip-mini, trained with
 #: it). A backbone's preprocessing config carries it; transforms read it from there.
@@ -26,5 +26,10 @@ ASPECT_NAMES = {
 HD_ASPECT = "dorsal"
 #: Dataset layouts the readers understand (parameter ``dataset``).
 DATASETS = ("11k", "hd")
-#: Test metrics of every ``metrics.json`` (percent), in report order.
-METRIC_NAMES = ("rank1", "rank5", "rank10", "mAP", "mINP")
+#: Test metrics of every ``metrics.json`` (percent), in report order. ``mAP`` is the standard
+#: (torchreid / CLIP-ReID) mAP, ``mAP_mbanet`` MBA-Net's trapezoid mAP (docs/protocols.md#metrics).
+METRIC_NAMES = ("rank1", "rank5", "rank10", "mAP", "mAP_mbanet", "mINP")
+#: Column headings of the formatted (mean ± std) tables; a name not listed is shown as is.
+METRIC_LABELS = {"mAP_mbanet": "mAP (MBA-Net)"}
+#: ``ap_mode`` parameter value -> the metric key of that AP (what model selection ranks by).
+AP_METRIC = {"standard": "mAP", "mbanet_trapezoid": "mAP_mbanet"}

@@ -30,6 +30,8 @@ Contents
   Triplet Loss"), hard or soft margin, with statistics.
 * :class:`CenterLoss` -- Wen et al. ECCV 2016, as in torchreid / CLIP-ReID.
 * :func:`image_to_text_ce` -- CLIP-ReID stage-2 image-to-text cross entropy.
+* :data:`TEXT_LOGITS`, :func:`text_logit_form` -- the two image-text logit forms the stages offer
+  (``text_logits``): ``"raw"`` = CLIP-ReID's, ``"cosine"`` = CLIP's.
 * :func:`clip_contrastive_loss` -- CLIP's symmetric InfoNCE over matched image-text pairs
   (Radford et al. ICML 2021, the pseudo-code of Fig. 3), used to pretrain ``handclip-mini``.
 """
@@ -53,6 +55,8 @@ __all__ = [
     "CenterLoss",
     "image_to_text_ce",
     "clip_contrastive_loss",
+    "TEXT_LOGITS",
+    "text_logit_form",
 ]
 
 Scale = Union[float, torch.Tensor]
@@ -112,6 +116,27 @@ def _check_scale(logit_scale: Scale) -> None:
         value = float(logit_scale)
     if not (value > 0 and math.isfinite(value)):
         raise ValueError(f"logit_scale must be a finite positive number, got {value}")
+
+
+#: valid values of the stages' ``text_logits`` parameter
+TEXT_LOGITS = ("cosine", "raw")
+
+
+def text_logit_form(mode: str, clip_scale: Scale) -> tuple[bool, Scale]:
+    """``(normalize, logit_scale)`` of an image-text logit form for :func:`supcon_loss`,
+    :func:`symmetric_supcon` and :func:`image_to_text_ce`.
+
+    * ``"raw"``: CLIP-ReID's ``loss/supcontrast.py`` (temperature 1) and
+      ``processor_clipreid_stage2.py`` (``image_features @ text_features.t()``): raw dot products
+      of un-normalised features, ``(False, 1.0)``;
+    * ``"cosine"``: CLIP's own form, L2-normalised features times CLIP's multiplicative scale
+      ``clip_scale`` (``logit_scale.exp()``), ``(True, clip_scale)``.
+    """
+    if mode == "raw":
+        return False, 1.0
+    if mode == "cosine":
+        return True, clip_scale
+    raise ValueError(f"unknown text_logits {mode!r}; valid: {', '.join(TEXT_LOGITS)}")
 
 
 # --------------------------------------------------------------------------------------------------

@@ -42,8 +42,21 @@ GALLERY_MODES = ("aspect", "all")
 RESIZE_MODES = ("pad", "squash")
 AP_MODES = ("standard", "mbanet_trapezoid")
 
+#: Model-selection policies of the training stages (parameter ``selection``).
+SELECTION_POLICIES = ("last", "best", "retrain")
+
 #: Stages that train (their schema adds the optimisation parameters).
 TRAINING = ("pretrain", "stage1", "stage2", "stage3")
+
+#: Stages that build a CLIP backbone from their own parameters (pretraining builds its own
+#: model; the attention notebook rebuilds its stage-3 run from that run's parameters).
+BACKBONE_STAGES = ("stage0", "stage1", "stage2", "stage3", "evaluation")
+
+#: Values of the CLIP-ReID reference options (the code that reads them lives in ``losses``,
+#: ``models.heads`` and ``train.schedulers``; a test keeps these tuples equal to theirs).
+TEXT_LOGIT_FORMS = ("cosine", "raw")
+TRIPLET_FEATURE_SETS = ("two", "clipreid")
+LR_SCHEDULES = ("workbench", "clipreid")
 
 
 class ParamError(ValueError):
@@ -53,7 +66,7 @@ class ParamError(ValueError):
 @dataclass(frozen=True)
 class ParamSpec:
     name: str
-    kind: str  # "str" | "int" | "float" | "bool" | "size" | "path" | "intlist" | "pathlist"
+    kind: str  # "str" | "int" | "float" | "bool" | "size" | "path" | "intlist" | "pathlist" | "rgb"
     default: Any
     help: str
     #: valid values: a tuple, or a callable returning one when they live in a registry that
@@ -92,8 +105,14 @@ SCHEMA: dict[str, ParamSpec] = {
               "galleries merged (MBA-Net's protocol)", choices=GALLERY_MODES),
         _spec("num_splits", "int", 10, "Monte-Carlo query/gallery splits of the test identities",
               minimum=1),
+        _spec("split_seed", "int", 0,
+              "seed of the protocol's random choices (test splits, val images, selection "
+              "identities); independent of `seed`, so runs sharing it share splits.json",
+              minimum=0),
         _spec("val_fraction", "float", 0.2,
-              "fraction of TRAINING identities held out for model selection", minimum=0.0),
+              "fraction of TRAINING identities held out for model selection (selection 'best' "
+              "and 'retrain', and the val report of stage 0; 'last' holds none out)",
+              minimum=0.0),
         _spec("synthetic_subjects", "int", 60, "people in the embedded synthetic dataset",
               minimum=4),
         _spec("synthetic_images", "int", 6,
@@ -118,6 +137,19 @@ SCHEMA: dict[str, ParamSpec] = {
         _spec("resize_mode", "str", "pad",
               "'pad' keeps the hand's aspect ratio (letterbox); 'squash' stretches",
               choices=RESIZE_MODES),
+        # CLIP-ReID reference options of the backbone (docs/methods.md); they shape the network
+        # and its input, so every stage that builds or rebuilds one takes them
+        _spec("rn_last_stride", "int", 2,
+              "stride of a ResNet's last stage: 2 = CLIP's; 1 = CLIP-ReID's (twice the grid, "
+              "image sizes multiples of 16); ViTs: 2", choices=(1, 2), stages=BACKBONE_STAGES),
+        _spec("pixel_mean", "rgb", None,
+              "input normalisation mean [R, G, B]; None = the backbone's own (CLIP's); "
+              "CLIP-ReID: [0.5, 0.5, 0.5] (ViT), [0.485, 0.456, 0.406] (RN50)",
+              optional=True, stages=BACKBONE_STAGES),
+        _spec("pixel_std", "rgb", None,
+              "input normalisation std [R, G, B]; None = the backbone's own (CLIP's); "
+              "CLIP-ReID: [0.5, 0.5, 0.5] (ViT), [0.229, 0.224, 0.225] (RN50)",
+              optional=True, stages=BACKBONE_STAGES),
         # --- optimisation / run -----------------------------------------------------------
         _spec("batch_size", "int", 64, "batch size", minimum=1),
         _spec("epochs", "int", 0, "training epochs (0 for zero-shot)", minimum=0,
@@ -126,7 +158,9 @@ SCHEMA: dict[str, ParamSpec] = {
         # tiny ones); params/<backbone>-*.yaml hold the reference settings for real CLIP
         _spec("lr", "float", 3.5e-4, "learning rate", minimum=0.0,
               stage_defaults={"pretrain": 1e-3, "stage1": 1e-2, "stage2": 3e-4, "stage3": 3e-4}),
-        _spec("seed", "int", 0, "seed for every random number generator", minimum=0),
+        _spec("seed", "int", 0,
+              "seed for every random number generator of training (the splits use split_seed)",
+              minimum=0),
         _spec("device", "str", "auto", "'auto' (cuda if available), 'cpu', 'cuda' or 'cuda:N'"),
         _spec("num_workers", "int", 0, "data-loader worker processes", minimum=0),
         _spec("output_dir", "path", None,
@@ -138,7 +172,9 @@ SCHEMA: dict[str, ParamSpec] = {
               "looks like a left hand)"),
         _spec("max_rank", "int", 50, "length of the CMC curve", minimum=1),
         _spec("ap_mode", "str", "standard",
-              "'standard' re-ID AP, or MBA-Net's trapezoid AP", choices=AP_MODES),
+              "the AP model selection ranks epochs by: 'standard' (mAP) or MBA-Net's "
+              "trapezoid AP 'mbanet_trapezoid' (mAP_mbanet); every metrics.json and table "
+              "records both either way", choices=AP_MODES),
         _spec("feature_cache", "bool", True, "cache extracted features on disk"),
         _spec("show_k", "int", 5, "gallery images shown per query in retrieval grids", minimum=1),
         # --- presentation -----------------------------------------------------------------
@@ -147,8 +183,14 @@ SCHEMA: dict[str, ParamSpec] = {
         # --- training (stages 1-3) ----------------------------------------------------------
         _spec("weight_decay", "float", 1e-4, "Adam weight decay", minimum=0.0,
               stages=TRAINING, stage_defaults={"pretrain": 0.1}),
-        _spec("warmup_epochs", "int", 2, "linear warmup epochs (from 0.1 x lr)", minimum=0,
-              stages=TRAINING),
+        _spec("warmup_epochs", "int", 2,
+              "linear warmup epochs (from warmup_factor x lr; stage 1: from warmup_lr_init)",
+              minimum=0, stages=TRAINING),
+        _spec("lr_schedule", "str", "workbench",
+              "epoch convention of the schedule: 'workbench' (epoch 1 trains at the warmup "
+              "start, milestones after m epochs, stage-1 cosine after the warmup) or "
+              "'clipreid' (CLIP-ReID's: epoch e trains at the value at e, cosine on the "
+              "absolute epoch)", choices=LR_SCHEDULES, stages=("stage1", "stage2", "stage3")),
         _spec("eval_every", "int", 1, "validate on the model-selection split every N epochs",
               minimum=1, stages=TRAINING, stage_defaults={"pretrain": 2}),
         _spec("resume", "bool", False,
@@ -202,6 +244,16 @@ SCHEMA: dict[str, ParamSpec] = {
               "CLIP-ReID does not", stages=("stage1",)),
         _spec("prompt_template", "str", "A photo of a {ctx} {aspect} hand.",
               "prompt with {ctx} (the learnable words) and {aspect}", stages=("stage1",)),
+        _spec("warmup_lr_init", "float", None,
+              "absolute lr the warmup starts from; None = 0.1 x lr (CLIP-ReID: 1e-5)",
+              optional=True, minimum=0.0, stages=("stage1",)),
+        _spec("lr_min", "float", None,
+              "absolute lr the cosine ends at; None = 0.01 x lr (CLIP-ReID: 1e-6)",
+              optional=True, minimum=0.0, stages=("stage1",)),
+        _spec("text_logits", "str", "cosine",
+              "image-text logits of the stage-1 SupCon and stage-2 image-to-text CE: 'cosine' "
+              "= L2-normalised features x CLIP's logit scale; 'raw' = CLIP-ReID's raw dot "
+              "products (temperature 1)", choices=TEXT_LOGIT_FORMS, stages=("stage1", "stage2")),
         # --- stage 2: image fine-tuning ------------------------------------------------------
         _spec("stage1_dir", "path", None, "the stage-1 run's output_dir (its prompts)",
               optional=True, stages=("stage2",)),
@@ -213,6 +265,26 @@ SCHEMA: dict[str, ParamSpec] = {
               minimum=0.0, stages=("stage2", "stage3")),
         _spec("i2t_weight", "float", 1.0, "weight of the image-to-text CE loss", minimum=0.0,
               stages=("stage2",)),
+        _spec("i2t_label_smoothing", "float", 0.0,
+              "label smoothing epsilon of the image-to-text CE (CLIP-ReID: 0.1)", minimum=0.0,
+              stages=("stage2",)),
+        _spec("triplet_features", "str", "two",
+              "features under the triplet loss: 'two' = both branches' pre-BN features; "
+              "'clipreid' = also the one a stage earlier (ViT 11th-layer CLS, RN pooled "
+              "layer 3), as CLIP-ReID", choices=TRIPLET_FEATURE_SETS,
+              stages=("stage2", "stage3")),
+        _spec("warmup_factor", "float", 0.1,
+              "the warmup starts at warmup_factor x lr (CLIP-ReID: 0.1 ViT, 0.01 RN50)",
+              minimum=0.0, stages=("stage2", "stage3")),
+        _spec("bias_lr_factor", "float", 1.0,
+              "lr multiplier of bias parameters (CLIP-ReID: 2)", minimum=0.0,
+              stages=("stage2",)),
+        _spec("weight_decay_bias", "float", None,
+              "weight decay of bias parameters; None = weight_decay (CLIP-ReID sets it equal)",
+              optional=True, minimum=0.0, stages=("stage2",)),
+        _spec("horizontal_flip", "float", 0.0,
+              "probability of a horizontal flip in training (CLIP-ReID: 0.5; off by default: "
+              "a mirrored right hand is a left hand)", minimum=0.0, stages=("stage2", "stage3")),
         _spec("center_weight", "float", 0.0, "weight of the center loss (0 = off)",
               minimum=0.0, stages=("stage2", "stage3")),
         _spec("triplet_margin", "float", 0.3, "triplet margin", minimum=0.0,
@@ -256,9 +328,17 @@ SCHEMA: dict[str, ParamSpec] = {
               minimum=0.0, stages=("stage2", "stage3")),
         _spec("patience", "int", 0, "early stopping after N epochs without val gain (0 = off)",
               minimum=0, stages=("stage2", "stage3")),
+        _spec("selection", "str", "last",
+              "model selection: 'last' = train on every training identity with the fixed "
+              "schedule and keep the last epoch (the literature's); 'best' = hold out "
+              "val_fraction of the training identities and keep the epoch with the best held-out "
+              "mAP; 'retrain' = choose the number of epochs that way, then retrain on every "
+              "training identity for that many (stage 1 takes the policy of the stage 2 it "
+              "feeds)", choices=SELECTION_POLICIES, stages=("stage1", "stage2", "stage3")),
         # --- evaluation across runs (notebooks/evaluation.ipynb) -----------------------------
         # The common data parameters (dataset, aspect, gallery_mode, data_root, num_splits,
-        # seed) give the TEST protocol; each run's own params.yaml says what it was trained on.
+        # split_seed) give the TEST protocol; each run's own params.yaml says what it was
+        # trained on.
         _spec("runs", "pathlist", None,
               "run folders to evaluate (stage0/stage2/stage3 output_dir), e.g. "
               "[outputs/stage2-11k-dorsal_r-tiny-vit-seed0]; None or [] = the zero-shot "
@@ -362,12 +442,32 @@ def _coerce(spec: ParamSpec, value: Any) -> Any:
         out = _coerce_intlist(spec, value)
     elif kind == "pathlist":
         out = _coerce_pathlist(spec, value)
+    elif kind == "rgb":
+        out = _coerce_rgb(spec, value)
     else:  # pragma: no cover - schema error
         raise AssertionError(f"unknown kind {kind}")
     if spec.choices is not None and out not in _choices(spec):
         raise _fail(spec, value, "unknown value")
     if spec.minimum is not None and isinstance(out, (int, float)) and out < spec.minimum:
         raise _fail(spec, value, f"must be >= {spec.minimum}")
+    return out
+
+
+def _coerce_rgb(spec: ParamSpec, value: Any) -> list[float]:
+    """Three finite numbers (R, G, B), e.g. a normalisation mean; ``-p`` gives a string."""
+    hint = "expected three numbers [R, G, B] like [0.5, 0.5, 0.5]"
+    if isinstance(value, str):
+        try:
+            value = yaml.safe_load(value)
+        except yaml.YAMLError:
+            raise _fail(spec, value, hint) from None
+    if not isinstance(value, (list, tuple)) or len(value) != 3 or not all(
+            isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
+            for v in value):
+        raise _fail(spec, value, hint)
+    out = [float(v) for v in value]
+    if spec.name == "pixel_std" and min(out) <= 0:
+        raise _fail(spec, value, "every std must be > 0")
     return out
 
 
@@ -495,6 +595,9 @@ def resolve_params(values: Mapping[str, Any] | None = None, stage: str = "stage0
     if out["image_size"] is None:
         # the registry entry's default: the one place input sizes are defined
         out["image_size"] = list(get_backbone_spec(out["backbone"]).default_image_size)
+    if out.get("rn_last_stride", 2) != 2 and get_backbone_spec(out["backbone"]).is_vit:
+        raise _fail(SCHEMA["rn_last_stride"], out["rn_last_stride"],
+                    f"{out['backbone']} is a ViT; only ResNets have a last stride to change")
     if out.get("rerank_lambda", 0.0) > 1.0:
         raise _fail(SCHEMA["rerank_lambda"], out["rerank_lambda"], "must be <= 1")
     if out["val_fraction"] >= 1.0:
@@ -511,6 +614,20 @@ def resolve_params(values: Mapping[str, Any] | None = None, stage: str = "stage0
         out["stage1_dir"] = default_output_dir(out, "stage1")
     out["stage"] = stage
     return out
+
+
+def held_out_fraction(params: Mapping[str, Any]) -> float:
+    """The fraction of training identities a run's protocol holds out for model selection.
+
+    None under ``selection='last'`` (every training identity is fitted, as in the literature)
+    and in stage 1 under ``'retrain'`` (its prompts must cover every identity stage 2 retrains
+    on); ``val_fraction`` otherwise, including the stages without the parameter (stage 0
+    reports its zero-shot ranking on the held-out identities as ``val``).
+    """
+    policy = params.get("selection")
+    if policy == "last" or (policy == "retrain" and params.get("stage") == "stage1"):
+        return 0.0
+    return float(params["val_fraction"])
 
 
 def params_from_namespace(namespace: Mapping[str, Any], stage: str) -> Params:

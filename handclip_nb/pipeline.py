@@ -29,6 +29,7 @@ from typing import Mapping, Sequence
 
 import yaml
 
+from .constants import METRIC_LABELS
 from .evaluate.tables import comparison_table, format_table, markdown_table
 from .params import TRAINING, load_params_file
 from .runs import atomic_write_json, atomic_write_text, project_root, read_metrics, resolve_path
@@ -249,7 +250,8 @@ def main(argv=None) -> int:
     started = time.time()
     run_dirs = run_pipeline(args.output, extra=extra, force=args.force)
     numbers, shown = demo_table(run_dirs)
-    columns = ["stage", "backbone", "rank1", "rank5", "mAP", "mINP"]
+    # both APs: the standard mAP and MBA-Net's trapezoid mAP (docs/protocols.md#metrics)
+    columns = ["stage", "backbone", "rank1", "rank5", "mAP", METRIC_LABELS["mAP_mbanet"], "mINP"]
     print(shown[columns].to_string())
     out = resolve_path(args.output)
     atomic_write_text(out / "comparison.csv", numbers.to_csv())

@@ -226,6 +226,7 @@ def _load_stage1(folder: Path, params: Mapping, backbone) -> dict:
         raise CheckpointError(f"{path}: {exc}") from None
     learner = learner.to(next(backbone.parameters()).device)
     learner.image_mean = state.get("image_mean")
+    learner.identities = [str(p) for p in state.get("meta", {}).get("identities") or []] or None
     return {"model": learner, "meta": dict(state.get("meta", {})),
             "display": f"{backbone.display_name} + stage-1 prompts"}
 

@@ -266,7 +266,10 @@ def start_run(params: Mapping[str, Any]) -> Run:
 def _check_metric_block(block: Mapping[str, Any], where: str) -> None:
     for name in METRIC_NAMES:
         if name not in block:
-            raise ValueError(f"metrics {where!r} lacks {name!r}")
+            hint = ("; it is MBA-Net's trapezoid mAP, which rank_metrics returns since both APs "
+                    "are recorded: a block copied from a metrics.json written before then lacks "
+                    "it, so re-run (or re-evaluate) that run" if name == "mAP_mbanet" else "")
+            raise ValueError(f"metrics {where!r} lacks {name!r}{hint}")
         entry = block[name]
         if not {"mean", "std", "per_split"} <= set(entry):
             raise ValueError(f"metrics {where}.{name} must hold mean, std and per_split")

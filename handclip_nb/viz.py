@@ -10,6 +10,7 @@ import numpy as np
 import pandas as pd
 from PIL import Image
 
+from .constants import METRIC_LABELS, METRIC_NAMES
 from .data.protocols import Protocol
 
 __all__ = ["protocol_table", "identity_grid", "plot_cmc", "retrieval_grid", "metrics_table",
@@ -119,10 +120,19 @@ def retrieval_grid(protocol: Protocol, split, distmat: np.ndarray, k: int = 5,
 
 def metrics_table(results: Mapping[str, Mapping[str, Mapping[str, float]]],
                   decimals: int = 2) -> pd.DataFrame:
-    """``{row name: summary}`` → table of ``mean ± std`` (percent)."""
-    rows = {name: {k: f"{v['mean']:.{decimals}f} ± {v['std']:.{decimals}f}"
-                   for k, v in summary.items()} for name, summary in results.items()}
-    return pd.DataFrame(rows).T
+    """``{row name: summary}`` → table of ``mean ± std`` (percent).
+
+    Columns are the summaries' metrics (``METRIC_NAMES`` order first, any others after),
+    headed by ``constants.METRIC_LABELS`` (both APs: ``mAP`` and ``mAP (MBA-Net)``); a metric a
+    row lacks (a summary written before ``mAP_mbanet`` was recorded) shows ``not recorded``."""
+    keys = list(dict.fromkeys(k for summary in results.values() for k in summary))
+    keys.sort(key=lambda k: METRIC_NAMES.index(k) if k in METRIC_NAMES else len(METRIC_NAMES))
+    rows = {name: {METRIC_LABELS.get(k, k): (f"{summary[k]['mean']:.{decimals}f} ± "
+                                             f"{summary[k]['std']:.{decimals}f}"
+                                             if k in summary else "not recorded")
+                   for k in keys} for name, summary in results.items()}
+    return pd.DataFrame.from_dict(rows, orient="index",
+                                  columns=[METRIC_LABELS.get(k, k) for k in keys])
 
 
 def plot_history(history: Sequence[Mapping], title: str = "training"):

@@ -8,6 +8,7 @@ import pytest
 REPO = Path(__file__).resolve().parents[1]
 SHARED = REPO.parent / "shared"
 REAL_HANDINFO = SHARED / "data" / "11k" / "HandInfo.csv"
+REAL_HD_LISTING = SHARED / "data" / "hd" / "hd_listing.csv"
 
 # Headless: no display, so matplotlib picks Agg by itself here, and the notebooks' kernels keep
 # their inline backend (setting MPLBACKEND would leak into them and hide the figures).
@@ -18,6 +19,14 @@ def real_handinfo() -> Path:
     if not REAL_HANDINFO.is_file():
         pytest.fail(f"{REAL_HANDINFO} is missing: CI clones the repo with ../shared beside it")
     return REAL_HANDINFO
+
+
+@pytest.fixture(scope="session")
+def real_hd_listing() -> Path:
+    """The name-only listing (folder,filename) shaped like the real HD dataset."""
+    if not REAL_HD_LISTING.is_file():
+        pytest.fail(f"{REAL_HD_LISTING} is missing: CI clones the repo with ../shared beside it")
+    return REAL_HD_LISTING
 
 
 @pytest.fixture(scope="session")

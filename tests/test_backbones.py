@@ -552,3 +552,113 @@ def test_openai_entries_name_real_clip_releases():
     bad = bb.BackboneSpec("test-bad", "bad", openai_name="ViT-Z/99")
     with pytest.raises(ValueError, match="not an OpenAI CLIP model"):
         bad.url
+
+
+# ------------------------------------------------------------------------------------------------
+# CLIP-ReID's options: the intermediate feature, the RN last stride, the input normalisation
+# ------------------------------------------------------------------------------------------------
+
+
+def test_vit_intermediate_is_the_cls_token_entering_the_last_block():
+    """CLIP-ReID's img_feature_last (model/clip/model.py: resblocks[:11], then resblocks[11]):
+    computed independently here, and the global embedding is still bit-identical to CLIP's."""
+    b = build_backbone("tiny-vit", image_size=(96, 128))
+    v = b.clip.visual
+    x = _images((96, 128), batch=3)
+    with torch.no_grad():
+        f = b.encode_image(x)
+        t = v.conv1(x).flatten(2).permute(0, 2, 1)
+        cls = v.class_embedding + torch.zeros(3, 1, t.shape[-1])
+        t = v.ln_pre(torch.cat([cls, t], dim=1) + v.positional_embedding)
+        t = t.permute(1, 0, 2)
+        for block in list(v.transformer.resblocks)[:-1]:
+            t = block(t)
+        assert torch.equal(b.clip.encode_image(x), f.global_embedding)
+    assert f.intermediate.shape == (3, b.intermediate_width) == (3, 64)
+    torch.testing.assert_close(f.intermediate, t[0], rtol=0, atol=0)
+    assert not torch.allclose(f.intermediate, f.pre_projection)  # no ln_post, one block earlier
+
+
+@pytest.mark.parametrize("name", ["tiny-rn", "handclip-mini"])
+def test_rn_intermediate_is_the_pooled_third_stage(name):
+    b = build_backbone(name, image_size=(96, 128))
+    v = b.clip.visual
+    x = _images((96, 128))
+    with torch.no_grad():
+        f = b.encode_image(x)
+        h = v.avgpool(v.relu3(v.bn3(v.conv3(v.relu2(v.bn2(v.conv2(v.relu1(v.bn1(v.conv1(x))))))))))
+        layer3 = v.layer3(v.layer2(v.layer1(h)))
+        assert torch.equal(b.clip.encode_image(x), f.global_embedding)
+    assert f.intermediate.shape == (2, b.intermediate_width) == (2, layer3.shape[1])
+    assert torch.equal(f.intermediate, layer3.mean(dim=(2, 3)))
+
+
+@pytest.mark.parametrize("name", ["tiny-rn", "handclip-mini"])
+def test_rn_last_stride_1_doubles_the_grid_and_keeps_the_weights(name):
+    """CLIP-ReID's RN50 (model/clip/model.py:120, layer4 stride 1): same weights, output stride
+    16, twice the grid in each direction, attention-pool positional embedding resized in 2-D."""
+    size = (96, 128)
+    b2 = build_backbone(name, image_size=size)
+    b1 = build_backbone(name, image_size=size, rn_last_stride=1)
+    assert (b2.last_stride, b1.last_stride) == (2, 1)
+    assert (b2.patch_size, b1.patch_size) == (32, 16)
+    assert b1.grid == (2 * b2.grid[0], 2 * b2.grid[1]) == (6, 8)
+    pos_key = "clip.visual.attnpool.positional_embedding"
+    s1, s2 = b1.state_dict(), b2.state_dict()
+    assert set(s1) == set(s2)  # no module with state added or removed
+    assert s1[pos_key].shape == (1 + 6 * 8, s2[pos_key].shape[1])
+    assert torch.equal(s1[pos_key][0], s2[pos_key][0])  # the mean token's embedding is kept
+    for key in s1:
+        if key != pos_key:
+            assert torch.equal(s1[key], s2[key]), f"{key} changed"
+    x = _images(size)
+    with torch.no_grad():
+        f1, f2 = b1.encode_image(x), b2.encode_image(x)
+        assert torch.equal(b1.clip.encode_image(x), f1.global_embedding)
+    assert f1.patch_tokens.shape[1] == 48 and f1.grid == (6, 8)
+    assert torch.isfinite(f1.global_embedding).all() and torch.isfinite(f1.intermediate).all()
+    assert f1.global_embedding.shape == f2.global_embedding.shape
+    assert not torch.allclose(f1.global_embedding, f2.global_embedding)
+    assert torch.equal(f1.intermediate, f2.intermediate)  # layers 1-3 are untouched
+    assert "rn_last_stride=1" in repr(b1)
+    assert backbone_fingerprint(b1) != backbone_fingerprint(b2)
+
+
+def test_rn_last_stride_1_sizes_roundtrip_and_refusals(tmp_path):
+    b = build_backbone("tiny-rn", image_size=(80, 112), rn_last_stride=1)  # multiples of 16
+    assert b.grid == (5, 7)
+    with pytest.raises(ValueError, match="multiples of 16"):
+        build_backbone("tiny-rn", image_size=(88, 112), rn_last_stride=1)
+    with pytest.raises(ValueError, match="ResNet"):
+        build_backbone("tiny-vit", rn_last_stride=1)
+    with pytest.raises(ValueError, match="1 or 2"):
+        build_backbone("tiny-rn", rn_last_stride=3)
+    with torch.no_grad():
+        b.clip.visual.attnpool.positional_embedding.add_(0.1)
+    path = b.save_weights(tmp_path / "s1.pt")
+    back = build_backbone("tiny-rn", weights=path, image_size=(80, 112), rn_last_stride=1)
+    x = _images((80, 112))
+    with torch.no_grad():
+        assert torch.equal(back.encode_image(x).global_embedding, b.encode_image(x).global_embedding)
+    # back to stride 2 from a stride-1 file: one resize from the file's grid
+    assert build_backbone("tiny-rn", weights=path, image_size=(96, 128)).grid == (3, 4)
+    # set_last_stride back and forth restores CLIP's modules
+    b.set_last_stride(2, image_size=(96, 128))
+    assert b.grid == (3, 4) and isinstance(b.clip.visual.layer4[0].avgpool, torch.nn.AvgPool2d)
+
+
+def test_backbone_from_params_passes_stride_and_normalisation():
+    from handclip_nb.models.backbones import backbone_from_params
+    from handclip_nb.params import resolve_params
+
+    p = resolve_params({"backbone": "tiny-rn", "rn_last_stride": 1,
+                        "pixel_mean": [0.5, 0.5, 0.5], "pixel_std": [0.5, 0.5, 0.5]},
+                       stage="stage2")
+    b = backbone_from_params(p, device="cpu")
+    assert b.last_stride == 1 and b.grid == (6, 8)
+    cfg = b.preprocess_config()
+    assert (cfg.mean, cfg.std) == ((0.5, 0.5, 0.5), (0.5, 0.5, 0.5))
+    default = backbone_from_params(resolve_params({"backbone": "tiny-rn"}, stage="stage2"),
+                                   device="cpu")
+    assert default.last_stride == 2
+    assert (default.preprocess_config().mean, default.preprocess_config().std) == (CLIP_MEAN, CLIP_STD)

@@ -214,13 +214,16 @@ def test_comparison_table_from_metrics_json_csv_and_markdown(runs, tmp_path):
     shown = tables.format_table(table)
     r = read_metrics(folders[1])["test"]["mAP"]
     assert shown.loc["stage2", "mAP"] == f"{r['mean']:.2f} ± {r['std']:.2f}"
+    r = read_metrics(folders[1])["test"]["mAP_mbanet"]
+    assert shown.loc["stage2", "mAP (MBA-Net)"] == f"{r['mean']:.2f} ± {r['std']:.2f}"
     assert shown.loc["stage0", "seen_test_people"] == "–"
 
     paths = tables.write_tables(table, tmp_path / "out")
     back = pd.read_csv(paths["csv"], index_col="run")
-    np.testing.assert_allclose(back["mAP_mean"], table["mAP_mean"])
+    for column in ("mAP_mean", "mAP_std", "mAP_mbanet_mean", "mAP_mbanet_std"):
+        np.testing.assert_allclose(back[column], table[column])
     md = paths["md"].read_text().splitlines()
-    assert md[0].startswith("| run | stage |") and "mAP" in md[0]
+    assert md[0].startswith("| run | stage |") and "| mAP | mAP (MBA-Net) |" in md[0]
     assert md[2].startswith("| stage0 | stage0 |") and "±" in md[3]
     assert not list((tmp_path / "out").glob(".*.tmp"))  # atomic: no temp files left
 
@@ -276,6 +279,79 @@ def test_evaluation_record_is_a_valid_metrics_json(runs, synthetic_11k, tmp_path
     assert list(table.index) == ["stage2", "stage0"]
     with pytest.raises(ValueError, match="no evaluated runs"):
         compare.evaluation_record(params, protocol, [])
+
+
+def _without_mbanet(folder):
+    """Rewrite ``folder``'s metrics.json as a run written before mAP_mbanet was recorded."""
+    path = folder / "metrics.json"
+    m = json.loads(path.read_text())
+    for record in [m, *m.get("runs", [])]:
+        record["test"].pop("mAP_mbanet")
+        record.get("val", {}).pop("mAP_mbanet", None)
+        (record.get("recorded_test_mean") or {}).pop("mAP_mbanet", None)
+    path.write_text(json.dumps(m))
+
+
+def _finished_metrics(stage, values):
+    block = {k: {"mean": v, "std": 1.0, "per_split": [v - 1.0, v + 1.0]}
+             for k, v in values.items()}
+    return {"stage": stage, "dataset": "11k", "aspect": "dorsal_r", "backbone": "tiny-vit",
+            "num_splits": 2, "test": block, "ap_mode": "standard",
+            "data": {k: 1 for k in ("train_ids", "train_images", "test_ids", "test_images",
+                                    "queries_per_split", "gallery_per_split")}}
+
+
+def test_tables_read_run_folders_written_before_mbanet_map(tmp_path):
+    """A metrics.json without ``mAP_mbanet`` (older runs) still gives a row: NaN numbers,
+    ``not recorded`` in the formatted view, no per-split rows; newer runs keep both APs."""
+    new = {"rank1": 60.0, "rank5": 80.0, "rank10": 90.0, "mAP": 50.0, "mAP_mbanet": 40.0,
+           "mINP": 30.0}
+    old = {k: v for k, v in new.items() if k != "mAP_mbanet"}
+    for name, values in (("old", old), ("new", new)):
+        (tmp_path / name).mkdir()
+        (tmp_path / name / "metrics.json").write_text(json.dumps(_finished_metrics("stage2",
+                                                                                   values)))
+    table = tables.comparison_table([tmp_path / "old", tmp_path / "new"])
+    assert np.isnan(table.loc["old", "mAP_mbanet_mean"]) and np.isnan(
+        table.loc["old", "mAP_mbanet_std"])
+    assert table.loc["new", "mAP_mbanet_mean"] == 40.0 and table.loc["old", "mAP_mean"] == 50.0
+    shown = tables.format_table(table)
+    assert shown.loc["old", "mAP (MBA-Net)"] == "not recorded"
+    assert shown.loc["new", "mAP (MBA-Net)"] == "40.00 ± 1.00"
+    assert shown.loc["old", "mAP"] == "50.00 ± 1.00"
+    paths = tables.write_tables(table, tmp_path / "out")
+    back = pd.read_csv(paths["csv"], index_col="run")
+    assert np.isnan(back.loc["old", "mAP_mbanet_mean"]) and back.loc["new", "mAP_mbanet_mean"] == 40
+    assert "not recorded" in paths["md"].read_text()
+    values = tables.split_values([tmp_path / "old", tmp_path / "new"])
+    assert len(values[values["run"] == "old"]) == 2 * len(old)
+    assert len(values[values["run"] == "new"]) == 2 * len(new)
+    shown = viz.metrics_table({"old": _finished_metrics("stage2", old)["test"],
+                               "new": _finished_metrics("stage2", new)["test"]})
+    assert list(shown.columns) == ["rank1", "rank5", "rank10", "mAP", "mAP (MBA-Net)", "mINP"]
+    assert shown.loc["old", "mAP (MBA-Net)"] == "not recorded"
+
+
+def test_evaluation_reads_run_folders_written_before_mbanet_map(runs, synthetic_11k, tmp_path,
+                                                                one_thread):
+    """An older stage-2 folder (and an older evaluation folder) is evaluated and tabled; the
+    re-evaluation records both APs, the recorded means simply lack mAP_mbanet."""
+    old = tmp_path / "old-stage2"
+    shutil.copytree(runs["root"] / "stage2", old)
+    _without_mbanet(old)
+    params = _eval_params(synthetic_11k, output_dir=str(tmp_path / "eval"), runs=[str(old)])
+    run = start_run(params)
+    protocol = build_protocol(params)
+    (evaluation,) = compare.evaluate_runs(params, protocol)
+    assert set(evaluation.summary) == set(METRIC_NAMES)
+    record = evaluation.record()
+    assert "mAP_mbanet" not in record["recorded_test_mean"]
+    assert record["recorded_test_mean"]["mAP"] == pytest.approx(evaluation.summary["mAP"]["mean"])
+    finish_run(run, compare.evaluation_record(params, protocol, [evaluation]))
+    _without_mbanet(tmp_path / "eval")  # an evaluation folder written before the change
+    table = tables.comparison_table([tmp_path / "eval", old])
+    assert table["mAP_mbanet_mean"].isna().all() and not table["mAP_mean"].isna().any()
+    assert set(tables.format_table(table)["mAP (MBA-Net)"]) == {"not recorded"}
 
 
 # ----------------------------------------------------------------------------- errors

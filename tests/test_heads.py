@@ -220,3 +220,62 @@ def test_reid_head_training_step_reaches_both_classifiers(classifier):
     opt.step()
     assert all(not torch.equal(b, c.weight) for b, c in zip(before, head.classifiers))
     assert torch.equal(head.necks[0].bias, torch.zeros(24))
+
+
+# --------------------------------------------------------------------------------------------------
+# triplet_features: CLIP-ReID's third triplet feature
+# --------------------------------------------------------------------------------------------------
+
+
+class _FeatsWithIntermediate(_Feats):
+    def __init__(self, pre_projection, global_embedding, intermediate):
+        super().__init__(pre_projection, global_embedding)
+        self.intermediate = intermediate
+
+
+def test_reid_head_clipreid_triplet_features_add_the_intermediate_first():
+    """CLIP-ReID (model/make_model_clipreid.py:146, loss/make_loss.py:46-48): the triplet loss
+    sees [img_feature_last, img_feature, img_feature_proj]; the ID loss and the test feature
+    still use the two branches only."""
+    torch.manual_seed(0)
+    pre, proj, inter = torch.randn(6, 20), torch.randn(6, 12), torch.randn(6, 9)
+    two = ReIDHead((20, 12), num_classes=3)
+    three = ReIDHead((20, 12), num_classes=3, triplet_features="clipreid")
+    three.load_state_dict(two.state_dict())  # no new parameters
+    feats = _FeatsWithIntermediate(pre, proj, inter)
+    a, b = two(feats), three(feats)
+    assert len(a.features_for_triplet) == 2 and len(b.features_for_triplet) == 3
+    assert b.features_for_triplet[0] is inter
+    assert b.features_for_triplet[1] is pre and b.features_for_triplet[2] is proj
+    assert torch.equal(a.embedding_for_test, b.embedding_for_test)
+    assert all(torch.equal(x, y) for x, y in zip(a.logits, b.logits))
+    # list input: the intermediate comes as an argument
+    c = three([pre, proj], intermediate=inter)
+    assert c.features_for_triplet[0] is inter
+    assert "triplet_features='clipreid'" in repr(three)
+
+
+def test_reid_head_clipreid_triplet_features_need_the_intermediate():
+    head = ReIDHead((20, 12), num_classes=3, triplet_features="clipreid")
+    with pytest.raises(ValueError, match="intermediate"):
+        head(_Feats(torch.randn(4, 20), torch.randn(4, 12)))
+    with pytest.raises(ValueError, match="intermediate must be"):
+        head([torch.randn(4, 20), torch.randn(4, 12)], intermediate=torch.randn(3, 5))
+    with pytest.raises(ValueError, match="triplet_features"):
+        ReIDHead((20, 12), num_classes=3, triplet_features="three")
+
+
+def test_reid_model_with_a_real_backbone_feeds_three_triplet_features():
+    from handclip_nb.models.backbones import build_backbone
+    from handclip_nb.models.reid import ReIDModel
+
+    bb = build_backbone("tiny-vit", image_size=(96, 128))
+    model = ReIDModel(bb, 4, triplet_features="clipreid").eval()
+    x = torch.randn(3, 3, 96, 128)
+    with torch.no_grad():
+        feats, out = model(x)
+        emb = model.embed(x)
+    assert [f.shape[1] for f in out.features_for_triplet] == [bb.intermediate_width,
+                                                            bb.visual_width, bb.embed_dim]
+    # the ranking feature: CLIP-ReID's TEST.NECK_FEAT 'before' = cat[img_feature, img_feature_proj]
+    assert torch.equal(emb, torch.cat([feats.pre_projection, feats.global_embedding], 1))

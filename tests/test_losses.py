@@ -17,6 +17,7 @@ from handclip_nb.losses import (
     pairwise_euclidean,
     supcon_loss,
     symmetric_supcon,
+    text_logit_form,
 )
 
 DT = torch.float64
@@ -436,3 +437,40 @@ def test_center_loss_validates():
         crit(torch.randn(2, 5), torch.tensor([0, 1]))
     with pytest.raises(ValueError, match=r"\[0, 3\)"):
         crit(torch.randn(2, 4), torch.tensor([0, 3]))
+
+
+# --------------------------------------------------------------------------------------------------
+# text_logits: CLIP-ReID's raw form and CLIP's cosine form
+# --------------------------------------------------------------------------------------------------
+
+
+def test_text_logit_form_names_both_forms():
+    scale = torch.tensor(50.0)
+    assert text_logit_form("raw", scale) == (False, 1.0)
+    normalize, got = text_logit_form("cosine", scale)
+    assert normalize is True and got is scale
+    with pytest.raises(ValueError, match="cosine, raw"):
+        text_logit_form("dot", scale)
+
+
+def test_raw_text_logits_are_clipreids_supcon_and_i2t():
+    """``raw``: CLIP-ReID's loss/supcontrast.py (temperature 1, no normalisation, both
+    directions summed, processor_clipreid_stage1.py) and processor_clipreid_stage2.py's
+    i2t logits image @ text.T through CrossEntropyLabelSmooth(eps 0.1), against slow references."""
+    g = _gen(11)
+    img = torch.randn(8, 5, generator=g, dtype=DT) * 3.0  # raw features: norms far from 1
+    txt = torch.randn(8, 5, generator=g, dtype=DT) * 2.0
+    labels = torch.tensor([0, 0, 1, 1, 2, 2, 3, 3])
+    normalize, scale = text_logit_form("raw", torch.tensor(100.0))
+    got = symmetric_supcon(img, txt, labels, scale, normalize=normalize)
+    want = ref_supcon(img, txt, labels, labels) + ref_supcon(txt, img, labels, labels)
+    assert got.item() == pytest.approx(want, rel=1e-10)
+    txt_all = torch.randn(4, 5, generator=g, dtype=DT)
+    got = image_to_text_ce(img, txt_all, labels, scale, normalize=normalize, epsilon=0.1)
+    assert got.item() == pytest.approx(ref_ce_smooth(img @ txt_all.t(), labels, 0.1), rel=1e-10)
+    # the cosine form is a different loss on the same features
+    cos_norm, cos_scale = text_logit_form("cosine", 100.0)
+    cos = symmetric_supcon(img, txt, labels, cos_scale, normalize=cos_norm)
+    assert cos.item() == pytest.approx(ref_supcon(img, txt, labels, labels, 100.0, True)
+                                       + ref_supcon(txt, img, labels, labels, 100.0, True),
+                                       rel=1e-10)

@@ -127,15 +127,19 @@ def test_stage_sections_override_common_values():
 def test_stage_specific_parameters_only_apply_to_their_stage():
     assert "n_ctx" in resolve_params(stage="stage1")
     assert "n_ctx" not in resolve_params(stage="stage2")
-    assert resolve_params(stage="stage2").milestones == [30, 50]
+    assert resolve_params(stage="stage2").milestones == [24]
+    assert resolve_params(stage="stage3").milestones == [48]  # a stage default
     with pytest.raises(ParamError, match="list of non-negative integers"):
         resolve_params({"milestones": "[a]"}, stage="stage2")
 
 
-@pytest.mark.parametrize("backbone, s1_epochs, s2_lr", [("vitb16", 120, 5e-6), ("rn50", 60, 3.5e-4)])
+@pytest.mark.parametrize("backbone, s1_epochs, s2_lr, s2_epochs, s2_milestones",
+                         [("vitb16", 120, 5e-6, 60, [30, 50]), ("rn50", 60, 3.5e-4, 120, [40, 70])])
 @pytest.mark.parametrize("target", ["dorsal_r", "dorsal_l", "palmar_r", "palmar_l", "hd"])
-def test_reference_params_follow_design(backbone, s1_epochs, s2_lr, target):
-    """docs/methods.md: the CLIP-ReID settings, per backbone, on every 11k aspect and HD."""
+def test_reference_params_follow_design(backbone, s1_epochs, s2_lr, s2_epochs, s2_milestones,
+                                        target):
+    """docs/methods.md: the CLIP-ReID settings, per backbone, on every 11k aspect and HD (the
+    field-by-field comparison with CLIP-ReID's configs is tests/test_reference_params.py)."""
     from pathlib import Path
 
     values = load_params_file(Path(__file__).resolve().parents[1] / "params"
@@ -144,7 +148,8 @@ def test_reference_params_follow_design(backbone, s1_epochs, s2_lr, target):
     s2 = resolve_params(values, stage="stage2")
     assert s1.backbone == s2.backbone == backbone
     assert (s1.epochs, s1.lr, s1.weight_decay, s1.warmup_epochs) == (s1_epochs, 3.5e-4, 1e-4, 5)
-    assert (s2.epochs, s2.lr, s2.warmup_epochs, s2.milestones) == (60, s2_lr, 10, [30, 50])
+    assert (s2.epochs, s2.lr, s2.warmup_epochs, s2.milestones) == (s2_epochs, s2_lr, 10,
+                                                                    s2_milestones)
     assert (s2.p_ids, s2.k_images, s2.triplet_margin, s2.label_smoothing) == (16, 4, 0.3, 0.1)
     assert s1.center_features is False and s2.random_erasing == 0.5 and s2.grad_clip == 0.0
     assert s1.dataset == ("hd" if target == "hd" else "11k")

@@ -186,8 +186,38 @@ def test_hd_labels_come_from_file_names(synthetic_hd):
     records = read_hd(synthetic_hd)
     for r in records:
         stem = r.path.rsplit("/", 1)[1].split("_")[0]
-        assert r.person == str(int(stem))
+        assert r.person == ("d" if r.distractor else "") + str(int(stem))
     assert any(r.distractor for r in records)
+
+
+def _hd_layout(root, main_names, distractor_names):
+    for folder, names in (("1-501", main_names), ("502-712", distractor_names)):
+        (root / "Original Images" / folder).mkdir(parents=True)
+        for name in names:
+            (root / "Original Images" / folder / name).write_bytes(b"x")
+    return root
+
+
+def test_hd_reader_takes_camera_names_and_reused_numbers(tmp_path):
+    """Real HD names: ``<id>_<camera file name>``, mixed-case extensions; 502-712 reuses ids."""
+    root = _hd_layout(tmp_path,
+                      ["552_IMG_7278.JPG", "552_IMG_7279.jpg", "239_31 (0).jpg", "239_31 (1).jpg",
+                       "0193_IMG_4661.JPG", "193_IITD_12.JPG", "7_3.jpg", "Thumbs.db"],
+                      ["552_we (3).jpg", "552_RIMG0001.JPG", "9_1.jpg"])
+    records = read_hd(root)
+    got = sorted((r.path.rsplit("/", 1)[1], r.person, r.distractor) for r in records)
+    assert got == sorted([
+        ("552_IMG_7278.JPG", "552", False), ("552_IMG_7279.jpg", "552", False),
+        ("239_31 (0).jpg", "239", False), ("239_31 (1).jpg", "239", False),
+        ("0193_IMG_4661.JPG", "193", False), ("193_IITD_12.JPG", "193", False),
+        ("7_3.jpg", "7", False),
+        ("552_we (3).jpg", "d552", True), ("552_RIMG0001.JPG", "d552", True),
+        ("9_1.jpg", "d9", True)])
+    p = build_hd_protocol(records, num_splits=2, val_fraction=0)
+    for split in p.test:
+        q_ids = set(p.ids_of(split.query))
+        d_ids = {p.identities[i] for i in split.gallery if p.items[i].distractor}
+        assert len(d_ids) == 2 and not q_ids & d_ids  # distractor 552 is not person 552
 
 
 def test_hd_protocol(synthetic_hd):
@@ -212,14 +242,21 @@ def test_hd_bad_file_name_is_reported(synthetic_hd, tmp_path):
     root = tmp_path / "hd"
     shutil.copytree(synthetic_hd, root)
     (root / "Original Images" / "1-501" / "photo.jpg").write_bytes(b"x")
-    with pytest.raises(DataError, match="photo.jpg"):
+    (root / "Original Images" / "1-501" / "552_.JPG").write_bytes(b"x")
+    (root / "Original Images" / "502-712" / "IMG_7278.JPG").write_bytes(b"x")
+    with pytest.raises(DataError) as err:
         read_hd(root)
+    msg = str(err.value)  # every bad name of both folders, in one error
+    for name in ("photo.jpg", "552_.JPG", "IMG_7278.JPG", "1-501: 2 image name(s)",
+                 "502-712: 1 image name(s)", "<id>_<name>"):
+        assert name in msg, (name, msg)
     with pytest.raises(FileNotFoundError, match="Original Images/1-501"):
         read_hd(tmp_path)
 
 
 def test_hd_protocol_on_real_shaped_ids():
-    """502 ids in 1-501 → ids <= 251 train, the other 251 test (docs/protocols.md)."""
+    """Contiguous ids 1-502 → ids <= 251 train, the other 251 test (the real numbering, with
+    gaps up to 732, is tests/test_hd_listing.py)."""
     from handclip_nb.data.handinfo import HandImage
 
     records = [HandImage(path=f"Original Images/1-501/{i}_{n}.jpg", person=str(i),
@@ -229,3 +266,53 @@ def test_hd_protocol_on_real_shaped_ids():
     p = build_hd_protocol(records, num_splits=1)
     assert max(int(x) for x in p.train_people) == 251
     assert len(p.test_people) == 251
+
+
+# ---------------------------------------------------------------- split_seed
+def _manifest_bytes(params, path):
+    from handclip_nb.data import build_protocol
+
+    return build_protocol(params).write_manifest(path).read_bytes()
+
+
+@pytest.mark.parametrize("stage, dataset", [("stage0", "11k"), ("stage2", "11k"),
+                                            ("stage2", "hd")])
+def test_split_seed_not_seed_decides_splits_json(stage, dataset, synthetic_11k, synthetic_hd,
+                                                 tmp_path):
+    from builders import run_params
+
+    root = synthetic_11k if dataset == "11k" else synthetic_hd
+    base = dict(dataset=dataset, data_root=root, num_splits=3)
+    a = _manifest_bytes(run_params(stage, **base, seed=0), tmp_path / "a.json")
+    b = _manifest_bytes(run_params(stage, **base, seed=7), tmp_path / "b.json")
+    assert a == b  # two training seeds of one method: the same splits.json, byte for byte
+    c = _manifest_bytes(run_params(stage, **base, seed=0, split_seed=1), tmp_path / "c.json")
+    ma, mc = json.loads(a), json.loads(c)
+    assert ma["seed"] == 0 and mc["seed"] == 1  # the manifest records the split seed
+    assert ma["test"] != mc["test"]
+    assert ma["test"][0]["gallery"] != mc["test"][0]["gallery"]
+    assert (ma["selection_people"], ma["val_images"]) != (mc["selection_people"],
+                                                          mc["val_images"])
+    # the train/test halves are not random: only the draws inside them change
+    assert (ma["train_people"], ma["test_people"]) == (mc["train_people"], mc["test_people"])
+
+
+def test_metrics_record_records_split_seed(synthetic_11k):
+    import numpy as np
+
+    from builders import run_params
+    from handclip_nb.data import build_protocol
+    from handclip_nb.evaluate.protocol_eval import EvalResult, metrics_record, summarise
+
+    params = run_params("stage0", data_root=synthetic_11k, seed=4, split_seed=2, num_splits=1)
+    protocol = build_protocol(params)
+    per_split = [{"rank1": 50.0, "rank5": 60.0, "rank10": 70.0, "mAP": 40.0, "mINP": 30.0}]
+
+    class _Split:
+        metrics = {"cmc": np.linspace(0.5, 1.0, 20)}
+
+    result = EvalResult("test", [_Split()], summarise(per_split))
+    record = metrics_record("stage0", params, protocol, {"test": result})
+    assert record["split_seed"] == 2 and protocol.seed == 2
+    assert record["data"]["gallery_classes_per_split"] == len(
+        set(protocol.ids_of(protocol.test[0].gallery)))

@@ -60,6 +60,9 @@ def test_restarting_a_run_removes_the_stale_metrics(workbench_home):
 @pytest.mark.parametrize("mutate, fragment", [
     (lambda m: m.pop("data"), "lack"),
     (lambda m: m["test"].pop("mINP"), "mINP"),
+    (lambda m: m["test"].pop("mAP_mbanet"), "mAP_mbanet.*MBA-Net's trapezoid"),
+    (lambda m: m["test"]["mAP_mbanet"].pop("per_split"), "mAP_mbanet must hold"),
+    (lambda m: m["test"]["mAP_mbanet"].update(per_split=[101.0]), "percentage"),
     (lambda m: m["test"]["rank1"].update(mean=0.9 * 200), "percentage"),
     (lambda m: m["data"].pop("queries_per_split"), "queries_per_split"),
 ])
@@ -70,6 +73,10 @@ def test_metrics_schema_is_enforced(workbench_home, mutate, fragment):
     with pytest.raises(ValueError, match=fragment):
         runs.finish_run(run, m)
     assert not run.metrics_path.exists()
+
+
+def test_metric_names_hold_both_aps_beside_each_other():
+    assert runs.METRIC_NAMES == ("rank1", "rank5", "rank10", "mAP", "mAP_mbanet", "mINP")
 
 
 def test_project_root_prefers_env(workbench_home):

@@ -128,3 +128,17 @@ def test_stage3_resume_matches_uninterrupted_and_run_rebuilds(hands, tmp_path, w
 def test_load_run_of_a_folder_that_is_not_a_run(tmp_path):
     with pytest.raises(RunFolderError, match="not a run folder.*no params.yaml"):
         load_run(tmp_path, stages=("stage3",))
+
+
+def test_stage3_loss_uses_the_weights_it_is_given(hands, tmp_path):
+    """The recorded loss is exactly id_weight * id + triplet_weight * triplet + supcon_weight *
+    supcon of its own parts: a weight hard-coded in train_stage3 (say SupCon at 0, which also
+    starves the inversion network of its text signal) fails here."""
+    p = _p3(hands, tmp_path / "s3", epochs=1, id_weight=0.7, triplet_weight=0.4,
+            supcon_weight=0.37)
+    protocol = build_protocol(p)
+    bb = build_backbone("tiny-vit", image_size=p.image_size, seed=0)
+    loss = train_stage3(p, p.output_dir, protocol, bb, progress=False).fit.history[0]["loss"]
+    assert loss["supcon"] > 0
+    expected = 0.7 * loss["id"] + 0.4 * loss["triplet"] + 0.37 * loss["supcon"]
+    assert loss["loss"] == pytest.approx(expected, rel=1e-5)

@@ -10,6 +10,7 @@ from typing import Callable, Mapping, Sequence
 from PIL import Image
 from torch.utils.data import Dataset
 
+from ..params import held_out_fraction
 from ..runs import project_root, resolve_path
 from .handinfo import DataError, read_handinfo, read_hd
 from .protocols import Protocol, build_11k_protocol, build_hd_protocol, verify_images
@@ -68,8 +69,10 @@ def build_protocol(params: Mapping, verify: bool = True) -> Protocol:
     """Read the dataset named by ``params`` and build its protocol (no images are decoded).
 
     ``data_root=None`` uses the embedded synthetic hands (11k layout, or HD layout for
-    ``dataset="hd"``), generated on first use under ``outputs/data/``.  With ``verify`` every
-    image the protocol references is checked up front; all problems are reported together.
+    ``dataset="hd"``), generated on first use under ``outputs/data/``.  Every random choice of
+    the protocol comes from ``params["split_seed"]``, never from the training ``seed``.  With
+    ``verify`` every image the protocol references is checked up front; all problems are
+    reported together.
     """
     dataset = params["dataset"]
     root = params["data_root"]
@@ -87,9 +90,10 @@ def build_protocol(params: Mapping, verify: bool = True) -> Protocol:
         records = read_handinfo(csv_path)
         try:
             protocol = build_11k_protocol(records, params["aspect"], root=root,
-                                          seed=params["seed"], num_splits=params["num_splits"],
+                                          seed=params["split_seed"],
+                                          num_splits=params["num_splits"],
                                           gallery_mode=params["gallery_mode"],
-                                          val_fraction=params["val_fraction"],
+                                          val_fraction=held_out_fraction(params),
                                           source_hash=_file_hash(csv_path))
         except DataError as exc:  # too few people/images for the protocol: name the file
             raise DataError(f"{csv_path}: {exc}") from None
@@ -97,9 +101,9 @@ def build_protocol(params: Mapping, verify: bool = True) -> Protocol:
         records = read_hd(root)
         listing = "\n".join(r.path for r in records).encode()
         try:
-            protocol = build_hd_protocol(records, root=root, seed=params["seed"],
+            protocol = build_hd_protocol(records, root=root, seed=params["split_seed"],
                                          num_splits=params["num_splits"],
-                                         val_fraction=params["val_fraction"],
+                                         val_fraction=held_out_fraction(params),
                                          source_hash=hashlib.sha256(listing).hexdigest())
         except DataError as exc:
             raise DataError(f"{root / 'Original Images'}: {exc}") from None

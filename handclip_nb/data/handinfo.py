@@ -23,6 +23,7 @@ __all__ = [
     "read_hd",
     "HD_MAIN_FOLDER",
     "HD_DISTRACTOR_FOLDER",
+    "HD_DISTRACTOR_PREFIX",
 ]
 
 HANDINFO_COLUMNS = ("id", "age", "gender", "skinColor", "accessories", "nailPolish",
@@ -41,7 +42,7 @@ class HandImage:
     """One image of the dataset.  ``path`` is relative to the dataset root."""
 
     path: str
-    person: str  # identity as written by the dataset (11k id stripped, HD number as text)
+    person: str  # 11k: id stripped; HD: the name's id number, "d<number>" for a distractor
     aspect: str  # 11k: dorsal_r | dorsal_l | palmar_r | palmar_l; HD: dorsal
     accessories: int = 0
     nail_polish: int = 0
@@ -140,15 +141,24 @@ def read_handinfo(csv_path: str | os.PathLike, images_dir: str = "Hands") -> lis
     return records
 
 
-_HD_NAME = re.compile(r"^(\d+)_(\d+)$")
+#: ``<id>_<rest>``: the id is the part before the first ``_``; the rest is the camera's own file
+#: name on the real data (``552_IMG_7278``, ``239_31 (0)``) or an image number (``<id>_<n>``, the
+#: synthetic layout).
+_HD_NAME = re.compile(r"^(\d+)_(.*\S.*)$")
+#: prefix of a distractor's ``person``: ``502-712`` reuses id numbers of ``1-501``, so distractor
+#: 552 is person ``d552``, never person ``552`` (MBA-Net adds 1000 to the label instead)
+HD_DISTRACTOR_PREFIX = "d"
 
 
 def read_hd(root: str | os.PathLike) -> list[HandImage]:
     """Scan the HD layout ``Original Images/1-501`` and ``502-712``.
 
-    Labels come from the file names ``<id>_<n>.<ext>``, never from folder enumeration order
-    (the earlier implementation's 0 % rank-1 bug, docs/mistakes.md #9).  Images of ``502-712`` are
-    marked as distractors.
+    Labels come from the file names ``<id>_<rest>.<ext>`` (the part before the first ``_``;
+    extensions in any case), never from folder enumeration order (the earlier implementation's
+    0 % rank-1 bug, docs/mistakes.md #9).  Images of ``502-712`` are distractors: their
+    ``person`` is ``d<id>`` (:data:`HD_DISTRACTOR_PREFIX`), a separate identity even where the
+    number also occurs in ``1-501``, as it does on the real data.  Every malformed name of both
+    folders is reported in one :class:`DataError`.
     """
     base = Path(root) / "Original Images"
     main = base / HD_MAIN_FOLDER
@@ -158,6 +168,7 @@ def read_hd(root: str | os.PathLike) -> list[HandImage]:
             f"(and optionally '{HD_DISTRACTOR_FOLDER}')"
         )
     records: list[HandImage] = []
+    problems: list[str] = []
     for folder, distractor in ((main, False), (base / HD_DISTRACTOR_FOLDER, True)):
         if not folder.is_dir():
             continue
@@ -169,21 +180,21 @@ def read_hd(root: str | os.PathLike) -> list[HandImage]:
             if not m:
                 bad.append(entry.name)
                 continue
+            number = str(int(m.group(1)))
             records.append(HandImage(
                 path=f"Original Images/{folder.name}/{entry.name}",
-                person=str(int(m.group(1))),
+                person=HD_DISTRACTOR_PREFIX + number if distractor else number,
                 aspect=HD_ASPECT,
                 distractor=distractor,
             ))
         if bad:
-            raise DataError(f"{folder}: {len(bad)} image name(s) not of the form <id>_<n>.jpg, "
+            problems.append(f"{folder}: {len(bad)} image name(s) not of the form "
+                            f"<id>_<name>.<ext> (a number, '_', then the rest), "
                             f"e.g. {bad[:5]}")
+    if problems:
+        raise DataError("; ".join(problems)
+                        + ". HD labels come from the file name's part before the first '_'; "
+                          "rename or remove these files")
     if not any(not r.distractor for r in records):
-        raise DataError(f"{main}: no images named <id>_<n>.jpg")
-    # One person in both folders would make a distractor match a query.
-    overlap = ({r.person for r in records if r.distractor}
-               & {r.person for r in records if not r.distractor})
-    if overlap:
-        raise DataError(f"HD ids {sorted(overlap, key=int)[:10]} appear in both "
-                        f"{HD_MAIN_FOLDER} and {HD_DISTRACTOR_FOLDER}")
+        raise DataError(f"{main}: no images named <id>_<name>.jpg")
     return records

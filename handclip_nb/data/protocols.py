@@ -6,16 +6,19 @@ identity is MBA-Net's "val" image; ``num_splits`` Monte-Carlo splits of the test
 one random image per identity in the gallery and the rest in the queries.  ``gallery_mode="all"``
 merges the four aspects' galleries of the same split (identities stay distinct per aspect).
 
-HD: ids of ``1-501`` sorted numerically, the first ⌈n/2⌉ train (ids <= 251 on the real data),
-the rest test; every gallery also gets all ``502-712`` images as distractors.
+HD: ids of ``1-501`` sorted numerically, the first ⌈n/2⌉ train, the rest test (on the real data
+the first 251 of 502 ids, which are MBA-Net's "id <= 447"); every gallery also gets all
+``502-712`` images as distractors, identities of their own (person ``d<id>``).
 
 Model selection never sees a test identity: ``val_fraction`` of the *training* identities are
 held out and get their own query/gallery split (:attr:`Protocol.selection`); the rest is the
 fit set that training uses.
 
-All randomness comes from ``numpy.random.default_rng`` streams keyed by (seed, purpose, split,
-aspect), so adding splits leaves the earlier ones unchanged, and the gallery drawn for an
-aspect in split *s* is the same whichever aspect is being queried.
+All randomness comes from ``numpy.random.default_rng`` streams keyed by (split seed, purpose,
+split, aspect), so adding splits leaves the earlier ones unchanged, and the gallery drawn for an
+aspect in split *s* is the same whichever aspect is being queried.  The split seed is the
+``split_seed`` parameter, independent of the training ``seed``: runs that share it (and the
+data) share ``splits.json`` byte for byte.
 """
 from __future__ import annotations
 
@@ -58,7 +61,7 @@ class Protocol:
     dataset: str
     aspect: str
     gallery_mode: str
-    seed: int
+    seed: int  # the split seed (parameter ``split_seed``), never the training seed
     num_splits: int
     val_fraction: float
     root: str
@@ -110,6 +113,8 @@ class Protocol:
             "test_images": test_images,
             "queries_per_split": len(first.query),
             "gallery_per_split": len(first.gallery),
+            # identities in the gallery: HD adds the distractors' (251 + 213 on the real data)
+            "gallery_classes_per_split": len({self.identities[i] for i in first.gallery}),
         }
 
     def _aspect_items(self) -> list[HandImage]:
@@ -132,8 +137,20 @@ class Protocol:
             "test": [{"query": list(s.query), "gallery": list(s.gallery)} for s in self.test],
         }
         body["content_hash"] = _hash_json(body)
+        body["test_hash"] = self.test_hash()
         body["sizes"] = self.sizes()
         return body
+
+    def test_hash(self) -> str:
+        """Hash of what the test measures: the test splits and the images they index. Runs of
+        different stages or selection policies hold out different training identities (their
+        ``content_hash`` differs) but, sharing ``split_seed`` and data, share this."""
+        used = sorted({i for s in self.test for i in (*s.query, *s.gallery)})
+        return _hash_json({
+            "dataset": self.dataset, "aspect": self.aspect, "gallery_mode": self.gallery_mode,
+            "source_hash": self.source_hash,
+            "items": {i: [self.items[i].path, self.identities[i]] for i in used},
+            "test": [{"query": list(s.query), "gallery": list(s.gallery)} for s in self.test]})
 
     def write_manifest(self, path: str | os.PathLike) -> Path:
         return atomic_write_json(path, self.manifest())
@@ -147,7 +164,7 @@ def _hash_json(obj) -> str:
 def load_manifest(path: str | os.PathLike) -> dict:
     """Read a manifest and check its content hash (a hand-edited manifest is refused)."""
     data = json.loads(Path(path).read_text())
-    body = {k: v for k, v in data.items() if k not in ("content_hash", "sizes")}
+    body = {k: v for k, v in data.items() if k not in ("content_hash", "test_hash", "sizes")}
     if _hash_json(body) != data.get("content_hash"):
         raise DataError(f"{path}: content hash mismatch; the manifest was modified")
     return data
@@ -292,7 +309,10 @@ def build_11k_protocol(records: Sequence[HandImage], aspect: str, root: str | os
 def build_hd_protocol(records: Sequence[HandImage], root: str | os.PathLike = "", seed: int = 0,
                       num_splits: int = 10, val_fraction: float = 0.2,
                       source_hash: str = "") -> Protocol:
-    """The HD protocol: first ⌈n/2⌉ ids of 1-501 train, the rest test, 502-712 distractors."""
+    """The HD protocol: first ⌈n/2⌉ ids of 1-501 train, the rest test, 502-712 distractors.
+
+    Distractors (``distractor=True``, person ``d<id>`` from :func:`read_hd`) are identities of
+    their own, in every test gallery, never in a query or in training."""
     main = [r for r in records if not r.distractor]
     distract = [r for r in records if r.distractor]
     items = main + distract

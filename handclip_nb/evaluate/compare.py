@@ -2,7 +2,7 @@
 
 Each run folder is rebuilt by the one run loader (:func:`handclip_nb.run_loader.load_run`)
 from its own ``params.yaml`` and checkpoint.  The *test* protocol comes from the
-evaluation parameters (dataset, aspect, gallery_mode, data_root, num_splits, seed), so a run
+evaluation parameters (dataset, aspect, gallery_mode, data_root, num_splits, split_seed), so a run
 trained on one aspect or dataset is tested on another just by changing those (cross-domain).
 
 :func:`evaluate_runs` ranks every run on the same protocol (the same Monte-Carlo splits, so the
@@ -89,7 +89,10 @@ class RunEvaluation:
     def record(self) -> dict:
         """A JSON-able row: the evaluation run's ``metrics.json`` lists one per run."""
         recorded = self.info.recorded or {}
-        same_protocol = (recorded.get("splits_hash") == self.protocol.manifest()["content_hash"]
+        # the same test splits on the same images (runs hold out different training ids)
+        same_protocol = ((recorded["test_splits_hash"] == self.protocol.test_hash()
+                          if "test_splits_hash" in recorded
+                          else recorded.get("splits_hash") == self.protocol.manifest()["content_hash"])
                          if recorded else None)
         return {
             "run": self.name, "folder": self.info.folder, "stage": self.info.stage,
@@ -125,7 +128,8 @@ def evaluate_run(run: LoadedRun, params: Mapping, protocol: Protocol | None = No
                  cache_dir: str | Path | None = None) -> RunEvaluation:
     """Rank ``run``'s features on every test split of ``protocol`` (default: the protocol of
     ``params``) with the evaluation settings of ``params`` (flip_tta, rerank*, max_rank,
-    ap_mode, batch_size).  Test identities only: no model selection happens here."""
+    batch_size).  Both APs (``mAP``, ``mAP_mbanet``) are computed; ``ap_mode`` is only recorded
+    in ``settings``.  Test identities only: no model selection happens here."""
     protocol = protocol if protocol is not None else build_protocol(params)
     started = time.time()
     splits = list(protocol.test)
@@ -230,10 +234,12 @@ def evaluation_record(params: Mapping, protocol: Protocol,
         "stage": "evaluation", "dataset": protocol.dataset, "aspect": protocol.aspect,
         "gallery_mode": protocol.gallery_mode, "backbone": first.info.params["backbone"],
         "backbone_display": first.info.backbone_display, "primary_run": first.name,
-        "num_splits": protocol.num_splits, "ap_mode": params["ap_mode"],
+        "num_splits": protocol.num_splits, "split_seed": protocol.seed,
+        "ap_mode": params["ap_mode"],
         "flip_tta": bool(params["flip_tta"]), "rerank": rerank_settings(params),
         "test": first.summary, "cmc_test_mean": [round(float(v), 4) for v in first.test.cmc[:20]],
         "data": protocol.sizes(), "splits_hash": protocol.manifest()["content_hash"],
+        "test_splits_hash": protocol.test_hash(),
         "runs": [e.record() for e in evaluations],
         "tables": {k: Path(v).name for k, v in (tables or {}).items()},
         "figures": sorted(Path(f).name for f in figures),

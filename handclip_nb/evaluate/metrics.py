@@ -1,30 +1,37 @@
-"""Ranking metrics for re-identification: CMC, mAP and mINP.
+"""Ranking metrics for re-identification: CMC, mAP (two definitions) and mINP.
 
 One public function, :func:`rank_metrics`, a pure function of a distance
 matrix and two id vectors (the design of torchreid's ``evaluate_rank``).
+Both AP definitions come out of the one pass, so every caller gets both.
 
 Definitions (``r_1 < r_2 < ... < r_n`` are the 1-based ranks of a query's
-``n`` true matches in its ranked gallery list):
+``n`` true matches in its ranked gallery list; a *valid* query has n >= 1):
 
 * CMC[k-1]: fraction of valid queries whose first true match has rank <= k.
-* AP ("standard", the torchreid / CLIP-ReID definition):
-  ``(1/n) * sum_i i / r_i``, the mean of the precision at each true match.
-* AP ("mbanet_trapezoid", the variant in MBA-Net's ``compute_mAP``, which
-  comes from layumi's Person_reID_baseline_pytorch): trapezoid rule on the
-  precision-recall curve, ``(1/n) * sum_i (p_i + q_i) / 2`` with
-  ``p_i = i / r_i`` (precision at the i-th match) and
-  ``q_i = (i - 1) / (r_i - 1)`` (precision just before it; 1.0 when r_i = 1).
-  (MBA-Net's script divides its sums by *all* queries, skipped ones
-  included; we average over valid queries as everywhere else.  On the 11k
-  protocol every query has its match in the gallery, so the two agree.)
+* ``mAP`` (standard AP, the torchreid / CLIP-ReID definition):
+  ``AP = (1/n) * sum_i i / r_i``, the mean of the precision at each true
+  match; ``mAP`` is the mean AP over the *valid* queries.
+* ``mAP_mbanet`` (MBA-Net's ``compute_mAP``, nathanlem1/MBA-Net
+  ``utils/evaluation_metrics.py``, which comes from layumi's
+  Person_reID_baseline_pytorch): the trapezoid rule on the precision-recall
+  curve, ``AP = (1/n) * sum_i (q_i + p_i) / 2`` with ``p_i = i / r_i``
+  (precision at the i-th match) and ``q_i = (i - 1) / (r_i - 1)`` (precision
+  just before it; 1 when ``r_i = 1``).  One match at rank 1 scores 1, one
+  match at rank ``r > 1`` scores ``1/(2r)`` (standard: ``1/r``).  As in
+  MBA-Net's ``compute_CMC_mAP``, the sum over the valid queries is divided
+  by *all* queries: a query without a true match adds 0 and still counts in
+  the denominator.  (On MBA-Net's 11k and HD protocols every query has its
+  match in the gallery, so this only matters on other data.)
 * INP (Ye et al., "Deep Learning for Person Re-identification: A Survey and
   Outlook", TPAMI 2021): ``n / r_n``; mINP is its mean over valid queries.
 
-Queries without any true match in the gallery are "skipped": they do not
-enter any average and are counted in ``num_skipped``.
+Queries without any true match in the gallery are "skipped": they enter the
+CMC, ``mAP`` and ``mINP`` averages nowhere, are counted in ``num_skipped``,
+and count (with AP 0) only in ``mAP_mbanet``'s denominator.  MBA-Net also
+divides its CMC by all queries; ours stays over valid queries (torchreid).
 
-Tie rule (applies to every metric and every ``ap_mode``): the gallery of a
-query is ordered by (distance, gallery index), i.e. exactly the order of
+Tie rule (applies to every metric): the gallery of a query is ordered by
+(distance, gallery index), i.e. exactly the order of
 ``np.argsort(row, kind="stable")``.  Equal distances therefore rank the
 gallery item with the smaller index first.  (MBA-Net ranks by a reversed
 quicksort of similarities and CLIP-ReID by an unstable ``np.argsort``, so on
@@ -40,7 +47,8 @@ counts come from direct comparisons against each match's distance (O(ng)
 per match, no sort at all).  Otherwise each row is value-sorted with
 ``np.sort`` (SIMD-accelerated, much cheaper than ``argsort``) and the counts
 come from a vectorised binary search; a tie check on the sorted row sends
-only tied matches to an exact direct count.
+only tied matches to an exact direct count.  Both APs are weighted sums over
+the same (match index, rank) pairs.
 """
 from __future__ import annotations
 
@@ -48,10 +56,13 @@ from typing import Any
 
 import numpy as np
 
-__all__ = ["rank_metrics", "AP_MODES"]
+from ..constants import AP_METRIC
 
-#: Valid values of ``ap_mode``.
-AP_MODES = ("standard", "mbanet_trapezoid")
+__all__ = ["rank_metrics", "AP_MODES", "AP_METRIC"]
+
+#: Valid values of the ``ap_mode`` parameter (which AP model selection ranks epochs by);
+#: ``AP_METRIC[ap_mode]`` is the key of that AP in every result.
+AP_MODES = tuple(AP_METRIC)
 
 # Distance-matrix elements handled per chunk of query rows (bounds the
 # temporary memory to a few times this many bytes).
@@ -66,11 +77,10 @@ def rank_metrics(
     query_ids: Any,
     gallery_ids: Any,
     max_rank: int = 50,
-    ap_mode: str = "standard",
     *,
     chunk_rows: int | None = None,
 ) -> dict:
-    """CMC, mAP and mINP of a query-gallery distance matrix.
+    """CMC, mAP (standard and MBA-Net's) and mINP of a query-gallery distance matrix.
 
     Args:
         distmat: ``(num_query, num_gallery)`` numpy array or torch tensor of
@@ -85,21 +95,21 @@ def rank_metrics(
             last value, CMC[num_gallery - 1], which is 1.0 since every valid
             query has its first match within the gallery.  (CLIP-ReID and
             torchreid truncate the curve instead; we keep a fixed length.)
-        ap_mode: ``"standard"`` (torchreid / CLIP-ReID AP) or
-            ``"mbanet_trapezoid"`` (MBA-Net's trapezoid-rule AP).  Affects
-            only ``mAP``.
         chunk_rows: number of query rows processed at once (a memory /
             speed knob; default: about 1M distance elements per chunk).
 
     Returns:
-        ``{"cmc": float64 array (max_rank,), "mAP": float, "mINP": float,
-        "num_queries": int, "num_skipped": int}`` -- values are fractions
-        in [0, 1]; ``num_queries`` counts the valid queries (with at least
-        one true match in the gallery), ``num_skipped`` the others.
+        ``{"cmc": float64 array (max_rank,), "mAP": float, "mAP_mbanet": float,
+        "mINP": float, "num_queries": int, "num_skipped": int}`` -- values
+        are fractions in [0, 1]; ``mAP`` is the standard AP averaged over
+        valid queries, ``mAP_mbanet`` MBA-Net's trapezoid AP summed over valid
+        queries and divided by all queries (see the module docstring);
+        ``num_queries`` counts the valid queries (with at least one true
+        match in the gallery), ``num_skipped`` the others.
 
     Raises:
         ValueError: malformed inputs (not 2-D, shape mismatch, NaN, bad
-            ``max_rank`` or ``ap_mode``) or no query with a true match.
+            ``max_rank``) or no query with a true match.
 
     Ties are broken by gallery index (the order of
     ``np.argsort(row, kind="stable")``); see the module docstring.
@@ -119,8 +129,6 @@ def rank_metrics(
     if max_rank < 1:
         raise ValueError(f"max_rank must be >= 1, got {max_rank}")
     max_rank = int(max_rank)
-    if ap_mode not in AP_MODES:
-        raise ValueError(f"unknown ap_mode {ap_mode!r}; valid values: {', '.join(AP_MODES)}")
     if chunk_rows is not None and (int(chunk_rows) != chunk_rows or chunk_rows < 1):
         raise ValueError(f"chunk_rows must be a positive integer or None, got {chunk_rows!r}")
     _check_nan(dist)
@@ -158,23 +166,24 @@ def rank_metrics(
     k = np.arange(r.shape[0], dtype=np.int64) - offsets[rows] + 1  # 1-based index within row
     rf = r.astype(np.float64)
     kf = k.astype(np.float64)
-    precision = kf / rf
-    if ap_mode == "standard":
-        weights = precision
-    else:  # mbanet_trapezoid
-        before = np.ones_like(rf)
-        np.divide(kf - 1.0, rf - 1.0, out=before, where=r > 1)
-        weights = 0.5 * (precision + before)
-    ap = np.bincount(rows, weights=weights, minlength=num_q)[valid] / n_pos[valid]
+    precision = kf / rf  # p_k = k / r_k
+    before = np.ones_like(rf)  # q_k = (k - 1) / (r_k - 1), 1 at rank 1
+    np.divide(kf - 1.0, rf - 1.0, out=before, where=r > 1)
+    n_valid = n_pos[valid]
+    ap = np.bincount(rows, weights=precision, minlength=num_q)[valid] / n_valid
+    ap_trapezoid = np.bincount(rows, weights=0.5 * (precision + before),
+                               minlength=num_q)[valid] / n_valid
 
     first = r[offsets[:-1][valid]]
     last = r[offsets[1:][valid] - 1]
-    inp = n_pos[valid] / last
+    inp = n_valid / last
     hist = np.bincount(np.minimum(first, max_rank + 1) - 1, minlength=max_rank + 1)[:max_rank]
     cmc = np.cumsum(hist).astype(np.float64) / num_valid
     return {
         "cmc": cmc,
         "mAP": float(ap.mean()),
+        # MBA-Net divides by every query: a query without a match adds 0 (docstring)
+        "mAP_mbanet": float(ap_trapezoid.sum() / num_q),
         "mINP": float(inp.mean()),
         "num_queries": num_valid,
         "num_skipped": int(num_skipped),

@@ -2,7 +2,9 @@
 
 Percent values (0–100) are used in every summary and in ``metrics.json``; ``rank_metrics``
 itself returns fractions.  ``std`` is the sample standard deviation over splits (ddof=1; 0 for
-a single split).
+a single split).  Every summary holds both APs, ``mAP`` (standard) and ``mAP_mbanet`` (MBA-Net's
+trapezoid mAP); the ``ap_mode`` parameter only names the one model selection ranks epochs by
+(``constants.AP_METRIC[ap_mode]``).
 
 Split distances are cosine distances of the L2-normalised features, or, with re-ranking
 settings (``rerank_settings(params)``: the evaluation notebook's ``rerank*`` parameters), the
@@ -18,7 +20,7 @@ import numpy as np
 import torch
 
 from ..data.protocols import Protocol, Split
-from ..constants import METRIC_NAMES
+from ..constants import AP_METRIC, METRIC_NAMES
 from ..data.transforms import build_transform
 from .features import cosine_distance, extract_features
 from .metrics import rank_metrics
@@ -39,7 +41,9 @@ class SplitResult:
         cmc = self.metrics["cmc"]
         return {"rank1": 100 * float(cmc[0]), "rank5": 100 * float(cmc[min(4, len(cmc) - 1)]),
                 "rank10": 100 * float(cmc[min(9, len(cmc) - 1)]),
-                "mAP": 100 * float(self.metrics["mAP"]), "mINP": 100 * float(self.metrics["mINP"])}
+                "mAP": 100 * float(self.metrics["mAP"]),
+                "mAP_mbanet": 100 * float(self.metrics["mAP_mbanet"]),
+                "mINP": 100 * float(self.metrics["mINP"])}
 
 
 @dataclass
@@ -58,9 +62,12 @@ class EvalResult:
 
 
 def summarise(per_split: Sequence[Mapping[str, float]]) -> dict[str, dict]:
-    """``[{"rank1": .., ...}, ...]`` (percent) → ``{"rank1": {"mean", "std", "per_split"}}``."""
+    """``[{"rank1": .., ...}, ...]`` (percent) → ``{"rank1": {"mean", "std", "per_split"}}``.
+
+    Summarises the ``METRIC_NAMES`` the splits carry, in that order (``SplitResult.percent``
+    carries all of them; a name some splits lack is a ``KeyError``)."""
     out = {}
-    for name in METRIC_NAMES:
+    for name in [n for n in METRIC_NAMES if any(n in s for s in per_split)]:
         values = np.asarray([float(s[name]) for s in per_split])
         out[name] = {"mean": float(values.mean()),
                      "std": float(values.std(ddof=1)) if len(values) > 1 else 0.0,
@@ -92,18 +99,28 @@ def split_distances(features: torch.Tensor, row_of: Mapping[int, int], split: Sp
     return cosine_distance(q, g).numpy()
 
 
+def _check_ap_mode(ap_mode: str) -> None:
+    if ap_mode not in AP_METRIC:
+        raise ValueError(f"unknown ap_mode {ap_mode!r}; valid values: {', '.join(AP_METRIC)}")
+
+
 def evaluate_split(features: torch.Tensor, row_of: Mapping[int, int], protocol: Protocol,
                    split: Split, max_rank: int = 50, ap_mode: str = "standard",
                    keep_distmat: bool = False, rerank: Mapping | None = None) -> SplitResult:
+    """Rank one split.  Both APs are computed whatever ``ap_mode`` says; it is checked here so
+    that a caller passing the run's parameter learns of a bad value at once."""
+    _check_ap_mode(ap_mode)
     dist = split_distances(features, row_of, split, rerank)
     m = rank_metrics(dist, protocol.ids_of(split.query), protocol.ids_of(split.gallery),
-                     max_rank=max_rank, ap_mode=ap_mode)
+                     max_rank=max_rank)
     return SplitResult(split=split, metrics=m, distmat=dist if keep_distmat else None)
 
 
 def evaluate_splits(features: torch.Tensor, row_of: Mapping[int, int], protocol: Protocol,
                     splits: Sequence[Split], name: str, max_rank: int = 50,
                     ap_mode: str = "standard", rerank: Mapping | None = None) -> EvalResult:
+    """Rank every split and summarise (both APs; ``ap_mode`` as in :func:`evaluate_split`)."""
+    _check_ap_mode(ap_mode)
     results = [evaluate_split(features, row_of, protocol, s, max_rank, ap_mode,
                               keep_distmat=(k == 0), rerank=rerank)
                for k, s in enumerate(splits)]
@@ -151,12 +168,14 @@ def metrics_record(stage: str, params: Mapping, protocol: Protocol,
         + (f" + {trained_by}" if trained_by else ""),
         "pretrained": bool(getattr(backbone, "pretrained", False)),
         "num_splits": protocol.num_splits,
+        "split_seed": protocol.seed,  # the protocol's seed (params.split_seed), not training's
         "ap_mode": params["ap_mode"],
         "flip_tta": params["flip_tta"],
         "test": results["test"].summary,
         "cmc_test_mean": [round(float(v), 4) for v in results["test"].cmc[:20]],
         "data": protocol.sizes(),
         "splits_hash": protocol.manifest()["content_hash"],
+        "test_splits_hash": protocol.test_hash(),
     }
     if "val" in results:
         record["val"] = {k: v["mean"] for k, v in results["val"].summary.items()}

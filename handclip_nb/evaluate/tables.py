@@ -4,19 +4,29 @@ Rows come from :class:`~handclip_nb.evaluate.compare.RunEvaluation` objects (a f
 evaluation), record dicts, or finished run folders (their own ``metrics.json``; an evaluation
 run's folder gives one row per run it evaluated). :func:`write_tables` saves the numbers as CSV
 and the ``mean ± std`` view as markdown.
+
+Both APs are columns: ``mAP`` (standard) and ``mAP_mbanet`` (MBA-Net's trapezoid mAP), headed
+``mAP`` and ``mAP (MBA-Net)`` in the formatted view (``constants.METRIC_LABELS``). A run folder
+written before ``mAP_mbanet`` was recorded still gives a row: its numbers are NaN (empty in the
+CSV) and the formatted view says ``not recorded``; :func:`split_values` has no rows for it.
 """
 from __future__ import annotations
 
 from pathlib import Path
 from typing import Any, Iterable, Mapping
 
+import math
+
 import pandas as pd
 
-from ..constants import METRIC_NAMES
+from ..constants import METRIC_LABELS, METRIC_NAMES
 from ..runs import RunFolderError, atomic_write_text, domain_name, read_metrics, resolve_path
 
 __all__ = ["run_records", "comparison_table", "format_table", "write_tables", "markdown_table",
-           "split_values"]
+           "split_values", "NOT_RECORDED"]
+
+#: What the formatted view shows for a metric a run's record lacks (an older metrics.json).
+NOT_RECORDED = "not recorded"
 
 
 def _record_from_metrics(metrics: Mapping, folder: Path) -> dict:
@@ -68,7 +78,8 @@ def _rerank_label(rerank: Mapping | None) -> str:
 def comparison_table(sources: Iterable[Any]) -> pd.DataFrame:
     """One row per run: what it is, where it was trained and tested, and each metric's mean
     and std over splits in percent (numeric ``<metric>_mean`` / ``<metric>_std`` columns, so
-    the CSV can be re-analysed; :func:`format_table` gives the ``mean ± std`` view)."""
+    the CSV can be re-analysed; :func:`format_table` gives the ``mean ± std`` view).  A metric
+    a record lacks (``mAP_mbanet`` of a run folder written before it was recorded) is NaN."""
     rows, names = [], []
     for r in run_records(sources):
         row = {"stage": r["stage"], "backbone": r.get("backbone_display", r["backbone"]),
@@ -77,8 +88,9 @@ def comparison_table(sources: Iterable[Any]) -> pd.DataFrame:
                "flip_tta": bool(r.get("flip_tta")), "rerank": _rerank_label(r.get("rerank")),
                "seen_test_people": r.get("seen_test_people")}
         for m in METRIC_NAMES:
-            row[f"{m}_mean"] = round(float(r["test"][m]["mean"]), 4)
-            row[f"{m}_std"] = round(float(r["test"][m]["std"]), 4)
+            entry = r["test"].get(m)
+            row[f"{m}_mean"] = math.nan if entry is None else round(float(entry["mean"]), 4)
+            row[f"{m}_std"] = math.nan if entry is None else round(float(entry["std"]), 4)
         rows.append(row)
         names.append(r["run"])
     if not rows:
@@ -91,14 +103,16 @@ def comparison_table(sources: Iterable[Any]) -> pd.DataFrame:
 
 
 def format_table(table: "pd.DataFrame", decimals: int = 2) -> pd.DataFrame:
-    """The comparison with each metric as ``mean ± std`` (what the notebook and README show)."""
+    """The comparison with each metric as ``mean ± std`` (what the notebook and README show),
+    headed by ``METRIC_LABELS`` (``mAP (MBA-Net)``); a metric not recorded says so."""
     out = table.drop(columns=[c for c in table.columns
                               if c.endswith(("_mean", "_std"))]).copy()
     out["seen_test_people"] = ["–" if v is None or v is pd.NA else str(v)
                                for v in table["seen_test_people"].astype(object)]
     for m in METRIC_NAMES:
-        out[m] = [f"{a:.{decimals}f} ± {b:.{decimals}f}"
-                  for a, b in zip(table[f"{m}_mean"], table[f"{m}_std"])]
+        out[METRIC_LABELS.get(m, m)] = [
+            NOT_RECORDED if pd.isna(a) else f"{a:.{decimals}f} ± {b:.{decimals}f}"
+            for a, b in zip(table[f"{m}_mean"], table[f"{m}_std"])]
     return out
 
 
@@ -112,9 +126,10 @@ def write_tables(table: "pd.DataFrame", output_dir: str | Path,  # noqa: F821
 
 
 def split_values(sources: Iterable[Any]) -> pd.DataFrame:
-    """Long table ``run, metric, split, value`` (percent) of every run's per-split metrics."""
+    """Long table ``run, metric, split, value`` (percent) of every run's per-split metrics
+    (a metric a run's record lacks gives no rows)."""
     rows = [{"run": r["run"], "metric": m, "split": s, "value": float(v)}
-            for r in run_records(sources) for m in METRIC_NAMES
+            for r in run_records(sources) for m in METRIC_NAMES if m in r["test"]
             for s, v in enumerate(r["test"][m]["per_split"])]
     return pd.DataFrame(rows, columns=["run", "metric", "split", "value"])
 

@@ -9,6 +9,7 @@ and exposing one image-encoder interface (timm-like)::
     feats.patch_tokens                   # [B, N, D] dense tokens in the same joint space, N = h*w
     feats.grid                           # (h, w)
     feats.pre_projection                 # [B, C]  un-projected global feature (CLIP-ReID "img_feature")
+    feats.intermediate                   # [B, C'] one stage earlier (CLIP-ReID "img_feature_last")
 
 The entries (names, architectures, default input sizes, preprocessing) are the registry in
 :mod:`handclip_nb.backbone_specs`; weight files are found and read by
@@ -34,6 +35,14 @@ new grid; ``visual.input_resolution`` becomes an ``int`` for square sizes and ``
 forms are accepted by torchvision ``Resize``). After adaptation CLIP's own ``encode_image`` works at
 the new size and agrees with ``global_embedding``. At the native size nothing is changed, so outputs
 are bit-identical to the unmodified CLIP model.
+
+Last stride of the ResNets (``rn_last_stride``): CLIP-ReID builds CLIP's ModifiedResNet with a
+stride-1 fourth stage (``model/clip/model.py``, ``layer4 ... stride=1``), as re-ID CNNs usually do.
+``rn_last_stride=1`` does the same to a loaded model: the two ``AvgPool2d(2)`` of ``layer4[0]``
+(after its 3x3 convolution and in front of its downsample convolution) become identities -- no
+weight changes -- so the output stride is 16, the token grid doubles in each direction, and the
+attention pool's positional embedding is resized in 2-D to that grid. Image sizes must then be
+multiples of 16.
 """
 from __future__ import annotations
 
@@ -78,6 +87,11 @@ class ImageFeatures(NamedTuple):
     #: [B, C] un-projected global feature: ViT ``ln_post(CLS)`` (C = width), RN mean-pooled last stage
     #: (C = 32 * width); CLIP-ReID's pre-projection "img_feature"
     pre_projection: torch.Tensor
+    #: [B, C'] the global feature one stage earlier, CLIP-ReID's "img_feature_last"
+    #: (``model/make_model_clipreid.py``): ViT the CLS token entering the last transformer block
+    #: (the 11th layer's output for ViT-B/16; no ``ln_post``; C' = width), RN the mean-pooled third
+    #: stage (C' = 16 * width). Its third triplet feature (``triplet_features="clipreid"``).
+    intermediate: Optional[torch.Tensor] = None
 
     def patch_map(self) -> torch.Tensor:
         """``patch_tokens`` as a [B, D, h, w] map (for heatmaps)."""
@@ -123,6 +137,7 @@ class ClipBackbone(nn.Module):
         self.arch = dict(arch) if arch is not None else arch_of(model)
         # mean/std/interpolation/resize mode of the registry entry; the size follows the model
         self._preprocess = preprocess or PreprocessConfig(image_size=(1, 1))
+        self._last_stride = 2  # CLIP's ModifiedResNet; see set_last_stride
         native = int(self.arch["image_resolution"])
         self.native_image_size: tuple[int, int] = (native, native)
         self._image_size: tuple[int, int] = self.native_image_size
@@ -140,7 +155,9 @@ class ClipBackbone(nn.Module):
         return f"{self.name} ({self.weights_label})"
 
     def extra_repr(self) -> str:
-        return f"display_name={self.display_name!r}, image_size={self.image_size}, grid={self.grid}"
+        stride = "" if self._last_stride == 2 else f", rn_last_stride={self._last_stride}"
+        return (f"display_name={self.display_name!r}, image_size={self.image_size}, "
+                f"grid={self.grid}{stride}")
 
     # -- architecture -----------------------------------------------------------------------------
     @property
@@ -153,8 +170,20 @@ class ClipBackbone(nn.Module):
 
     @property
     def patch_size(self) -> int:
-        """Pixels per token side: ViT patch size, 32 (the output stride) for the ResNets."""
-        return int(self.clip.visual.conv1.kernel_size[0]) if self.is_vit else 32
+        """Pixels per token side: ViT patch size; for the ResNets the output stride, 32 (16 with
+        ``rn_last_stride`` 1)."""
+        return int(self.clip.visual.conv1.kernel_size[0]) if self.is_vit else 16 * self._last_stride
+
+    @property
+    def last_stride(self) -> int:
+        """Stride of the ResNet's fourth stage: 2 (CLIP) or 1 (CLIP-ReID); 2 for ViTs."""
+        return self._last_stride
+
+    @property
+    def intermediate_width(self) -> int:
+        """Dimension C' of :attr:`ImageFeatures.intermediate`."""
+        v = self.clip.visual
+        return int(v.conv1.out_channels) if self.is_vit else int(v.layer3[-1].bn3.num_features)
 
     @property
     def embed_dim(self) -> int:
@@ -277,6 +306,44 @@ class ClipBackbone(nn.Module):
         self.clip.visual.input_resolution = hw[0] if hw[0] == hw[1] else hw
         return self
 
+    def set_last_stride(self, stride: int,
+                        image_size: Union[int, Sequence[int], None] = None) -> "ClipBackbone":
+        """Set the ResNet's fourth-stage stride (1 = CLIP-ReID, 2 = CLIP) and adapt to
+        ``image_size`` (None = the current size) in one 2-D resize of the attention pool's
+        positional embedding, from the current grid to the new one.
+
+        Stride 1 replaces the two ``AvgPool2d(2)`` of ``layer4[0]`` (after ``conv2`` and at the
+        head of ``downsample``) by identities; no weight changes, so a state dict saved at one
+        stride loads at the other wherever the grid is the same. ViTs accept only 2 (no-op).
+        """
+        stride = int(stride)
+        if stride not in (1, 2):
+            raise ValueError(f"rn_last_stride must be 1 or 2, got {stride}")
+        if self.is_vit:
+            if stride != 2:
+                raise ValueError(f"{self.name} is a ViT: rn_last_stride applies to the ResNet "
+                                 f"backbones only (leave it at 2)")
+            return self if image_size is None else self.set_image_size(image_size)
+        target = self._image_size if image_size is None else image_size
+        if stride == self._last_stride:
+            return self.set_image_size(target)
+        hw = validate_image_size(target, 16 * stride, f"{self.name} with rn_last_stride {stride}")
+        old_grid = self.grid
+        block = self.clip.visual.layer4[0]
+        pool = nn.Identity() if stride == 1 else nn.AvgPool2d(2)
+        block.avgpool = pool
+        setattr(block.downsample, "-1", nn.Identity() if stride == 1 else nn.AvgPool2d(2))
+        block.stride = stride
+        self._last_stride = stride
+        new_grid = self._grid_for(hw)
+        pos = self._pos_param()
+        new = resize_positional_embedding(pos.detach(), old_grid, new_grid)
+        self.clip.visual.attnpool.positional_embedding = nn.Parameter(
+            new.clone(), requires_grad=pos.requires_grad)
+        self._image_size = hw
+        self.clip.visual.input_resolution = hw[0] if hw[0] == hw[1] else hw
+        return self
+
     # -- image side ------------------------------------------------------------------------------
     def _check_input(self, images: torch.Tensor) -> None:
         if images.ndim != 4 or images.shape[1] != 3:
@@ -309,7 +376,13 @@ class ClipBackbone(nn.Module):
         x = x + v.positional_embedding.to(x.dtype)
         x = v.ln_pre(x)
         x = x.permute(1, 0, 2)  # NLD -> LND
-        x = v.transformer(x)
+        # v.transformer(x) is v.transformer.resblocks(x) (an nn.Sequential): running all blocks but
+        # the last, then the last, is the same computation; the CLS token in between is CLIP-ReID's
+        # 11th-layer feature (model/clip/model.py: resblocks[:11], then resblocks[11])
+        blocks = v.transformer.resblocks
+        x = blocks[:-1](x)
+        inter = x[0]  # [B, width], LND: the class token is position 0
+        x = blocks[-1](x)
         x = x.permute(1, 0, 2)  # LND -> NLD
         cls = v.ln_post(x[:, 0, :])
         patches = v.ln_post(x[:, 1:, :])
@@ -317,7 +390,7 @@ class ClipBackbone(nn.Module):
             glob, patches = cls @ v.proj, patches @ v.proj
         else:
             glob = cls
-        return ImageFeatures(glob, patches, self.grid, cls)
+        return ImageFeatures(glob, patches, self.grid, cls, inter)
 
     def _encode_rn(self, x: torch.Tensor) -> ImageFeatures:
         v: ModifiedResNet = self.clip.visual
@@ -328,15 +401,15 @@ class ClipBackbone(nn.Module):
         x = v.avgpool(x)
         x = v.layer1(x)
         x = v.layer2(x)
-        x = v.layer3(x)
-        fmap = v.layer4(x)  # [B, C, gh, gw]
+        x3 = v.layer3(x)
+        fmap = v.layer4(x3)  # [B, C, gh, gw]
         pool = v.attnpool
         glob = pool(fmap)
         # --- dense tokens (MaskCLIP): value + output projections of every spatial position ---
         tokens = fmap.flatten(2).permute(0, 2, 1)  # [B, gh*gw, C], row-major
         tokens = tokens + pool.positional_embedding[1:].to(tokens.dtype)
         patches = F.linear(F.linear(tokens, pool.v_proj.weight, pool.v_proj.bias), pool.c_proj.weight, pool.c_proj.bias)
-        return ImageFeatures(glob, patches, self.grid, fmap.mean(dim=(2, 3)))
+        return ImageFeatures(glob, patches, self.grid, fmap.mean(dim=(2, 3)), x3.mean(dim=(2, 3)))
 
     # -- persistence -------------------------------------------------------------------------------
     def save_weights(self, path: Union[str, os.PathLike], dtype: Optional[torch.dtype] = None) -> Path:
@@ -355,6 +428,7 @@ class ClipBackbone(nn.Module):
             "format": SAVE_FORMAT,
             "name": self.name,
             "image_size": tuple(self.image_size),
+            "rn_last_stride": self.last_stride,
             "arch": dict(self.arch),
             "state_dict": {k: cast(t) for k, t in self.clip.state_dict().items()},
         }
@@ -371,10 +445,16 @@ def build_backbone(
     seed: int = 0,
     download_root: Union[str, os.PathLike, None] = None,
     resize_mode: str = "pad",
+    rn_last_stride: int = 2,
+    pixel_mean: Optional[Sequence[float]] = None,
+    pixel_std: Optional[Sequence[float]] = None,
 ) -> ClipBackbone:
     """Build a backbone by registry name: fp32, adapted to ``image_size`` (H, W; None = the
     entry's default), eval mode, on ``device``; its :meth:`~ClipBackbone.preprocess_config` is
-    the entry's preprocessing with ``resize_mode``.
+    the entry's preprocessing with ``resize_mode`` (and ``pixel_mean`` / ``pixel_std`` instead
+    of the entry's normalisation where given, e.g. CLIP-ReID's 0.5 / 0.5 or ImageNet's).
+    ``rn_last_stride=1``: a ResNet with a stride-1 fourth stage, as CLIP-ReID
+    (:meth:`ClipBackbone.set_last_stride`); ViTs take only 2.
 
     * OpenAI entries (``vitb16`` ...): ``weights`` (a ``.pt`` file, or a folder holding ``ViT-B-16.pt``
       etc.), else the file ``clip`` would download, looked for in ``download_root`` then
@@ -392,9 +472,23 @@ def build_backbone(
     dev = resolve_device(device)
     if image_size is None:
         image_size = spec.default_image_size
-    hw = validate_image_size(image_size, spec.stride, spec.name)  # fail before any loading work
+    if rn_last_stride not in (1, 2):
+        raise ValueError(f"rn_last_stride must be 1 or 2, got {rn_last_stride!r}")
+    if spec.is_vit and rn_last_stride != 2:
+        raise ValueError(f"{spec.name} is a ViT: rn_last_stride applies to the ResNet backbones "
+                         f"only (leave it at 2)")
+    stride = spec.stride if rn_last_stride == 2 else 16
+    hw = validate_image_size(image_size, stride, spec.name)  # fail before any loading work
     if resize_mode not in ("pad", "squash"):
         raise ValueError(f"unknown resize_mode {resize_mode!r}; valid: pad, squash")
+    preprocess = spec.preprocess(hw, resize_mode)
+    for label, value in (("pixel_mean", pixel_mean), ("pixel_std", pixel_std)):
+        if value is not None:
+            value = tuple(float(v) for v in value)
+            if len(value) != 3 or (label == "pixel_std" and min(value) <= 0):
+                raise ValueError(f"{label} must be three numbers (R, G, B)"
+                                 f"{', each > 0' if label == 'pixel_std' else ''}, got {value}")
+            preprocess = dataclasses.replace(preprocess, **{label[6:]: value})
 
     path = resolve_weights_file(spec, weights, download_root)
     meta = None
@@ -425,29 +519,33 @@ def build_backbone(
     backbone = ClipBackbone(model, name=spec.name, pretrained=pretrained, weights_label=label,
                             weights_path=None if path is None else str(path),
                             seed=None if pretrained else int(seed), arch=arch,
-                            preprocess=spec.preprocess(hw, resize_mode))
+                            preprocess=preprocess)
     if meta is not None:
         try:
-            backbone.set_image_size(meta["image_size"])
+            # the file's network: its image size and (RN) last stride, before loading its weights
+            backbone.set_last_stride(int(meta.get("rn_last_stride", 2)),
+                                     image_size=meta["image_size"])
         except ValueError as exc:
             raise IncompatibleWeightsError(f"weights {path} were saved at image_size {meta['image_size']}, "
                                            f"which does not fit backbone {spec.name!r}: {exc}") from exc
         load_into(backbone.clip, sd, path, spec)
     if spec.openai_name is not None and path is not None:
         check_openai_arch(backbone.clip, spec, path)
-    backbone.set_image_size(hw)
+    backbone.set_last_stride(rn_last_stride, image_size=hw)  # one resize to the final grid
     return backbone.to(dev).eval()
 
 
 def backbone_from_params(params: Mapping[str, Any], device=None) -> ClipBackbone:
     """The backbone a stage's parameters name: ``backbone``, ``weights``, ``download_root``,
-    ``image_size``, ``resize_mode``, ``seed`` (the init of untrained models) and ``device``
-    (``device`` here overrides the parameter)."""
+    ``image_size``, ``resize_mode``, ``rn_last_stride``, ``pixel_mean``, ``pixel_std``, ``seed``
+    (the init of untrained models) and ``device`` (``device`` here overrides the parameter)."""
     return build_backbone(params["backbone"], weights=params.get("weights"),
                           image_size=params.get("image_size"),
                           device=params.get("device", "cpu") if device is None else device,
                           seed=params.get("seed", 0), download_root=params.get("download_root"),
-                          resize_mode=params.get("resize_mode", "pad"))
+                          resize_mode=params.get("resize_mode", "pad"),
+                          rn_last_stride=params.get("rn_last_stride", 2),
+                          pixel_mean=params.get("pixel_mean"), pixel_std=params.get("pixel_std"))
 
 
 
@@ -462,6 +560,8 @@ def backbone_fingerprint(backbone: ClipBackbone, length: int = 16) -> str:
     h = hashlib.blake2b(digest_size=16)
     h.update(b"handclip_nb.backbone_fingerprint/1\0")
     h.update(f"{backbone.name}\0{tuple(backbone.image_size)}\0".encode())
+    if getattr(backbone, "last_stride", 2) != 2:  # same weights, another network
+        h.update(f"rn_last_stride={backbone.last_stride}\0".encode())
     for key, tensor in sorted(backbone.clip.state_dict().items()):
         t = tensor.detach().to("cpu").contiguous()
         h.update(f"{key}\0{t.dtype}\0{tuple(t.shape)}\0".encode())

@@ -14,7 +14,9 @@ References
   when ``θ + m`` passes π.
 * :class:`ReIDHead`: CLIP-ReID's ``build_transformer`` head -- one BNNeck + classifier on the
   pre-projection feature (ViT CLS after ``ln_post`` / RN pooled last stage) and one on the
-  projected CLIP embedding; ID loss on both logits, triplet loss on both pre-BN features.
+  projected CLIP embedding; ID loss on both logits, triplet loss on both pre-BN features
+  (``triplet_features="two"``) or, as CLIP-ReID's ``loss/make_loss.py`` does, on those two and
+  the feature one stage earlier (``"clipreid"``: ViT 11th-layer CLS, RN pooled third stage).
 
 Every classifier has the signature ``forward(features [B, dim], targets=None) -> logits [B, C]``;
 only ArcFace uses ``targets`` (margin in training mode only).
@@ -38,6 +40,7 @@ __all__ = [
     "ReIDHeadOutput",
     "ReIDHead",
     "TEST_FEATURES",
+    "TRIPLET_FEATURES",
 ]
 
 
@@ -157,6 +160,11 @@ def build_classifier(kind: str, dim: int, num_classes: int, **kwargs) -> nn.Modu
 #: valid ``test_feature`` values of :class:`ReIDHead`
 TEST_FEATURES = ("pre_bn", "post_bn")
 
+#: valid ``triplet_features`` values of :class:`ReIDHead`: ``"two"`` = the two branches' pre-BN
+#: features; ``"clipreid"`` = the intermediate feature first, then the two branches (CLIP-ReID's
+#: ``[img_feature_last, img_feature, img_feature_proj]``, ``model/make_model_clipreid.py``)
+TRIPLET_FEATURES = ("two", "clipreid")
+
 
 @dataclass
 class ReIDHeadOutput:
@@ -164,7 +172,8 @@ class ReIDHeadOutput:
 
     #: [B, num_classes] per branch -- the ID loss goes on each
     logits: list[torch.Tensor]
-    #: [B, d_k] pre-BNNeck features per branch -- the triplet loss goes on each
+    #: [B, d_k] pre-BNNeck features per branch -- the triplet loss goes on each; with
+    #: ``triplet_features="clipreid"`` the intermediate feature comes first (3 entries)
     features_for_triplet: list[torch.Tensor]
     #: [B, d_k] BNNeck outputs per branch (classifier inputs)
     bn_features: list[torch.Tensor]
@@ -188,10 +197,16 @@ class ReIDHead(nn.Module):
     The concatenation is returned un-normalised; like CLIP-ReID (``TEST.FEAT_NORM: 'yes'``) the
     evaluation L2-normalises the whole concatenated vector (docs/methods.md), which
     ``handclip_nb.evaluate.features`` does.  Logits are computed in eval mode too (without margin).
+
+    ``triplet_features`` picks ``features_for_triplet``: ``"two"`` (default) the branches' pre-BN
+    features; ``"clipreid"`` the intermediate feature (``ImageFeatures.intermediate``, or the
+    ``intermediate=`` argument with a list input) followed by them. It has no BNNeck and no
+    classifier and never enters ``embedding_for_test``.
     """
 
     def __init__(self, in_dims: Sequence[int], num_classes: int, classifier: str = "linear",
-                 test_feature: str = "pre_bn", **classifier_kwargs):
+                 test_feature: str = "pre_bn", triplet_features: str = "two",
+                 **classifier_kwargs):
         super().__init__()
         if isinstance(in_dims, int):
             in_dims = (in_dims,)
@@ -203,6 +218,10 @@ class ReIDHead(nn.Module):
         if classifier not in CLASSIFIERS:
             raise ValueError(f"unknown classifier kind {classifier!r}; valid kinds: "
                              f"{', '.join(CLASSIFIERS)}")
+        if triplet_features not in TRIPLET_FEATURES:
+            raise ValueError(f"unknown triplet_features {triplet_features!r}; valid: "
+                             f"{', '.join(TRIPLET_FEATURES)}")
+        self.triplet_features = triplet_features
         self.num_classes = int(num_classes)
         self.classifier_kind = classifier
         self.test_feature = test_feature
@@ -238,17 +257,36 @@ class ReIDHead(nn.Module):
             raise ValueError(f"branches have different batch sizes: {[x.shape[0] for x in branches]}")
         return branches
 
+    def _triplet(self, features, branches: list[torch.Tensor],
+                 intermediate: Optional[torch.Tensor]) -> list[torch.Tensor]:
+        if self.triplet_features == "two":
+            return branches
+        if intermediate is None:
+            intermediate = getattr(features, "intermediate", None)
+        if intermediate is None:
+            raise ValueError("triplet_features='clipreid' needs the intermediate feature "
+                             "(ImageFeatures.intermediate, or intermediate= with a list input)")
+        if not isinstance(intermediate, torch.Tensor) or intermediate.dim() != 2 \
+                or intermediate.shape[0] != branches[0].shape[0]:
+            raise ValueError(f"intermediate must be [{branches[0].shape[0]}, d], got "
+                             f"{tuple(getattr(intermediate, 'shape', ()))}")
+        return [intermediate, *branches]
+
     def forward(self, features: Union[Sequence[torch.Tensor], object],
-                targets: Optional[torch.Tensor] = None) -> ReIDHeadOutput:
+                targets: Optional[torch.Tensor] = None,
+                intermediate: Optional[torch.Tensor] = None) -> ReIDHeadOutput:
         """``features``: ImageFeatures or list of [B, d_k]; ``targets`` [B] (used by ArcFace in
-        training) → :class:`ReIDHeadOutput`."""
+        training); ``intermediate`` [B, d] (``triplet_features="clipreid"`` with a list input)
+        → :class:`ReIDHeadOutput`."""
         branches = self._branches(features)
         bn = [neck(x) for neck, x in zip(self.necks, branches)]
         logits = [clf(f, targets) for clf, f in zip(self.classifiers, bn)]
         chosen = branches if self.test_feature == "pre_bn" else bn
-        return ReIDHeadOutput(logits=logits, features_for_triplet=branches, bn_features=bn,
-                              embedding_for_test=torch.cat(chosen, dim=1))
+        return ReIDHeadOutput(logits=logits,
+                              features_for_triplet=self._triplet(features, branches, intermediate),
+                              bn_features=bn, embedding_for_test=torch.cat(chosen, dim=1))
 
     def extra_repr(self) -> str:
         return (f"in_dims={self.in_dims}, num_classes={self.num_classes}, "
-                f"classifier={self.classifier_kind!r}, test_feature={self.test_feature!r}")
+                f"classifier={self.classifier_kind!r}, test_feature={self.test_feature!r}, "
+                f"triplet_features={self.triplet_features!r}")

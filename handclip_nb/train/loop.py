@@ -46,6 +46,22 @@ class FitResult:
     resumed_from: int | None = None
     seconds_per_epoch: float = 0.0
     extra: dict = field(default_factory=dict)
+    best_metric: str = "mAP"  # what best_score measures (the loop's select_metric)
+
+    def describe(self) -> str:
+        """One line: which epoch the run kept and why, and the time per epoch."""
+        if self.best_score is not None:
+            kept = f"best epoch {self.best_epoch} (val {self.best_metric} {self.best_score:.2f})"
+        elif self.history:
+            kept = f"kept the last epoch ({self.history[-1]['epoch']})"
+        else:
+            kept = "no epoch trained"
+        selection = self.extra.get("selection")
+        if selection:
+            kept += (f"; epochs chosen on held-out training identities: best epoch "
+                     f"{selection['best_epoch']} (val {selection.get('metric', 'mAP')} "
+                     f"{selection['best_score']:.2f})")
+        return f"{kept}; {self.seconds_per_epoch:.2f} s per epoch"
 
     @property
     def val_history(self) -> list[dict]:
@@ -96,6 +112,16 @@ class TrainLoop:
                         model=state if state is not None else clone_state(self.modules),
                         optimizer=self.optimizer, scheduler=self.scheduler, scaler=self.scaler,
                         history=history, best=best, params=self.params, meta=self.meta)
+
+    def save_kept(self, fit: "FitResult") -> None:
+        """Write the modules' current state (the last epoch) as ``best.pt``, the kept state
+        every reader of the run loads, when the run keeps its last epoch instead of choosing
+        one on validation (nothing is written when no epoch ran)."""
+        if not fit.history:
+            return
+        epoch = fit.history[-1]["epoch"]
+        self._save(self.best_path, epoch, fit.history,
+                   {"epoch": epoch, "score": None, "metric": "last epoch"})
 
     def _resume(self) -> tuple[int, list, dict, dict | None]:
         if not self.last_path.is_file():
@@ -199,7 +225,7 @@ class TrainLoop:
         return FitResult(history=history, best_epoch=best.get("epoch") if best else None,
                          best_score=best.get("score") if best else None, best_state=best_state,
                          epochs_run=len(history), stopped_early=stopped_early,
-                         resumed_from=resumed_from,
+                         resumed_from=resumed_from, best_metric=self.select_metric,
                          seconds_per_epoch=(sum(epoch_times) / len(epoch_times)
                                             if epoch_times else 0.0))
 

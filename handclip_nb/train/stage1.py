@@ -2,12 +2,15 @@
 
 The training images are encoded once, without augmentation, and cached (the image encoder is
 frozen, so every epoch would compute the same features); batches are drawn from the cache.
-Loss: SupCon(image→text) + SupCon(text→image) on L2-normalised features scaled by CLIP's
-logit scale.  With ``center_features`` the mean training image feature is subtracted first and
-saved with the prompts (stage 2's image→text loss subtracts the same vector): the image features
-of a randomly initialised CLIP are nearly collinear (mean pairwise cosine 0.9986 for tiny-vit,
-1.0000 for tiny-rn on the synthetic hands), so without centring every prompt sees the same
-image direction and learns almost nothing.  Learning rate: warmup then cosine, stepped per epoch.  CLIP-ReID keeps the prompts
+Loss: SupCon(image→text) + SupCon(text→image), with ``text_logits="cosine"`` on L2-normalised
+features scaled by CLIP's logit scale, with ``"raw"`` on the raw features at temperature 1
+(CLIP-ReID's ``loss/supcontrast.py``).  With ``center_features`` the mean training image feature
+is subtracted first and saved with the prompts (stage 2's image→text loss subtracts the same
+vector): the image features of a randomly initialised CLIP are nearly collinear (mean pairwise
+cosine 0.9986 for tiny-vit, 1.0000 for tiny-rn on the synthetic hands), so without centring
+every prompt sees the same image direction and learns almost nothing.  Learning rate: warmup
+then cosine, stepped per epoch (``train/schedulers.py``: ``lr_schedule``, ``warmup_lr_init``,
+``lr_min``).  CLIP-ReID keeps the prompts
 of the last epoch; so do we (the per-epoch prompt retrieval numbers are for monitoring).
 """
 from __future__ import annotations
@@ -23,11 +26,11 @@ from ..data.protocols import Protocol
 from ..data.transforms import build_transform
 from ..evaluate.features import extract_features
 from ..evaluate.metrics import rank_metrics
-from ..losses import symmetric_supcon
+from ..losses import symmetric_supcon, text_logit_form
 from ..models.prompts import PromptLearner
 from ..runs import PROMPTS_FILE, atomic_torch_save, feature_cache_dir, seed_everything
 from .loop import FitResult, TrainLoop
-from .schedulers import warmup_cosine
+from .schedulers import stage1_scheduler
 
 __all__ = ["Stage1Result", "image_space", "prompt_retrieval", "train_stage1"]
 
@@ -82,7 +85,12 @@ def train_stage1(params: Mapping, output_dir: str | Path, protocol: Protocol, ba
                            num_workers=params["num_workers"], desc="cache training features",
                            normalize=False)
     image_mean = raw.mean(dim=0) if params["center_features"] else None
-    feats = image_space(raw, image_mean)
+    feats = image_space(raw, image_mean)  # what retrieval ranks (and the cosine loss sees)
+    normalize, scale = text_logit_form(params["text_logits"], backbone.logit_scale.exp().detach())
+    if normalize:
+        loss_feats = feats
+    else:  # CLIP-ReID: the raw (optionally centred) features
+        loss_feats = raw if image_mean is None else raw - image_mean
     labels = torch.as_tensor(protocol.fit_labels, dtype=torch.long)
     learner = PromptLearner(backbone, num_classes=protocol.num_classes, n_ctx=params["n_ctx"],
                             template=params["prompt_template"], aspect=protocol.aspect,
@@ -91,9 +99,8 @@ def train_stage1(params: Mapping, output_dir: str | Path, protocol: Protocol, ba
     before = prompt_retrieval(learner, feats, labels)
     optimizer = torch.optim.Adam(learner.parameters(), lr=params["lr"],
                                  weight_decay=params["weight_decay"])
-    scheduler = warmup_cosine(optimizer, params["epochs"], params["warmup_epochs"])
-    logit_scale = backbone.logit_scale.exp().detach()
-    feats_dev, labels_dev = feats.to(device), labels.to(device)
+    scheduler = stage1_scheduler(optimizer, params)
+    feats_dev, labels_dev = loss_feats.to(device), labels.to(device)
 
     def batches(epoch: int):
         order = torch.randperm(len(labels), generator=torch.Generator().manual_seed(
@@ -105,7 +112,7 @@ def train_stage1(params: Mapping, output_dir: str | Path, protocol: Protocol, ba
     def step(batch):
         image, target = batch
         text = learner(target)
-        loss = symmetric_supcon(image, text, target, logit_scale, normalize=True)
+        loss = symmetric_supcon(image, text, target, scale, normalize=normalize)
         return {"loss": loss}
 
     meta = {"backbone": backbone.name, "num_classes": protocol.num_classes,
@@ -122,5 +129,6 @@ def train_stage1(params: Mapping, output_dir: str | Path, protocol: Protocol, ba
     state["meta"]["splits"] = protocol.source_hash
     state["image_mean"] = image_mean
     path = atomic_torch_save(state, Path(output_dir) / PROMPTS_FILE)
+    learner.identities = [str(p) for p in protocol.fit_people]  # class order, as stage 2 reads it
     return Stage1Result(learner=learner, fit=fit, before=before, after=after,
                         image_features=feats, image_labels=labels, prompts_path=path)

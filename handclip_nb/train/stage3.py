@@ -22,7 +22,7 @@ from ..models.promptsg import PromptSG, PromptSGOutput
 from ..run_loader import RunFolderError, load_run
 from ..runs import BEST_CHECKPOINT, seed_everything
 from .loop import FitResult
-from .stage2 import evaluate_model, fit_image_model
+from .stage2 import ImageModelParts, evaluate_model, fit_image_model
 
 __all__ = ["Stage3Result", "train_stage3", "evaluate_stage3", "promptsg_loss"]
 
@@ -32,15 +32,16 @@ class Stage3Result:
     model: PromptSG
     fit: FitResult
     warm_started_from: str | None
+    protocol: Protocol  # what the kept model was fitted on (all training identities unless 'best')
 
 
-def _warm_start(model: PromptSG, init_from: str, protocol: Protocol) -> str:
-    """Load the image encoder of a stage-2 run's best checkpoint into ``model``'s backbone
-    (through the one run loader; the heads differ and are not copied)."""
+def _warm_start(backbone, init_from: str, protocol: Protocol) -> str:
+    """Load the image encoder of a stage-2 run's kept checkpoint into ``backbone`` (through
+    the one run loader; the heads differ and are not copied)."""
     # rebuilding the run's head draws random numbers: keep the training's RNG stream untouched
     with torch.random.fork_rng(devices=[]):
         try:
-            loaded = load_run(init_from, backbone=model.backbone, require_finished=False,
+            loaded = load_run(init_from, backbone=backbone, require_finished=False,
                               stages=("stage2",))
         except RunFolderError as exc:
             raise FileNotFoundError(f"init_from={init_from!r}: {exc}\nRun "
@@ -57,37 +58,40 @@ def _warm_start(model: PromptSG, init_from: str, protocol: Protocol) -> str:
 def train_stage3(params: Mapping, output_dir: str | Path, protocol: Protocol, backbone,
                  callbacks: Iterable[Callable[[dict], None]] = (),
                  progress: bool = True) -> Stage3Result:
-    """Train PromptSG; returns the model with its *best* state (by val mAP) loaded."""
+    """Train PromptSG; returns the model with the state ``params["selection"]`` keeps (see
+    :func:`~handclip_nb.train.stage2.fit_image_model`) and the protocol it was fitted on."""
     seed_everything(params["seed"])
     device = next(backbone.parameters()).device
-    if protocol.selection is None:
-        raise ValueError("stage 3 selects its model on held-out training identities: set "
-                         "val_fraction > 0 (default 0.2)")
-    backbone.requires_grad_(False)  # the text tower stays frozen; S* still gets gradients
-    backbone.visual.requires_grad_(True)
-    model = PromptSG(backbone, protocol.num_classes, aspect=protocol.aspect,
-                     classifier=params["classifier"]).to(device)
-    warm = _warm_start(model, params["init_from"], protocol) if params["init_from"] else None
-    modules = model.trainable_modules()
-    optimizer = torch.optim.Adam(model.param_groups(params["lr"], params["lr_new"],
-                                                    params["weight_decay"]))
+    warm = _warm_start(backbone, params["init_from"], protocol) if params["init_from"] else None
     logit_scale = backbone.logit_scale.exp().detach()
 
-    def step(batch):
-        images, targets = batch
-        out = model(images, targets, prompt_mode="composed")
-        return promptsg_loss(out, targets, id_weight=params["id_weight"],
-                             triplet_weight=params["triplet_weight"],
-                             supcon_weight=params["supcon_weight"],
-                             label_smoothing=params["label_smoothing"],
-                             triplet_margin=params["triplet_margin"], logit_scale=logit_scale)
+    def build(fit_protocol: Protocol) -> ImageModelParts:
+        backbone.requires_grad_(False)  # the text tower stays frozen; S* still gets gradients
+        backbone.visual.requires_grad_(True)
+        model = PromptSG(backbone, fit_protocol.num_classes, aspect=fit_protocol.aspect,
+                         classifier=params["classifier"]).to(device)
+        optimizer = torch.optim.Adam(model.param_groups(params["lr"], params["lr_new"],
+                                                        params["weight_decay"]))
 
-    def encode(images):
-        return model.embed(images, prompt_mode=params["prompt_mode"])
+        def step(batch):
+            images, targets = batch
+            out = model(images, targets, prompt_mode="composed")
+            return promptsg_loss(out, targets, id_weight=params["id_weight"],
+                                 triplet_weight=params["triplet_weight"],
+                                 supcon_weight=params["supcon_weight"],
+                                 label_smoothing=params["label_smoothing"],
+                                 triplet_margin=params["triplet_margin"],
+                                 logit_scale=logit_scale,
+                                 triplet_features=params["triplet_features"])
 
-    fit = fit_image_model("stage3", params, output_dir, protocol, model, modules, optimizer,
-                          step, encode, callbacks, progress)
-    return Stage3Result(model=model, fit=fit, warm_started_from=warm)
+        def encode(images):
+            return model.embed(images, prompt_mode=params["prompt_mode"])
+
+        return ImageModelParts(model, model.trainable_modules(), optimizer, step, encode)
+
+    fit, model, fitted_on = fit_image_model("stage3", params, output_dir, protocol, backbone,
+                                            build, callbacks, progress)
+    return Stage3Result(model=model, fit=fit, warm_started_from=warm, protocol=fitted_on)
 
 
 def evaluate_stage3(model: PromptSG, protocol: Protocol, params: Mapping):
@@ -99,11 +103,15 @@ def evaluate_stage3(model: PromptSG, protocol: Protocol, params: Mapping):
 def promptsg_loss(out: PromptSGOutput, targets: torch.Tensor, *, id_weight: float = 1.0,
                   triplet_weight: float = 1.0, supcon_weight: float = 0.5, label_smoothing: float = 0.1,
                   triplet_margin: Optional[float] = 0.3,
-                  logit_scale: Union[float, torch.Tensor]) -> dict[str, torch.Tensor]:
+                  logit_scale: Union[float, torch.Tensor],
+                  triplet_features: str = "two") -> dict[str, torch.Tensor]:
     """PromptSG's loss; returns ``{"loss": total, "id", "triplet", "supcon"}``.
 
     * ``id`` = Σ over the head's branches of label-smoothed CE (``label_smoothing``),
     * ``triplet`` = Σ over branches of batch-hard triplet (``triplet_margin``) on the pre-BN features,
+      with ``triplet_features="clipreid"`` plus one on the backbone's intermediate feature
+      (``out.features.intermediate``: ViT 11th-layer CLS, RN pooled third stage), as CLIP-ReID
+      adds it to its two,
     * ``supcon`` = symmetric SupCon(global image embedding, composed text feature, targets,
       ``logit_scale``; L2-normalised) -- needs ``prompt_mode="composed"`` when ``supcon_weight > 0``
       (the simplified prompt is one text for every image).  With ``supcon_weight == 0`` it is still
@@ -117,8 +125,15 @@ def promptsg_loss(out: PromptSGOutput, targets: torch.Tensor, *, id_weight: floa
     targets = targets.to(out.fused.device)
     parts: dict[str, torch.Tensor] = {}
     parts["id"] = sum(cross_entropy_label_smooth(lg, targets, label_smoothing) for lg in out.head.logits)
+    if triplet_features not in ("two", "clipreid"):
+        raise ValueError(f"unknown triplet_features {triplet_features!r}; valid: two, clipreid")
+    triplet_inputs = list(out.head.features_for_triplet)
+    if triplet_features == "clipreid":
+        if out.features.intermediate is None:
+            raise ValueError("triplet_features='clipreid' needs ImageFeatures.intermediate")
+        triplet_inputs.insert(0, out.features.intermediate)
     parts["triplet"] = sum(batch_hard_triplet(f, targets, margin=triplet_margin)[0]
-                           for f in out.head.features_for_triplet)
+                           for f in triplet_inputs)
     total = id_weight * parts["id"] + triplet_weight * parts["triplet"]
     composed = out.pseudo_words is not None
     if float(supcon_weight) > 0:
