@@ -44,7 +44,7 @@ from .runs import (BEST_CHECKPOINT, METRICS_FILE, PARAMS_FILE, PROMPTS_FILE, Run
 # error this module raises about a folder is one
 
 __all__ = ["RunFolderError", "RunInfo", "LoadedRun", "RUN_LOADERS", "register_run_loader",
-           "load_run", "zero_shot_run", "read_run_folder"]
+           "load_run", "check_stage", "zero_shot_run", "read_run_folder"]
 
 
 @dataclass(frozen=True)
@@ -145,6 +145,21 @@ def register_run_loader(stage: str):
     return add
 
 
+def check_stage(folder: Path, params: Mapping, stages: tuple[str, ...] | None = None) -> None:
+    """Refuse a run whose stage has no loader, or is not one of ``stages`` (the caller's),
+    saying what to use instead; nothing is built."""
+    stage = params["stage"]
+    if stage == "attention":
+        raise ValueError(f"{folder} is an attention run (figures only); use the stage-3 run it "
+                         f"shows instead: {params.get('stage3_dir')}")
+    if stage not in RUN_LOADERS:
+        raise ValueError(f"{folder}: cannot rebuild a {stage!r} run; stages with a run loader: "
+                         f"{', '.join(RUN_LOADERS)}")
+    if stages is not None and stage not in stages:
+        raise ValueError(f"{folder} is a {stage} run; expected a run of "
+                         f"{' or '.join(stages)} here")
+
+
 def load_run(run_dir: str | Path, device: str | torch.device = "auto", *, backbone=None,
              name: str | None = None, require_finished: bool = True,
              stages: tuple[str, ...] | None = None) -> LoadedRun:
@@ -159,16 +174,8 @@ def load_run(run_dir: str | Path, device: str | torch.device = "auto", *, backbo
     does not fit the run's backbone.
     """
     folder, params, metrics = read_run_folder(run_dir, require_finished)
+    check_stage(folder, params, stages)
     stage = params["stage"]
-    if stage == "attention":
-        raise ValueError(f"{folder} is an attention run (figures only); use the stage-3 run it "
-                         f"shows instead: {params.get('stage3_dir')}")
-    if stage not in RUN_LOADERS:
-        raise ValueError(f"{folder}: cannot rebuild a {stage!r} run; stages with a run loader: "
-                         f"{', '.join(RUN_LOADERS)}")
-    if stages is not None and stage not in stages:
-        raise ValueError(f"{folder} is a {stage} run; expected a run of "
-                         f"{' or '.join(stages)} here")
     params = dict(params)
     if backbone is None:
         params["device"] = str(resolve_device(device))

@@ -28,7 +28,8 @@ import torch
 from ..data.datasets import build_protocol
 from ..data.protocols import Protocol
 from ..params import default_output_dir
-from ..run_loader import LoadedRun, RunInfo, load_run, read_run_folder, zero_shot_run
+from ..run_loader import (LoadedRun, RunInfo, check_stage, load_run, read_run_folder,
+                          zero_shot_run)
 from ..runs import (BEST_CHECKPOINT, METRICS_FILE, SPLITS_FILE, domain_name, feature_cache_dir,
                     resolve_path)
 from .features import extract_features
@@ -164,12 +165,7 @@ def check_evaluable(run_dir: str | Path) -> None:
             f"{folder} is a stage-1 run: it learns prompts with the image encoder frozen, so its "
             f"image features are the zero-shot backbone's. Evaluate the stage-0 run, or the "
             f"stage-2 run that used these prompts")
-    if stage == "attention":
-        raise ValueError(f"{folder} is an attention run (figures only); evaluate the stage-3 run "
-                         f"it shows instead: {params.get('stage3_dir')}")
-    if stage not in RUN_STAGES:
-        raise ValueError(f"{folder}: cannot evaluate a {stage!r} run; evaluable stages: "
-                         f"{', '.join(RUN_STAGES)}")
+    check_stage(folder, params, RUN_STAGES)
 
 
 def _unique_names(folders: Sequence[Path]) -> list[str]:

@@ -28,8 +28,8 @@ from ..evaluate.features import extract_features
 from ..losses import (CenterLoss, batch_hard_triplet, cross_entropy_label_smooth,
                       image_to_text_ce, text_logit_form)
 from ..models.prompts import check_compatible
-from ..params import SELECTION_POLICIES
 from ..models.reid import ReIDModel
+from ..params import SELECTION_POLICIES
 from ..run_loader import RunFolderError, load_run
 from ..runs import seed_everything
 from .loop import FitResult, TrainLoop, clone_state
