@@ -8,6 +8,7 @@ conv net trained on half of the identities clearly beats it on the other half.
 from __future__ import annotations
 
 import csv
+import hashlib
 import re
 import subprocess
 import sys
@@ -22,6 +23,7 @@ from handclip_nb.data.synthetic import (
     ACCESSORIES,
     ASPECTS,
     HANDINFO_HEADER,
+    RENDER_CAP,
     accessory_plan,
     generate_dataset,
     image_seed,
@@ -308,6 +310,107 @@ def test_cli_bad_arguments(tmp_path, args, message):
     out = _cli("--root", tmp_path / "bad", *args)
     assert out.returncode == 2
     assert message in out.stderr
+    assert not (tmp_path / "bad").exists()
+
+
+# ------------------------------------------------------------------------------------------------
+# Real-size photos (--photo-size): drawn at RENDER_CAP, upscaled, noise at full resolution
+# ------------------------------------------------------------------------------------------------
+
+# sha256 of the pixels of three photos at and below the cap, as rendered before real-size photos
+# existed: a change here changes every default synthetic dataset (and the golden notebooks).
+DEFAULT_PIXELS_SHA256 = "07a85cda9e574755d7af8affdf80cf9bd1a526277130c302cee6503928f163f4"
+
+
+def test_default_size_pixels_are_unchanged():
+    h = hashlib.sha256()
+    for number, aspect, s, kw in [(0, "dorsal right", 1, {}),
+                                  (1, "palmar left", 2, {"accessory": "watch"}),
+                                  (2, "dorsal left", 3, {"size": RENDER_CAP})]:
+        h.update(np.asarray(render_image(make_person(number, seed=0), aspect, s, **kw)).tobytes())
+    assert h.hexdigest() == DEFAULT_PIXELS_SHA256
+
+
+def test_above_the_cap_is_the_capped_drawing_upscaled_and_still_mirrored():
+    person = make_person(4, seed=1)
+    big_size = (2 * RENDER_CAP[0], 2 * RENDER_CAP[1])
+    for view in ("dorsal", "palmar"):
+        right = np.asarray(render_image(person, f"{view} right", 5, size=big_size, noise=False),
+                           np.int16)
+        left = np.asarray(render_image(person, f"{view} left", 5, size=big_size, noise=False),
+                          np.int16)
+        assert right.shape == (big_size[1], big_size[0], 3)
+        assert np.array_equal(left, right[:, ::-1])  # exact mirror before noise
+        noisy = np.asarray(render_image(person, f"{view} left", 5, size=big_size), np.int16)
+        assert 1.0 < np.abs(noisy - left).mean() < 6.0  # full-resolution noise, nothing else
+    small = np.asarray(render_image(person, "palmar right", 5, size=RENDER_CAP, noise=False),
+                       np.int16)
+    down = Image.fromarray(right.astype(np.uint8)).resize(RENDER_CAP, Image.Resampling.BOX)
+    assert np.abs(np.asarray(down, np.int16) - small).mean() < 3.0  # the same picture, upscaled
+
+
+def test_cli_photo_size_writes_real_size_jpegs_deterministically(tmp_path):
+    out = _cli("--root", tmp_path / "cli", "--subjects", 2, "--images-per-subject", 2,
+               "--seed", 3, "--photo-size", "1600x1200")
+    assert out.returncode == 0, out.stderr
+    assert "wrote 16 images of 1600x1200" in out.stdout
+    rows = read_rows(tmp_path / "cli")
+    assert len(rows) == 16
+    sizes = []
+    for r in rows:
+        path = tmp_path / "cli" / "Hands" / r["imageName"]
+        with Image.open(path) as im:
+            assert im.format == "JPEG" and im.mode == "RGB" and im.size == (1600, 1200)
+        sizes.append(path.stat().st_size)
+    assert 80_000 < min(sizes) and max(sizes) < 800_000, sizes  # camera-like, not flat or raw
+    # the API with image_size writes the same bytes (and a second run the same again)
+    api = generate_dataset(tmp_path / "api", 2, 2, seed=3, image_size=(1600, 1200))
+    for name in ["HandInfo.csv", "captions.csv", *(f"Hands/{r['imageName']}" for r in rows)]:
+        assert (api / name).read_bytes() == (tmp_path / "cli" / name).read_bytes(), name
+
+    out = _cli("--root", tmp_path / "hd", "--subjects", 2, "--images-per-subject", 2,
+               "--layout", "hd", "--photo-size", "1600\u00d71200", "--width", 1600)
+    assert out.returncode == 0, out.stderr
+    files = sorted((tmp_path / "hd" / "Original Images").glob("*/*.jpg"))
+    assert len(files) == 8
+    for path in files:
+        with Image.open(path) as im:
+            assert im.format == "JPEG" and im.size == (1600, 1200)
+
+
+def test_cli_without_photo_size_is_the_default_output(tmp_path):
+    assert syn.main(["--root", str(tmp_path / "cli"), "--subjects", "2",
+                     "--images-per-subject", "2"]) == 0
+    api = generate_dataset(tmp_path / "api", 2, 2)
+    names = [f"Hands/{r['imageName']}" for r in read_rows(api)]
+    for name in ["HandInfo.csv", "captions.csv", *names]:
+        assert (api / name).read_bytes() == (tmp_path / "cli" / name).read_bytes(), name
+    with Image.open(api / names[0]) as im:
+        assert im.size == (160, 120)
+
+
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (["--photo-size", "1600"], "argument --photo-size: expected WIDTHxHEIGHT"),
+        (["--photo-size", "1600x"], "such as 1600x1200, got '1600x'"),
+        (["--photo-size", "wide"], "argument --photo-size: expected WIDTHxHEIGHT"),
+        (["--photo-size", "1600x1200x3"], "argument --photo-size: expected WIDTHxHEIGHT"),
+        (["--photo-size=-16x12"], "argument --photo-size: expected WIDTHxHEIGHT"),
+        (["--photo-size", "8x120"], "--photo-size width must be >= 16, got 8"),
+        (["--photo-size", "160x4"], "--photo-size height must be >= 12, got 4"),
+        (["--photo-size", "1600x1200", "--width", "800"],
+         "--width 800 disagrees with --photo-size 1600x1200"),
+        (["--photo-size", "1600x1200", "--height", "1000"],
+         "--height 1000 disagrees with --photo-size 1600x1200"),
+    ],
+)
+def test_cli_bad_photo_size(tmp_path, capsys, args, message):
+    with pytest.raises(SystemExit) as exc:
+        syn.main(["--root", str(tmp_path / "bad"), "--subjects", "2", "--images-per-subject", "2",
+                  *args])
+    assert exc.value.code == 2
+    assert message in capsys.readouterr().err
     assert not (tmp_path / "bad").exists()
 
 

@@ -27,6 +27,14 @@ Layouts written by :func:`generate_dataset` (and the CLI)::
 CLI::
 
     python -m handclip_nb.data.synthetic --root DIR --subjects N --images-per-subject K --seed S
+    python -m handclip_nb.data.synthetic ... --photo-size 1600x1200     # the real photos' size
+
+Photo size: ``image_size=(width, height)`` (CLI ``--width/--height`` or ``--photo-size WxH``),
+default 160x120. Up to the area of :data:`RENDER_CAP` (400x300) the hand is drawn at that size;
+above it (the real 1600x1200) it is drawn at the cap's area with the photo's aspect ratio,
+upscaled bicubic, and the sensor noise is added at full resolution, so real-size JPEGs (~150-350
+KB, full-size decoding) cost ~0.1 s each instead of ~1 s. A left hand stays the exact mirror of
+the right one before noise at every size.
 
 Determinism: every person is generated from (seed, person number) and every photo from
 (seed, person number, aspect, image index), so the same arguments give byte-identical CSVs and
@@ -49,6 +57,7 @@ from .constants import (
     ASPECTS,
     HANDINFO_HEADER,
     NAIL_POLISH_COLORS,
+    RENDER_CAP,
     SKIN_COLORS,
     image_seed,
 )
@@ -62,6 +71,7 @@ __all__ = [
     "SKIN_COLORS",
     "NAIL_POLISH_COLORS",
     "ACCESSORIES",
+    "RENDER_CAP",
     "Mark",
     "HandGeometry",
     "SyntheticPerson",

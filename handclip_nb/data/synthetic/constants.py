@@ -23,6 +23,7 @@ __all__ = [
     "FINGERS",
     "MARK_KINDS",
     "ACCESSORIES",
+    "RENDER_CAP",
     "image_seed",
 ]
 
@@ -66,6 +67,14 @@ FINGERS = ("thumb", "index finger", "middle finger", "ring finger", "little fing
 MARK_KINDS = ("mole", "freckles", "scar", "tattoo dots")
 ACCESSORIES = ("ring", "bracelet", "watch")
 _METALS = {"gold": (214, 172, 64), "silver": (192, 194, 204)}
+
+# Largest picture the hand is drawn at, (width, height), compared by area: a larger photo (the
+# real datasets' 1600x1200) is drawn at this area with its own aspect ratio, upscaled bicubic
+# and given its sensor noise at full size (:func:`.render.render_photo`). 400x300 is a quarter
+# of 1600x1200 in each direction (a whole factor), and above the largest model input (CLIP's
+# 224x288 (height, width) letterbox, with room for scale augmentation), so the model never sees
+# detail that was not drawn; drawing costs ~35 ms there against ~1 s at 1600x1200.
+RENDER_CAP = (400, 300)
 
 # Salt for the seed sequences so that the streams never collide with other users of the seed.
 _SALT = 0x5EED_4A2D
