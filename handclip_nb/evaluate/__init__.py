@@ -15,6 +15,12 @@ _EXPORTS = {
     "evaluate_splits": "protocol_eval", "metrics_record": "protocol_eval",
     "summarise": "protocol_eval",
     "re_ranking": "reranking", "rerank_features": "reranking",
+    "OperatingPoint": "verification", "VerificationCurve": "verification",
+    "VerificationResult": "verification", "calibrate_threshold": "verification",
+    "eer": "verification", "evaluate_verification": "verification",
+    "far_at_threshold": "verification", "roc_auc": "verification", "roc_points": "verification",
+    "summarise_verification": "verification", "tar_at_far": "verification",
+    "verification_curve": "verification", "verification_metrics": "verification",
 }
 __all__ = sorted(_EXPORTS)
 
