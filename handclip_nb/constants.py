@@ -24,8 +24,9 @@ ASPECT_NAMES = {
 }
 #: HD holds dorsal images only; its records carry this aspect (used in prompts and reports).
 HD_ASPECT = "dorsal"
-#: Dataset layouts the readers understand (parameter ``dataset``).
-DATASETS = ("11k", "hd")
+#: Dataset layouts the readers understand (parameter ``dataset``); ``custom`` is the user's own
+#: photos, a folder per person or a labels.csv (data/custom.py).
+DATASETS = ("11k", "hd", "custom")
 #: Test metrics of every ``metrics.json`` (percent), in report order. ``mAP`` is the standard
 #: (torchreid / CLIP-ReID) mAP, ``mAP_mbanet`` MBA-Net's trapezoid mAP (docs/protocols.md#metrics).
 METRIC_NAMES = ("rank1", "rank5", "rank10", "mAP", "mAP_mbanet", "mINP")

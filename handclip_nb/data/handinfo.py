@@ -2,6 +2,9 @@
 
 Both readers return a list of :class:`HandImage` records; nothing is copied or decoded here.
 Malformed input fails with the file and line number (11k) or the offending file name (HD).
+:func:`csv_rows` is the CSV layer they share with the custom dataset's ``labels.csv``
+(``data/custom.py``): UTF-8 with or without BOM, rows that span lines reported from where they
+begin.
 """
 from __future__ import annotations
 
@@ -11,6 +14,7 @@ import os
 import re
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Iterator
 
 from ..constants import ASPECT_NAMES, HD_ASPECT
 
@@ -19,6 +23,8 @@ __all__ = [
     "DataError",
     "ASPECT_NAMES",
     "HANDINFO_COLUMNS",
+    "IMAGE_SUFFIXES",
+    "csv_rows",
     "read_handinfo",
     "read_hd",
     "HD_MAIN_FOLDER",
@@ -51,6 +57,9 @@ class HandImage:
     skin_color: str | None = None
     irregularities: int = 0
     distractor: bool = False  # HD 502-712: gallery-only, never matches a query
+    #: custom ``labels.csv`` only: train | test | query | gallery as the file names it;
+    #: None = the protocol decides (11k, HD, and custom datasets without a split column)
+    split: str | None = None
 
 
 def _int_field(value: str, column: str, where: str, allowed: tuple[int, ...] | None = None) -> int:
@@ -61,6 +70,38 @@ def _int_field(value: str, column: str, where: str, allowed: tuple[int, ...] | N
     if allowed is not None and out not in allowed:
         raise DataError(f"{where}: column {column!r} must be one of {allowed}, got {out}")
     return out
+
+
+def csv_rows(csv_path: Path, encoding_fix: str) -> Iterator[tuple[str, list[str]]]:
+    """``(where, cells)`` for every non-blank row of a CSV file, the header first.
+
+    ``where`` is ``path:line`` (``path:first-last (...)`` for a quoted row over several lines).
+    Text that is not UTF-8 and unparseable CSV (an unclosed quote) raise :class:`DataError`
+    naming the line; ``encoding_fix`` is appended to the first.  An empty file yields nothing.
+    """
+    raw = csv_path.read_bytes()
+    try:
+        text = raw.decode("utf-8-sig")
+    except UnicodeDecodeError as exc:  # binary garbage, UTF-16, Latin-1 ...
+        line = raw[:exc.start].count(b"\n") + 1
+        raise DataError(f"{csv_path}:{line}: not UTF-8 text (byte {raw[exc.start]:#04x} at offset "
+                        f"{exc.start}); {encoding_fix}") from None
+    reader = csv.reader(io.StringIO(text, newline=""))
+    while True:
+        first = reader.line_num + 1  # a quoted field may span lines: report where the row began
+        try:
+            row = next(reader)
+        except StopIteration:
+            return
+        except csv.Error as exc:  # e.g. an unclosed quote swallowing the rest of the file
+            raise DataError(f"{csv_path}:{first}: not valid CSV ({exc}); "
+                            f"check the quotes on this line") from None
+        line = reader.line_num
+        where = f"{csv_path}:{first}" + (f"-{line} (one quoted row over several lines)"
+                                         if line > first else "")
+        if not row or all(not c.strip() for c in row):
+            continue  # blank line
+        yield where, row
 
 
 def read_handinfo(csv_path: str | os.PathLike, images_dir: str = "Hands") -> list[HandImage]:
@@ -77,40 +118,17 @@ def read_handinfo(csv_path: str | os.PathLike, images_dir: str = "Hands") -> lis
             f"data_root=None for the embedded synthetic hands)"
         )
     records: list[HandImage] = []
-    raw = csv_path.read_bytes()
+    rows = csv_rows(csv_path, "HandInfo.csv must be the dataset's UTF-8 CSV")
     try:
-        text = raw.decode("utf-8-sig")
-    except UnicodeDecodeError as exc:  # binary garbage, UTF-16, Latin-1 ...
-        line = raw[:exc.start].count(b"\n") + 1
-        raise DataError(f"{csv_path}:{line}: not UTF-8 text (byte {raw[exc.start]:#04x} at offset "
-                        f"{exc.start}); HandInfo.csv must be the dataset's UTF-8 CSV") from None
-    reader = csv.reader(io.StringIO(text, newline=""))
-    try:
-        header = next(reader)
+        _, header = next(rows)
     except StopIteration:
         raise DataError(f"{csv_path}:1: empty file, expected the header "
                         f"{','.join(HANDINFO_COLUMNS)}") from None
-    except csv.Error as exc:
-        raise DataError(f"{csv_path}:1: not a readable CSV header ({exc})") from None
     header = [h.strip() for h in header]
     if tuple(header) != HANDINFO_COLUMNS:
         raise DataError(f"{csv_path}:1: header is {','.join(header)[:200]}; "
                         f"expected {','.join(HANDINFO_COLUMNS)}")
-    rows = iter(reader)
-    while True:
-        first = reader.line_num + 1  # a quoted field may span lines: report where the row began
-        try:
-            row = next(rows)
-        except StopIteration:
-            break
-        except csv.Error as exc:  # e.g. an unclosed quote swallowing the rest of the file
-            raise DataError(f"{csv_path}:{first}: not valid CSV ({exc}); "
-                            f"check the quotes on this line") from None
-        line = reader.line_num
-        where = f"{csv_path}:{first}" + (f"-{line} (one quoted row over several lines)"
-                                         if line > first else "")
-        if not row or all(not c.strip() for c in row):
-            continue  # blank line
+    for where, row in rows:
         if len(row) != len(HANDINFO_COLUMNS):
             raise DataError(f"{where}: expected {len(HANDINFO_COLUMNS)} columns "
                             f"({','.join(HANDINFO_COLUMNS)}), found {len(row)}: {repr(row)[:200]}")

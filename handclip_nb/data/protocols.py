@@ -10,6 +10,11 @@ HD: ids of ``1-501`` sorted numerically, the first ⌈n/2⌉ train, the rest tes
 the first 251 of 502 ids, which are MBA-Net's "id <= 447"); every gallery also gets all
 ``502-712`` images as distractors, identities of their own (person ``d<id>``).
 
+Custom datasets (``data/custom.py``) reuse the 11k protocol (:func:`build_aspect_protocol`
+with ``dataset="custom"``), optionally with the training/test halves named by the user
+(``halves``), or one fixed split the user names image by image
+(:func:`build_fixed_split_protocol`).
+
 Model selection never sees a test identity: ``val_fraction`` of the *training* identities are
 held out and get their own query/gallery split (:attr:`Protocol.selection`); the rest is the
 fit set that training uses.
@@ -28,7 +33,7 @@ import math
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Iterable, Sequence
+from typing import Callable, Iterable, Sequence
 
 import numpy as np
 from PIL import Image, UnidentifiedImageError
@@ -37,8 +42,9 @@ from ..constants import ASPECT_NAMES
 from ..runs import atomic_write_json
 from .handinfo import DataError, HandImage
 
-__all__ = ["Split", "Protocol", "build_11k_protocol", "build_hd_protocol", "verify_images",
-           "load_manifest"]
+__all__ = ["Split", "Protocol", "build_11k_protocol", "build_aspect_protocol",
+           "build_fixed_split_protocol", "build_hd_protocol", "sorted_halves", "person_sort_key",
+           "find_image_problems", "verify_images", "load_manifest"]
 
 _ASPECT_ORDER = tuple(ASPECT_NAMES.values())
 _PURPOSE = {"val_image": 1, "selection_ids": 2, "selection_split": 3, "test_split": 4}
@@ -170,13 +176,15 @@ def load_manifest(path: str | os.PathLike) -> dict:
     return data
 
 
-def _person_sort_key(person: str):
-    # 11k ids are zero-padded 7-digit strings; HD ids are plain numbers. Numeric when possible.
+def person_sort_key(person: str):
+    """The order of identities: numeric where the name is a number (11k ids are zero-padded
+    7-digit strings, HD ids plain numbers), then the other names alphabetically."""
     return (0, int(person), person) if person.isdigit() else (1, 0, person)
 
 
-def _split_people(people: Iterable[str]) -> tuple[list[str], list[str]]:
-    ordered = sorted(set(people), key=_person_sort_key)
+def sorted_halves(records: Iterable[HandImage]) -> tuple[list[str], list[str]]:
+    """MBA-Net's halves: the sorted people of ``records``, the first ⌈n/2⌉ train, the rest test."""
+    ordered = sorted({r.person for r in records}, key=person_sort_key)
     n_train = math.ceil(len(ordered) / 2)
     return ordered[:n_train], ordered[n_train:]
 
@@ -192,7 +200,7 @@ def _one_per_person(groups: dict[str, list[int]], rng: np.random.Generator
                     ) -> tuple[list[int], list[int]]:
     """Pick one random image per person (gallery); the others are queries."""
     gallery, query = [], []
-    for person in sorted(groups, key=_person_sort_key):
+    for person in sorted(groups, key=person_sort_key):
         idx = groups[person]
         pick = int(rng.integers(len(idx)))
         gallery.append(idx[pick])
@@ -210,7 +218,7 @@ def _selection(train_people: list[str], groups: dict[str, list[int]], seed: int,
                         f"{len(train_people)} training identities, leaving too few to train on; "
                         f"lower val_fraction or add identities")
     order = _rng(seed, "selection_ids").permutation(len(train_people))
-    held = sorted((train_people[i] for i in order[:n_hold]), key=_person_sort_key)
+    held = sorted((train_people[i] for i in order[:n_hold]), key=person_sort_key)
     query, gallery = _one_per_person({p: groups[p] for p in held}, _rng(seed, "selection_split"))
     if not query:
         raise DataError(f"{where}: the model-selection identities have one image each, so there "
@@ -218,20 +226,11 @@ def _selection(train_people: list[str], groups: dict[str, list[int]], seed: int,
     return held, Split(tuple(query), tuple(gallery))
 
 
-def _assemble(dataset, aspect, gallery_mode, seed, num_splits, val_fraction, root, items,
-              identity_key, train_people, test_people, train_idx, test_groups_by_aspect,
-              distractor_idx, source_hash, where) -> Protocol:
-    train_groups = _group(train_idx, items)
-    held, selection = _selection(train_people, train_groups, seed, val_fraction, where)
-    held_set = set(held)
-    fit_people = [p for p in train_people if p not in held_set]
-    label_of = {p: k for k, p in enumerate(fit_people)}
-    fit = [i for p in fit_people for i in train_groups[p]]
-    fit_labels = [label_of[items[i].person] for i in fit]
-    rng_val = _rng(seed, "val_image")
-    val_images = [train_groups[p][int(rng_val.integers(len(train_groups[p])))]
-                  for p in train_people]
-
+def _monte_carlo_splits(seed: int, num_splits: int, aspect: str,
+                        test_groups_by_aspect: dict[str, dict[str, list[int]]],
+                        distractor_idx: list[int], where: str) -> list[Split]:
+    """``num_splits`` splits: per aspect one random gallery image per test identity; the
+    queries are ``aspect``'s other images; every gallery also holds ``distractor_idx``."""
     test: list[Split] = []
     for s in range(num_splits):
         query: list[int] = []
@@ -247,12 +246,27 @@ def _assemble(dataset, aspect, gallery_mode, seed, num_splits, val_fraction, roo
             raise DataError(f"{where}: every test identity has a single image, so there are no "
                             f"queries; the protocol needs at least 2 images per identity")
         test.append(Split(tuple(query), tuple(gallery)))
+    return test
+
+
+def _assemble(dataset, aspect, gallery_mode, seed, val_fraction, root, items, identity_key,
+              train_people, test_people, train_idx, test, source_hash, where) -> Protocol:
+    train_groups = _group(train_idx, items)
+    held, selection = _selection(train_people, train_groups, seed, val_fraction, where)
+    held_set = set(held)
+    fit_people = [p for p in train_people if p not in held_set]
+    label_of = {p: k for k, p in enumerate(fit_people)}
+    fit = [i for p in fit_people for i in train_groups[p]]
+    fit_labels = [label_of[items[i].person] for i in fit]
+    rng_val = _rng(seed, "val_image")
+    val_images = [train_groups[p][int(rng_val.integers(len(train_groups[p])))]
+                  for p in train_people]
 
     keys = sorted({identity_key(it) for it in items})
     key_to_int = {k: n for n, k in enumerate(keys)}
     identities = [key_to_int[identity_key(it)] for it in items]
     return Protocol(dataset=dataset, aspect=aspect, gallery_mode=gallery_mode, seed=seed,
-                    num_splits=num_splits, val_fraction=val_fraction, root=str(root),
+                    num_splits=len(test), val_fraction=val_fraction, root=str(root),
                     items=list(items), identities=identities, train_people=train_people,
                     test_people=test_people, fit=fit, fit_labels=fit_labels,
                     val_images=val_images, selection=selection, selection_people=held,
@@ -263,12 +277,32 @@ def build_11k_protocol(records: Sequence[HandImage], aspect: str, root: str | os
                        seed: int = 0, num_splits: int = 10, gallery_mode: str = "aspect",
                        val_fraction: float = 0.2, source_hash: str = "") -> Protocol:
     """The MBA-Net protocol on 11k records (see the module docstring)."""
+    return build_aspect_protocol(records, aspect, root=root, seed=seed, num_splits=num_splits,
+                                 gallery_mode=gallery_mode, val_fraction=val_fraction,
+                                 source_hash=source_hash)
+
+
+def _check_arguments(aspect: str, gallery_mode: str, num_splits: int = 1) -> None:
     if aspect not in _ASPECT_ORDER:
         raise ValueError(f"unknown aspect {aspect!r}; valid: {', '.join(_ASPECT_ORDER)}")
     if gallery_mode not in ("aspect", "all"):
         raise ValueError(f"unknown gallery_mode {gallery_mode!r}; valid: aspect, all")
     if num_splits < 1:
         raise ValueError(f"num_splits must be >= 1, got {num_splits}")
+
+
+def build_aspect_protocol(records: Sequence[HandImage], aspect: str,
+                          root: str | os.PathLike = "", seed: int = 0, num_splits: int = 10,
+                          gallery_mode: str = "aspect", val_fraction: float = 0.2,
+                          source_hash: str = "", dataset: str = "11k",
+                          halves: Callable[[Sequence[HandImage]], tuple[list[str], list[str]]]
+                          = sorted_halves) -> Protocol:
+    """The 11k (MBA-Net) protocol on records with the four 11k aspects, for any ``dataset``.
+
+    ``halves`` cuts one aspect's records into (training people, test people), both sorted;
+    MBA-Net's sorted halves unless the dataset names them itself (a custom ``labels.csv``).
+    """
+    _check_arguments(aspect, gallery_mode, num_splits)
     clean = [r for r in records if not r.accessories]
     per_aspect: dict[str, list[HandImage]] = {a: [] for a in _ASPECT_ORDER}
     for r in clean:
@@ -283,10 +317,13 @@ def build_11k_protocol(records: Sequence[HandImage], aspect: str, root: str | os
     # Item order: the chosen aspect first (so its indices are stable), then the other aspects'
     # test images that "all" mode needs as cross-aspect distractors.
     items: list[HandImage] = list(mine)
-    train_people, test_people = _split_people(r.person for r in mine)
-    if not test_people:
+    train_people, test_people = halves(mine)
+    if not test_people and len(train_people) < 2:
         raise DataError(f"aspect {aspect}: only {len(train_people)} identity, so the test half is "
                         f"empty; the protocol needs at least 2 identities")
+    if not test_people or not train_people:  # halves named by the dataset
+        raise DataError(f"aspect {aspect}: {len(train_people)} training and {len(test_people)} "
+                        f"test identities; the protocol needs at least one of each")
     train_set, test_set = set(train_people), set(test_people)
     train_idx = [i for i, it in enumerate(items) if it.person in train_set]
     test_groups = {aspect: _group((i for i, it in enumerate(items) if it.person in test_set),
@@ -295,15 +332,50 @@ def build_11k_protocol(records: Sequence[HandImage], aspect: str, root: str | os
         for other in _ASPECT_ORDER:
             if other == aspect or not per_aspect[other]:
                 continue
-            _, other_test = _split_people(r.person for r in per_aspect[other])
+            _, other_test = halves(per_aspect[other])
             other_set = set(other_test)
             start = len(items)
             items.extend(r for r in per_aspect[other] if r.person in other_set)
             test_groups[other] = _group(range(start, len(items)), items)
-    where = f"11k aspect {aspect}"
-    return _assemble("11k", aspect, gallery_mode, seed, num_splits, val_fraction, root, items,
+    where = f"{dataset} aspect {aspect}"
+    test = _monte_carlo_splits(seed, num_splits, aspect, test_groups, [], where)
+    return _assemble(dataset, aspect, gallery_mode, seed, val_fraction, root, items,
                      lambda it: (it.aspect, it.person), train_people, test_people, train_idx,
-                     test_groups, [], source_hash, where)
+                     test, source_hash, where)
+
+
+def build_fixed_split_protocol(records: Sequence[HandImage], aspect: str,
+                               root: str | os.PathLike = "", seed: int = 0,
+                               gallery_mode: str = "aspect", val_fraction: float = 0.2,
+                               source_hash: str = "", dataset: str = "custom") -> Protocol:
+    """One test split named image by image: every record's ``split`` is train, query or gallery.
+
+    ``aspect``'s train images train, its query images are the queries, its gallery images the
+    gallery (``gallery_mode="all"``: plus every other aspect's gallery images, identities
+    distinct per aspect as on 11k).  There is nothing to draw, so the protocol has one test
+    split whatever ``num_splits`` says; ``split_seed`` still draws the val images and the
+    model-selection identities.  The records must be consistent (a person on one side only, a
+    gallery image for every query person): ``data/custom.py`` checks that while reading.
+    """
+    _check_arguments(aspect, gallery_mode)
+    mine = [r for r in records if r.aspect == aspect]
+    others = [r for r in records if r.aspect != aspect and r.split == "gallery"]
+    items = mine + (others if gallery_mode == "all" else [])
+    train_people = sorted({r.person for r in mine if r.split == "train"}, key=person_sort_key)
+    test_people = sorted({r.person for r in mine if r.split in ("query", "gallery")},
+                         key=person_sort_key)
+    where = f"{dataset} aspect {aspect}"
+    if not train_people or not test_people:
+        raise DataError(f"{where}: {len(train_people)} training and {len(test_people)} test "
+                        f"identities; the split column must name at least one of each")
+    query = tuple(i for i, it in enumerate(items) if it.aspect == aspect and it.split == "query")
+    gallery = tuple(i for i, it in enumerate(items) if it.split == "gallery")
+    if not query:
+        raise DataError(f"{where}: no image has split 'query'")
+    train_idx = [i for i, it in enumerate(items) if it.split == "train"]
+    return _assemble(dataset, aspect, gallery_mode, seed, val_fraction, root, items,
+                     lambda it: (it.aspect, it.person), train_people, test_people, train_idx,
+                     [Split(query, gallery)], source_hash, where)
 
 
 def build_hd_protocol(records: Sequence[HandImage], root: str | os.PathLike = "", seed: int = 0,
@@ -316,7 +388,7 @@ def build_hd_protocol(records: Sequence[HandImage], root: str | os.PathLike = ""
     main = [r for r in records if not r.distractor]
     distract = [r for r in records if r.distractor]
     items = main + distract
-    train_people, test_people = _split_people(r.person for r in main)
+    train_people, test_people = sorted_halves(main)
     if not test_people:
         raise DataError("HD: fewer than 2 identities in 1-501, so the test half is empty")
     train_set, test_set = set(train_people), set(test_people)
@@ -324,26 +396,38 @@ def build_hd_protocol(records: Sequence[HandImage], root: str | os.PathLike = ""
     test_groups = {main[0].aspect: _group(
         (i for i, it in enumerate(items) if not it.distractor and it.person in test_set), items)}
     distractor_idx = list(range(len(main), len(items)))
-    return _assemble("hd", main[0].aspect, "aspect", seed, num_splits, val_fraction, root, items,
+    test = _monte_carlo_splits(seed, num_splits, main[0].aspect, test_groups, distractor_idx, "HD")
+    return _assemble("hd", main[0].aspect, "aspect", seed, val_fraction, root, items,
                      lambda it: (it.distractor, it.person), train_people, test_people,
-                     train_idx, test_groups, distractor_idx, source_hash, "HD")
+                     train_idx, test, source_hash, "HD")
 
 
-def verify_images(root: str | os.PathLike, items: Sequence[HandImage], check_decode: bool = True,
-                  max_listed: int = 20) -> None:
-    """Check, before any work, that every image exists and opens; report all problems at once."""
-    missing, unreadable = [], []
-    for it in items:
+def find_image_problems(root: str | os.PathLike, items: Sequence[HandImage],
+                        check_decode: bool = True) -> tuple[list[int], list[tuple[int, str]]]:
+    """Indices of ``items`` whose file is missing, and (index, exception name) of those whose
+    file does not open as an image (the header is read, not the pixels)."""
+    missing: list[int] = []
+    unreadable: list[tuple[int, str]] = []
+    for i, it in enumerate(items):
         p = os.path.join(root, it.path)
         if not os.path.isfile(p):
-            missing.append(p)
+            missing.append(i)
             continue
         if check_decode:
             try:
                 with Image.open(p) as im:  # reads the header only: cheap even for 11k
                     im.size  # noqa: B018
             except (UnidentifiedImageError, OSError) as exc:
-                unreadable.append(f"{p} ({type(exc).__name__})")
+                unreadable.append((i, type(exc).__name__))
+    return missing, unreadable
+
+
+def verify_images(root: str | os.PathLike, items: Sequence[HandImage], check_decode: bool = True,
+                  max_listed: int = 20) -> None:
+    """Check, before any work, that every image exists and opens; report all problems at once."""
+    missing_idx, unreadable_idx = find_image_problems(root, items, check_decode)
+    missing = [os.path.join(root, items[i].path) for i in missing_idx]
+    unreadable = [f"{os.path.join(root, items[i].path)} ({why})" for i, why in unreadable_idx]
     if missing or unreadable:
         parts = []
         if missing:
