@@ -31,7 +31,7 @@ import yaml
 
 from .checkpoint import CheckpointError, check_meta, load_checkpoint
 from .constants import HD_ASPECT
-from .data.transforms import build_transform
+from .data.images import ImageSource, image_source
 from .device import resolve_device
 from .models.backbones import backbone_from_params
 from .models.prompts import PromptLearner
@@ -89,9 +89,12 @@ class LoadedRun:
     def device(self) -> torch.device:
         return next(self.backbone.parameters()).device
 
-    def transform(self):
-        """The evaluation transform of the run's backbone (its image size and resize mode)."""
-        return build_transform(self.backbone.preprocess_config(), train=False)
+    def image_source(self, params: Mapping[str, Any] | None = None) -> ImageSource:
+        """The evaluation images of the run's backbone (its image size, resize mode and
+        normalisation), decoded as ``params`` say (``decode_cache``, ``reduced_jpeg_decode``;
+        default: the run's own parameters)."""
+        return image_source(self.backbone.preprocess_config(),
+                            self.params if params is None else params)
 
     @torch.no_grad()
     def embed(self, images: torch.Tensor) -> torch.Tensor:
@@ -290,7 +293,7 @@ def _load_stage3(folder: Path, params: Mapping, backbone) -> dict:
     ckpt = _best_checkpoint(folder, "stage3", backbone)
     meta = ckpt["meta"]
     # the prompt names the aspect the run was trained on (what its text side learned)
-    aspect = params["aspect"] if params["dataset"] == "11k" else HD_ASPECT
+    aspect = HD_ASPECT if params["dataset"] == "hd" else params["aspect"]  # 11k, custom
     model = PromptSG(backbone, int(meta["num_classes"]), aspect=aspect,
                      classifier=meta["classifier"]).to(params["device"])
     _load_trained(folder, ckpt, model)

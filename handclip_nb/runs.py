@@ -51,6 +51,7 @@ __all__ = [
     "project_root",
     "resolve_path",
     "feature_cache_dir",
+    "decode_cache_dir",
     "Run",
     "start_run",
     "finish_run",
@@ -170,6 +171,11 @@ def feature_cache_dir() -> Path:
     return project_root() / "outputs" / ".feature_cache"
 
 
+def decode_cache_dir() -> Path:
+    """The shared decoded-image cache (``data/images.py``; keys cover file and geometry)."""
+    return project_root() / "outputs" / ".decode_cache"
+
+
 def git_commit(cwd: str | os.PathLike | None = None) -> str:
     """The current commit hash (with ``-dirty`` if the tree has changes), or ``"unknown"``."""
     here = Path(cwd) if cwd else Path(__file__).resolve().parent
@@ -286,12 +292,14 @@ def finish_run(run: Run, metrics: Mapping[str, Any]) -> Path:
     """Validate the docs/contracts.md schema, add provenance and write ``metrics.json`` atomically."""
     if metrics.get("stage") == "pretrain":  # no re-ID protocol: retrieval and probes instead
         required = ("stage", "backbone", "retrieval", "probes", "data")
+    elif metrics.get("stage") == "search":  # the user's own gallery: no protocol either
+        required = ("stage", "backbone", "gallery", "queries", "summary")
     else:
         required = ("stage", "dataset", "aspect", "backbone", "num_splits", "test", "data")
     missing = [k for k in required if k not in metrics]
     if missing:
         raise ValueError(f"metrics.json would lack {missing}")
-    if metrics["stage"] != "pretrain":
+    if metrics["stage"] not in ("pretrain", "search"):
         _check_metric_block(metrics["test"], "test")
         lacking = [k for k in REQUIRED_DATA_KEYS if k not in metrics["data"]]
         if lacking:
@@ -310,8 +318,8 @@ class RunFolderError(FileNotFoundError):
 
 
 def domain_name(dataset: str, aspect: str | None) -> str:
-    """``11k/<aspect>`` or ``hd``: where a run was trained or tested."""
-    return f"11k/{aspect}" if dataset == "11k" else "hd"
+    """``11k/<aspect>``, ``custom/<aspect>`` or ``hd``: where a run was trained or tested."""
+    return "hd" if dataset == "hd" else f"{dataset}/{aspect}"
 
 
 def read_metrics(output_dir: str | os.PathLike) -> dict[str, Any]:

@@ -3,7 +3,9 @@ figures' keys.  Nothing here is timed; the figures themselves are in benchmarks/
 from __future__ import annotations
 
 import importlib.util
+import json
 import math
+import os
 import sys
 from pathlib import Path
 
@@ -124,3 +126,195 @@ def test_papermill_overhead_is_measured(training, tmp_path, monkeypatch):
         assert row[key] > 0
     assert row["ratio_vs_train"] == pytest.approx(row["papermill_s"] / row["direct_train_s"])
     assert "| stage2_image.ipynb |" in training.papermill_table(row)
+
+
+# --------------------------------------------------------------------------- data (decode cache)
+
+
+@pytest.fixture(scope="module")
+def data_bench():
+    return _load("bench_data")
+
+
+@pytest.fixture(scope="module")
+def small_photos(data_bench, tmp_path_factory):
+    """8 people x 4 aspects x 3 photos at 640x480: reduced-scale decoding applies (>= 2x 288)."""
+    root = tmp_path_factory.mktemp("bench-data-photos")
+    return data_bench.make_dataset(root, 8, 3, photo_size=(640, 480), progress=False)
+
+
+def test_data_loading_measures_each_path_on_one_core(data_bench, small_photos, tmp_path):
+    paths = data_bench.photo_paths(small_photos)[:6]
+    res = data_bench.measure_loading(paths, tmp_path / "cache", chunk=3, warm_repeats=2,
+                                     progress=False)
+    assert res["threads"] == 1 and res["prepared_now"] == 6
+    assert res["images"] == {"a_precache": 6, "b_cache_off": 6, "c_cache_on": 12,
+                             "c_dataset": 12}
+    for rate in [*res["images_per_s"].values(), *res["images_per_cpu_s"].values()]:
+        assert rate > 0 and math.isfinite(rate)
+    assert res["ratio_c_over_b"] == pytest.approx(
+        res["images_per_s"]["c_cache_on"] / res["images_per_s"]["b_cache_off"])
+    assert "(c)/(b) =" in data_bench.loading_table(res)
+
+
+def test_data_prepare_reports_bytes_per_entry(data_bench, small_photos, tmp_path):
+    paths = data_bench.photo_paths(small_photos)[:4]
+    row = data_bench.measure_prepare(paths, tmp_path / "cache", workers=2, progress=False)
+    assert row["built"] == row["images"] == 4 and row["images_per_s"] > 0
+    assert row["entry_bytes"] == 224 * 288 * 3 + 128  # uint8 HxWx3 + the .npy header
+    assert row["entry_allocated_bytes"] >= row["entry_bytes"]
+    again = data_bench.measure_prepare(paths, tmp_path / "cache", workers=1, progress=False)
+    assert again["built"] == 0  # every entry reused
+
+
+def test_data_cache_size_of_11k(data_bench, real_handinfo, tmp_path):
+    from handclip_nb.data.handinfo import read_handinfo
+
+    size = data_bench.cache_size_11k(real_handinfo, 193664)
+    assert size["images"] == len(read_handinfo(real_handinfo))
+    assert size["bytes"] == size["images"] * 193664
+    assert size["entry_bytes_in_blocks"] == 48 * 4096
+    assert size["GiB_in_blocks"] == pytest.approx(size["images"] * 48 * 4096 / 2**30)
+    assert data_bench.cache_size_11k(tmp_path / "missing.csv", 193664) is None
+
+
+def test_data_quick_run_epochs_and_equal_metrics(data_bench, small_photos, tmp_path,
+                                                 monkeypatch):
+    monkeypatch.setattr(data_bench, "make_dataset", lambda *a, **k: small_photos)
+    monkeypatch.setenv("HANDCLIP_HOME", str(tmp_path / "elsewhere"))
+    res = data_bench.run(tmp_path, quick=True, people=8, images=3, photo_size=(640, 480),
+                         handinfo=tmp_path / "missing.csv", loading=6, progress=False,
+                         log=lambda *_: None)
+    assert os.environ["HANDCLIP_HOME"] == str(tmp_path / "elsewhere")  # restored
+    assert res["loading"]["paths"] == 6 and res["photos"] == 8 * 4 * 3
+    home_cache = tmp_path / "home" / "outputs" / ".decode_cache"
+    assert home_cache.is_dir()  # the package's default cache went to the private home
+    epoch = res["epoch"]
+    for run in (epoch["cache_off"], epoch["cache_on"]):
+        assert run["seconds_per_epoch"] > 0 and run["cpu_seconds_per_epoch"] > 0
+    assert epoch["cache_build"]["built"] == epoch["cache_build"]["images"] > 0
+    assert epoch["loss_max_abs_diff"] == 0.0  # the same pixels, the same batches
+    assert "untrained" in epoch["cache_on"]["backbone"]
+    eq = res["equality"]
+    assert eq["cache_identical"] is True
+    assert set(eq["cache_on_vs_off"].values()) == {0.0}
+    assert 0 <= eq["pixels"]["mean_abs"] <= eq["pixels"]["max_abs"] <= 255
+    assert 0.9 < eq["cosine_min"] <= 1.0 + 1e-6
+    assert res["size_11k"] is None and "missing" in res["size_11k_note"]
+    for table in (data_bench.prepare_table(res["prepare"]), data_bench.epoch_table(epoch),
+                  data_bench.equality_table(eq)):
+        assert table.count("|") > 10
+
+
+# --------------------------------------------------------------------------- GPU check
+
+
+@pytest.fixture(scope="module")
+def gpu_check():
+    return _load("gpu_check")
+
+
+GPU_CHECK_KEYS = {"schema", "environment", "budget_s", "weights", "sections", "checks", "ok",
+                  "elapsed_s", "table"}
+
+
+@pytest.mark.slow
+def test_gpu_check_smoke_runs_every_section_on_the_cpu(gpu_check, tmp_path, capsys):
+    """``gpu_check.py --smoke``: the same sections as on a GPU, on this CPU with the tiny
+    backbones; one table printed, the JSON with every key, every check passed."""
+    import torch
+
+    out = tmp_path / "gpu_check.json"
+    assert gpu_check.main(["--smoke", "--out", str(out), "--workdir", str(tmp_path / "work")]) == 0
+    result = json.loads(out.read_text())
+    assert GPU_CHECK_KEYS <= set(result) and result["ok"]
+    env = result["environment"]
+    assert env["mode"] == "smoke" and env["device"] == "cpu"
+    assert {"torch", "torch_cuda", "torchvision", "git_commit", "date", "python"} <= set(env)
+    sections = result["sections"]
+    assert set(sections) == set(gpu_check.SECTIONS)
+    assert all(s["status"] == "ran" and "error" not in s for s in sections.values())
+
+    tests = sections["tests"]
+    assert {"tests/test_gpu.py", "tests/test_promptsg.py"} <= set(tests["files"])
+    assert tests["ok"] and tests["failed"] == tests["errors"] == 0 and tests["tests"] >= 6
+    if not torch.cuda.is_available():
+        assert tests["skipped"] == tests["tests"]  # the conftest hook skips them without CUDA
+
+    assert {r["arch"] for r in sections["parity"]["rows"]} == {"tiny-vit", "tiny-rn"}
+    assert all(r["ok"] for r in sections["parity"]["rows"])
+
+    rows = sections["throughput"]["rows"]
+    assert len(rows) == 2 * len(gpu_check.MODES) * len(gpu_check.PRECISIONS)
+    for row in rows:
+        assert gpu_check.UNTRAINED in row["model"]
+        if row["precision"] == "fp16":
+            assert "CUDA only" in row["skipped"]
+        else:
+            assert row["images_per_s"] > 0 and math.isfinite(row["images_per_s"])
+    assert all(r["loss_finite"] for r in rows if r["mode"] == "train" and "loss" in r)
+
+    stages = sections["stages"]
+    assert stages["dataset"]["photos"] > 0
+    assert [r["stage"] for r in stages["runs"]] == ["stage1", "stage2", "stage3"]
+    assert all(r["finite"] and r["falling"] for r in stages["runs"])
+    assert set(stages["evaluation"]) == {"stage2", "stage3"}
+    assert all({"rank1", "mAP"} <= set(m) for m in stages["evaluation"].values())
+
+    assert all(len(row) == 4 for row in result["table"])
+    assert all(gpu_check.UNTRAINED in row[1] for row in result["table"]
+               if row[0] in ("parity", "throughput") and row[1] != "elapsed")
+    printed = capsys.readouterr().out
+    assert "| section | item | value | notes |" in printed and f"wrote {out}" in printed
+
+
+def test_gpu_check_skips_sections_past_its_budget(gpu_check, tmp_path):
+    """A budget spent before a section starts skips it (and says why); the JSON is still
+    written, and a check that verified nothing is not OK."""
+    out = tmp_path / "gpu_check.json"
+    assert gpu_check.main(["--smoke", "--budget-s", "0", "--out", str(out)]) == 1
+    result = json.loads(out.read_text())
+    assert result["ok"] is False and result["checks"] == []
+    assert all(s["status"].startswith("skipped (budget") for s in result["sections"].values())
+    assert [row[0] for row in result["table"]] == list(gpu_check.SECTIONS)
+
+
+def test_gpu_check_full_plan_measures_the_real_architectures_untrained(gpu_check):
+    plan = gpu_check.full_plan()
+    assert plan.device == "cuda" and not plan.smoke
+    assert [m.name for m in plan.models] == ["vitb16", "rn50"]
+    assert plan.image_size == (224, 288) and plan.batch == 64 and plan.photo_size == (1600, 1200)
+    assert plan.stage_model.name == "vitb16"
+    assert sum(plan.estimates.values()) < gpu_check.DEFAULT_BUDGET_S < 8 * 60
+    backbone = gpu_check.random_backbone(plan.stage_model, plan.image_size)
+    assert backbone.pretrained is False and "untrained" in backbone.display_name
+    assert backbone.preprocess_config().image_size == (224, 288)
+    assert sum(p.numel() for p in backbone.visual.parameters()) == 86_192_640 + 56 * 768  # 253 tokens
+
+
+def test_gpu_check_collects_the_cuda_marked_test_files(gpu_check):
+    names = {p.name for p in gpu_check.cuda_test_files()}
+    assert {"test_gpu.py", "test_promptsg.py"} <= names
+    assert "test_benchmarks.py" not in names
+
+
+# --------------------------------------------------------------------------- custom search demo
+
+
+def test_custom_search_demo_quick_runs_every_stage_and_the_search(tmp_path, monkeypatch):
+    """benchmarks/custom_search_demo.py --quick: a custom folder dataset, stages 0-3 and the
+    search notebook (its cells in this process), one table of figures."""
+    demo = _load("custom_search_demo")
+    monkeypatch.setenv("HANDCLIP_HOME", str(tmp_path))
+    res = demo.run(tmp_path, quick=True, papermill=False, log=lambda *_: None)
+    assert set(res["stages"]) == set(demo.STAGES)
+    for stage in ("stage0", "stage2", "stage3"):
+        figures = res["stages"][stage]
+        assert 0 <= figures["rank1"] <= 100 and 0 <= figures["roc_auc"] <= 100
+        assert figures["far_target"] == 1.0 and figures["far_test"] is not None
+    search = res["search"]["stage2"]
+    assert 0 <= search["top1_accuracy"] <= 100
+    assert search["summary"]["image_queries"] == 4 * 2  # 4 test people x 2 other photos
+    assert set(res["text"]["stage2"]) == set(demo.TEXTS)
+    assert all(v is None or 0 <= v <= 100 for v in res["text"]["stage2"].values())
+    assert "| search top-1 accuracy % (4 gallery photos, 8 queries) |" in res["table"]

@@ -243,6 +243,7 @@ def test_simplified_inference_skips_inversion_and_encodes_once():
     assert calls["encode_text"] == 3
 
 
+@pytest.mark.cuda
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 def test_simplified_cache_follows_the_device():
     m = _model().eval()

@@ -247,9 +247,9 @@ def test_every_loader_the_stages_use_normalises_like_the_backbone(hands, tmp_pat
     built = []
     original = ImageListDataset.__init__
 
-    def spy(self, paths, labels, transform):
+    def spy(self, paths, labels, transform, **kwargs):
         built.append(transform)
-        original(self, paths, labels, transform)
+        original(self, paths, labels, transform, **kwargs)
 
     monkeypatch.setattr(ImageListDataset, "__init__", spy)
     p1, _, _, _ = _stage1(hands, tmp_path, epochs=1, selection="best")
@@ -261,7 +261,8 @@ def test_every_loader_the_stages_use_normalises_like_the_backbone(hands, tmp_pat
     evaluate_model(result.model, result.protocol, p2)
     cfg = bb.preprocess_config()
     assert len(built) >= 4  # stage-1 cache, stage-2 batches, validation, test
-    for transform in built:
+    for source in built:
+        transform = source.transform  # an ImageSource: decode once, then these tensor steps
         norms = [t for t in transform.transforms if isinstance(t, T.Normalize)]
         assert len(norms) == 1, transform
         assert (tuple(norms[0].mean), tuple(norms[0].std)) == (cfg.mean, cfg.std), transform

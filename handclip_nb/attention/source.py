@@ -12,7 +12,8 @@ import torch
 from PIL import Image
 
 from ..data.protocols import Protocol
-from ..data.transforms import LetterboxResize, build_transform
+from ..data.images import image_source
+from ..data.transforms import LetterboxResize
 from ..evaluate.features import extract_features
 from ..models.promptsg import PromptSG, attention_entropy, prompt_sensitivity
 from ..runs import read_metrics, resolve_path
@@ -24,7 +25,7 @@ __all__ = ["attention_maps", "attention_summary", "attention_record", "ModelAtte
 @torch.no_grad()
 def attention_maps(model: PromptSG, paths, params, mode: str) -> torch.Tensor:
     """[N, heads, patches] cross-attention of ``mode`` for the images at ``paths``."""
-    transform = build_transform(model.backbone.preprocess_config(), train=False)
+    transform = image_source(model.backbone.preprocess_config(), params)
     maps = extract_features(model.backbone, paths, transform, batch_size=params["batch_size"],
                             device=next(model.parameters()).device, normalize=False,
                             encode=lambda x: model(x, prompt_mode=mode).attention.flatten(1),
@@ -93,7 +94,7 @@ class ModelAttentionSource:
     def _ranking(self, prompt_mode: str) -> np.ndarray:
         key = ("rank", prompt_mode)
         if key not in self._cache:
-            transform = build_transform(self.model.backbone.preprocess_config(), train=False)
+            transform = image_source(self.model.backbone.preprocess_config(), self.params)
             idx = [*self.split.query, *self.split.gallery]
             feats = extract_features(self.model.backbone, self.protocol.paths(idx), transform,
                                      batch_size=self.params["batch_size"],

@@ -1,4 +1,4 @@
-"""Data: 11k and HD readers, protocols as index manifests, synthetic hands, transforms, sampler.
+"""Data: readers (11k, HD, custom), protocol manifests, synthetic hands, transforms, sampler.
 
 Names are imported lazily (PEP 562) so that ``python -m handclip_nb.data.synthetic`` and the
 CSV readers do not pay for importing torch and CLIP.
@@ -8,14 +8,18 @@ from importlib import import_module
 _EXPORTS = {
     "ImageListDataset": "datasets", "build_protocol": "datasets",
     "default_synthetic_root": "datasets", "ensure_synthetic": "datasets",
+    "read_custom": "custom", "build_custom_protocol": "custom",
     "DataError": "handinfo", "HandImage": "handinfo", "read_handinfo": "handinfo",
     "read_hd": "handinfo",
     "Protocol": "protocols", "Split": "protocols", "build_11k_protocol": "protocols",
-    "build_hd_protocol": "protocols", "verify_images": "protocols",
+    "build_hd_protocol": "protocols", "build_aspect_protocol": "protocols",
+    "build_fixed_split_protocol": "protocols", "verify_images": "protocols",
     "PKSampler": "sampler",
     "AugmentConfig": "transforms", "LetterboxResize": "transforms",
     "build_transform": "transforms",
     "generate_dataset": "synthetic",
+    "DecodeCache": "images", "DecodeGeometry": "images", "ImageSource": "images",
+    "decode_resized": "images", "image_source": "images",
 }
 __all__ = sorted(_EXPORTS)
 

@@ -7,34 +7,87 @@ import shutil
 from pathlib import Path
 from typing import Callable, Mapping, Sequence
 
+import numpy as np
+import torch
 from PIL import Image
-from torch.utils.data import Dataset
+from torch.utils.data import DataLoader, Dataset
 
-from ..params import held_out_fraction
+from ..device import default_num_workers, resolve_device
+from ..params import ParamError, held_out_fraction
 from ..runs import project_root, resolve_path
+from .images import ImageSource
+from .custom import build_custom_protocol, custom_source_hash, read_custom
 from .handinfo import DataError, read_handinfo, read_hd
 from .protocols import Protocol, build_11k_protocol, build_hd_protocol, verify_images
 from .synthetic import generate_dataset
 
-__all__ = ["ImageListDataset", "build_protocol", "default_synthetic_root", "ensure_synthetic"]
+__all__ = ["ImageListDataset", "make_loader", "build_protocol", "default_synthetic_root",
+           "ensure_synthetic"]
 
 
 class ImageListDataset(Dataset):
-    """Images by absolute path with an integer label each; returns (tensor, label, position)."""
+    """Images by absolute path with an integer label each; returns (tensor, label, position).
+
+    ``transform`` is an :class:`~handclip_nb.data.images.ImageSource` (path -> tensor: decode
+    once, then the tensor steps; what the stages use) or a plain transform of a PIL image, which
+    gets the fully decoded file.
+
+    With ``seed`` set, the random draws of the transform (crop, erasing, jitter, flip) for item
+    ``i`` in epoch ``e`` come from a generator seeded by (seed, e, i) alone, so a training run
+    sees the same augmented images whatever the number of loader workers (which item lands in
+    which worker process no longer matters) and after a resume. Call :meth:`set_epoch` before
+    each epoch's iteration (worker processes receive a copy of the dataset when an epoch's
+    iteration starts, so the loader must not keep persistent workers). An item drawn twice in
+    one epoch (P×K sampling with replacement) gets the same augmentation both times.
+    """
 
     def __init__(self, paths: Sequence[str], labels: Sequence[int],
-                 transform: Callable[[Image.Image], object]):
+                 transform: ImageSource | Callable[[Image.Image], object],
+                 seed: int | None = None):
         if len(paths) != len(labels):
             raise ValueError(f"{len(paths)} paths but {len(labels)} labels")
         self.paths, self.labels, self.transform = list(paths), list(labels), transform
+        self.seed, self.epoch = seed, 0
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = int(epoch)
 
     def __len__(self) -> int:
         return len(self.paths)
 
-    def __getitem__(self, i: int):
+    def _load(self, i: int):
+        if isinstance(self.transform, ImageSource):
+            return self.transform(self.paths[i])
         with Image.open(self.paths[i]) as im:
             img = im.convert("RGB")
-        return self.transform(img), int(self.labels[i]), i
+        return self.transform(img)
+
+    def __getitem__(self, i: int):
+        if self.seed is None:
+            return self._load(i), int(self.labels[i]), i
+        state = np.random.SeedSequence([int(self.seed), self.epoch, int(i)]).generate_state(2)
+        with torch.random.fork_rng(devices=[]):  # leave the caller's generator untouched
+            # the CPU generator only: torch.manual_seed would also reseed (and initialise) CUDA
+            torch.default_generator.manual_seed(int(state[0]) << 32 | int(state[1]))
+            return self._load(i), int(self.labels[i]), i
+
+
+def make_loader(dataset: Dataset, device: str | torch.device, num_workers: int | None = None,
+                **kwargs) -> DataLoader:
+    """The one way the stages build a DataLoader for ``device``.
+
+    ``num_workers=None`` derives the worker count from the machine
+    (:func:`~handclip_nb.device.default_num_workers`); on CUDA batches go to pinned memory so
+    that the copy to the GPU (``.to(device, non_blocking=True)``) overlaps the next batch.
+    Workers are not persistent: each epoch's workers get the dataset as it is at the start of
+    the epoch (its epoch number, for :class:`ImageListDataset`'s per-item seeds); forking them
+    costs milliseconds per epoch.
+    """
+    dev = resolve_device(device)
+    workers = default_num_workers(dev) if num_workers is None else int(num_workers)
+    extra = {"prefetch_factor": 4} if workers > 0 else {}
+    return DataLoader(dataset, num_workers=workers, pin_memory=dev.type == "cuda", **extra,
+                      **kwargs)
 
 
 def default_synthetic_root(params: Mapping) -> Path:
@@ -42,18 +95,24 @@ def default_synthetic_root(params: Mapping) -> Path:
     name = (f"synthetic-{params['dataset']}-{params['synthetic_subjects']}x"
             f"{params['synthetic_images']}-d{params['synthetic_difficulty']:g}"
             f"-seed{params['synthetic_seed']}")
+    photo = params.get("synthetic_photo_size")
+    if photo is not None:  # the default size keeps its old folder name
+        name += f"-{photo[1]}x{photo[0]}"
     return project_root() / "outputs" / "data" / name
 
 
 def ensure_synthetic(root: Path, subjects: int, images: int, difficulty: float, seed: int,
-                     layout: str = "11k") -> Path:
-    """Generate the embedded synthetic dataset once (into a temp folder, then rename)."""
+                     layout: str = "11k", photo_size: Sequence[int] | None = None) -> Path:
+    """Generate the embedded synthetic dataset once (into a temp folder, then rename, so two
+    processes starting together never read a half-written dataset). ``photo_size`` is
+    [height, width] (None: the generator's small default)."""
     marker = "HandInfo.csv" if layout == "11k" else "Original Images"
     if (root / marker).exists():
         return root
     tmp = root.with_name(root.name + f".tmp{os.getpid()}")
+    size = {} if photo_size is None else {"image_size": (int(photo_size[1]), int(photo_size[0]))}
     generate_dataset(tmp, subjects=subjects, images_per_subject=images, seed=seed,
-                     difficulty=difficulty, layout=layout)
+                     difficulty=difficulty, layout=layout, **size)
     try:
         os.replace(tmp, root)
     except OSError:  # another process finished first
@@ -69,18 +128,26 @@ def build_protocol(params: Mapping, verify: bool = True) -> Protocol:
     """Read the dataset named by ``params`` and build its protocol (no images are decoded).
 
     ``data_root=None`` uses the embedded synthetic hands (11k layout, or HD layout for
-    ``dataset="hd"``), generated on first use under ``outputs/data/``.  Every random choice of
+    ``dataset="hd"``), generated on first use under ``outputs/data/``; ``dataset="custom"``
+    (the user's own photos, ``data/custom.py``) has no synthetic stand-in and needs a
+    ``data_root``.  Every random choice of
     the protocol comes from ``params["split_seed"]``, never from the training ``seed``.  With
     ``verify`` every image the protocol references is checked up front; all problems are
     reported together.
     """
     dataset = params["dataset"]
     root = params["data_root"]
+    if root is None and dataset == "custom":
+        raise ParamError("dataset 'custom' needs data_root: the folder holding one folder of "
+                         "images per person, or labels.csv (docs/protocols.md#custom-datasets); "
+                         "data_root=None means the embedded synthetic hands, which are 11k or "
+                         "hd")
     if root is None:
         root = ensure_synthetic(default_synthetic_root(params),
                                 params["synthetic_subjects"], params["synthetic_images"],
                                 params["synthetic_difficulty"], params["synthetic_seed"],
-                                layout="11k" if dataset == "11k" else "hd")
+                                layout="11k" if dataset == "11k" else "hd",
+                                photo_size=params.get("synthetic_photo_size"))
     root = resolve_path(root)
     if not root.is_dir():
         raise FileNotFoundError(f"data_root {root} is not a folder; set data_root to the dataset "
@@ -107,8 +174,16 @@ def build_protocol(params: Mapping, verify: bool = True) -> Protocol:
                                          source_hash=hashlib.sha256(listing).hexdigest())
         except DataError as exc:
             raise DataError(f"{root / 'Original Images'}: {exc}") from None
+    elif dataset == "custom":
+        # read_custom checks every image itself (all problems in one error), so no verify below
+        records = read_custom(root, check_images=verify)
+        return build_custom_protocol(records, params["aspect"], root=root,
+                                     seed=params["split_seed"], num_splits=params["num_splits"],
+                                     gallery_mode=params["gallery_mode"],
+                                     val_fraction=held_out_fraction(params),
+                                     source_hash=custom_source_hash(root, records))
     else:  # the parameter schema already refuses this
-        raise ValueError(f"unknown dataset {dataset!r}; valid: 11k, hd")
+        raise ValueError(f"unknown dataset {dataset!r}; valid: 11k, hd, custom")
     if verify:
         verify_images(root, protocol.items)
     return protocol

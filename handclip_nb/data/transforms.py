@@ -20,7 +20,7 @@ from torchvision import transforms as T
 from ..backbone_specs import PreprocessConfig
 from ..constants import CLIP_MEAN
 
-__all__ = ["LetterboxResize", "AugmentConfig", "build_transform"]
+__all__ = ["LetterboxResize", "AugmentConfig", "build_transform", "resize_step", "CheckSize"]
 
 _INTERPOLATION = {"bicubic": (Image.BICUBIC, T.InterpolationMode.BICUBIC),
                   "bilinear": (Image.BILINEAR, T.InterpolationMode.BILINEAR)}
@@ -66,28 +66,57 @@ class AugmentConfig:
     hflip_p: float = 0.0  # a flipped right hand is a left hand: off unless asked for
 
 
+def resize_step(preprocess: PreprocessConfig):
+    """The deterministic resize of a backbone's ``preprocess`` config (PIL image -> PIL image at
+    its (height, width)): letterbox for ``resize_mode="pad"``, stretch for ``"squash"``.  The
+    decoded-image cache stores exactly this step's output (``data/images.py``)."""
+    size = (int(preprocess.image_size[0]), int(preprocess.image_size[1]))
+    if preprocess.interpolation not in _INTERPOLATION:
+        raise ValueError(f"unknown interpolation {preprocess.interpolation!r}; valid: "
+                         f"{', '.join(_INTERPOLATION)}")
+    pil_mode, tv_mode = _INTERPOLATION[preprocess.interpolation]
+    if preprocess.resize_mode == "pad":
+        return LetterboxResize(size, fill=_mean_rgb(preprocess.mean), interpolation=pil_mode)
+    if preprocess.resize_mode == "squash":
+        return T.Resize(size, interpolation=tv_mode)
+    raise ValueError(f"unknown resize_mode {preprocess.resize_mode!r}; valid: pad, squash")
+
+
+class CheckSize:
+    """Refuse an image that is not already at (height, width): the first step of a transform
+    for pre-resized (cached) images, so a cache built for another geometry fails loudly."""
+
+    def __init__(self, size: tuple[int, int]):
+        self.height, self.width = int(size[0]), int(size[1])
+
+    def __call__(self, img: Image.Image) -> Image.Image:
+        if img.size != (self.width, self.height):
+            raise ValueError(f"decoded image is {img.size[1]}x{img.size[0]} (height x width) "
+                             f"but this transform expects {self.height}x{self.width}: the image "
+                             f"was resized for another input size")
+        return img
+
+    def __repr__(self) -> str:
+        return f"CheckSize(({self.height}, {self.width}))"
+
+
 def build_transform(preprocess: PreprocessConfig, train: bool = False,
-                    augment: AugmentConfig | None = None) -> T.Compose:
+                    augment: AugmentConfig | None = None, resized: bool = False) -> T.Compose:
     """The transform of a backbone's ``preprocess`` config (``backbone.preprocess_config()``):
     resize to its (height, width) by its resize mode, normalise with its mean and std.
-    Evaluation when ``train`` is False; training adds ``augment``."""
+    Evaluation when ``train`` is False; training adds ``augment``.
+
+    ``resized=True`` builds the steps after the resize, for images that are already at the
+    input size (the decoded-image cache): the augmentation then runs on exactly the pixels the
+    full transform would have produced after its resize step."""
     if not isinstance(preprocess, PreprocessConfig):
         raise TypeError(
             f"build_transform takes a PreprocessConfig (backbone.preprocess_config()), got "
             f"{type(preprocess).__name__} {preprocess!r}: the transform must come from the "
             f"model's own config so the two cannot drift apart")
     size = (int(preprocess.image_size[0]), int(preprocess.image_size[1]))
-    if preprocess.interpolation not in _INTERPOLATION:
-        raise ValueError(f"unknown interpolation {preprocess.interpolation!r}; valid: "
-                         f"{', '.join(_INTERPOLATION)}")
-    pil_mode, tv_mode = _INTERPOLATION[preprocess.interpolation]
+    resize = CheckSize(size) if resized else resize_step(preprocess)
     fill = _mean_rgb(preprocess.mean)
-    if preprocess.resize_mode == "pad":
-        resize = LetterboxResize(size, fill=fill, interpolation=pil_mode)
-    elif preprocess.resize_mode == "squash":
-        resize = T.Resize(size, interpolation=tv_mode)
-    else:
-        raise ValueError(f"unknown resize_mode {preprocess.resize_mode!r}; valid: pad, squash")
     to_rgb = T.Lambda(_to_rgb)
     normalize = T.Normalize(preprocess.mean, preprocess.std)
     if not train:

@@ -14,10 +14,10 @@ from pathlib import Path
 from typing import Callable, Sequence
 
 import torch
-from torch.utils.data import DataLoader
 
-from ..data.datasets import ImageListDataset
-from ..device import resolve_device
+from ..data.datasets import ImageListDataset, make_loader
+from ..data.images import ImageSource
+from ..device import Precision, resolve_device
 from ..models.backbones import backbone_fingerprint
 from ..progress import tqdm
 from ..runs import atomic_torch_save
@@ -43,10 +43,16 @@ def cosine_distance(query: torch.Tensor, gallery: torch.Tensor) -> torch.Tensor:
 @torch.no_grad()
 def extract_features(backbone, paths: Sequence[str], transform: Callable, batch_size: int = 64,
                      device: str | torch.device = "cpu", flip: bool = False,
-                     cache_dir: str | os.PathLike | None = None, num_workers: int = 0,
+                     cache_dir: str | os.PathLike | None = None, num_workers: int | None = 0,
                      desc: str = "features", encode: Callable | None = None,
-                     cache_tag: str | None = None, normalize: bool = True) -> torch.Tensor:
+                     cache_tag: str | None = None, normalize: bool = True,
+                     precision: Precision | None = None) -> torch.Tensor:
     """Encode ``paths`` → float32 CPU tensor [N, D], each row L2-normalised (``normalize``).
+
+    ``transform`` is an :class:`~handclip_nb.data.images.ImageSource` (the stages' path:
+    decoded once through its cache, which is filled in parallel first) or a transform of PIL
+    images. ``precision`` defaults to fp16 autocast on CUDA and fp32 on a CPU;
+    ``num_workers=None`` derives the loader's workers from the machine.
 
     ``encode`` maps an image batch to features (default: the backbone's global embedding), so
     later stages rank with their own heads through the same loop.  A custom ``encode`` is only
@@ -71,14 +77,17 @@ def extract_features(backbone, paths: Sequence[str], transform: Callable, batch_
             except Exception:  # a corrupt cache entry is re-computed, never trusted
                 pass
     encode = encode or (lambda x: backbone.encode_image(x).global_embedding)
-    loader = DataLoader(ImageListDataset(paths, [0] * len(paths), transform),
-                        batch_size=batch_size, shuffle=False, num_workers=num_workers)
+    if isinstance(transform, ImageSource):
+        transform.prepare(paths)  # decode the missing images once, on every core
+    precision = precision or Precision(device.type, enabled=device.type == "cuda")
+    loader = make_loader(ImageListDataset(paths, [0] * len(paths), transform), device,
+                         num_workers, batch_size=batch_size, shuffle=False)
     was_training = backbone.training
     backbone.eval()
     chunks = []
     for images, _, _ in tqdm(loader, desc=desc, leave=False):
-        images = images.to(device)
-        with torch.autocast(device.type, enabled=device.type == "cuda"):
+        images = images.to(device, non_blocking=True)
+        with precision.autocast():
             f = encode(images).float()
             if flip:
                 f = f + encode(torch.flip(images, dims=[3])).float()

@@ -63,7 +63,7 @@ with warnings.catch_warnings():  # openai-clip imports pkg_resources, which warn
     from clip.model import CLIP, ModifiedResNet, VisionTransformer
 
 from ..backbone_specs import PreprocessConfig, get_backbone_spec
-from ..device import resolve_device
+from ..device import configure_cuda, resolve_device
 from ..runs import atomic_torch_save
 from .clip_arch import arch_of, build_arch
 from .positional import resize_positional_embedding, validate_image_size
@@ -138,6 +138,7 @@ class ClipBackbone(nn.Module):
         # mean/std/interpolation/resize mode of the registry entry; the size follows the model
         self._preprocess = preprocess or PreprocessConfig(image_size=(1, 1))
         self._last_stride = 2  # CLIP's ModifiedResNet; see set_last_stride
+        self.channels_last = False  # see use_channels_last
         native = int(self.arch["image_resolution"])
         self.native_image_size: tuple[int, int] = (native, native)
         self._image_size: tuple[int, int] = self.native_image_size
@@ -392,8 +393,19 @@ class ClipBackbone(nn.Module):
             glob = cls
         return ImageFeatures(glob, patches, self.grid, cls, inter)
 
+    def use_channels_last(self) -> "ClipBackbone":
+        """Keep a ResNet image tower and its inputs in channels-last (NHWC) memory: cuDNN's
+        fast convolution kernels under AMP read that layout, so no transposes are inserted.
+        Values are unchanged; a ViT (no convolutions after the patch embedding) is left as is."""
+        if not self.is_vit:
+            self.clip.visual.to(memory_format=torch.channels_last)
+            self.channels_last = True
+        return self
+
     def _encode_rn(self, x: torch.Tensor) -> ImageFeatures:
         v: ModifiedResNet = self.clip.visual
+        if self.channels_last:
+            x = x.contiguous(memory_format=torch.channels_last)
         # --- exactly clip.model.ModifiedResNet.forward (stem, layers, attnpool) ---
         x = v.relu1(v.bn1(v.conv1(x)))
         x = v.relu2(v.bn2(v.conv2(x)))
@@ -538,14 +550,20 @@ def build_backbone(
 def backbone_from_params(params: Mapping[str, Any], device=None) -> ClipBackbone:
     """The backbone a stage's parameters name: ``backbone``, ``weights``, ``download_root``,
     ``image_size``, ``resize_mode``, ``rn_last_stride``, ``pixel_mean``, ``pixel_std``, ``seed``
-    (the init of untrained models) and ``device`` (``device`` here overrides the parameter)."""
-    return build_backbone(params["backbone"], weights=params.get("weights"),
+    (the init of untrained models) and ``device`` (``device`` here overrides the parameter).
+    On CUDA it also applies ``tf32`` (process-wide) and ``channels_last`` (ResNet towers)."""
+    backbone = build_backbone(params["backbone"], weights=params.get("weights"),
                           image_size=params.get("image_size"),
                           device=params.get("device", "cpu") if device is None else device,
                           seed=params.get("seed", 0), download_root=params.get("download_root"),
                           resize_mode=params.get("resize_mode", "pad"),
                           rn_last_stride=params.get("rn_last_stride", 2),
                           pixel_mean=params.get("pixel_mean"), pixel_std=params.get("pixel_std"))
+    if backbone.device.type == "cuda":
+        configure_cuda(params.get("tf32", True))
+        if params.get("channels_last", True):
+            backbone.use_channels_last()
+    return backbone
 
 
 

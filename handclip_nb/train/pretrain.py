@@ -40,11 +40,12 @@ from ..backbone_specs import HANDCLIP_MINI_NAME, get_backbone_spec
 from ..data.captioned import (PRETRAIN_ID_OFFSET, CaptionedImages, distinct_person_batches,
                               pretraining_data)
 from ..data.captions import caption_variant
+from ..device import configure_cuda
 from ..evaluate.probes import probes_record, retrieval_metrics
 from ..losses import clip_contrastive_loss
 from ..models.backbones import ClipBackbone
 from ..models.clip_arch import build_arch
-from .loop import FitResult, TrainLoop
+from .loop import FitResult, TrainLoop, run_precision
 from .schedulers import warmup_cosine
 
 __all__ = ["mini_arch", "new_mini_backbone", "PretrainResult", "pretrain_mini",
@@ -117,6 +118,8 @@ def pretrain_mini(params: Mapping, output_dir: str | os.PathLike, train: Caption
     """Train a handclip-mini with CLIP's objective; keep the epoch with the best held-out
     caption→image mAP. Resumable (``params['resume']``) through the shared training loop."""
     device = torch.device(device)
+    if device.type == "cuda":
+        configure_cuda(params.get("tf32", True))
     backbone = new_mini_backbone(params).to(device)
     before = retrieval_metrics(backbone, heldout)
     optimizer = torch.optim.AdamW(_param_groups(backbone.clip, params["weight_decay"]),
@@ -150,7 +153,7 @@ def pretrain_mini(params: Mapping, output_dir: str | os.PathLike, train: Caption
     loop = TrainLoop(stage="pretrain", output_dir=output_dir, modules={"clip": backbone.clip},
                      optimizer=optimizer, scheduler=scheduler, step=step, batches=batches,
                      validate=validate, select_metric="mAP", eval_every=params["eval_every"],
-                     device=device, amp=params["amp"], params=params,
+                     device=device, precision=run_precision(params, device), params=params,
                      meta={"arch": _arch_of_params(params), "train_images": len(train)})
     fit = loop.fit(params["epochs"], resume=params["resume"])
     if fit.best_state is not None:

@@ -23,7 +23,7 @@ import numpy as np
 import torch
 
 from ..data.protocols import Protocol
-from ..data.transforms import build_transform
+from ..data.images import image_source
 from ..evaluate.features import extract_features
 from ..evaluate.metrics import rank_metrics
 from ..losses import symmetric_supcon, text_logit_form
@@ -78,7 +78,7 @@ def train_stage1(params: Mapping, output_dir: str | Path, protocol: Protocol, ba
     device = next(backbone.parameters()).device
     backbone.requires_grad_(False)  # both encoders frozen: only the context vectors learn
     backbone.eval()
-    transform = build_transform(backbone.preprocess_config(), train=False)
+    transform = image_source(backbone.preprocess_config(), params)
     raw = extract_features(backbone, protocol.paths(protocol.fit), transform,
                            batch_size=params["batch_size"], device=device,
                            cache_dir=feature_cache_dir() if params["feature_cache"] else None,

@@ -16,13 +16,13 @@ from pathlib import Path
 from typing import Callable, Iterable, Mapping
 
 import torch
-from torch.utils.data import DataLoader
 
 from ..constants import AP_METRIC
-from ..data.datasets import ImageListDataset, build_protocol
+from ..data.datasets import ImageListDataset, build_protocol, make_loader
 from ..data.protocols import Protocol
 from ..data.sampler import PKSampler
-from ..data.transforms import AugmentConfig, build_transform
+from ..data.images import image_source
+from ..data.transforms import AugmentConfig
 from ..evaluate.protocol_eval import EvalResult, evaluate_backbone, evaluate_splits
 from ..evaluate.features import extract_features
 from ..losses import (CenterLoss, batch_hard_triplet, cross_entropy_label_smooth,
@@ -32,7 +32,7 @@ from ..models.reid import ReIDModel
 from ..params import SELECTION_POLICIES
 from ..run_loader import RunFolderError, load_run
 from ..runs import seed_everything
-from .loop import FitResult, TrainLoop, clone_state
+from .loop import FitResult, TrainLoop, clone_state, compiled, run_precision
 from .schedulers import image_stage_scheduler
 
 __all__ = ["Stage2Result", "ImageModelParts", "train_stage2", "fit_image_model", "evaluate_model",
@@ -108,21 +108,29 @@ def image_param_groups(modules: Mapping[str, torch.nn.Module], params: Mapping) 
 
 def train_batches(params: Mapping, protocol: Protocol, backbone, device: torch.device):
     """P×K batches of augmented fit images, preprocessed as ``backbone`` expects;
-    ``batches(epoch)`` for :class:`TrainLoop`."""
-    transform = build_transform(backbone.preprocess_config(), train=True,
-                                augment=AugmentConfig(erasing_p=params["random_erasing"],
-                                                      color_jitter=params["color_jitter"],
-                                                      hflip_p=params.get("horizontal_flip", 0.0)))
+    ``batches(epoch)`` for :class:`TrainLoop`.
+
+    Each image is decoded and resized once (``decode_cache``: filled here, in parallel, before
+    the first epoch); every epoch augments the decoded pixels, with per-image seeds from
+    (``seed``, epoch, image), so the batches do not depend on ``num_workers``."""
+    source = image_source(backbone.preprocess_config(), params, train=True,
+                          augment=AugmentConfig(erasing_p=params["random_erasing"],
+                                                color_jitter=params["color_jitter"],
+                                                hflip_p=params.get("horizontal_flip", 0.0)))
+    paths = protocol.paths(protocol.fit)
+    report = source.prepare(paths)
+    if report is not None and report.built:
+        print(report.describe())
     sampler = PKSampler(protocol.fit_labels, p=params["p_ids"], k=params["k_images"],
                         seed=params["seed"])
-    loader = DataLoader(ImageListDataset(protocol.paths(protocol.fit), protocol.fit_labels,
-                                         transform),
-                        batch_sampler=sampler, num_workers=params["num_workers"])
+    dataset = ImageListDataset(paths, protocol.fit_labels, source, seed=params["seed"])
+    loader = make_loader(dataset, device, params["num_workers"], batch_sampler=sampler)
 
     def batches(epoch: int):
         sampler.set_epoch(epoch)
+        dataset.set_epoch(epoch)
         for images, labels, _ in loader:
-            yield images.to(device), labels.to(device)
+            yield images.to(device, non_blocking=True), labels.to(device, non_blocking=True)
 
     return batches
 
@@ -131,14 +139,15 @@ def validate_selection(model, protocol: Protocol, params: Mapping, device,
                        encode=None) -> dict:
     """Mean metrics (percent) of ``encode`` (default ``model.embed``) on the model-selection
     split: held-out *training* identities only (docs/mistakes.md #1)."""
-    transform = build_transform(model.backbone.preprocess_config(), train=False)
+    transform = image_source(model.backbone.preprocess_config(), params)
     split = protocol.selection
     indices = sorted({*split.query, *split.gallery})
     feats = extract_features(model.backbone, protocol.paths(indices), transform,
                              batch_size=params["batch_size"], device=device,
                              encode=encode or model.embed, desc="validate")
     res = evaluate_splits(feats, {i: r for r, i in enumerate(indices)}, protocol, [split],
-                          "val", max_rank=params["max_rank"], ap_mode=params["ap_mode"])
+                          "val", max_rank=params["max_rank"], ap_mode=params["ap_mode"],
+                          verification=False)  # epochs are chosen by re-ID metrics alone
     return {k: v["mean"] for k, v in res.summary.items()}
 
 
@@ -174,10 +183,11 @@ def train_stage2(params: Mapping, output_dir: str | Path, protocol: Protocol, ba
             modules["center"] = center
         optimizer = torch.optim.Adam(image_param_groups(modules, params))
         logit_scale = backbone.logit_scale.exp().detach()
+        forward = compiled(model, params.get("compile", False))
 
         def step(batch):
             images, targets = batch
-            feats, out = model(images, targets)
+            feats, out = forward(images, targets)
             return reid_loss(out, feats, targets, params, text_all, logit_scale, center,
                              image_mean)
 
@@ -268,7 +278,8 @@ def _fit_once(stage, params, output_dir, protocol, build, *, validate: bool, epo
                      validate=check, select_metric=AP_METRIC[params["ap_mode"]],
                      eval_every=params["eval_every"],
                      patience=(params["patience"] or None) if validate else None,
-                     grad_clip=params["grad_clip"] or None, device=device, amp=params["amp"],
+                     grad_clip=params["grad_clip"] or None, device=device,
+                     precision=run_precision(params, device),
                      params=params, meta=meta, callbacks=callbacks, progress=progress)
     fit = loop.fit(epochs, resume=params["resume"])
     if validate and fit.best_state is not None:

@@ -21,7 +21,7 @@ from ..losses import batch_hard_triplet, cross_entropy_label_smooth, symmetric_s
 from ..models.promptsg import PromptSG, PromptSGOutput
 from ..run_loader import RunFolderError, load_run
 from ..runs import BEST_CHECKPOINT, seed_everything
-from .loop import FitResult
+from .loop import FitResult, compiled
 from .stage2 import ImageModelParts, evaluate_model, fit_image_model
 
 __all__ = ["Stage3Result", "train_stage3", "evaluate_stage3", "promptsg_loss"]
@@ -72,10 +72,11 @@ def train_stage3(params: Mapping, output_dir: str | Path, protocol: Protocol, ba
                          classifier=params["classifier"]).to(device)
         optimizer = torch.optim.Adam(model.param_groups(params["lr"], params["lr_new"],
                                                         params["weight_decay"]))
+        forward = compiled(model, params.get("compile", False))
 
         def step(batch):
             images, targets = batch
-            out = model(images, targets, prompt_mode="composed")
+            out = forward(images, targets, prompt_mode="composed")
             return promptsg_loss(out, targets, id_weight=params["id_weight"],
                                  triplet_weight=params["triplet_weight"],
                                  supcon_weight=params["supcon_weight"],
