@@ -12,10 +12,13 @@ from PIL import Image
 
 from .constants import METRIC_LABELS, METRIC_NAMES
 from .data.protocols import Protocol
+from .evaluate.verification import VERIFICATION_METRIC_LABELS, VERIFICATION_METRIC_NAMES
 
 __all__ = ["protocol_table", "identity_grid", "plot_cmc", "retrieval_grid", "metrics_table",
            "plot_history", "plot_prompt_retrieval", "caption_grid", "plot_probes",
-           "plot_retrieval_gain", "plot_split_boxes", "plot_tsne", "failure_figures"]
+           "plot_retrieval_gain", "plot_split_boxes", "plot_tsne", "failure_figures",
+           "verification_table", "plot_roc", "open_set_summary", "search_grid", "search_table",
+           "plot_paper_table", "plot_seed_spread", "plot_gain_over_zero_shot"]
 
 CORRECT, WRONG = "#1a9850", "#d73027"
 
@@ -55,6 +58,64 @@ def identity_grid(protocol: Protocol, n_people: int = 6, per_person: int = 4,
     fig.suptitle(f"{title}: {len(people)} of {len(by_person)} people", fontsize=10)
     fig.tight_layout()
     return fig
+
+
+def verification_table(results: Mapping[str, Mapping[str, Mapping[str, float]]],
+                       decimals: int = 2) -> pd.DataFrame:
+    """``{row name: verification summary}`` (``metrics.json["verification"]["metrics"]``) →
+    table of ``mean ± std`` (percent): ROC AUC, EER, TAR at each FAR."""
+    keys = [k for k in VERIFICATION_METRIC_NAMES if any(k in s for s in results.values())]
+    rows = {name: {VERIFICATION_METRIC_LABELS.get(k, k):
+                   (f"{summary[k]['mean']:.{decimals}f} ± {summary[k]['std']:.{decimals}f}"
+                    if k in summary else "not recorded") for k in keys}
+            for name, summary in results.items()}
+    return pd.DataFrame.from_dict(rows, orient="index",
+                                  columns=[VERIFICATION_METRIC_LABELS.get(k, k) for k in keys])
+
+
+def plot_roc(curves: Mapping[str, Mapping[str, Sequence[float]]],
+             far_marks: Sequence[float] = (1e-2, 1e-3), title: str = "ROC (verification)"):
+    """ROC curves (TAR against FAR, FAR on a log axis so the low-FAR operating points that
+    biometrics reports are visible) of the first test split of several runs; each curve is a
+    ``metrics.json["verification"]["roc_first_split"]`` (``{"far": [...], "tar": [...]}``)."""
+    fig, ax = plt.subplots(figsize=(5, 3.4))
+    lowest = 1.0
+    for name, roc in curves.items():
+        far, tar = np.asarray(roc["far"], float), 100 * np.asarray(roc["tar"], float)
+        keep = far > 0  # a log axis cannot show FAR 0; the curve starts at one false accept
+        if keep.any():
+            lowest = min(lowest, far[keep].min())
+            ax.step(far[keep], tar[keep], where="post", label=name)
+    for mark in far_marks:
+        ax.axvline(mark, color="grey", lw=0.8, ls=":")
+    ax.set_xscale("log")
+    ax.set_xlim(max(lowest, 1e-6), 1.0)
+    ax.set_ylim(0, 100.5)
+    ax.set_xlabel("false accept rate (FAR)")
+    ax.set_ylabel("true accept rate (TAR, %)")
+    ax.set_title(title)
+    ax.grid(alpha=0.3, which="both")
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    return fig
+
+
+def open_set_summary(open_set: Mapping[str, Any] | None) -> str:
+    """One paragraph on a run's open-set threshold (``metrics.json["open_set"]``): where it was
+    calibrated, its FAR there and on the test identities."""
+    if not open_set:
+        return "no open-set threshold recorded"
+    threshold = open_set.get("threshold")
+    text = (f"open-set threshold: cosine distance <= "
+            f"{'none (accept nothing)' if threshold is None else f'{threshold:.4f}'} = same "
+            f"person, calibrated for FAR {open_set['far_target']:g} on "
+            f"{open_set['calibrated_on']} ({open_set['pairs']['impostor']} impostor pairs: "
+            f"FAR {open_set['far_measured']:.4f}, TAR {open_set['tar_measured']:.4f})")
+    test = open_set.get("test")
+    if test:
+        text += (f"; on the test identities: FAR {test['far_mean']:.4f}, "
+                 f"TAR {test['tar_mean']:.4f} (mean over splits)")
+    return text
 
 
 def plot_cmc(curves: Mapping[str, np.ndarray], max_rank: int = 20, title: str = "CMC"):
@@ -311,3 +372,219 @@ def failure_figures(evaluations: Sequence, k: int = 5, n_queries: int = 6,
 
 def _slug(name: str) -> str:
     return "".join(c if c.isalnum() or c in "-_." else "_" for c in name)
+
+
+# --------------------------------------------------------------------------- gallery search
+
+#: Frame of a gallery image above the open-set threshold (not accepted as the same person).
+REJECTED = "#9e9e9e"
+
+
+def _threshold_value(threshold) -> float | None:
+    """A :class:`~handclip_nb.evaluate.gallery.Threshold`, a number or None -> a number or None."""
+    return getattr(threshold, "value", threshold)
+
+
+def _distance_label(d: float) -> str:
+    """Three decimals, or two significant digits below 0.01 (untrained models' distances)."""
+    return f"{d:.3f}" if abs(d) >= 0.01 or d == 0 else f"{d:.2g}"
+
+
+def _decision(result, threshold: float | None) -> bool | None:
+    if result.kind != "image" or threshold is None or not result.matches:
+        return None
+    return bool(result.matches[0].distance <= threshold)
+
+
+def search_table(results: Sequence, threshold=None) -> pd.DataFrame:
+    """One row per query of a gallery search (:class:`~handclip_nb.evaluate.gallery.QueryResult`):
+    its top-1 gallery image, person and distance, and the open-set decision ("match", "no match
+    in the gallery"; "not decided" without a threshold or for a text query)."""
+    value = _threshold_value(threshold)
+    rows = []
+    for r in results:
+        best = r.matches[0] if r.matches else None
+        decided = _decision(r, value)
+        rows.append({"query": r.query, "type": r.kind, "query person": r.person or "",
+                     "top-1 image": best.name if best else "",
+                     "top-1 person": (best.person or "") if best else "",
+                     "distance": round(best.distance, 4) if best else float("nan"),
+                     "decision": ("not decided" if decided is None else
+                                  "match" if decided else "no match in the gallery")})
+    return pd.DataFrame(rows, columns=["query", "type", "query person", "top-1 image",
+                                       "top-1 person", "distance", "decision"])
+
+
+def _text_panel(ax, text: str, width: int = 22) -> None:
+    ax.set_xticks([])
+    ax.set_yticks([])
+    ax.set_facecolor("#f4f4f4")
+    ax.text(0.5, 0.5, textwrap.fill(text, width), ha="center", va="center", fontsize=7,
+            transform=ax.transAxes, wrap=True)
+
+
+def search_grid(results: Sequence, threshold=None, k: int = 5, title: str | None = None):
+    """Queries (rows) and their top-``k`` gallery images with distances.
+
+    ``results``: :class:`~handclip_nb.evaluate.gallery.QueryResult` s; ``threshold``: a
+    ``Threshold``, a cosine distance or None. A gallery image at distance <= threshold (the same
+    person under the open-set decision) has a green frame, one above it a grey frame; without a
+    threshold, and for text queries (whose distances are not image-image ones), frames are
+    black. ✓/✗ marks the person when both the query and the image are labelled. An image query
+    whose best distance is above the threshold says "no match in the gallery".
+    """
+    value = _threshold_value(threshold)
+    results = list(results)
+    if not results:
+        fig, ax = plt.subplots(figsize=(4, 1))
+        ax.axis("off")
+        ax.text(0.5, 0.5, "no queries", ha="center")
+        return fig
+    k = max(1, int(k))
+    fig, axes = plt.subplots(len(results), k + 1, squeeze=False,
+                             figsize=(1.8 * (k + 1), 1.75 * len(results) + 0.4))
+    for row, r in enumerate(results):
+        ax = axes[row][0]
+        if r.kind == "image":
+            ax.imshow(_thumb(r.path))
+            ax.set_xticks([])
+            ax.set_yticks([])
+            label = f"query {textwrap.shorten(r.query, 24, placeholder='…')}"
+        else:
+            _text_panel(ax, r.query)
+            label = "text query"
+        if r.person is not None:
+            label += f"\nperson {r.person}"
+        ax.set_title(label, fontsize=7)
+        decided = _decision(r, value)
+        if decided is not None:
+            best = r.matches[0]
+            ax.set_xlabel(f"match: {best.person or best.name}" if decided
+                          else "no match in the gallery",
+                          fontsize=7, color=CORRECT if decided else WRONG)
+        for c in range(k):
+            ax = axes[row][c + 1]
+            ax.set_xticks([])
+            ax.set_yticks([])
+            if c >= len(r.matches):
+                ax.axis("off")
+                continue
+            m = r.matches[c]
+            ax.imshow(_thumb(m.path))
+            if r.kind != "image" or value is None:
+                color = "black"
+            else:
+                color = CORRECT if m.distance <= value else REJECTED
+            for spine in ax.spines.values():
+                spine.set_edgecolor(color)
+                spine.set_linewidth(3 if color != "black" else 1)
+            text = f"#{m.rank} d={_distance_label(m.distance)}"
+            if m.person is not None:
+                mark = ""
+                if r.person is not None:
+                    mark = " ✓" if m.person == r.person else " ✗"
+                text += f"\n{m.person}{mark}"
+            ax.set_title(text, fontsize=7)
+    if value is None:
+        rule = "no open-set threshold"
+    elif np.isinf(value):
+        rule = "threshold: accept nothing"
+    else:
+        rule = f"green: d <= {value:.3f} (same person), grey: above"
+    fig.suptitle(title or f"gallery search, top-{k} ({rule})", fontsize=10)
+    fig.tight_layout()
+    return fig
+
+
+def _cell_labels(index: pd.Index) -> list[str]:
+    """``method · backbone`` (a paper table's two-level rows) or the index as text."""
+    return [" · ".join(map(str, i)) if isinstance(i, tuple) else str(i) for i in index]
+
+
+def plot_paper_table(numbers: pd.DataFrame, std: pd.DataFrame | None = None,
+                     best: pd.DataFrame | None = None, title: str = "rank-1 (%)"):
+    """A paper table (``evaluate.grid_results.paper_table``: rows method × backbone, columns
+    protocols) as an annotated heatmap: each cell ``mean`` and ``± std``, the best of each
+    column in bold, empty cells grey."""
+    values = numbers.to_numpy(dtype=float)
+    rows, cols = values.shape
+    fig, ax = plt.subplots(figsize=(1.6 + 1.45 * max(cols, 1), 0.9 + 0.55 * max(rows, 1)))
+    shown = np.ma.masked_invalid(values)
+    cmap = plt.get_cmap("viridis").with_extremes(bad="#dddddd")
+    finite = values[np.isfinite(values)]
+    image = ax.imshow(shown, cmap=cmap, aspect="auto",
+                      vmin=finite.min() if finite.size else 0,
+                      vmax=finite.max() if finite.size else 100)
+    for r in range(rows):
+        for c in range(cols):
+            if not np.isfinite(values[r, c]):
+                ax.text(c, r, "–", ha="center", va="center", fontsize=8, color="#666666")
+                continue
+            text = f"{values[r, c]:.1f}"
+            if std is not None and np.isfinite(std.iat[r, c]):
+                text += f"\n± {std.iat[r, c]:.1f}"
+            bold = best is not None and bool(best.iat[r, c])
+            level = (values[r, c] - image.norm.vmin) / max(image.norm.vmax - image.norm.vmin,
+                                                           1e-9)
+            ax.text(c, r, text, ha="center", va="center", fontsize=8,
+                    fontweight="bold" if bold else "normal",
+                    color="black" if level > 0.55 else "white")
+    ax.set_xticks(range(cols), [str(c) for c in numbers.columns], fontsize=8)
+    ax.set_yticks(range(rows), _cell_labels(numbers.index), fontsize=8)
+    ax.set_title(title + ("; bold: best of the column" if best is not None else ""),
+                 fontsize=10)
+    fig.colorbar(image, ax=ax, fraction=0.04, pad=0.02)
+    fig.tight_layout()
+    return fig
+
+
+def plot_seed_spread(spread: pd.DataFrame, title: str = "rank-1 (%) per seed"):
+    """One panel per protocol: each method × backbone's per-seed means
+    (``grid_results.seed_spread``) as dots, their mean as a bar, so a gap between methods
+    can be read against how much the seeds disagree."""
+    protocols = list(dict.fromkeys(spread["protocol"])) or ["(no runs)"]
+    cells = list(dict.fromkeys(zip(spread["method"], spread["backbone"])))
+    fig, axes = plt.subplots(1, len(protocols), squeeze=False, sharey=True,
+                             figsize=(0.9 + max(2.4, 0.55 * len(cells)) * len(protocols), 3.4))
+    colors = plt.get_cmap("tab10")
+    for ax, protocol in zip(axes[0], protocols):
+        part = spread[spread["protocol"] == protocol]
+        for x, cell in enumerate(cells):
+            dots = part[(part["method"] == cell[0]) & (part["backbone"] == cell[1])]
+            if dots.empty:
+                continue
+            jitter = np.linspace(-0.12, 0.12, len(dots)) if len(dots) > 1 else [0.0]
+            ax.scatter(x + np.asarray(jitter), dots["mean"], s=18, color=colors(x % 10),
+                       zorder=3)
+            ax.hlines(dots["mean"].mean(), x - 0.3, x + 0.3, color=colors(x % 10), lw=2)
+        ax.set_xticks(range(len(cells)), [f"{m}\n{b}" for m, b in cells], fontsize=7,
+                      rotation=45, ha="right")
+        ax.set_title(protocol, fontsize=9)
+        ax.grid(axis="y", alpha=0.3)
+    axes[0][0].set_ylabel("mean over the seed's splits")
+    fig.suptitle(title, fontsize=10)
+    fig.tight_layout()
+    return fig
+
+
+def plot_gain_over_zero_shot(gain: pd.DataFrame, title: str = "rank-1 gain over zero-shot CLIP"):
+    """Grouped bars (``grid_results.gain_over_zero_shot``): per protocol, each trained method
+    × backbone's pooled mean minus the zero-shot mean of its backbone, in points."""
+    protocols = list(dict.fromkeys(gain["protocol"]))
+    cells = list(dict.fromkeys(zip(gain["method"], gain["backbone"])))
+    fig, ax = plt.subplots(figsize=(1.5 + 1.3 * max(len(protocols), 1), 3.2))
+    width = 0.8 / max(len(cells), 1)
+    for k, (method, backbone) in enumerate(cells):
+        part = gain[(gain["method"] == method) & (gain["backbone"] == backbone)]
+        heights = [part.loc[part["protocol"] == p, "gain"].iloc[0]
+                   if (part["protocol"] == p).any() else np.nan for p in protocols]
+        ax.bar(np.arange(len(protocols)) - 0.4 + width * (k + 0.5), heights, width,
+               label=f"{method} · {backbone}")
+    ax.axhline(0, color="black", lw=0.8)
+    ax.set_xticks(range(len(protocols)), protocols, fontsize=8)
+    ax.set_ylabel("points over zero-shot")
+    ax.set_title(title, fontsize=10)
+    if cells:
+        ax.legend(fontsize=7, frameon=False)
+    fig.tight_layout()
+    return fig

@@ -489,7 +489,8 @@ def test_evaluation_notebook_standalone_with_smoke_parameters(workbench_home):
     assert m["data"]["test_ids"] == 6 and len(m["test"]["mAP"]["per_split"]) == 2
     assert (out / "comparison.csv").is_file() and (out / "comparison.md").is_file()
     pngs = sorted(p.name for p in (out / "figures").glob("*.png"))
-    assert pngs == ["cmc.png", "failures_zero-shot_tiny-vit.png", "splits.png", "tsne.png"]
+    assert pngs == ["cmc.png", "failures_zero-shot_tiny-vit.png", "roc.png", "splits.png",
+                    "tsne.png"]
     assert m["figures"] == pngs
     nb = json.loads(executed.read_text())
     shown = [o for c in nb["cells"] for o in c.get("outputs", [])
@@ -512,6 +513,6 @@ def test_evaluation_notebook_cross_aspect_with_rerank(runs, synthetic_11k, workb
         == [("stage0", "zero-shot", "11k/dorsal_l", False),
             ("stage2", "11k/dorsal_r", "11k/dorsal_l", True)]
     assert m["rerank"] == {"k1": 6, "k2": 6, "lambda_value": 0.3}
-    assert sorted(m["figures"]) == ["cmc.png", "splits.png"]
+    assert sorted(m["figures"]) == ["cmc.png", "roc.png", "splits.png"]
     csv = pd.read_csv(out / "comparison.csv", index_col="run")
     assert list(csv["rerank"]) == ["k1=6 k2=6 λ=0.3"] * 2

@@ -104,6 +104,8 @@ class RunEvaluation:
             "seen_test_people": self.seen_test_people, "num_splits": len(self.test.splits),
             **self.settings, "test": self.summary,
             "cmc_test_mean": [round(float(v), 4) for v in self.test.cmc[:20]],
+            "verification": (self.test.verification.summary
+                             if self.test.verification is not None else None),
             # the run's own numbers, for a check that re-evaluation reproduces them
             "same_protocol_as_run": same_protocol,
             "recorded_test_mean": ({k: v["mean"] for k, v in recorded["test"].items()}
@@ -135,7 +137,7 @@ def evaluate_run(run: LoadedRun, params: Mapping, protocol: Protocol | None = No
     started = time.time()
     splits = list(protocol.test)
     indices = needed_indices(splits)
-    features = extract_features(run.backbone, protocol.paths(indices), run.transform(),
+    features = extract_features(run.backbone, protocol.paths(indices), run.image_source(params),
                                 batch_size=params["batch_size"], device=run.device,
                                 flip=params["flip_tta"], cache_dir=cache_dir,
                                 num_workers=params["num_workers"], desc=f"encode {run.info.name}",

@@ -21,14 +21,16 @@ import torch
 
 from ..data.protocols import Protocol, Split
 from ..constants import AP_METRIC, METRIC_NAMES
-from ..data.transforms import build_transform
+from ..data.images import image_source
 from .features import cosine_distance, extract_features
 from .metrics import rank_metrics
 from .reranking import rerank_features
+from .verification import (VerificationResult, calibrate_threshold, evaluate_verification,
+                           far_at_threshold)
 
 __all__ = ["SplitResult", "EvalResult", "evaluate_split", "evaluate_splits", "summarise",
            "evaluate_backbone", "metrics_record", "needed_indices", "rerank_settings",
-           "split_distances"]
+           "split_distances", "calibration_split", "calibrate_open_set"]
 
 
 @dataclass
@@ -51,6 +53,11 @@ class EvalResult:
     name: str
     splits: list[SplitResult]
     summary: dict = field(default_factory=dict)
+    #: verification over the same splits (every query-gallery pair; None when not asked for)
+    verification: VerificationResult | None = None
+    #: the open-set threshold calibrated on training identities and its FAR/TAR on these
+    #: splits (:func:`calibrate_open_set`; test results of a run only)
+    open_set: dict | None = None
 
     @property
     def cmc(self) -> np.ndarray:
@@ -118,14 +125,31 @@ def evaluate_split(features: torch.Tensor, row_of: Mapping[int, int], protocol: 
 
 def evaluate_splits(features: torch.Tensor, row_of: Mapping[int, int], protocol: Protocol,
                     splits: Sequence[Split], name: str, max_rank: int = 50,
-                    ap_mode: str = "standard", rerank: Mapping | None = None) -> EvalResult:
-    """Rank every split and summarise (both APs; ``ap_mode`` as in :func:`evaluate_split`)."""
+                    ap_mode: str = "standard", rerank: Mapping | None = None,
+                    verification: bool = True) -> EvalResult:
+    """Rank every split and summarise (both APs; ``ap_mode`` as in :func:`evaluate_split`).
+    With ``verification`` the same distances also give the verification metrics of every
+    query-gallery pair of each split (``evaluate.verification``)."""
     _check_ap_mode(ap_mode)
-    results = [evaluate_split(features, row_of, protocol, s, max_rank, ap_mode,
-                              keep_distmat=(k == 0), rerank=rerank)
-               for k, s in enumerate(splits)]
+    results: list[SplitResult] = []
+
+    def ranked_splits():  # one split's distances in memory at a time
+        for k, s in enumerate(splits):
+            dist = split_distances(features, row_of, s, rerank)
+            q_ids, g_ids = protocol.ids_of(s.query), protocol.ids_of(s.gallery)
+            results.append(SplitResult(split=s, metrics=rank_metrics(dist, q_ids, g_ids,
+                                                                     max_rank=max_rank),
+                                       distmat=dist if k == 0 else None))
+            yield dist, q_ids, g_ids
+
+    if verification:
+        checked = evaluate_verification(ranked_splits())
+    else:
+        checked = None
+        for _ in ranked_splits():
+            pass
     return EvalResult(name=name, splits=results,
-                      summary=summarise([r.percent() for r in results]))
+                      summary=summarise([r.percent() for r in results]), verification=checked)
 
 
 def evaluate_backbone(backbone, protocol: Protocol, params: Mapping, cache_dir=None,
@@ -139,18 +163,26 @@ def evaluate_backbone(backbone, protocol: Protocol, params: Mapping, cache_dir=N
     groups = {"test": list(protocol.test)}
     if protocol.selection is not None:
         groups["val"] = [protocol.selection]
-    indices = needed_indices([s for splits in groups.values() for s in splits])
-    transform = build_transform(backbone.preprocess_config(), train=False)
+    # the image encoder of stages 0 and 1 never trained on any identity (stage 1 learns prompts)
+    fitted = params.get("stage") not in ("stage0", "stage1")
+    calibration, _ = calibration_split(protocol, fitted)
+    indices = needed_indices([s for splits in groups.values() for s in splits] + [calibration])
+    transform = image_source(backbone.preprocess_config(), params)
     feats = extract_features(backbone, protocol.paths(indices), transform,
                              batch_size=params["batch_size"], device=params["device"],
                              flip=params["flip_tta"], cache_dir=cache_dir,
                              num_workers=params["num_workers"], desc="encode images",
                              encode=encode, cache_tag=cache_tag)
     row_of = {idx: r for r, idx in enumerate(indices)}
-    return {name: evaluate_splits(feats, row_of, protocol, splits, name,
-                                  max_rank=params["max_rank"], ap_mode=params["ap_mode"],
-                                  rerank=rerank_settings(params))
-            for name, splits in groups.items()}
+    results = {name: evaluate_splits(feats, row_of, protocol, splits, name,
+                                     max_rank=params["max_rank"], ap_mode=params["ap_mode"],
+                                     rerank=rerank_settings(params))
+               for name, splits in groups.items()}
+    results["test"].open_set = calibrate_open_set(
+        lambda idx: feats[[row_of[i] for i in idx]], protocol,
+        params.get("open_set_far", OPEN_SET_FAR), test=results["test"],
+        test_features=feats, test_row_of=row_of, fitted=fitted)
+    return results
 
 
 def metrics_record(stage: str, params: Mapping, protocol: Protocol,
@@ -177,7 +209,70 @@ def metrics_record(stage: str, params: Mapping, protocol: Protocol,
         "splits_hash": protocol.manifest()["content_hash"],
         "test_splits_hash": protocol.test_hash(),
     }
+    if results["test"].verification is not None:
+        record["verification"] = results["test"].verification.record()
+    if results["test"].open_set is not None:
+        record["open_set"] = results["test"].open_set
     if "val" in results:
         record["val"] = {k: v["mean"] for k, v in results["val"].summary.items()}
     record.update(extra)
+    return record
+
+
+#: Default FAR of the open-set threshold (parameter ``open_set_far``).
+OPEN_SET_FAR = 0.01
+
+
+def calibration_split(protocol: Protocol, fitted: bool = True) -> tuple[Split, str]:
+    """The training-identity pairs an open-set threshold is calibrated on, never test ones.
+
+    A model that never trained on the training identities (zero-shot, ``fitted=False``) sees
+    them as it sees new people: all of them are used, as a query/gallery split built like a
+    test split (one gallery image per identity, chosen by ``split_seed``). A trained model:
+    the model-selection split when the protocol holds identities out (nobody trained on them),
+    else such a split of the fitted identities, whose distances are smaller than new people's
+    would be, so the threshold's FAR on new people comes out above its target (the run records
+    both). Returns (split, what it holds)."""
+    if fitted and protocol.selection is not None:
+        return protocol.selection, "held-out training identities (never fitted)"
+    pool = list(protocol.fit)
+    if not fitted and protocol.selection is not None:
+        pool += [*protocol.selection.query, *protocol.selection.gallery]
+    rng = np.random.default_rng([int(protocol.seed), 7])
+    by_label: dict[int, list[int]] = {}
+    for index in sorted(set(pool)):
+        by_label.setdefault(protocol.identities[index], []).append(index)
+    gallery = sorted(int(rng.choice(v)) for v in by_label.values() if len(v) > 1)
+    query = sorted(set(pool) - set(gallery))
+    source = ("training identities (the model never trained on them)" if not fitted
+              else "fitted training identities")
+    return Split(query=tuple(query), gallery=tuple(gallery)), source
+
+
+def calibrate_open_set(features_of, protocol: Protocol, far: float,
+                       test: EvalResult | None = None, test_features=None,
+                       test_row_of: Mapping[int, int] | None = None,
+                       fitted: bool = True) -> dict:
+    """The open-set threshold at FAR ``far`` on training identities (:func:`calibration_split`),
+    ``features_of(indices) -> L2-normalised features``; with the test features, also the FAR
+    and TAR that threshold gives on every test split (mean and per split), to report how far
+    calibration on training identities carries to new people. The ``open_set.json`` body."""
+    split, source = calibration_split(protocol, fitted)
+    indices = sorted({*split.query, *split.gallery})
+    feats = features_of(indices)
+    row_of = {i: r for r, i in enumerate(indices)}
+    dist = split_distances(feats, row_of, split)
+    point = calibrate_threshold(dist, protocol.ids_of(split.query),
+                                protocol.ids_of(split.gallery), far)
+    record = {"far_target": float(far), "calibrated_on": source, **point.to_dict()}
+    if test is not None and test_features is not None:
+        measured = [far_at_threshold(split_distances(test_features, test_row_of, s.split),
+                                     protocol.ids_of(s.split.query),
+                                     protocol.ids_of(s.split.gallery), point.threshold
+                                     if np.isfinite(point.threshold) else None)
+                    for s in test.splits]
+        record["test"] = {"far_mean": float(np.mean([m.far for m in measured])),
+                          "tar_mean": float(np.mean([m.tar for m in measured])),
+                          "far_per_split": [float(m.far) for m in measured],
+                          "tar_per_split": [float(m.tar) for m in measured]}
     return record

@@ -1,0 +1,637 @@
+"""Search your own gallery: rank a folder of hand photos for query photos or texts.
+
+What the search notebook (``notebooks/search.ipynb``) computes, without figures:
+
+* **Inputs** (:func:`prepare_search`): ``gallery_dir`` is a folder of images; a first-level
+  subfolder names the person of every image under it (``<gallery>/<person>/...``, deeper
+  folders such as aspect folders allowed), images directly in ``gallery_dir`` have no label.
+  ``query`` is one image or a folder laid out the same way; ``query_text`` one text or a list.
+  Every problem (missing or empty folder, a file that is not an image, an image that does not
+  open, a ``run_dir`` that is not a finished stage-0/2/3 run, nothing to search for) is a
+  :class:`SearchError` (or the run loader's :class:`~handclip_nb.runs.RunFolderError`) naming
+  the path and the fix, raised before anything is written.
+* **Model** (:func:`load_search_model`): a finished run rebuilt by
+  :func:`~handclip_nb.run_loader.load_run` (it ranks with its own feature: stage 0 the global
+  embedding, stage 2 the CLIP-ReID head, stage 3 PromptSG), or the zero-shot ``backbone``.
+* **Index** (:func:`build_gallery_index`): the gallery's L2-normalised features, written
+  atomically to ``<output_dir>/gallery_index.pt`` (loaded with ``weights_only=True``) with two
+  keys: the gallery files (each file's path, size and mtime, and its person) and the model
+  (backbone fingerprint over every weight, the head's cache tag, the image pipeline and
+  ``flip_tta``). A later search with the same keys reuses it and encodes nothing; a changed,
+  added or removed file or another model rebuilds it.
+* **Ranking** (:func:`search_queries`): cosine distance ``1 - q.g`` (smaller is closer, ties by
+  gallery order), the ``top_k`` nearest per query. A query image that is itself in the gallery
+  (the same file) is left out of its own ranking. **Text queries** rank by CLIP's joint
+  image-text space: the backbone's ``encode_image(...).global_embedding`` against
+  ``encode_text(tokenize(text))``, both L2-normalised (the helpers of :mod:`.probes`). A
+  fine-tuned run (stage 2/3) still projects into that space, but its fine-tuning never saw text
+  for it, so its text alignment may be weaker than the zero-shot backbone's.
+* **Open set** (:func:`resolve_threshold`): a finished run's ``metrics.json`` holds the
+  threshold calibrated on its training identities (``open_set``, written by
+  :func:`~handclip_nb.evaluate.protocol_eval.calibrate_open_set`); a gallery image is accepted
+  as the query's person when its distance is <= the threshold, and a query whose best distance
+  is above it has **no match in the gallery**. The ``threshold`` parameter overrides it; a
+  zero-shot backbone has none unless given. Text-image distances live on another scale than
+  image-image ones, so text queries are never decided.
+* **Outputs**: ``rankings.csv`` (:func:`write_rankings_csv`) and the ``metrics.json`` body
+  (:func:`search_record`).
+"""
+from __future__ import annotations
+
+import csv
+import hashlib
+import io
+import math
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Mapping, Sequence
+
+import numpy as np
+import torch
+
+from ..data.custom import CUSTOM_IMAGE_SUFFIXES
+from ..data.handinfo import HandImage
+from ..data.images import ImageSource
+from ..data.protocols import find_image_problems
+from ..models.backbones import backbone_fingerprint
+from ..run_loader import LoadedRun, load_run, zero_shot_run
+from ..runs import atomic_torch_save, atomic_write_text, resolve_path
+from .compare import RUN_STAGES, check_evaluable
+from .features import cosine_distance, extract_features
+from .probes import _embed_texts
+
+__all__ = ["SearchError", "GalleryImage", "SearchInputs", "list_images", "prepare_search",
+           "SearchModel", "load_search_model", "model_key", "Threshold", "resolve_threshold",
+           "GalleryIndex", "INDEX_FILE", "INDEX_FORMAT", "gallery_files_key",
+           "build_gallery_index", "RankedImage", "QueryResult", "rank_features",
+           "search_queries", "RANKINGS_FILE", "RANKINGS_COLUMNS", "rankings_rows",
+           "write_rankings_csv", "search_summary", "search_record", "IMAGE_SUFFIXES"]
+
+#: Image files a gallery or query folder may hold (those of custom datasets), in any case.
+IMAGE_SUFFIXES = CUSTOM_IMAGE_SUFFIXES
+#: The index file in the search's output folder, and its format tag.
+INDEX_FILE = "gallery_index.pt"
+INDEX_FORMAT = "handclip_nb.gallery_index/1"
+#: The ranking table in the search's output folder, and its columns.
+RANKINGS_FILE = "rankings.csv"
+RANKINGS_COLUMNS = ("query", "query_type", "query_person", "rank", "gallery_image", "person",
+                    "distance", "above_threshold")
+
+
+class SearchError(ValueError):
+    """A search input that cannot be used; the message names it and the fix."""
+
+
+# ----------------------------------------------------------------------------- inputs
+
+
+@dataclass(frozen=True)
+class GalleryImage:
+    """One image of a gallery or query folder."""
+
+    path: str  # absolute
+    name: str  # relative to its folder, '/'-separated (what rankings.csv writes)
+    person: str | None  # the first-level subfolder; None for an image directly in the folder
+
+
+def _is_image(name: str) -> bool:
+    return not name.startswith(".") and Path(name).suffix.lower() in IMAGE_SUFFIXES
+
+
+def list_images(folder: str | os.PathLike) -> list[GalleryImage]:
+    """Every image under ``folder`` (hidden entries skipped), sorted by name; the first-level
+    subfolder is the person."""
+    root = Path(folder)
+    out = []
+    for dirpath, dirnames, filenames in os.walk(root, followlinks=True):
+        dirnames[:] = sorted(d for d in dirnames if not d.startswith("."))
+        rel = Path(dirpath).relative_to(root)
+        person = rel.parts[0] if rel.parts else None
+        for name in filenames:
+            if _is_image(name):
+                out.append(GalleryImage(path=str(Path(dirpath).resolve() / name),
+                                        name=(rel / name).as_posix(), person=person))
+    return sorted(out, key=lambda g: g.name)
+
+
+@dataclass
+class SearchInputs:
+    """The checked inputs of a search: gallery images, query images, query texts, run."""
+
+    gallery_root: Path
+    gallery: list[GalleryImage]
+    query_root: Path | None
+    queries: list[GalleryImage]
+    texts: list[str]
+    run_dir: Path | None
+
+    @property
+    def gallery_people(self) -> list[str]:
+        return sorted({g.person for g in self.gallery if g.person is not None})
+
+    def describe(self) -> str:
+        labelled = sum(g.person is not None for g in self.gallery)
+        text = (f"gallery {self.gallery_root}: {len(self.gallery)} images, "
+                f"{len(self.gallery_people)} people ({labelled} labelled images)")
+        if self.queries:
+            text += f"; {len(self.queries)} query image(s) from {self.query_root}"
+        if self.texts:
+            text += f"; {len(self.texts)} text quer{'y' if len(self.texts) == 1 else 'ies'}"
+        return text + (f"; model: run {self.run_dir}" if self.run_dir else "; model: zero-shot")
+
+
+_SUFFIX_LIST = " ".join(IMAGE_SUFFIXES)
+
+
+def _folder(value: Any, name: str, meaning: str) -> Path:
+    path = resolve_path(value)
+    if not path.exists():
+        raise SearchError(f"{name} {path} (given as {str(value)!r}) does not exist. Fix: set "
+                          f"{name} to {meaning} (-p {name} <path>)")
+    return path
+
+
+def _check_readable(images: Sequence[GalleryImage], name: str, limit: int = 10) -> None:
+    items = [HandImage(path=g.path, person=g.person or "", aspect="") for g in images]
+    missing, unreadable = find_image_problems("", items)
+    problems = [f"{images[i].path} (missing)" for i in missing]
+    problems += [f"{images[i].path} ({why})" for i, why in unreadable]
+    if problems:
+        raise SearchError(
+            f"{len(problems)} image(s) of {name} cannot be read: {', '.join(problems[:limit])}"
+            f"{' ...' if len(problems) > limit else ''}. Fix: replace or remove them (the "
+            f"header of every image is checked before anything runs)")
+
+
+def prepare_search(params: Mapping[str, Any]) -> SearchInputs:
+    """Check ``gallery_dir``, ``query``, ``query_text`` and ``run_dir`` (no model is built,
+    nothing is written); :class:`SearchError` (or the run loader's errors) names the fix."""
+    if params.get("gallery_dir") is None:
+        raise SearchError("gallery_dir is not set. Fix: set it to a folder of gallery images "
+                          "(person subfolders optional: <gallery>/<person>/<image>), e.g. "
+                          "-p gallery_dir /data/my_gallery")
+    gallery_root = _folder(params["gallery_dir"], "gallery_dir", "a folder of gallery images")
+    if not gallery_root.is_dir():
+        raise SearchError(f"gallery_dir {gallery_root} is a file, not a folder. Fix: give the "
+                          f"folder that holds the gallery images")
+    gallery = list_images(gallery_root)
+    if not gallery:
+        raise SearchError(f"gallery_dir {gallery_root} holds no images ({_SUFFIX_LIST}, in any "
+                          f"case; hidden files skipped). Fix: put the gallery images in it or "
+                          f"in person subfolders <gallery>/<person>/<image>")
+    texts = list(params.get("query_text") or [])
+    query = params.get("query")
+    if query is None and not texts:
+        raise SearchError("nothing to search for: query and query_text are both None. Fix: set "
+                          "query to an image or a folder of images (-p query photo.jpg) and/or "
+                          "query_text to a text (-p query_text \"a photo of the palm side of a "
+                          "woman's right hand\")")
+    queries: list[GalleryImage] = []
+    query_root = None
+    if query is not None:
+        path = _folder(query, "query", "an image file or a folder of query images")
+        if path.is_dir():
+            query_root, queries = path, list_images(path)
+            if not queries:
+                raise SearchError(f"query folder {path} holds no images ({_SUFFIX_LIST}). Fix: "
+                                  f"put the query images in it, or point query at one image")
+        elif not _is_image(path.name):
+            raise SearchError(f"query {path} is not an image file (suffixes {_SUFFIX_LIST}). "
+                              f"Fix: point query at an image or a folder of images")
+        else:
+            path = path.resolve()
+            query_root, queries = path.parent, [GalleryImage(str(path), path.name, None)]
+    _check_readable(gallery, "gallery_dir")
+    _check_readable(queries, "query")
+    run_dir = None
+    if params.get("run_dir") is not None:
+        # a finished stage-0/2/3 run, or the loader's error naming the folder and the fix
+        check_evaluable(params["run_dir"])
+        run_dir = resolve_path(params["run_dir"])
+    return SearchInputs(gallery_root=gallery_root, gallery=gallery, query_root=query_root,
+                        queries=queries, texts=texts, run_dir=run_dir)
+
+
+# ----------------------------------------------------------------------------- model
+
+
+def model_key(run: LoadedRun, source: ImageSource, flip: bool) -> str:
+    """What decides a gallery feature: every backbone weight (fine-tuned ones included), the
+    ranking head (the run's cache tag), the image pipeline and flip TTA."""
+    text = (f"{INDEX_FORMAT}|{backbone_fingerprint(run.backbone)}|{run.cache_tag or 'global'}|"
+            f"{source!r}|flip={bool(flip)}")
+    return hashlib.sha256(text.encode()).hexdigest()[:32]
+
+
+@dataclass
+class SearchModel:
+    """The model that ranks: a rebuilt run (or the zero-shot backbone) and its image pipeline."""
+
+    run: LoadedRun
+    source: ImageSource
+    flip: bool
+    key: str
+
+    @property
+    def name(self) -> str:
+        return self.run.info.name
+
+    @property
+    def stage(self) -> str:
+        return self.run.stage
+
+    @property
+    def is_promptsg(self) -> bool:
+        return self.run.stage == "stage3"
+
+    @property
+    def ranks_in_text_space(self) -> bool:
+        """True when the ranking feature is the global image embedding itself (stage 0)."""
+        return self.run.encode is None
+
+    def describe(self) -> str:
+        where = f"run {self.run.info.folder} ({self.stage})" if self.run.info.folder \
+            else "no run folder (zero-shot)"
+        return (f"{self.run.info.backbone_display}; {where}; input "
+                f"{tuple(self.run.backbone.image_size)}, {self.run.params['resize_mode']}")
+
+
+def load_search_model(params: Mapping[str, Any], inputs: SearchInputs) -> SearchModel:
+    """The run of ``inputs.run_dir`` rebuilt on ``params["device"]`` (its own backbone, image
+    size and head), or the zero-shot ``backbone`` of ``params``; images are decoded as
+    ``params`` say (``decode_cache``, ``reduced_jpeg_decode``)."""
+    if inputs.run_dir is not None:
+        run = load_run(inputs.run_dir, params["device"], stages=RUN_STAGES)
+    else:
+        run = zero_shot_run(params)
+    source = run.image_source(params)
+    flip = bool(params.get("flip_tta", False))
+    return SearchModel(run=run, source=source, flip=flip, key=model_key(run, source, flip))
+
+
+# ----------------------------------------------------------------------------- open set
+
+
+@dataclass(frozen=True)
+class Threshold:
+    """The open-set decision: accept a gallery image as the query's person when its distance is
+    <= ``value``. ``value`` None: no threshold, nothing is decided; ``-inf``: the calibration
+    found no threshold within its FAR target, so nothing is accepted."""
+
+    value: float | None
+    source: str
+    open_set: Mapping[str, Any] | None = None
+
+    def accepts(self, distance: float | None) -> bool | None:
+        if self.value is None or distance is None:
+            return None
+        return bool(distance <= self.value)
+
+    def describe(self) -> str:
+        if self.value is None:
+            return f"no open-set threshold: {self.source}"
+        if math.isinf(self.value):
+            return f"open-set threshold: accept nothing ({self.source})"
+        return (f"open-set threshold: cosine distance <= {self.value:.4f} = same person "
+                f"({self.source})")
+
+    def record(self) -> dict:
+        finite = self.value is not None and not math.isinf(self.value)
+        return {"value": float(self.value) if finite else None,
+                "accept_nothing": bool(self.value is not None and math.isinf(self.value)),
+                "source": self.source,
+                "open_set": dict(self.open_set) if self.open_set else None}
+
+
+def resolve_threshold(model: SearchModel, override: float | None = None,
+                      flip_tta: bool | None = None) -> Threshold:
+    """``override`` (the ``threshold`` parameter) when given; else the run's calibrated
+    ``metrics.json["open_set"]["threshold"]``; else none (a zero-shot backbone, or a run
+    finished before open-set calibration existed)."""
+    if override is not None:
+        return Threshold(float(override), "the threshold parameter")
+    info = model.run.info
+    if info.folder is None:
+        return Threshold(None, "a zero-shot backbone has no calibrated threshold; set "
+                               "threshold (a cosine distance) to decide matches")
+    open_set = (info.recorded or {}).get("open_set")
+    if not open_set:
+        return Threshold(None, f"{info.folder}/metrics.json has no open_set (the run finished "
+                               f"before open-set calibration was recorded): re-run it, or set "
+                               f"threshold")
+    value = open_set.get("threshold")
+    source = (f"calibrated in {info.name} for FAR {open_set.get('far_target')} on "
+              f"{open_set.get('calibrated_on')}")
+    run_flip = bool(info.params.get("flip_tta", False))
+    if flip_tta is not None and bool(flip_tta) != run_flip:
+        source += (f"; note: calibrated with flip_tta={run_flip}, this search uses "
+                   f"flip_tta={bool(flip_tta)}")
+    return Threshold(-math.inf if value is None else float(value), source, dict(open_set))
+
+
+# ----------------------------------------------------------------------------- the index
+
+
+def gallery_files_key(images: Sequence[GalleryImage]) -> str:
+    """Changes when a gallery file is added, removed, renamed, relabelled or rewritten."""
+    h = hashlib.sha256()
+    for g in images:
+        st = os.stat(g.path)
+        h.update(f"{g.path}\t{g.person}\t{st.st_size}\t{st.st_mtime_ns}\n".encode())
+    return h.hexdigest()[:32]
+
+
+@dataclass
+class GalleryIndex:
+    """The gallery's features: ``features`` rank image queries (the model's own feature),
+    ``text_features`` (the global image embedding, in CLIP's text space) text queries; both
+    L2-normalised rows in the order of ``images``."""
+
+    images: list[GalleryImage]
+    features: torch.Tensor
+    text_features: torch.Tensor | None
+    model_key: str
+    files_key: str
+    path: Path
+    status: str  # "reused", or "built (<why>)"
+    encoded: int = 0  # images encoded by this call
+
+    def describe(self) -> str:
+        return (f"gallery index {self.path}: {len(self.images)} images, {self.status}; "
+                f"{self.encoded} image encodings now")
+
+
+def _load_index(path: Path) -> dict | None:
+    if not path.is_file():
+        return None
+    try:
+        data = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception:  # noqa: BLE001 - a damaged index is rebuilt, never trusted
+        return None
+    if not isinstance(data, dict) or data.get("format") != INDEX_FORMAT:
+        return None
+    return data
+
+
+def _encode(model: SearchModel, paths: Sequence[str], params: Mapping, text_space: bool,
+            desc: str) -> torch.Tensor:
+    run = model.run
+    return extract_features(run.backbone, paths, model.source,
+                            batch_size=params["batch_size"], device=run.device,
+                            flip=False if text_space else model.flip, cache_dir=None,
+                            num_workers=params.get("num_workers"), desc=desc,
+                            encode=None if text_space else run.encode,
+                            cache_tag=None if text_space else run.cache_tag)
+
+
+def build_gallery_index(model: SearchModel, inputs: SearchInputs, folder: str | os.PathLike,
+                        params: Mapping[str, Any], text: bool | None = None) -> GalleryIndex:
+    """The gallery index in ``folder/gallery_index.pt``: reused when its gallery-files key and
+    model key are this search's (and ``feature_cache`` is on), else encoded and written
+    atomically. ``text`` (default: when there are text queries) also makes sure the
+    text-space features are there (for stage 0 they are the ranking features)."""
+    path = Path(folder) / INDEX_FILE
+    files_key = gallery_files_key(inputs.gallery)
+    paths = [g.path for g in inputs.gallery]
+    text = bool(inputs.texts) if text is None else bool(text)
+    cached = _load_index(path)
+    encoded, changed = 0, False
+    if cached is None:
+        why = "no index yet" if not path.exists() else "the index file was unreadable"
+    elif not params.get("feature_cache", True):
+        why = "feature_cache is off"
+    elif cached.get("model_key") != model.key:
+        why = "the model differs from the index's"
+    elif cached.get("files_key") != files_key or cached.get("count") != len(paths):
+        why = "the gallery files changed"
+    else:
+        why = None
+    if why is None:
+        features, text_features, status = cached["features"], cached.get("text_features"), "reused"
+    else:
+        features = _encode(model, paths, params, False, "encode gallery")
+        text_features, status, encoded, changed = None, f"built ({why})", len(paths), True
+    if model.ranks_in_text_space:
+        text_features = None  # the ranking features are the text-space ones: never stored twice
+    elif text and text_features is None:
+        text_features = _encode(model, paths, params, True, "encode gallery (text space)")
+        encoded += len(paths)
+        changed = True
+        if status == "reused":
+            status = "reused (text-space features added)"
+    if changed:
+        atomic_torch_save({"format": INDEX_FORMAT, "model_key": model.key, "files_key": files_key,
+                           "count": len(paths), "names": [g.name for g in inputs.gallery],
+                           "persons": [g.person or "" for g in inputs.gallery],
+                           "features": features, "text_features": text_features}, path)
+    if model.ranks_in_text_space:
+        text_features = features
+    return GalleryIndex(images=list(inputs.gallery), features=features,
+                        text_features=text_features, model_key=model.key, files_key=files_key,
+                        path=path, status=status, encoded=encoded)
+
+
+# ----------------------------------------------------------------------------- ranking
+
+
+@dataclass(frozen=True)
+class RankedImage:
+    """One gallery image of a query's ranking."""
+
+    rank: int  # 1-based
+    index: int  # position in the gallery
+    name: str
+    path: str
+    person: str | None
+    distance: float
+
+
+@dataclass
+class QueryResult:
+    """A query and its ``top_k`` nearest gallery images."""
+
+    query: str  # the image's name in its folder, or the text
+    kind: str  # "image" | "text"
+    path: str | None  # the image file (None for a text)
+    person: str | None
+    matches: list[RankedImage]
+
+    @property
+    def best(self) -> RankedImage | None:
+        return self.matches[0] if self.matches else None
+
+    @property
+    def best_distance(self) -> float | None:
+        return self.best.distance if self.best else None
+
+    def decision(self, threshold: Threshold | float | None) -> bool | None:
+        """True: the best match is accepted as the same person; False: no match in the gallery;
+        None: not decided (no threshold, or a text query)."""
+        if self.kind != "image":
+            return None
+        if not isinstance(threshold, Threshold):
+            threshold = Threshold(threshold, "given")
+        return threshold.accepts(self.best_distance)
+
+    def correct(self) -> bool | None:
+        """Whether the top-1 image shows the query's person (None when either is unlabelled)."""
+        if self.person is None or self.best is None or self.best.person is None:
+            return None
+        return self.best.person == self.person
+
+
+def rank_features(query: torch.Tensor, gallery: torch.Tensor, top_k: int,
+                  exclude: Sequence[Sequence[int]] | None = None
+                  ) -> tuple[np.ndarray, np.ndarray]:
+    """(order, distances), each ``[Q, min(top_k, G)]``: the gallery indices of each query's
+    nearest images by cosine distance (ties by gallery index) and their distances; an index in
+    ``exclude[q]`` is left out of query ``q``'s ranking (its slot holds index -1 when fewer
+    images remain than ``top_k``)."""
+    dist = cosine_distance(query.float(), gallery.float()).numpy().astype(np.float64)
+    for q, leave_out in enumerate(exclude or ()):
+        dist[q, list(leave_out)] = np.inf
+    k = min(int(top_k), dist.shape[1])
+    order = np.argsort(dist, axis=1, kind="stable")[:, :k]
+    taken = np.take_along_axis(dist, order, axis=1)
+    order = np.where(np.isinf(taken), -1, order)
+    return order, taken
+
+
+def _results(kind: str, queries: Sequence[tuple[str, str | None, str | None]],
+             order: np.ndarray, dist: np.ndarray, gallery: Sequence[GalleryImage]
+             ) -> list[QueryResult]:
+    out = []
+    for (name, path, person), row, drow in zip(queries, order, dist):
+        matches = [RankedImage(rank=r + 1, index=int(j), name=gallery[j].name,
+                               path=gallery[j].path, person=gallery[j].person,
+                               distance=float(d))
+                   for r, (j, d) in enumerate(zip(row, drow)) if j >= 0]
+        out.append(QueryResult(query=name, kind=kind, path=path, person=person, matches=matches))
+    return out
+
+
+def search_queries(model: SearchModel, index: GalleryIndex, inputs: SearchInputs,
+                   params: Mapping[str, Any]) -> list[QueryResult]:
+    """Rank the gallery for every query image (the model's own feature), then for every query
+    text (the joint image-text space); ``params["top_k"]`` matches each."""
+    top_k = int(params["top_k"])
+    results: list[QueryResult] = []
+    if inputs.queries:
+        feats = _encode(model, [q.path for q in inputs.queries], params, False, "encode queries")
+        where = {}
+        for i, g in enumerate(index.images):
+            where.setdefault(os.path.realpath(g.path), []).append(i)
+        exclude = [where.get(os.path.realpath(q.path), []) for q in inputs.queries]
+        order, dist = rank_features(feats, index.features, top_k, exclude)
+        results += _results("image", [(q.name, q.path, q.person) for q in inputs.queries],
+                            order, dist, index.images)
+    if inputs.texts:
+        if index.text_features is None:
+            raise ValueError("the gallery index has no text-space features; build it with "
+                             "text=True (build_gallery_index does when there are text queries)")
+        was_training = model.run.backbone.training
+        model.run.backbone.eval()
+        text_feats = _embed_texts(model.run.backbone, inputs.texts)
+        model.run.backbone.train(was_training)
+        order, dist = rank_features(text_feats, index.text_features, top_k)
+        results += _results("text", [(t, None, None) for t in inputs.texts], order, dist,
+                            index.images)
+    return results
+
+
+# ----------------------------------------------------------------------------- outputs
+
+
+def rankings_rows(results: Sequence[QueryResult], threshold: Threshold) -> list[dict]:
+    """One row per (query, rank): :data:`RANKINGS_COLUMNS`. ``above_threshold`` is True when
+    the distance is above the open-set threshold (not the same person), empty when there is no
+    threshold or for a text query."""
+    rows = []
+    for r in results:
+        for m in r.matches:
+            accepted = threshold.accepts(m.distance) if r.kind == "image" else None
+            rows.append({"query": r.query, "query_type": r.kind, "query_person": r.person or "",
+                         "rank": m.rank, "gallery_image": m.name, "person": m.person or "",
+                         "distance": f"{m.distance:.6f}",
+                         "above_threshold": "" if accepted is None else str(not accepted)})
+    return rows
+
+
+def write_rankings_csv(path: str | os.PathLike, results: Sequence[QueryResult],
+                       threshold: Threshold) -> Path:
+    """``rankings.csv`` (atomically): :func:`rankings_rows` under a header."""
+    buf = io.StringIO()
+    writer = csv.DictWriter(buf, fieldnames=RANKINGS_COLUMNS, lineterminator="\n")
+    writer.writeheader()
+    writer.writerows(rankings_rows(results, threshold))
+    return atomic_write_text(path, buf.getvalue())
+
+
+def _percent(hits: int, total: int) -> float | None:
+    return 100.0 * hits / total if total else None
+
+
+def search_summary(results: Sequence[QueryResult], threshold: Threshold,
+                   gallery_people: Sequence[str]) -> dict:
+    """Counts over the queries; with labelled queries and gallery, the top-1 accuracy (percent)
+    over the queries whose person is in the gallery, and with a threshold the open-set accuracy
+    (a known person matched by the right top-1, or an unknown one with no match)."""
+    images = [r for r in results if r.kind == "image"]
+    decided = [r.decision(threshold) for r in images]
+    known = set(gallery_people)
+    in_gallery = [r for r in images if r.person is not None and r.person in known]
+    unknown = [r for r in images if r.person is not None and r.person not in known]
+    top1 = sum(bool(r.correct()) for r in in_gallery)
+    out = {"image_queries": len(images), "text_queries": len(results) - len(images),
+           "matches": sum(d is True for d in decided),
+           "no_matches": sum(d is False for d in decided),
+           "labelled_queries": len(in_gallery) + len(unknown),
+           "queries_in_gallery": len(in_gallery), "queries_not_in_gallery": len(unknown),
+           "top1_correct": top1, "top1_accuracy": _percent(top1, len(in_gallery)),
+           "open_set_accuracy": None}
+    if threshold.value is not None and (in_gallery or unknown):
+        right = sum(bool(r.decision(threshold) and r.correct()) for r in in_gallery)
+        right += sum(r.decision(threshold) is False for r in unknown)
+        out["open_set_accuracy"] = _percent(right, len(in_gallery) + len(unknown))
+    return out
+
+
+def search_record(params: Mapping[str, Any], inputs: SearchInputs, model: SearchModel,
+                  index: GalleryIndex, results: Sequence[QueryResult], threshold: Threshold,
+                  figures: Sequence[str | os.PathLike] = ()) -> dict:
+    """The search's ``metrics.json`` body (docs/contracts.md): what ranked what, the threshold,
+    per query its top-1 and decision, and :func:`search_summary`."""
+    run = model.run
+    queries = []
+    for r in results:
+        best = r.best
+        queries.append({"query": r.query, "type": r.kind, "query_person": r.person,
+                        "top1_image": best.name if best else None,
+                        "top1_person": best.person if best else None,
+                        "best_distance": r.best_distance, "match": r.decision(threshold),
+                        "correct": r.correct()})
+    return {
+        "stage": "search",
+        "backbone": run.params["backbone"],
+        "backbone_display": run.info.backbone_display,
+        "run_dir": run.info.folder,
+        "run_stage": run.stage,
+        "prompt_mode": run.info.prompt_mode,
+        "image_size": list(run.backbone.image_size),
+        "flip_tta": model.flip,
+        "top_k": int(params["top_k"]),
+        "gallery": {"dir": str(inputs.gallery_root), "images": len(inputs.gallery),
+                    "people": len(inputs.gallery_people),
+                    "labelled_images": sum(g.person is not None for g in inputs.gallery),
+                    "index": {"file": INDEX_FILE, "status": index.status,
+                              "encoded": index.encoded, "model_key": index.model_key,
+                              "files_key": index.files_key}},
+        "query": {"path": str(params.get("query")) if params.get("query") is not None else None,
+                  "images": len(inputs.queries), "texts": list(inputs.texts)},
+        "threshold": threshold.record(),
+        "queries": queries,
+        "summary": search_summary(results, threshold, inputs.gallery_people),
+        "rankings": RANKINGS_FILE,
+        "figures": [Path(f).name for f in figures],
+    }

@@ -1,0 +1,284 @@
+"""Gallery search for people at the screen and for headless runs: the search notebook's figures,
+its ipywidgets explorer, and :func:`run_search`, the whole search in one call.
+
+The computation (inputs, index, ranking, open-set decision, ``rankings.csv``, ``metrics.json``)
+lives in :mod:`handclip_nb.evaluate.gallery`, the grid figure and the table in
+:mod:`handclip_nb.viz`. This module adds what needs both them and the attention maps:
+
+* :func:`attention_figure`: for a stage-3 PromptSG run, the cross-attention heatmap of a query
+  and its top matches (the run's inference prompt, mean over heads, one colour scale);
+* :class:`SearchExplorer`: headless, static PNGs (``figures/search_pNN.png``, pages of
+  :data:`PAGE` queries, and ``figures/attention_qNN.png``); with ``interactive=True`` also an
+  ipywidgets view (query dropdown, threshold switch and slider) that re-renders the grid.
+  ipywidgets is imported only on the interactive path, as in
+  :mod:`handclip_nb.attention.explorer`;
+* :func:`explore` (the notebook's one figure call) and :func:`run_search`.
+"""
+from __future__ import annotations
+
+import os
+import textwrap
+import traceback
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Mapping, Sequence
+
+import matplotlib.pyplot as plt
+import numpy as np
+from IPython.display import Image as IPythonImage
+from IPython.display import clear_output, display
+
+from . import runs
+from .attention.explorer import figure_png, in_ipython
+from .attention.figures import CORRECT, load_image, overlay, select_head
+from .attention.source import attention_maps
+from .evaluate.gallery import (RANKINGS_FILE, GalleryIndex, QueryResult, SearchInputs,
+                               SearchModel, Threshold, build_gallery_index, load_search_model,
+                               prepare_search, resolve_threshold, search_queries, search_record,
+                               write_rankings_csv)
+from .params import Params, resolve_params
+from .viz import REJECTED, search_grid, search_table
+
+__all__ = ["PAGE", "MAX_PAGES", "ATTENTION_QUERIES", "attention_figure", "SearchExplorer",
+           "explore", "SearchRun", "run_search"]
+
+#: Queries per static grid figure, and at most this many pages (every query is in rankings.csv).
+PAGE = 6
+MAX_PAGES = 4
+#: Image queries whose PromptSG heatmaps are drawn in the static figures.
+ATTENTION_QUERIES = 4
+
+
+def attention_figure(model: SearchModel, result: QueryResult, params: Mapping[str, Any],
+                     k: int = 5, threshold: float | None = None):
+    """A PromptSG run's cross-attention (its inference prompt, mean over heads) on an image
+    query and its top-``k`` matches: pictures on top, heatmaps below, one colour scale."""
+    if not model.is_promptsg:
+        raise ValueError(f"{model.name} is a {model.stage} run: cross-attention heatmaps need a "
+                         f"stage-3 PromptSG run")
+    if result.kind != "image":
+        raise ValueError("heatmaps are drawn for image queries only")
+    promptsg = model.run.model
+    mode = model.run.info.prompt_mode or "simplified"
+    matches = result.matches[:max(1, int(k))]
+    paths = [result.path] + [m.path for m in matches]
+    maps = attention_maps(promptsg, paths, params, mode).numpy()
+    gh, gw = promptsg.backbone.grid
+    grids = [select_head(m.reshape(-1, gh, gw), "mean") for m in maps]
+    size = tuple(promptsg.backbone.image_size)
+    labels = [(f"query {textwrap.shorten(result.query, 22, placeholder='…')}", "black")]
+    for m in matches:
+        # frames as in viz.search_grid: green accepted, grey above the threshold, black: none
+        color = "black" if threshold is None else (CORRECT if m.distance <= threshold
+                                                   else REJECTED)
+        label = f"#{m.rank} d={m.distance:.3g}"
+        if m.person is not None:
+            same = m.person == result.person
+            mark = "" if result.person is None else (" ✓" if same else " ✗")
+            label += f"\n{m.person}{mark}"
+        labels.append((label, color))
+    vmax = max(float(g.max()) for g in grids) or 1e-6
+    n = len(paths)
+    width = 1.9 * size[1] / size[0]
+    fig, axes = plt.subplots(2, n, figsize=(width * n + 1.0, 2 * 1.9 + 1.1), squeeze=False)
+    hm = None
+    for c, (path, grid, (label, color)) in enumerate(zip(paths, grids, labels)):
+        img = load_image(path, size)
+        axes[0][c].imshow(np.asarray(img))
+        axes[0][c].set_xticks([])
+        axes[0][c].set_yticks([])
+        for spine in axes[0][c].spines.values():
+            spine.set_edgecolor(color)
+            spine.set_linewidth(3 if color != "black" else 1)
+        axes[0][c].set_title(label, fontsize=7)
+        hm = overlay(axes[1][c], img, grid, vmin=0.0, vmax=vmax, colorbar=False,
+                     frame=None if color == "black" else color)
+    fig.suptitle(f"PromptSG cross-attention ({mode} prompt, mean of heads)", fontsize=10)
+    fig.tight_layout(rect=(0, 0, 0.93, 1))
+    cax = fig.add_axes((0.945, 0.08, 0.012, 0.38), label="<colorbar>")
+    cb = fig.colorbar(hm, cax=cax)
+    cb.set_label("attention / patch", fontsize=7)
+    cb.ax.tick_params(labelsize=6)
+    return fig
+
+
+def _import_ipywidgets():
+    try:
+        import ipywidgets  # only when a person is present: headless runs never pay for it
+    except ImportError as exc:
+        raise ImportError(
+            "the interactive search view needs ipywidgets (pip install 'ipywidgets>=8', it is "
+            "in environment.yml); or run with interactive=False for static figures") from exc
+    return ipywidgets
+
+
+def _show_png(png: bytes) -> None:
+    display(IPythonImage(data=png, format="png"))
+
+
+class SearchExplorer:
+    """The figures of one search: static pages and heatmaps, or the interactive view."""
+
+    def __init__(self, model: SearchModel, results: Sequence[QueryResult], threshold: Threshold,
+                 params: Mapping[str, Any], k: int | None = None,
+                 out_dir: str | os.PathLike | None = None):
+        self.model, self.results, self.threshold = model, list(results), threshold
+        self.params = params
+        self.k = int(k if k is not None else params["top_k"])
+        self.out_dir = Path(out_dir) if out_dir is not None else None
+        self.renders = 0  # how many times the interactive view was drawn (tests, debugging)
+        self._controls: dict[str, Any] = {}
+        self._out = None
+
+    # ---------------------------------------------------------------- static
+    def _emit(self, fig, name: str, show: bool) -> Path | None:
+        png = figure_png(fig)
+        if show and in_ipython():
+            _show_png(png)
+        if self.out_dir is None:
+            return None
+        return runs.atomic_write_bytes(self.out_dir / name, png)
+
+    def static(self, show: bool = True) -> list[Path]:
+        """``search_pNN.png``: the grid, :data:`PAGE` queries a page (at most
+        :data:`MAX_PAGES`); for a PromptSG run ``attention_qNN.png`` for the first
+        :data:`ATTENTION_QUERIES` image queries. Returns the PNGs written."""
+        paths: list[Path] = []
+        pages = [self.results[i:i + PAGE] for i in range(0, len(self.results), PAGE)]
+        for n, page in enumerate(pages[:MAX_PAGES], 1):
+            title = None
+            if len(pages) > 1:
+                title = f"gallery search, queries {(n - 1) * PAGE + 1}-{(n - 1) * PAGE + len(page)}"
+                title += f" of {len(self.results)}"
+            p = self._emit(search_grid(page, self.threshold, k=self.k, title=title),
+                           f"search_p{n:02d}.png", show)
+            if p is not None:
+                paths.append(p)
+        if len(pages) > MAX_PAGES and show and in_ipython():
+            print(f"figures show the first {MAX_PAGES * PAGE} of {len(self.results)} queries; "
+                  f"every query is in {RANKINGS_FILE}")
+        if self.model.is_promptsg:
+            images = [r for r in self.results if r.kind == "image" and r.matches]
+            for n, r in enumerate(images[:ATTENTION_QUERIES], 1):
+                p = self._emit(attention_figure(self.model, r, self.params, self.k,
+                                                self.threshold.value), f"attention_q{n:02d}.png",
+                               show)
+                if p is not None:
+                    paths.append(p)
+        return paths
+
+    # ---------------------------------------------------------------- interactive
+    def widget(self):
+        """The ipywidgets view: a query dropdown, the open-set threshold (a switch and a
+        slider) and the grid (and, for PromptSG, the heatmaps) of the chosen query."""
+        w = _import_ipywidgets()
+        if not self.results:
+            raise ValueError("no queries to explore")
+        options = [(f"{i + 1}. {r.kind}: {textwrap.shorten(r.query, 48, placeholder='…')}", i)
+                   for i, r in enumerate(self.results)]
+        query = w.Dropdown(options=options, value=0, description="query",
+                           layout=w.Layout(width="460px"))
+        best = [r.best_distance for r in self.results if r.kind == "image" and r.matches]
+        value = self.threshold.value
+        known = value is not None
+        start = max(0.0, float(value)) if known and np.isfinite(value) else (
+            0.0 if known else float(np.median(best)) if best else 0.5)
+        top = max([m.distance for r in self.results for m in r.matches] + [1.0, start])
+        use = w.Checkbox(value=known, description="open-set threshold", indent=False)
+        slider = w.FloatSlider(value=start, min=0.0, max=round(float(top) + 0.05, 2),
+                               step=0.001, readout_format=".3f", description="threshold",
+                               continuous_update=False)
+        out = w.Output()
+        self._controls = {"query": query, "use_threshold": use, "threshold": slider}
+        self._out = out
+        for c in self._controls.values():
+            c.observe(self._on_change, names="value")
+        self.render()
+        return w.VBox([query, w.HBox([use, slider]), out])
+
+    def current_threshold(self) -> float | None:
+        c = self._controls
+        return float(c["threshold"].value) if c["use_threshold"].value else None
+
+    def _on_change(self, change=None) -> None:
+        self.render()
+
+    def render(self) -> None:
+        """Redraw the chosen query's grid (and heatmaps) into the Output area."""
+        if self._out is None:
+            raise RuntimeError("call widget() first")
+        result = self.results[self._controls["query"].value]
+        value = self.current_threshold()
+        before = set(plt.get_fignums())
+        with self._out:
+            clear_output(wait=True)
+            try:
+                _show_png(figure_png(search_grid([result], value, k=self.k)))
+                if self.model.is_promptsg and result.kind == "image" and result.matches:
+                    _show_png(figure_png(attention_figure(self.model, result, self.params,
+                                                          self.k, value)))
+            except Exception:  # show the error in the view and keep the widget alive
+                print(f"could not render query {result.query!r}:")
+                traceback.print_exc()
+                for n in set(plt.get_fignums()) - before:  # a half-built figure
+                    plt.close(n)
+            finally:
+                self.renders += 1
+
+
+def explore(model: SearchModel, results: Sequence[QueryResult], threshold: Threshold,
+            params: Mapping[str, Any], interactive: bool, out_dir: str | os.PathLike | None = None,
+            k: int | None = None) -> list[Path]:
+    """The search notebook's one figure call. ``interactive=True``: display the explorer widget
+    and still save the static PNGs (without showing them twice); ``interactive=False``
+    (papermill, headless): show and save the static figures, ipywidgets never imported.
+    Returns the PNG paths written (none without ``out_dir``)."""
+    explorer = SearchExplorer(model, results, threshold, params, k=k, out_dir=out_dir)
+    show_static = True
+    if interactive:
+        view = explorer.widget()  # raises a clear ImportError without ipywidgets
+        if in_ipython():
+            display(view)
+        show_static = False
+    return explorer.static(show=show_static)
+
+
+@dataclass
+class SearchRun:
+    """What :func:`run_search` did: its run folder and everything it computed."""
+
+    output_dir: Path
+    inputs: SearchInputs
+    model: SearchModel
+    threshold: Threshold
+    index: GalleryIndex
+    results: list[QueryResult]
+    record: dict
+    rankings_csv: Path
+    figures: list[Path]
+
+    def table(self):
+        return search_table(self.results, self.threshold)
+
+
+def run_search(params: Mapping[str, Any], show: bool = False) -> SearchRun:
+    """The search notebook in one call: check the inputs (nothing written on a bad one), open
+    the run folder, rebuild the model, build or reuse the gallery index, rank, save the figures
+    (shown inline when ``show`` inside IPython), write ``rankings.csv`` and ``metrics.json``.
+    ``params``: resolved ``search`` parameters, or values to resolve."""
+    if not (isinstance(params, Params) and params.get("stage") == "search"):
+        params = resolve_params(params, stage="search")
+    inputs = prepare_search(params)
+    run = runs.start_run(params)
+    model = load_search_model(params, inputs)
+    threshold = resolve_threshold(model, params["threshold"], params["flip_tta"])
+    index = build_gallery_index(model, inputs, run.output_dir, params)
+    results = search_queries(model, index, inputs, params)
+    explorer = SearchExplorer(model, results, threshold, params, out_dir=run.figures_dir)
+    figures = explorer.static(show=show)
+    csv_path = write_rankings_csv(run.output_dir / RANKINGS_FILE, results, threshold)
+    record = search_record(params, inputs, model, index, results, threshold, figures)
+    runs.finish_run(run, record)
+    return SearchRun(output_dir=run.output_dir, inputs=inputs, model=model, threshold=threshold,
+                     index=index, results=results, record=record, rankings_csv=csv_path,
+                     figures=figures)
