@@ -9,7 +9,8 @@ PYTHON ?= python3
 VENV ?= .venv
 PY := $(VENV)/bin/python
 
-.PHONY: install demo test test-fast goldens regenerate-goldens check-mini bench lab clean-outputs
+.PHONY: install demo test test-fast goldens regenerate-goldens check-mini bench lab clean-outputs \
+	gpu-wheels gpu-check gpu-check-smoke
 
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -48,6 +49,47 @@ bench: install
 	$(PY) benchmarks/bench_rank_metrics.py
 	$(PY) benchmarks/bench_training.py
 	$(PY) benchmarks/bench_architectures.py
+	$(PY) benchmarks/bench_data.py
+
+# GPU check (benchmarks/README.md, "GPU check"). The lent GPU machine has no network and its
+# own python3 with PyTorch (another version than our pin) but not openai-clip nor ftfy/wcwidth,
+# which clip imports: `make gpu-wheels` (here) puts exactly those wheels into .whl/ (git-ignored
+# through .git/info/exclude), which the device call carries; `make gpu-check` (there) installs
+# them into $(GPU_SITE) when `import clip` fails and runs the check from the source tree.
+# setuptools<81 travels too: clip imports pkg_resources, which later setuptools no longer have.
+GPU_PYTHON ?= python3
+GPU_PYTHON_VERSION ?= 3.12
+GPU_SITE ?= /tmp/handclip-site
+GPU_CHECK_JSON ?= outputs/gpu_check.json
+GPU_CHECK_ARGS ?=
+# openai-clip as pinned in pyproject.toml (PyPI has only its sdist: built into a wheel here);
+# the others at the versions of our .venv (pip show ftfy wcwidth setuptools)
+GPU_CLIP_PIN ?= openai-clip==1.0.1
+GPU_WHEEL_PINS ?= ftfy==6.3.1 wcwidth==0.9.4 setuptools==80.10.2
+
+gpu-wheels:
+	@exclude=$$(git rev-parse --git-path info/exclude 2>/dev/null || echo .git/info/exclude); \
+	mkdir -p "$$(dirname "$$exclude")"; \
+	grep -qxF '/.whl/' "$$exclude" 2>/dev/null || echo '/.whl/' >> "$$exclude"
+	rm -rf .whl && mkdir -p .whl
+	$(PYTHON) -m pip wheel --quiet --no-deps --no-cache-dir -w .whl $(GPU_CLIP_PIN)
+	$(PYTHON) -m pip download --quiet --no-deps --only-binary=:all: \
+		--python-version $(GPU_PYTHON_VERSION) --implementation cp \
+		--platform manylinux_2_28_x86_64 --platform manylinux_2_17_x86_64 \
+		--platform manylinux2014_x86_64 -d .whl $(GPU_WHEEL_PINS)
+	@ls -l .whl
+
+gpu-check:
+	@$(GPU_PYTHON) -c "import clip" 2>/dev/null || PYTHONPATH=$(GPU_SITE) $(GPU_PYTHON) -c "import clip" \
+		2>/dev/null || { ls .whl/*.whl >/dev/null 2>&1 || { echo "no .whl/: run 'make gpu-wheels' \
+		here and carry .whl"; exit 2; }; $(GPU_PYTHON) -m pip install --quiet --no-index --no-deps \
+		--no-compile --no-cache-dir --upgrade --target $(GPU_SITE) .whl/*.whl; }
+	PYTHONPATH=$(GPU_SITE):$(CURDIR) PYTHONUNBUFFERED=1 $(GPU_PYTHON) benchmarks/gpu_check.py \
+		--out $(GPU_CHECK_JSON) $(GPU_CHECK_ARGS)
+
+# the same script on this CPU: tiny backbones, small sizes (under a minute)
+gpu-check-smoke: install
+	$(PY) benchmarks/gpu_check.py --smoke --out outputs/gpu_check_smoke.json
 
 lab: install
 	$(VENV)/bin/jupyter lab notebooks/

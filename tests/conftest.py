@@ -1,6 +1,7 @@
 """Shared fixtures: the real 11k metadata, small synthetic datasets (generated once per session)."""
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import pytest
@@ -74,3 +75,41 @@ def one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(before)
+
+
+@pytest.fixture(scope="session")
+def slurm_cluster(tmp_path_factory):
+    """A real one-node Slurm cluster (tests/slurm_cluster.py), started once per session and
+    stopped afterwards; ``SLURM_CONF`` points the clients (sbatch, squeue, submitit) at it while
+    it runs. Skipped where Slurm is not installed, unless ``HANDCLIP_REQUIRE_SLURM=1`` (set by
+    ``.ci/run``), which turns the skip into a failure."""
+    from slurm_cluster import slurm_installed, start_cluster
+
+    missing = None
+    if not slurm_installed():
+        missing = "Slurm is not installed (no slurmctld/slurmd/munged/sbatch)"
+    elif os.geteuid() != 0:
+        missing = "the one-node Slurm cluster must be started as root"
+    if missing:
+        if os.environ.get("HANDCLIP_REQUIRE_SLURM") == "1":
+            pytest.fail(f"{missing}: apt-get install slurm-wlm munge, or run .ci/run "
+                        "(HANDCLIP_REQUIRE_SLURM=1 forbids skipping)")
+        pytest.skip(f"{missing}: apt-get install slurm-wlm munge, or run .ci/run")
+    cluster = start_cluster(tmp_path_factory.mktemp("slurm"))
+    yield cluster
+    cluster.stop()
+
+
+def pytest_collection_modifyitems(config, items):
+    """Tests marked ``cuda`` are skipped where torch sees no CUDA device (``make gpu-check``
+    runs them on a GPU machine)."""
+    marked = [item for item in items if item.get_closest_marker("cuda")]
+    if not marked:
+        return
+    import torch  # here: only when a cuda-marked test is collected (the conftest stays cheap)
+
+    if torch.cuda.is_available():
+        return
+    skip = pytest.mark.skip(reason="needs a CUDA GPU (run by make gpu-check)")
+    for item in marked:
+        item.add_marker(skip)

@@ -27,7 +27,7 @@ LAYERS = {
     "evaluate": 7,
     "train": 8,
     "viz": 9, "attention": 9,
-    "pipeline": 10,
+    "pipeline": 10, "search": 10,
 }
 
 

@@ -1,4 +1,4 @@
-"""The resumable, incremental pipeline (handclip_nb/pipeline.py).
+"""The resumable, incremental pipeline (handclip_nb/pipeline/steps.py).
 
 The decisions (skip / resume / start over, which steps a change reaches, folder removal, links,
 ``force``, portable paths) are tested with a recording stand-in for ``run_notebook``: exact
@@ -18,7 +18,7 @@ from pathlib import Path
 
 import pytest
 
-import handclip_nb.pipeline as pipeline
+import handclip_nb.pipeline.steps as pipeline
 from handclip_nb.pipeline import Step, run_pipeline
 from handclip_nb.runs import resolve_path
 

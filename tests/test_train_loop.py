@@ -185,3 +185,80 @@ def test_amp_is_off_on_cpu(tmp_path):
                       optimizer=loop.optimizer, scheduler=None, step=loop.step,
                       batches=loop.batches, amp=True, device="cpu", progress=False)
     assert loop2.amp is False and not loop2.scaler.is_enabled()
+
+
+def _scalars(log_dir):
+    """{tag: [(step, value), ...]} of a TensorBoard folder, as TensorBoard reads it."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    acc = EventAccumulator(str(log_dir))
+    acc.Reload()
+    return {tag: [(e.step, e.value) for e in acc.Scalars(tag)] for tag in acc.Tags()["scalars"]}
+
+
+def _named_groups_loop(tmp_path, epochs, callbacks=(), seed=0):
+    """The toy loop with two named parameter groups (weights at lr, biases at 2 × lr); ``seed``
+    initialises the model differently (a resumed run restores it), the data stays."""
+    _, x, y = _toy()
+    model, _, _ = _toy(seed)
+    loop = _loop(tmp_path, model, x, y, epochs=epochs, callbacks=callbacks,
+                 validate=lambda: {"mAP": float(-model[0].weight.sum()), "rank1": 50.0})
+    weights = [p for n, p in model.named_parameters() if n.endswith("weight")]
+    biases = [p for n, p in model.named_parameters() if n.endswith("bias")]
+    loop.optimizer = torch.optim.SGD([{"name": "weights", "params": weights, "lr": 0.05},
+                                      {"name": "bias", "params": biases, "lr": 0.1}],
+                                     momentum=0.9)
+    loop.scheduler = warmup_cosine(loop.optimizer, epochs, warmup_epochs=1)
+    return loop
+
+
+def test_tensorboard_curves_are_written_per_epoch(tmp_path):
+    loop = _named_groups_loop(tmp_path, epochs=3)
+    result = loop.fit(3)
+    scalars = _scalars(tmp_path / "tensorboard")
+    assert set(scalars) == {"loss/total", "loss/ce", "lr/weights", "lr/bias", "val/mAP",
+                            "val/rank1", "time/seconds_per_epoch"}
+    for tag, points in scalars.items():
+        assert [s for s, _ in points] == [1, 2, 3], tag
+    assert [v for _, v in scalars["loss/total"]] == pytest.approx(
+        [h["loss"]["loss"] for h in result.history])
+    assert [v for _, v in scalars["lr/weights"]] == pytest.approx([h["lr"] for h in result.history])
+    assert [v for _, v in scalars["lr/bias"]] == pytest.approx(
+        [2 * h["lr"] for h in result.history])
+    assert [v for _, v in scalars["val/mAP"]] == pytest.approx(
+        [h["val"]["mAP"] for h in result.history])
+    # a fresh run in the same folder replaces the earlier run's curves
+    _named_groups_loop(tmp_path, epochs=2).fit(2)
+    assert [s for s, _ in _scalars(tmp_path / "tensorboard")["loss/total"]] == [1, 2]
+    assert len(list((tmp_path / "tensorboard").glob("events.out.tfevents.*"))) == 1
+
+
+def test_tensorboard_after_a_resume_has_each_epoch_once(tmp_path):
+    full = _named_groups_loop(tmp_path / "a", epochs=4).fit(4)
+
+    def kill(record):
+        if record["epoch"] == 2:
+            raise _Killed()
+
+    with pytest.raises(_Killed):
+        _named_groups_loop(tmp_path / "b", epochs=4, callbacks=[kill]).fit(4)
+    resumed = _named_groups_loop(tmp_path / "b", epochs=4, seed=7).fit(4, resume=True)
+    assert resumed.resumed_from == 2
+    log_dir = tmp_path / "b" / "tensorboard"
+    assert len(list(log_dir.glob("events.out.tfevents.*"))) == 2  # one per process
+    scalars = _scalars(log_dir)
+    assert [s for s, _ in scalars["loss/total"]] == [1, 2, 3, 4]
+    assert [s for s, _ in scalars["val/rank1"]] == [1, 2, 3, 4]
+    assert [v for _, v in scalars["loss/total"]] == pytest.approx(
+        [h["loss"]["loss"] for h in full.history])
+    assert [v for _, v in scalars["lr/bias"]] == pytest.approx(
+        [v for _, v in _scalars(tmp_path / "a" / "tensorboard")["lr/bias"]])
+
+
+def test_tensorboard_can_be_switched_off(tmp_path):
+    model, x, y = _toy()
+    loop = _loop(tmp_path, model, x, y, epochs=1)
+    loop.tensorboard = False
+    loop.fit(1)
+    assert not (tmp_path / "tensorboard").exists()
+    assert TrainLoop.__init__.__kwdefaults__["tensorboard"] is True

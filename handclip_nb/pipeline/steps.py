@@ -1,4 +1,4 @@
-"""Run the workbench's notebooks headlessly with papermill (the README's main command).
+"""Steps: run the workbench's notebooks headlessly with papermill (the README's main command).
 
 ``python -m handclip_nb.pipeline --output outputs/demo`` executes the demo's steps on the
 embedded default (synthetic hands, the shipped ``handclip-mini``): stage 0 (and the untrained
@@ -29,24 +29,30 @@ from typing import Mapping, Sequence
 
 import yaml
 
-from .constants import METRIC_LABELS
-from .evaluate.tables import comparison_table, format_table, markdown_table
-from .params import TRAINING, load_params_file
-from .runs import atomic_write_json, atomic_write_text, project_root, read_metrics, resolve_path
+from ..constants import METRIC_LABELS
+from ..evaluate.tables import comparison_table, format_table, markdown_table
+from ..params import TRAINING, load_params_file
+from ..runs import atomic_write_json, atomic_write_text, project_root, read_metrics, resolve_path
 
-__all__ = ["Step", "DEMO_STEPS", "GOLDEN_STEPS", "NOTEBOOK_STAGES", "run_notebook", "run_pipeline",
-           "step_fingerprint", "code_fingerprint", "demo_table", "main"]
+__all__ = ["Step", "DEMO_STEPS", "GOLDEN_STEPS", "NOTEBOOK_STAGES", "OTHER_NOTEBOOKS",
+           "NOTEBOOKS_DIR", "PARAMS_DIR",
+           "run_notebook", "run_pipeline", "execute_step", "execute_spec", "step_parameters",
+           "step_fingerprint", "code_fingerprint", "demo_table"]
 
 #: The notebooks ship beside the package in the checkout.
-NOTEBOOKS_DIR = Path(__file__).resolve().parents[1] / "notebooks"
-PARAMS_DIR = Path(__file__).resolve().parents[1] / "params"
+NOTEBOOKS_DIR = Path(__file__).resolve().parents[2] / "notebooks"
+PARAMS_DIR = Path(__file__).resolve().parents[2] / "params"
 
 #: Which stage of the parameter schema each notebook resolves (training ones accept ``resume``).
 NOTEBOOK_STAGES = {
     "pretrain_mini.ipynb": "pretrain", "stage0_zeroshot.ipynb": "stage0",
     "stage1_prompt.ipynb": "stage1", "stage2_image.ipynb": "stage2", "stage3.ipynb": "stage3",
     "evaluation.ipynb": "evaluation", "attention.ipynb": "attention",
+    "search.ipynb": "search",
 }
+#: Notebooks that are no stage of the parameter schema: the grid's results table reads a grid
+#: folder (its one parameter, ``grid_dir``), not a dataset.
+OTHER_NOTEBOOKS = ("results.ipynb",)
 
 
 @dataclass(frozen=True)
@@ -129,7 +135,7 @@ def _hash_files(paths: Sequence[Path], base: Path) -> str:
 def code_fingerprint() -> str:
     """The package's source and the shipped weights' SHA-256 record: a change to either may
     change every result, so every step re-runs after it (conservative, never stale)."""
-    pkg = Path(__file__).resolve().parent
+    pkg = Path(__file__).resolve().parents[1]
     files = [p for p in pkg.rglob("*") if p.is_file() and p.suffix in (".py", ".sha256")
              and "__pycache__" not in p.parts]
     return _hash_files(files, pkg)
@@ -186,6 +192,47 @@ def _read_state(out: Path, step: Step) -> dict | None:
         return None
 
 
+def execute_step(out: Path, step: Step, params: dict, fingerprint: str,
+                 progress: bool = True, force: bool = False) -> dict:
+    """Run one step into ``out/<step.name>`` unless its recorded state says it is done with the
+    same ``fingerprint`` (see the module docstring): skip it, resume it from
+    ``checkpoints/last.pt``, or start it afresh. Returns ``{"status": "skipped" | "resumed" |
+    "finished", "seconds"}``. Safe to call again after a kill at any point (a Slurm requeue)."""
+    run_dir = out / step.name
+    state = _read_state(out, step)
+    same_inputs = state is not None and state.get("fingerprint") == fingerprint
+    if (not force and same_inputs and state.get("status") == "done"
+            and (run_dir / "metrics.json").is_file()):
+        return {"status": "skipped", "seconds": 0.0}
+    resume = not force and same_inputs and state.get("status") == "running"
+    if not resume and run_dir.exists():
+        shutil.rmtree(run_dir)  # inputs changed (or forced): never resume stale state
+    params = dict(params)
+    if resume and step.stage in TRAINING:
+        params["resume"] = True
+    atomic_write_json(_state_path(out, step), {"fingerprint": fingerprint, "status": "running",
+                                               "started": time.time()})
+    started = time.time()
+    run_notebook(step.notebook, out / f"{step.name}.ipynb", params, progress=progress)
+    seconds = time.time() - started
+    atomic_write_json(_state_path(out, step), {"fingerprint": fingerprint, "status": "done",
+                                               "seconds": round(seconds, 1)})
+    return {"status": "resumed" if resume else "finished", "seconds": seconds}
+
+
+def execute_spec(spec: Mapping, attempt: int = 0) -> dict:
+    """:func:`execute_step` from a JSON-able spec (``out``, ``name``, ``notebook``, ``params``,
+    ``links``, ``fingerprint``): what a grid's worker process or Slurm job runs."""
+    step = Step(spec["name"], spec["notebook"], None, dict(spec["params"]),
+                links=dict(spec.get("links") or {}))
+    if attempt:
+        print(f"[grid] {step.name}: attempt {attempt + 1} (requeued by the scheduler)")
+    result = execute_step(Path(spec["out"]), step, dict(spec["params"]), spec["fingerprint"],
+                          progress=False)
+    print(f"[grid] {step.name}: {result['status']} in {result['seconds']:.1f} s")
+    return {**result, "attempt": attempt}
+
+
 def run_pipeline(output: str | Path, steps: Sequence[Step] = DEMO_STEPS,
                  extra: Mapping | None = None, progress: bool = True,
                  force: bool = False) -> list[Path]:
@@ -206,26 +253,12 @@ def run_pipeline(output: str | Path, steps: Sequence[Step] = DEMO_STEPS,
         fp = step_fingerprint(step, params, fingerprints, code)
         fingerprints[step.name] = fp
         run_dirs.append(run_dir)
-        state = _read_state(out, step)
-        same_inputs = state is not None and state.get("fingerprint") == fp
-        if (not force and same_inputs and state.get("status") == "done"
-                and (run_dir / "metrics.json").is_file()):
+        result = execute_step(out, step, params, fp, progress=progress, force=force)
+        if result["status"] == "skipped":
             print(f"[pipeline] {step.name}: up to date, skipped")
-            continue
-        resume = not force and same_inputs and state.get("status") == "running"
-        if not resume and run_dir.exists():
-            shutil.rmtree(run_dir)  # inputs changed (or forced): never resume stale state
-        if resume and step.stage in TRAINING:
-            params["resume"] = True
-        atomic_write_json(_state_path(out, step), {"fingerprint": fp, "status": "running",
-                                                   "started": time.time()})
-        started = time.time()
-        run_notebook(step.notebook, out / f"{step.name}.ipynb", params, progress=progress)
-        seconds = time.time() - started
-        atomic_write_json(_state_path(out, step), {"fingerprint": fp, "status": "done",
-                                                   "seconds": round(seconds, 1)})
-        print(f"[pipeline] {step.name}: {'resumed, ' if resume else ''}{seconds:.1f} s "
-              f"-> {run_dir}")
+        else:
+            print(f"[pipeline] {step.name}: {'resumed, ' if result['status'] == 'resumed' else ''}"
+                  f"{result['seconds']:.1f} s -> {run_dir}")
     return run_dirs
 
 
@@ -236,29 +269,3 @@ def demo_table(run_dirs: Sequence[Path]):
               and read_metrics(d)["stage"] in ("stage0", "stage2", "stage3")]
     table = comparison_table(ranked)
     return table, format_table(table)
-
-
-def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--output", default="outputs/demo", help="folder for executed notebooks")
-    parser.add_argument("-p", "--param", nargs=2, action="append", default=[],
-                        metavar=("NAME", "VALUE"), help="extra parameter for every step")
-    parser.add_argument("--force", action="store_true",
-                        help="re-run every step even when its inputs did not change")
-    args = parser.parse_args(argv)
-    extra = {k: yaml.safe_load(v) for k, v in args.param}
-    started = time.time()
-    run_dirs = run_pipeline(args.output, extra=extra, force=args.force)
-    numbers, shown = demo_table(run_dirs)
-    # both APs: the standard mAP and MBA-Net's trapezoid mAP (docs/protocols.md#metrics)
-    columns = ["stage", "backbone", "rank1", "rank5", "mAP", METRIC_LABELS["mAP_mbanet"], "mINP"]
-    print(shown[columns].to_string())
-    out = resolve_path(args.output)
-    atomic_write_text(out / "comparison.csv", numbers.to_csv())
-    atomic_write_text(out / "comparison.md", markdown_table(shown[columns]))
-    print(f"[pipeline] done in {time.time() - started:.1f} s; results in {out}")
-    return 0
-
-
-if __name__ == "__main__":
-    sys.exit(main())

@@ -1,6 +1,8 @@
 """The shared training loop of every stage: one place for the order of operations.
 
-Per batch: ``zero_grad`` → forward (autocast on CUDA only) → ``backward`` → unscale + clip the
+Per batch: ``zero_grad`` → forward (under the run's :class:`~handclip_nb.device.Precision`:
+fp32, fp16 autocast, or bf16 autocast; mixed precision on CUDA only unless a caller passes a
+CPU precision explicitly, as the tests do) → ``backward`` (scaled for fp16) → unscale + clip the
 gradient norm → ``optimizer.step()`` (docs/mistakes.md #8: clipping after ``step`` did nothing).
 Per epoch: ``scheduler.step()`` once → validation every ``eval_every`` epochs on the
 model-selection split (training identities only, docs/mistakes.md #1) → the best state is *copied*
@@ -10,6 +12,10 @@ scheduler and RNG states, so ``resume=True`` continues exactly where a killed ru
 A stage supplies three callables (torchreid's engine design: only ``forward_backward`` differs
 between stages): ``batches(epoch)`` yields batches, ``step(batch)`` returns a dict of loss tensors
 with the total under ``"loss"``, and ``validate()`` returns a dict of metrics (percent).
+
+Every epoch's record is also written as TensorBoard scalars to ``<output_dir>/tensorboard/``
+(:class:`TensorBoardWriter`, on by default: ``tensorboard=False`` turns it off), the epoch as
+the step, so ``tensorboard --logdir DIR`` compares every run under ``DIR`` (a whole grid).
 """
 from __future__ import annotations
 
@@ -20,19 +26,106 @@ from typing import Any, Callable, Iterable, Mapping
 
 import torch
 from torch import nn
+from torch.utils.tensorboard import SummaryWriter
 
+from ..device import Precision
 from ..progress import tqdm
 from ..runs import BEST_CHECKPOINT, LAST_CHECKPOINT
 from ..checkpoint import (CheckpointError, check_meta, load_checkpoint, restore_rng_state,
                          save_checkpoint)
 
-__all__ = ["TrainLoop", "FitResult", "clone_state"]
+__all__ = ["TrainLoop", "FitResult", "clone_state", "compiled", "run_precision",
+           "TensorBoardWriter", "TENSORBOARD_DIR"]
+
+#: The run folder's TensorBoard event files (one file per process that trained the run).
+TENSORBOARD_DIR = "tensorboard"
 
 
 def clone_state(modules: Mapping[str, nn.Module]) -> dict[str, dict[str, torch.Tensor]]:
     """A detached CPU copy of every module's state: later training cannot change it."""
     return {name: {k: v.detach().cpu().clone() for k, v in m.state_dict().items()}
             for name, m in modules.items()}
+
+
+def compiled(module: nn.Module, enabled: bool) -> nn.Module:
+    """``torch.compile(module)`` when ``enabled`` (the ``compile`` parameter), else ``module``.
+    The compiled wrapper shares the module's parameters, so optimisers, checkpoints and
+    evaluation keep using the module itself."""
+    return torch.compile(module) if enabled else module
+
+
+def run_precision(params: Mapping[str, Any], device) -> Precision:
+    """The mixed precision of a training run's ``amp`` / ``amp_dtype`` on ``device``."""
+    return Precision.resolve(params.get("amp", False), params.get("amp_dtype", "float16"), device)
+
+
+class TensorBoardWriter:
+    """A :class:`TrainLoop` callback: each epoch's record as TensorBoard scalars in
+    ``log_dir``, with the epoch (1-based) as the step:
+
+    * ``loss/total`` and ``loss/<part>``: the record's mean losses (``loss`` is the total);
+    * ``lr/<group>``: the learning rate of every optimiser parameter group during the epoch
+      (the group's ``name``, else its index; without ``lr_groups`` the record's ``lr`` as
+      ``lr/0``);
+    * ``val/<metric>``: the validation metrics of the epochs that were validated;
+    * ``time/seconds_per_epoch``.
+
+    ``purge_step``: the first step this writer writes; TensorBoard hides events of earlier
+    writers at this step and after, so a resumed run shows each epoch once. Events are flushed
+    every epoch, so an interrupted run keeps the epochs its ``last.pt`` holds."""
+
+    def __init__(self, log_dir: str | Path, purge_step: int | None = None):
+        self.log_dir = Path(log_dir)
+        self.purge_step = purge_step
+        self._writer: SummaryWriter | None = None
+
+    def _open(self) -> SummaryWriter:
+        if self._writer is None:
+            self.log_dir.mkdir(parents=True, exist_ok=True)
+            _after_existing_event_files(self.log_dir)
+            self._writer = SummaryWriter(str(self.log_dir), purge_step=self.purge_step)
+        return self._writer
+
+    def __call__(self, record: Mapping[str, Any],
+                 lr_groups: Mapping[str, float] | None = None) -> None:
+        writer = self._open()
+        step = int(record["epoch"])
+        for part, value in record.get("loss", {}).items():
+            writer.add_scalar("loss/total" if part == "loss" else f"loss/{part}", value, step)
+        groups = lr_groups if lr_groups is not None else (
+            {"0": record["lr"]} if "lr" in record else {})
+        for group, value in groups.items():
+            writer.add_scalar(f"lr/{group}", value, step)
+        for metric, value in record.get("val", {}).items():
+            writer.add_scalar(f"val/{metric}", value, step)
+        if "seconds" in record:
+            writer.add_scalar("time/seconds_per_epoch", record["seconds"], step)
+        writer.flush()
+
+    def close(self) -> None:
+        if self._writer is not None:
+            self._writer.close()
+            self._writer = None
+
+
+def _event_files(log_dir: Path) -> list[Path]:
+    return sorted(log_dir.glob("events.out.tfevents.*"))
+
+
+def _after_existing_event_files(log_dir: Path) -> None:
+    """Wait (at most a second) until the clock is past every event file's timestamp: TensorBoard
+    reads a folder's event files in name order, which is their creation second, and a resumed
+    run's file must come after the interrupted run's for ``purge_step`` to apply."""
+    stamps = [int(p.name.split(".")[3]) for p in _event_files(log_dir)
+              if p.name.split(".")[3].isdigit()]
+    if stamps and max(stamps) >= int(time.time()):
+        time.sleep(max(stamps) + 1 - time.time())
+
+
+def _lr_groups(optimizer: torch.optim.Optimizer) -> dict[str, float]:
+    """``{group name or index: lr}`` of every parameter group."""
+    return {str(group.get("name") or i): float(group["lr"])
+            for i, group in enumerate(optimizer.param_groups)}
 
 
 @dataclass
@@ -75,9 +168,11 @@ class TrainLoop:
                  batches: Callable[[int], Iterable], validate: Callable[[], dict] | None = None,
                  select_metric: str = "mAP", eval_every: int = 1, patience: int | None = None,
                  grad_clip: float | None = None, device: torch.device | str = "cpu",
-                 amp: bool = False, params: Mapping[str, Any] | None = None,
+                 amp: bool = False, precision: Precision | None = None,
+                 params: Mapping[str, Any] | None = None,
                  meta: Mapping[str, Any] | None = None,
-                 callbacks: Iterable[Callable[[dict], None]] = (), progress: bool = True):
+                 callbacks: Iterable[Callable[[dict], None]] = (), progress: bool = True,
+                 tensorboard: bool = True):
         self.stage = stage
         self.output_dir = Path(output_dir)
         self.ckpt_dir = self.output_dir / Path(LAST_CHECKPOINT).parent
@@ -87,13 +182,18 @@ class TrainLoop:
         self.select_metric, self.eval_every, self.patience = select_metric, eval_every, patience
         self.grad_clip = grad_clip
         self.device = torch.device(device)
-        # Mixed precision only on CUDA; CPU always trains in fp32 (docs/methods.md).
-        self.amp = bool(amp) and self.device.type == "cuda"
-        self.scaler = torch.amp.GradScaler("cuda", enabled=self.amp)
+        # ``amp`` alone means fp16 on CUDA; CPU trains in fp32 unless ``precision`` says
+        # otherwise (docs/methods.md). Weights stay fp32 either way (autocast casts per op).
+        self.precision = precision or Precision(self.device.type,
+                                                enabled=bool(amp) and self.device.type == "cuda")
+        self.amp = self.precision.enabled
+        # fp16 gradients underflow without loss scaling; bf16 has fp32's range and needs none
+        self.scaler = torch.amp.GradScaler("cuda", enabled=self.precision.needs_scaler)
         self.params = dict(params or {})
         self.meta = dict(meta or {})
         self.callbacks = list(callbacks)
         self.progress = progress
+        self.tensorboard = tensorboard  # write <output_dir>/tensorboard/ (TensorBoardWriter)
 
     @property
     def last_path(self) -> Path:
@@ -102,6 +202,16 @@ class TrainLoop:
     @property
     def best_path(self) -> Path:
         return self.output_dir / BEST_CHECKPOINT
+
+    def _tensorboard_writer(self, start: int) -> TensorBoardWriter:
+        """The writer of a fit that starts after ``start`` completed epochs: a fresh run
+        (``start`` 0) removes the event files an earlier run left in this folder; a resumed one
+        keeps them and writes from step ``start + 1`` on (``purge_step``)."""
+        log_dir = self.output_dir / TENSORBOARD_DIR
+        if start == 0:
+            for stale in _event_files(log_dir):
+                stale.unlink()
+        return TensorBoardWriter(log_dir, purge_step=start + 1)
 
     def _trainable(self) -> list[torch.Tensor]:
         return [p for group in self.optimizer.param_groups for p in group["params"]
@@ -165,6 +275,7 @@ class TrainLoop:
         stopped_early = False
         epoch_times = []
         params = self._trainable()
+        board = self._tensorboard_writer(start) if self.tensorboard and start < epochs else None
         bar = tqdm(range(start, epochs), desc=f"{self.stage} epochs", disable=not self.progress,
                    initial=start, total=epochs)
         for epoch in bar:
@@ -174,10 +285,11 @@ class TrainLoop:
             sums: dict[str, float] = {}
             n_batches = n_items = 0
             lr = self.optimizer.param_groups[0]["lr"]
+            lr_groups = _lr_groups(self.optimizer)
             for batch in tqdm(self.batches(epoch), desc=f"epoch {epoch + 1}", leave=False,
                               disable=not self.progress):
                 self.optimizer.zero_grad(set_to_none=True)
-                with torch.autocast(self.device.type, enabled=self.amp):
+                with self.precision.autocast():
                     parts = self.step(batch)
                 loss = parts["loss"]
                 if not torch.isfinite(loss):
@@ -214,6 +326,8 @@ class TrainLoop:
             history.append(record)
             self._save(self.last_path, epoch + 1, history, best)
             print(_summary(self.stage, record, epochs, best))
+            if board is not None:
+                board(record, lr_groups)
             for cb in self.callbacks:
                 cb(record)
             since_best = epoch + 1 - best["epoch"] if best else 0
@@ -222,6 +336,8 @@ class TrainLoop:
                 stopped_early = True
                 break
         bar.close()
+        if board is not None:
+            board.close()
         return FitResult(history=history, best_epoch=best.get("epoch") if best else None,
                          best_score=best.get("score") if best else None, best_state=best_state,
                          epochs_run=len(history), stopped_early=stopped_early,

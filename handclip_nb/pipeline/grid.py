@@ -1,0 +1,248 @@
+"""The experiment grid: one YAML file describes a results table, one command runs it.
+
+A grid file (``params/grids/<name>.yaml``)::
+
+    base: params/smoke.yaml        # optional: the params file every run starts from; it may
+                                   # name axes, e.g. params/{backbone}-{aspect}.yaml
+    params: {num_splits: 10}       # optional: overrides for every run
+    axes:                          # every combination is one set of linked runs
+      aspect: [dorsal_r, dorsal_l]
+      backbone: [vitb16, rn50]
+      seed: [0, 1, 2]
+    stages: [stage0, stage1, stage2, stage3]
+    slurm: {partition: gpu, gpus: 1, time: "04:00:00", mem: 32G}   # optional
+
+expands into runs (:func:`expand_grid`). The stages of one combination are linked as in the
+demo: stage 2 reads that combination's stage-1 prompts (``stage1_dir``). A run is named by its
+stage and the axis values its result depends on, and combinations that resolve to the same
+run are one run: a parameter that does not apply to a stage (``lr`` for zero-shot) or does not
+change its result (``seed`` for the zero-shot ranking of a pretrained backbone) is left out of
+its identity. Every run is validated against the parameter schema before anything starts.
+"""
+from __future__ import annotations
+
+import hashlib
+import itertools
+import json
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Mapping
+
+import yaml
+
+from ..backbone_specs import get_backbone_spec
+from ..params import SCHEMA, STAGES, ParamError, load_params_file, resolve_params
+from ..runs import resolve_path
+from .steps import Step
+
+__all__ = ["GRID_STAGES", "STAGE_NOTEBOOKS", "Grid", "GridRun", "GridError", "load_grid",
+           "expand_grid", "slurm_settings"]
+
+#: Stages a grid may run, in dependency order, and their notebooks.
+GRID_STAGES = ("stage0", "stage1", "stage2", "stage3")
+STAGE_NOTEBOOKS = {"stage0": "stage0_zeroshot.ipynb", "stage1": "stage1_prompt.ipynb",
+                   "stage2": "stage2_image.ipynb", "stage3": "stage3.ipynb"}
+
+#: Parameters that never change a run's numbers (where it writes, how many loader workers,
+#: caches, widgets); they are left out of a run's identity.
+NOT_RESULTS = frozenset({"output_dir", "resume", "num_workers", "decode_cache", "feature_cache",
+                         "interactive", "show_k", "stage1_dir", "init_from"})
+
+SLURM_KEYS = ("partition", "gpus", "time", "mem", "cpus")
+
+
+class GridError(ValueError):
+    """A grid file that cannot run; the message names the file, the key and the fix."""
+
+
+@dataclass(frozen=True)
+class Grid:
+    path: Path
+    base: str | None  # the base params file, possibly with {axis} fields
+    params: dict
+    axes: dict[str, list]
+    stages: tuple[str, ...]
+    slurm: dict = field(default_factory=dict)
+
+    @property
+    def name(self) -> str:
+        return self.path.stem
+
+
+@dataclass
+class GridRun:
+    """One run of the grid: a notebook step with its parameters and links."""
+
+    name: str
+    stage: str
+    values: dict  # the parameter values given to papermill (base file + params + combination)
+    axes: dict  # the axis values this run depends on
+    key: str  # identity: the stage and every parameter that can change its numbers
+    links: dict = field(default_factory=dict)  # {"stage1_dir": run name}
+    combinations: list = field(default_factory=list)  # every combination that needs it
+
+    @property
+    def notebook(self) -> str:
+        return STAGE_NOTEBOOKS[self.stage]
+
+    def step(self) -> Step:
+        return Step(self.name, self.notebook, None, dict(self.values), links=dict(self.links))
+
+    def upstream(self) -> list[str]:
+        return list(self.links.values())
+
+
+def _fail(path: Path, why: str) -> GridError:
+    return GridError(f"grid file {path}: {why}")
+
+
+def load_grid(path: str | Path) -> Grid:
+    """Read and validate a grid file: its keys, axes (schema parameters with non-empty value
+    lists), stages and Slurm settings; every run's parameters are validated by
+    :func:`expand_grid`."""
+    path = resolve_path(path)
+    if not path.is_file():
+        raise GridError(f"grid file {path} does not exist (grids live in params/grids/)")
+    try:
+        data = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as exc:
+        raise _fail(path, f"not valid YAML: {exc}") from None
+    if not isinstance(data, dict):
+        raise _fail(path, "must hold a mapping with axes and stages")
+    unknown = sorted(set(data) - {"base", "params", "axes", "stages", "slurm"})
+    if unknown:
+        raise _fail(path, f"unknown key(s) {unknown}; valid: base, params, axes, stages, slurm")
+    base = data.get("base")
+    if base is not None and not isinstance(base, str):
+        raise _fail(path, f"base must be a params file path, got {base!r}")
+    params = data.get("params") or {}
+    if not isinstance(params, dict):
+        raise _fail(path, "params must be a mapping of name: value")
+    bad = sorted((k for k in params if k not in SCHEMA and k not in STAGES), key=str)
+    if bad:
+        raise _fail(path, f"params: unknown parameter(s) {bad}")
+    axes = data.get("axes") or {}
+    if not isinstance(axes, dict):
+        raise _fail(path, "axes must be a mapping of parameter: [values]")
+    for name, values in axes.items():
+        if name not in SCHEMA:
+            raise _fail(path, f"axis {name!r} is not a parameter (handclip_nb/params.py)")
+        if name in ("output_dir", "stage1_dir", "init_from"):
+            raise _fail(path, f"axis {name!r} is set by the grid itself")
+        if not isinstance(values, list) or not values:
+            raise _fail(path, f"axis {name!r} needs a non-empty list of values, got {values!r}")
+        if len({json.dumps(v, sort_keys=True, default=str) for v in values}) < len(values):
+            raise _fail(path, f"axis {name!r} lists a value twice: {values!r}")
+    stages = data.get("stages") or list(GRID_STAGES)
+    if not isinstance(stages, list) or not stages:
+        raise _fail(path, "stages must be a non-empty list, e.g. [stage0, stage1, stage2]")
+    wrong = [s for s in stages if s not in GRID_STAGES]
+    if wrong:
+        raise _fail(path, f"unknown stage(s) {wrong}; a grid runs {', '.join(GRID_STAGES)}")
+    if "stage2" in stages and "stage1" not in stages:
+        raise _fail(path, "stage2 reads stage 1's prompts: add stage1 to stages")
+    slurm = data.get("slurm") or {}
+    if not isinstance(slurm, dict) or set(slurm) - set(SLURM_KEYS):
+        raise _fail(path, f"slurm must be a mapping with keys among {', '.join(SLURM_KEYS)}")
+    ordered = tuple(s for s in GRID_STAGES if s in stages)
+    grid = Grid(path=path, base=base, params=dict(params), axes=dict(axes), stages=ordered,
+                slurm=dict(slurm))
+    if base is not None:
+        fields = set(re.findall(r"{(\w+)}", base))
+        if fields - set(axes):
+            raise _fail(path, f"base {base!r} names {sorted(fields - set(axes))}, which are not "
+                              f"axes")
+    return grid
+
+
+def _base_values(grid: Grid, combo: Mapping[str, Any], loaded: dict) -> dict:
+    """The base params file of one combination (its ``{axis}`` fields filled), read once."""
+    if grid.base is None:
+        return {}
+    name = grid.base.format(**combo)
+    if name not in loaded:
+        try:
+            loaded[name] = load_params_file(resolve_path(name))
+        except ParamError as exc:
+            raise _fail(grid.path, f"base {name}: {exc}") from None
+    return loaded[name]
+
+
+def _slug(axis: str, value: Any) -> str:
+    """A run-name part: a word as it is (``dorsal_r``, ``vitb16``), a path by its file name,
+    anything else with its axis name (``seed0``, ``lr0.0003``, ``weightsNone``)."""
+    if isinstance(value, str):
+        text = Path(value).name if "/" in value else value  # a file: its name
+    else:
+        text = f"{axis}{value if value is None else json.dumps(value, default=str)}"
+    return re.sub(r"[^A-Za-z0-9.]+", "_", text).strip("_") or axis
+
+
+def _pretrained(resolved: Mapping) -> bool:
+    """Whether a zero-shot run's numbers are independent of ``seed`` (it only initialises
+    untrained backbones)."""
+    spec = get_backbone_spec(resolved["backbone"])
+    return bool(resolved.get("weights") or spec.openai_name or spec.weights_file)
+
+
+def _identity(stage: str, resolved: Mapping) -> dict:
+    relevant = {k: v for k, v in resolved.items() if k not in NOT_RESULTS}
+    if stage == "stage0" and _pretrained(resolved):
+        relevant.pop("seed", None)
+    return relevant
+
+
+def _stage_values(given: Mapping[str, Any], stage: str) -> dict:
+    """What papermill gets for one stage: the parameters that apply to it and its own section
+    (another stage's settings must not change this run's fingerprint)."""
+    out = {}
+    for name, value in given.items():
+        if name in STAGES:
+            if name == stage:
+                out[name] = value
+        elif "common" in SCHEMA[name].stages or stage in SCHEMA[name].stages:
+            out[name] = value
+    return out
+
+
+def expand_grid(grid: Grid) -> list[GridRun]:
+    """The grid's runs in dependency order, each validated (``resolve_params``), combinations
+    that resolve to the same run merged into one."""
+    names = list(grid.axes)
+    runs: dict[str, GridRun] = {}
+    loaded: dict[str, dict] = {}
+    for values in itertools.product(*(grid.axes[n] for n in names)):
+        combo = dict(zip(names, values))
+        given = {**_base_values(grid, combo, loaded), **grid.params, **combo}
+        by_stage: dict[str, str] = {}
+        for stage in grid.stages:
+            try:
+                resolved = resolve_params(given, stage=stage)
+            except ParamError as exc:
+                raise _fail(grid.path, f"combination {combo} for {stage}: {exc}") from None
+            identity = _identity(stage, resolved)
+            links = {"stage1_dir": by_stage["stage1"]} if stage == "stage2" else {}
+            depends = {axis: value for axis, value in combo.items() if axis in identity}
+            name = "-".join([stage, *(_slug(a, v) for a, v in depends.items())])
+            record = json.dumps({"stage": stage, "identity": identity,
+                                 "links": {k: runs[v].key for k, v in links.items()}},
+                                sort_keys=True, default=str)
+            key = hashlib.sha256(record.encode()).hexdigest()
+            if name in runs and runs[name].key != key:
+                raise _fail(grid.path, f"two different {stage} runs would both be named {name!r}; "
+                                       f"give the axes distinct values")
+            run = runs.setdefault(name, GridRun(name=name, stage=stage,
+                                                values=_stage_values(given, stage),
+                                                axes=depends, key=key, links=links))
+            run.combinations.append(combo)
+            by_stage[stage] = name
+    order = {s: i for i, s in enumerate(GRID_STAGES)}
+    return sorted(runs.values(), key=lambda r: order[r.stage])
+
+
+def slurm_settings(grid: Grid, overrides: Mapping[str, Any]) -> dict:
+    """The Slurm settings of a grid: its ``slurm:`` mapping, overridden by the command line."""
+    out = dict(grid.slurm)
+    out.update({k: v for k, v in overrides.items() if v is not None})
+    return out

@@ -1,0 +1,288 @@
+"""Results of an experiment grid (handclip_nb/evaluate/grid_results.py): results.csv rows,
+the paper-style table pooled over seeds and splits (against a hand computation), best cells,
+seed spread, gains over zero-shot, the published table, the figures, and notebooks/results.ipynb
+through papermill on fake run folders (with its self-contained HTML copy)."""
+from __future__ import annotations
+
+import json
+import math
+import re
+from pathlib import Path
+
+import matplotlib
+import numpy as np
+import pandas as pd
+import pytest
+import yaml
+
+from handclip_nb import viz
+from handclip_nb.constants import METRIC_NAMES
+from handclip_nb.evaluate import grid_results
+
+matplotlib.use("Agg")
+REPO = Path(__file__).resolve().parents[1]
+
+
+def _write_run(folder: Path, *, stage: str, rank1: list[float], seed: int = 0,
+               dataset: str = "11k", aspect: str = "dorsal_r", backbone: str = "vitb16",
+               synthetic: bool = True, finished: bool = True, verification: bool = True) -> dict:
+    """A fake finished run folder: params.yaml and a metrics.json whose per-split rank-1 is
+    ``rank1`` (the other metrics derived from it), as finish_run would write them."""
+    folder.mkdir(parents=True, exist_ok=True)
+    params = {"stage": stage, "dataset": dataset, "aspect": aspect, "backbone": backbone,
+              "seed": seed, "num_splits": len(rank1),
+              "data_root": None if synthetic else "/data/11k"}
+    (folder / "params.yaml").write_text(yaml.safe_dump({"params": params}))
+    if finished:
+        test = {}
+        for k, m in enumerate(METRIC_NAMES):
+            values = [v + k for v in rank1]
+            test[m] = {"mean": float(np.mean(values)),
+                       "std": float(np.std(values, ddof=1)) if len(values) > 1 else 0.0,
+                       "per_split": values}
+        metrics = {"stage": stage, "dataset": dataset,
+                   "aspect": "dorsal" if dataset == "hd" else aspect, "backbone": backbone,
+                   "num_splits": len(rank1), "test": test, "provenance": {"seed": seed}}
+        if verification:
+            metrics["verification"] = {"metrics": {
+                "eer": {"mean": 10.0 + seed, "std": 1.0, "per_split": [10.0 + seed] * 2},
+                "tar_at_far1e-2": {"mean": 50.0, "std": 0.0, "per_split": [50.0] * 2}}}
+        (folder / "metrics.json").write_text(json.dumps(metrics))
+    return {"name": folder.name, "stage": stage, "folder": str(folder),
+            "axes": {"seed": seed, "aspect": "hd" if dataset == "hd" else aspect,
+                     "backbone": backbone}}
+
+
+def _grid(root: Path, synthetic: bool = True) -> list[dict]:
+    """Two seeds × (zero-shot, stage 1, CLIP-ReID) × vitb16 on 11k dorsal_r, rn50 zero-shot and
+    CLIP-ReID on dorsal_r, vitb16 on HD, and one unfinished run."""
+    runs = root / "runs"
+    specs = [
+        _write_run(runs / "stage0-vitb16-s0", stage="stage0", rank1=[60.0, 70.0], seed=0,
+                   synthetic=synthetic),
+        _write_run(runs / "stage0-vitb16-s1", stage="stage0", rank1=[62.0, 64.0], seed=1,
+                   synthetic=synthetic),
+        _write_run(runs / "stage1-vitb16-s0", stage="stage1", rank1=[60.0, 70.0], seed=0,
+                   synthetic=synthetic),
+        _write_run(runs / "stage2-vitb16-s0", stage="stage2", rank1=[80.0, 90.0], seed=0,
+                   synthetic=synthetic),
+        _write_run(runs / "stage2-vitb16-s1", stage="stage2", rank1=[70.0, 100.0], seed=1,
+                   synthetic=synthetic),
+        _write_run(runs / "stage0-rn50-s0", stage="stage0", rank1=[50.0, 52.0], seed=0,
+                   backbone="rn50", synthetic=synthetic),
+        _write_run(runs / "stage2-rn50-s0", stage="stage2", rank1=[91.0, 95.0], seed=0,
+                   backbone="rn50", synthetic=synthetic, verification=False),
+        _write_run(runs / "stage2-vitb16-hd-s0", stage="stage2", rank1=[40.0, 44.0], seed=0,
+                   dataset="hd", synthetic=synthetic),
+        _write_run(runs / "stage3-vitb16-s0", stage="stage3", rank1=[75.0, 77.0], seed=0,
+                   synthetic=synthetic, finished=False),
+    ]
+    specs[0]["axes"]["n_ctx"] = 4  # an axis only some runs set
+    return specs
+
+
+@pytest.fixture()
+def grid(tmp_path):
+    specs = _grid(tmp_path)
+    return {"root": tmp_path, "specs": specs, "df": grid_results.results_rows(specs)}
+
+
+def test_results_rows_one_row_per_run(grid):
+    df = grid["df"].set_index("run")
+    assert len(df) == len(grid["specs"])
+    assert list(grid["df"].columns[:3]) == ["run", "stage", "method"]
+    row = df.loc["stage2-vitb16-s1"]
+    assert row["method"] == "CLIP-ReID" and row["protocol"] == "11k/dorsal_r"
+    assert row["dataset"] == "11k" and row["aspect"] == "dorsal_r" and row["backbone"] == "vitb16"
+    assert row["seed"] == 1 and row["num_splits"] == 2 and bool(row["synthetic"])
+    assert row["rank1_mean"] == 85.0 and row["rank1_std"] == pytest.approx(math.sqrt(450))
+    assert row["mAP_mbanet_mean"] == 85.0 + 4 and row["eer_mean"] == 11.0
+    assert row["tar_at_far1e-2_mean"] == 50.0 and row["folder"] == grid["specs"][4]["folder"]
+    assert math.isnan(df.loc["stage2-rn50-s0", "eer_mean"])  # no verification recorded
+    hd = df.loc["stage2-vitb16-hd-s0"]
+    assert hd["protocol"] == "hd" and hd["aspect"] == "dorsal" and hd["axis_aspect"] == "hd"
+    assert pd.isna(df.loc["stage2-vitb16-s0", "axis_aspect"])  # the axis equals the recorded
+    assert df.loc["stage0-vitb16-s0", "n_ctx"] == 4 and pd.isna(df.loc["stage2-vitb16-s0",
+                                                                       "n_ctx"])
+    unfinished = df.loc["stage3-vitb16-s0"]
+    assert not unfinished["finished"] and math.isnan(unfinished["rank1_mean"])
+    assert unfinished["method"] == "PromptSG" and unfinished["backbone"] == "vitb16"
+    assert grid_results.results_rows([]).empty
+
+
+def test_results_csv_round_trip(grid, tmp_path):
+    path = grid_results.write_results_csv(grid["df"], tmp_path / "results.csv")
+    assert not list(tmp_path.glob("*.tmp*"))
+    back = grid_results.load_results(tmp_path)
+    assert list(back.columns) == list(grid["df"].columns) and len(back) == len(grid["df"])
+    np.testing.assert_allclose(back["rank1_mean"], grid["df"]["rank1_mean"])
+    assert back["seed"].tolist() == grid["df"]["seed"].tolist()
+    # a relative folder is taken from the grid folder
+    relative = grid["df"].assign(folder=[str(Path(f).relative_to(tmp_path))
+                                         for f in grid["df"]["folder"]])
+    grid_results.write_results_csv(relative, path)
+    assert grid_results.load_results(tmp_path)["folder"].tolist() == grid["df"]["folder"].tolist()
+    with pytest.raises(FileNotFoundError, match="run the grid first"):
+        grid_results.load_results(tmp_path / "nowhere")
+
+
+def test_paper_table_pools_seeds_and_splits(grid):
+    table = grid_results.paper_table(grid["df"], "rank1")
+    numbers, formatted = table  # unpacks as (numbers, formatted)
+    assert list(numbers.columns) == ["11k/dorsal_r", "hd"]
+    assert list(numbers.index) == [("zero-shot CLIP", "vitb16"), ("zero-shot CLIP", "rn50"),
+                                   ("CLIP-ReID", "vitb16"), ("CLIP-ReID", "rn50")]
+    # CLIP-ReID vitb16 on dorsal_r: seeds 0 and 1, splits [80, 90] and [70, 100]
+    pooled = [80.0, 90.0, 70.0, 100.0]
+    mean = sum(pooled) / 4
+    std = math.sqrt(sum((v - mean) ** 2 for v in pooled) / 3)
+    assert numbers.loc[("CLIP-ReID", "vitb16"), "11k/dorsal_r"] == pytest.approx(mean)
+    assert table.std.loc[("CLIP-ReID", "vitb16"), "11k/dorsal_r"] == pytest.approx(std)
+    assert table.count.loc[("CLIP-ReID", "vitb16"), "11k/dorsal_r"] == 4
+    assert formatted.loc[("CLIP-ReID", "vitb16"), "11k/dorsal_r"] == f"85.00 ± {std:.2f}"
+    # not the mean of the two seeds' stds: pooling differs from averaging run summaries
+    assert std != pytest.approx((math.sqrt(50) + math.sqrt(450)) / 2)
+    assert numbers.loc[("zero-shot CLIP", "vitb16"), "11k/dorsal_r"] == pytest.approx(64.0)
+    assert math.isnan(numbers.loc[("zero-shot CLIP", "vitb16"), "hd"])
+    assert formatted.loc[("zero-shot CLIP", "vitb16"), "hd"] == "–"
+    # stage 1 repeats zero-shot CLIP and is left out; the unfinished stage 3 too
+    assert "CLIP-ReID prompts (stage 1)" not in numbers.index.get_level_values(0)
+    assert "PromptSG" not in numbers.index.get_level_values(0)
+    # the best of each column: rn50 CLIP-ReID (93) on dorsal_r, the only HD cell on hd
+    assert table.best.sum().tolist() == [1, 1]
+    assert table.best.loc[("CLIP-ReID", "rn50"), "11k/dorsal_r"]
+    assert table.best.loc[("CLIP-ReID", "vitb16"), "hd"]
+    assert "| CLIP-ReID | rn50 | **93.00 ± 2.83** |" in table.markdown()
+    html = table.styled().to_html()
+    assert "font-weight: bold" in html and "93.00 ± 2.83" in html
+
+
+def test_paper_table_metrics_and_ties(grid):
+    mbanet = grid_results.paper_table(grid["df"], "mAP_mbanet")
+    standard = grid_results.paper_table(grid["df"], "mAP")
+    cell = ("CLIP-ReID", "vitb16"), "11k/dorsal_r"
+    assert mbanet.numbers.loc[cell] == pytest.approx(89.0)
+    assert standard.numbers.loc[cell] == pytest.approx(88.0)  # fake records: rank1 + 3
+    assert mbanet.label == "mAP (MBA-Net)"
+    with pytest.raises(ValueError, match="unknown metric 'map'"):
+        grid_results.paper_table(grid["df"], "map")
+    tied = grid["df"].copy()
+    tied.loc[tied["run"] == "stage2-rn50-s0", "backbone"] = "vitb16"  # two cells pool together
+    both = grid_results.paper_table(tied, "rank1", stages=("stage0", "stage2"))
+    assert both.count.loc[("CLIP-ReID", "vitb16"), "11k/dorsal_r"] == 6
+
+
+def test_best_marks_every_tied_cell(tmp_path):
+    specs = [_write_run(tmp_path / "a", stage="stage2", rank1=[80.0, 90.0]),
+             _write_run(tmp_path / "b", stage="stage3", rank1=[90.0, 80.0]),
+             _write_run(tmp_path / "c", stage="stage0", rank1=[1.0, 2.0])]
+    table = grid_results.paper_table(grid_results.results_rows(specs))
+    assert table.best["11k/dorsal_r"].tolist() == [False, True, True]  # stage 0, 2, 3
+
+
+def test_seed_spread_and_gain_over_zero_shot(grid):
+    spread = grid_results.seed_spread(grid["df"], "rank1")
+    cell = spread[(spread["method"] == "CLIP-ReID") & (spread["backbone"] == "vitb16")
+                  & (spread["protocol"] == "11k/dorsal_r")]
+    assert cell["seed"].tolist() == [0, 1] and cell["mean"].tolist() == [85.0, 85.0]
+    assert cell["n"].tolist() == [2, 2]
+    assert spread["protocol"].tolist()[-1] == "hd"  # protocol order
+    gain = grid_results.gain_over_zero_shot(grid["df"], "rank1").set_index(
+        ["method", "backbone", "protocol"])
+    assert gain.loc[("CLIP-ReID", "vitb16", "11k/dorsal_r"), "gain"] == pytest.approx(85 - 64)
+    assert gain.loc[("CLIP-ReID", "rn50", "11k/dorsal_r"), "gain"] == pytest.approx(93 - 51)
+    assert gain.loc[("CLIP-ReID", "rn50", "11k/dorsal_r"), "zero_shot"] == pytest.approx(51)
+    assert math.isnan(gain.loc[("CLIP-ReID", "vitb16", "hd"), "gain"])  # no zero-shot on HD
+    assert "zero-shot CLIP" not in gain.index.get_level_values(0)
+
+
+def test_published_table_is_cited_and_filtered():
+    everything = grid_results.published_table()
+    assert len(everything) > 0 and everything.index.name == grid_results.PUBLISHED_LABEL
+    for column in ("paper", "venue_year", "table", "method", "backbone", "dataset", "aspect",
+                   "metric", "metric_definition", "value", "source_url"):
+        assert everything[column].notna().all(), column
+    assert everything["source_url"].str.startswith("https://").all()
+    assert set(everything["metric"]) <= {"rank1", "mAP", "mAP_mbanet"}
+    assert everything["value"].between(0, 100).all()
+    dorsal = grid_results.published_table(["11k/dorsal_r"])
+    assert set(dorsal["protocol"]) == {"11k/dorsal_r"}
+    assert grid_results.published_table(["11k/palmar_l", "hd"])["protocol"].isin(
+        ["11k/palmar_l", "hd"]).all()
+    assert grid_results.published_table([]).empty
+
+
+def test_published_results_only_for_real_data(grid, tmp_path):
+    assert not grid_results.ran_on_real_data(grid["df"])
+    real = grid_results.results_rows(_grid(tmp_path / "real", synthetic=False))
+    assert grid_results.ran_on_real_data(real)
+    assert grid_results.real_protocols(real) == ["11k/dorsal_r", "hd"]
+    mixed = pd.concat([real, grid["df"].iloc[:1]])
+    assert not grid_results.ran_on_real_data(mixed)
+    grid_results.write_results_csv(real, tmp_path / "real" / "results.csv")
+    assert grid_results.ran_on_real_data(grid_results.load_results(tmp_path / "real"))
+
+
+def test_grid_figures(grid):
+    table = grid_results.paper_table(grid["df"], "rank1")
+    fig = viz.plot_paper_table(table.numbers, table.std, best=table.best)
+    texts = [t.get_text() for t in fig.axes[0].texts]
+    assert "93.0\n± 2.8" in texts and "–" in texts
+    bold = [t for t in fig.axes[0].texts if t.get_fontweight() == "bold"]
+    assert len(bold) == 2
+    fig = viz.plot_seed_spread(grid_results.seed_spread(grid["df"]))
+    assert [a.get_title() for a in fig.axes] == ["11k/dorsal_r", "hd"]
+    fig = viz.plot_gain_over_zero_shot(grid_results.gain_over_zero_shot(grid["df"]))
+    assert len(fig.axes[0].patches) == 2 * 2  # 2 cells (CLIP-ReID vitb16, rn50) × 2 protocols
+    import matplotlib.pyplot as plt
+
+    plt.close("all")
+
+
+def _run_results_notebook(root: Path, out: Path) -> dict:
+    import papermill as pm
+
+    pm.execute_notebook(str(REPO / "notebooks" / "results.ipynb"), str(out),
+                        parameters={"grid_dir": str(root)}, kernel_name="python3",
+                        cwd=str(REPO), progress_bar=False)
+    return json.loads(out.read_text())
+
+
+def _outputs(nb: dict) -> tuple[str, int]:
+    text, images = [], 0
+    for cell in nb["cells"]:
+        for o in cell.get("outputs", []):
+            text.append(o.get("text", "") if isinstance(o.get("text"), str)
+                        else "".join(o.get("text", [])))
+            data = o.get("data", {})
+            text.append("".join(data.get("text/html", "")) + "".join(data.get("text/plain", "")))
+            images += "image/png" in data
+    return "\n".join(text), images
+
+
+@pytest.mark.notebook
+def test_results_notebook_on_a_synthetic_grid(grid, tmp_path):
+    grid_results.write_results_csv(grid["df"], grid["root"] / "results.csv")
+    executed = tmp_path / "executed.ipynb"
+    nb = _run_results_notebook(grid["root"], executed)
+    text, images = _outputs(nb)
+    assert images == 4  # two paper tables, the seed spread, the gain
+    assert "93.00 ± 2.83" in text and "font-weight: bold" in text
+    assert grid_results.SYNTHETIC_NOTE in text and grid_results.PUBLISHED_LABEL not in text
+    # the self-contained HTML copy the grid runner writes beside it
+    import nbformat
+    from nbconvert import HTMLExporter
+
+    body, _ = HTMLExporter().from_notebook_node(nbformat.read(str(executed), as_version=4))
+    images = re.findall(r'<img[^>]* src="([^"]{0,40})', body)
+    assert len(images) == 4 and all(i.startswith("data:image/png;base64,") for i in images)
+
+
+@pytest.mark.notebook
+def test_results_notebook_on_real_data_shows_published_results(tmp_path):
+    root = tmp_path / "grid"
+    df = grid_results.results_rows(_grid(root, synthetic=False))
+    grid_results.write_results_csv(df, root / "results.csv")
+    text, _ = _outputs(_run_results_notebook(root, tmp_path / "executed.ipynb"))
+    assert grid_results.PUBLISHED_LABEL in text and grid_results.SYNTHETIC_NOTE not in text
+    assert "CLIP-FH" in text
