@@ -36,7 +36,8 @@ __all__ = [
 ]
 
 #: Stages (one notebook each).  ``common`` parameters apply to all of them.
-STAGES = ("pretrain", "stage0", "stage1", "stage2", "stage3", "evaluation", "attention")
+STAGES = ("pretrain", "stage0", "stage1", "stage2", "stage3", "evaluation", "attention",
+          "search")
 
 GALLERY_MODES = ("aspect", "all")
 RESIZE_MODES = ("pad", "squash")
@@ -48,9 +49,16 @@ SELECTION_POLICIES = ("last", "best", "retrain")
 #: Stages that train (their schema adds the optimisation parameters).
 TRAINING = ("pretrain", "stage1", "stage2", "stage3")
 
+#: Stages that read images of a dataset through the decoded-image pipeline (``data/images.py``).
+IMAGE_STAGES = ("stage0", "stage1", "stage2", "stage3", "evaluation", "attention", "search")
+
+#: ``amp_dtype`` values (``device.AMP_DTYPES``; a test keeps the two equal).
+AMP_DTYPE_NAMES = ("float16", "bfloat16")
+
 #: Stages that build a CLIP backbone from their own parameters (pretraining builds its own
-#: model; the attention notebook rebuilds its stage-3 run from that run's parameters).
-BACKBONE_STAGES = ("stage0", "stage1", "stage2", "stage3", "evaluation")
+#: model; the attention notebook rebuilds its stage-3 run from that run's parameters; the search
+#: notebook builds its zero-shot ``backbone`` when it has no ``run_dir``).
+BACKBONE_STAGES = ("stage0", "stage1", "stage2", "stage3", "evaluation", "search")
 
 #: Values of the CLIP-ReID reference options (the code that reads them lives in ``losses``,
 #: ``models.heads`` and ``train.schedulers``; a test keeps these tuples equal to theirs).
@@ -67,6 +75,7 @@ class ParamError(ValueError):
 class ParamSpec:
     name: str
     kind: str  # "str" | "int" | "float" | "bool" | "size" | "path" | "intlist" | "pathlist" | "rgb"
+    #            | "textlist"
     default: Any
     help: str
     #: valid values: a tuple, or a callable returning one when they live in a registry that
@@ -97,14 +106,20 @@ SCHEMA: dict[str, ParamSpec] = {
         _spec("dataset", "str", "11k", "dataset layout to read", choices=DATASETS),
         _spec("data_root", "path", None,
               "dataset folder (11k: contains Hands/ and HandInfo.csv; HD: contains "
-              "'Original Images/'); None = the embedded synthetic hands, generated on first use",
+              "'Original Images/'; custom: one folder per person or a labels.csv, see "
+              "docs/protocols.md); None = the embedded synthetic hands (11k, HD), generated on "
+              "first use",
               optional=True),
-        _spec("aspect", "str", "dorsal_r", "hand aspect (11k only)", choices=ASPECTS),
+        _spec("aspect", "str", "dorsal_r",
+              "hand aspect of the queries (11k; custom: the aspect folder/column to query, or "
+              "the word the prompts use for a dataset without aspects); HD is dorsal",
+              choices=ASPECTS),
         _spec("gallery_mode", "str", "all",
               "11k gallery: 'aspect' = this aspect's test identities; 'all' = the four aspects' "
               "galleries merged (MBA-Net's protocol)", choices=GALLERY_MODES),
-        _spec("num_splits", "int", 10, "Monte-Carlo query/gallery splits of the test identities",
-              minimum=1),
+        _spec("num_splits", "int", 10,
+              "Monte-Carlo query/gallery splits of the test identities (a custom labels.csv "
+              "naming query and gallery images fixes one split)", minimum=1),
         _spec("split_seed", "int", 0,
               "seed of the protocol's random choices (test splits, val images, selection "
               "identities); independent of `seed`, so runs sharing it share splits.json",
@@ -119,6 +134,10 @@ SCHEMA: dict[str, ParamSpec] = {
               "images per person and aspect in the embedded synthetic dataset", minimum=3),
         _spec("synthetic_difficulty", "float", 0.5, "difficulty knob of the synthetic hands",
               minimum=0.0),
+        _spec("synthetic_photo_size", "size", None,
+              "[height, width] of the embedded synthetic photos; None = 120 x 160 (small, "
+              "fast); [1200, 1600] = the real 11k JPEG size, to exercise full-size decoding",
+              optional=True),
         _spec("synthetic_seed", "int", 0,
               "seed of the embedded synthetic dataset (fixed, so runs with different `seed` "
               "compare on the same people)", minimum=0),
@@ -162,7 +181,24 @@ SCHEMA: dict[str, ParamSpec] = {
               "seed for every random number generator of training (the splits use split_seed)",
               minimum=0),
         _spec("device", "str", "auto", "'auto' (cuda if available), 'cpu', 'cuda' or 'cuda:N'"),
-        _spec("num_workers", "int", 0, "data-loader worker processes", minimum=0),
+        _spec("num_workers", "int", None,
+              "data-loader worker processes; None = from the machine (CUDA: every core but "
+              "one, at most 8; CPU: 0 up to 4 cores, then a quarter of them)",
+              optional=True, minimum=0),
+        _spec("decode_cache", "bool", True,
+              "decode and resize each image once into outputs/.decode_cache/ (uint8 at the "
+              "input size, shared by epochs, stages, runs and processes); identical pixels "
+              "to decoding every time", stages=IMAGE_STAGES),
+        _spec("reduced_jpeg_decode", "bool", True,
+              "decode JPEGs at 1/2-1/8 scale (DCT scaling) when at least 2x the input size "
+              "remains, before the bicubic resize: several times faster on full-size photos, "
+              "pixels 0.17 grey levels from a full decode on average (docs/methods.md); False = "
+              "decode every pixel, as CLIP-ReID", stages=IMAGE_STAGES),
+        _spec("tf32", "bool", True,
+              "TF32 matrix products and convolutions on Ampere+ GPUs (no effect on CPU)"),
+        _spec("channels_last", "bool", True,
+              "ResNet image towers in channels-last memory format on CUDA (faster convolutions "
+              "with AMP; no effect on ViTs or on CPU)", stages=BACKBONE_STAGES),
         _spec("output_dir", "path", None,
               "run folder; None = outputs/<stage>-<dataset>-<aspect>-<backbone>-seed<seed>",
               optional=True),
@@ -176,6 +212,10 @@ SCHEMA: dict[str, ParamSpec] = {
               "trapezoid AP 'mbanet_trapezoid' (mAP_mbanet); every metrics.json and table "
               "records both either way", choices=AP_MODES),
         _spec("feature_cache", "bool", True, "cache extracted features on disk"),
+        _spec("open_set_far", "float", 0.01,
+              "FAR of the open-set threshold (stored in metrics.json for the search notebook), "
+              "calibrated on training identities only", minimum=0.0,
+              stages=("stage0", "stage2", "stage3", "evaluation")),
         _spec("show_k", "int", 5, "gallery images shown per query in retrieval grids", minimum=1),
         # --- presentation -----------------------------------------------------------------
         _spec("interactive", "bool", False,
@@ -197,6 +237,13 @@ SCHEMA: dict[str, ParamSpec] = {
               "continue an interrupted run from output_dir/checkpoints/last.pt",
               stages=TRAINING),
         _spec("amp", "bool", True, "mixed precision on CUDA (never on CPU)", stages=TRAINING),
+        _spec("amp_dtype", "str", "float16",
+              "mixed-precision type on CUDA: 'float16' with a gradient scaler (CLIP-ReID's) or "
+              "'bfloat16' (Ampere/Hopper; fp32's range, no scaler)", choices=AMP_DTYPE_NAMES,
+              stages=TRAINING),
+        _spec("compile", "bool", False,
+              "torch.compile the model for training (opt-in: minutes of compilation first, "
+              "then faster steps on a GPU)", stages=("stage2", "stage3")),
         # --- pretraining of handclip-mini (CLIP image-text contrastive) ------------------------
         _spec("pretrain_people", "int", 400,
               "synthetic people in the captioned pretraining set (disjoint from every evaluated "
@@ -362,6 +409,26 @@ SCHEMA: dict[str, ParamSpec] = {
               "rank-1 failures shown per run in the retrieval grids (0 = none)", minimum=0,
               stages=("evaluation",)),
         # --- end of evaluation parameters --------------------------------------------------
+        # --- search: rank your own gallery for query photos or texts (notebooks/search.ipynb)
+        _spec("run_dir", "path", None,
+              "a finished stage-0/2/3 run folder whose model ranks the gallery; None = the "
+              "zero-shot `backbone`", optional=True, stages=("search",)),
+        _spec("gallery_dir", "path", None,
+              "folder of gallery images; person subfolders optional (<gallery>/<person>/...: "
+              "the folder name is the person label)", optional=True, stages=("search",)),
+        _spec("query", "path", None,
+              "a query image, or a folder of query images (person subfolders optional, as in "
+              "gallery_dir); None = text queries only", optional=True, stages=("search",)),
+        _spec("query_text", "textlist", None,
+              "a text query or a list of them, e.g. \"a photo of the dorsal side of a left hand "
+              "with red nail polish\" (CLIP's joint image-text space); None = image queries only",
+              optional=True, stages=("search",)),
+        _spec("top_k", "int", 5, "gallery images ranked, shown and written per query",
+              minimum=1, stages=("search",)),
+        _spec("threshold", "float", None,
+              "open-set threshold (cosine distance; <= threshold = the same person); None = "
+              "the run's calibrated one (metrics.json open_set), none for a zero-shot backbone",
+              optional=True, minimum=0.0, stages=("search",)),
     ]
 }
 
@@ -444,6 +511,8 @@ def _coerce(spec: ParamSpec, value: Any) -> Any:
         out = _coerce_pathlist(spec, value)
     elif kind == "rgb":
         out = _coerce_rgb(spec, value)
+    elif kind == "textlist":
+        out = _coerce_textlist(spec, value)
     else:  # pragma: no cover - schema error
         raise AssertionError(f"unknown kind {kind}")
     if spec.choices is not None and out not in _choices(spec):
@@ -469,6 +538,28 @@ def _coerce_rgb(spec: ParamSpec, value: Any) -> list[float]:
     if spec.name == "pixel_std" and min(out) <= 0:
         raise _fail(spec, value, "every std must be > 0")
     return out
+
+
+def _coerce_textlist(spec: ParamSpec, value: Any) -> list[str] | None:
+    """One text or a list of texts, kept as a list (``-p query_text "a hand"`` gives a string;
+    ``-p query_text "[a hand, a palm]"`` a YAML list in a string); [] = none (None)."""
+    hint = ('expected a text like "a photo of a left hand" or a list of texts like '
+            '["a left hand", "a palm"]')
+    if isinstance(value, str) and value.strip().startswith("["):
+        try:
+            value = yaml.safe_load(value)
+        except yaml.YAMLError:
+            raise _fail(spec, value, hint) from None
+    if isinstance(value, str):
+        value = [value]
+    if not isinstance(value, (list, tuple)):
+        raise _fail(spec, value, hint)
+    out = []
+    for entry in value:
+        if not isinstance(entry, str) or not entry.strip():
+            raise _fail(spec, value, f"{hint}; entry {entry!r} is not a non-empty text")
+        out.append(" ".join(entry.split()))
+    return out or None
 
 
 def _coerce_pathlist(spec: ParamSpec, value: Any) -> list[str]:
@@ -553,9 +644,17 @@ def _applies(spec: ParamSpec, stage: str) -> bool:
 def default_output_dir(p: Mapping[str, Any], stage: str) -> str:
     if stage == "pretrain":  # no evaluated dataset: the run is named by what it trains
         return os.path.join("outputs", f"pretrain-{p['backbone']}-seed{p['seed']}")
-    aspect = p["aspect"] if p["dataset"] == "11k" else "dorsal"
+    if stage == "search":  # named by the gallery and the model that ranks it
+        gallery = Path(os.path.normpath(p["gallery_dir"] or "gallery")).name or "gallery"
+        model = (Path(os.path.normpath(p["run_dir"])).name if p.get("run_dir") else None) \
+            or p["backbone"]
+        return os.path.join("outputs", f"search-{gallery}-{model}")
+    aspect = "dorsal" if p["dataset"] == "hd" else p["aspect"]
+    dataset = p["dataset"]
+    if dataset == "custom" and p.get("data_root"):  # two custom datasets must not share runs
+        dataset = f"custom_{Path(p['data_root']).name}"
     return os.path.join(
-        "outputs", f"{stage}-{p['dataset']}-{aspect}-{p['backbone']}-seed{p['seed']}"
+        "outputs", f"{stage}-{dataset}-{aspect}-{p['backbone']}-seed{p['seed']}"
     )
 
 
@@ -600,6 +699,10 @@ def resolve_params(values: Mapping[str, Any] | None = None, stage: str = "stage0
                     f"{out['backbone']} is a ViT; only ResNets have a last stride to change")
     if out.get("rerank_lambda", 0.0) > 1.0:
         raise _fail(SCHEMA["rerank_lambda"], out["rerank_lambda"], "must be <= 1")
+    if out["dataset"] == "custom" and out["data_root"] is None and stage not in ("pretrain",
+                                                                                 "search"):
+        raise _fail(SCHEMA["data_root"], None, "dataset 'custom' reads your own folder: set "
+                    "data_root to it (one folder per person, or a labels.csv)")
     if out["val_fraction"] >= 1.0:
         raise _fail(SCHEMA["val_fraction"], out["val_fraction"], "must be < 1")
     dev = out["device"]
