@@ -19,6 +19,7 @@ from ..constants import METRIC_LABELS
 from ..evaluate.tables import markdown_table
 from ..runs import atomic_write_text, resolve_path
 from .executors import EXECUTORS
+from .grid import GridError
 from .runner import run_grid
 from .steps import demo_table, execute_spec, run_pipeline
 
@@ -66,8 +67,11 @@ def main(argv=None) -> int:
             parser.error(f"--jobs must be >= 1, got {args.jobs}")
         slurm = {"partition": args.slurm_partition, "gpus": args.slurm_gpus,
                  "time": args.slurm_time, "mem": args.slurm_mem, "cpus": args.slurm_cpus}
-        summary = run_grid(args.grid, args.output, executor=args.executor, jobs=args.jobs,
-                           slurm=slurm, force=args.force, progress=not args.no_progress)
+        try:
+            summary = run_grid(args.grid, args.output, executor=args.executor, jobs=args.jobs,
+                               slurm=slurm, force=args.force, progress=not args.no_progress)
+        except (GridError, ValueError) as exc:  # a bad grid file or option: say what, no trace
+            parser.exit(2, f"{parser.prog}: error: {exc}\n")
         print(summary.describe())
         return 0 if summary.ok else 1
     return _demo(args)

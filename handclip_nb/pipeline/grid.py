@@ -101,9 +101,11 @@ def load_grid(path: str | Path) -> Grid:
     """Read and validate a grid file: its keys, axes (schema parameters with non-empty value
     lists), stages and Slurm settings; every run's parameters are validated by
     :func:`expand_grid`."""
-    path = resolve_path(path)
-    if not path.is_file():
-        raise GridError(f"grid file {path} does not exist (grids live in params/grids/)")
+    given = path
+    path = _find(path)
+    if path is None:
+        raise GridError(f"grid file {given} does not exist (looked in {_places(given)}; the "
+                        f"shipped grids are params/grids/*.yaml)")
     try:
         data = yaml.safe_load(path.read_text()) or {}
     except yaml.YAMLError as exc:
@@ -162,11 +164,35 @@ def _base_values(grid: Grid, combo: Mapping[str, Any], loaded: dict) -> dict:
         return {}
     name = grid.base.format(**combo)
     if name not in loaded:
+        found = _find(name)
+        if found is None:
+            raise _fail(grid.path, f"base {name} does not exist (looked in {_places(name)})")
         try:
-            loaded[name] = load_params_file(resolve_path(name))
+            loaded[name] = load_params_file(found)
         except ParamError as exc:
             raise _fail(grid.path, f"base {name}: {exc}") from None
     return loaded[name]
+
+
+#: The checkout this package lives in: shipped grids and params files are found there too.
+REPO = Path(__file__).resolve().parents[2]
+
+
+def _candidates(path: str | Path) -> list[Path]:
+    p = Path(path).expanduser()
+    if p.is_absolute():
+        return [p]
+    return list(dict.fromkeys([Path.cwd() / p, resolve_path(p), REPO / p]))
+
+
+def _find(path: str | Path) -> Path | None:
+    """A grid or params file named on the command line or in a grid: absolute, else relative
+    to the current folder, the project root (``$HANDCLIP_HOME``) or this checkout."""
+    return next((c.resolve() for c in _candidates(path) if c.is_file()), None)
+
+
+def _places(path: str | Path) -> str:
+    return ", ".join(str(c) for c in _candidates(path))
 
 
 def _slug(axis: str, value: Any) -> str:
