@@ -257,3 +257,13 @@ def test_grid_cli_needs_an_output(capsys):
     with pytest.raises(SystemExit):
         main(["--grid", "params/grids/smoke.yaml"])
     assert "--grid needs --output" in capsys.readouterr().err
+
+
+def test_grid_and_base_files_are_found_from_another_folder(tmp_path, monkeypatch):
+    """A shipped grid named relative to the checkout works from any folder and with
+    $HANDCLIP_HOME elsewhere (its base params file too); a missing one names where it looked."""
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("HANDCLIP_HOME", str(tmp_path))
+    assert len(expand_grid(load_grid("params/grids/smoke.yaml"))) == 7
+    with pytest.raises(GridError, match=r"nothere.yaml does not exist \(looked in .*tmp"):
+        load_grid("params/grids/nothere.yaml")
