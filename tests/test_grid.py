@@ -14,6 +14,7 @@ import pandas as pd
 import pytest
 import yaml
 
+from handclip_nb.pipeline import executors
 from handclip_nb.pipeline.cli import main
 from handclip_nb.pipeline.executors import time_minutes
 from handclip_nb.pipeline.grid import GridError, expand_grid, load_grid
@@ -267,3 +268,10 @@ def test_grid_and_base_files_are_found_from_another_folder(tmp_path, monkeypatch
     assert len(expand_grid(load_grid("params/grids/smoke.yaml"))) == 7
     with pytest.raises(GridError, match=r"nothere.yaml does not exist \(looked in .*tmp"):
         load_grid("params/grids/nothere.yaml")
+
+
+def test_local_threads_split_the_cores_or_are_pinned(tmp_path, monkeypatch):
+    monkeypatch.setattr(executors, "available_cpus", lambda: 8)
+    assert executors.LocalExecutor(tmp_path, jobs=2).threads == 4
+    assert executors.LocalExecutor(tmp_path, jobs=3).threads == 2
+    assert executors.LocalExecutor(tmp_path, jobs=2, threads=1).threads == 1

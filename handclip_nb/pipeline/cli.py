@@ -43,6 +43,10 @@ def _parser() -> argparse.ArgumentParser:
     grid.add_argument("--jobs", type=int, default=1,
                       help="runs at a time (local: the cores are split between them; slurm: "
                            "the most jobs queued at once, default unlimited)")
+    grid.add_argument("--threads", type=int,
+                      help="local: CPU threads per run (default: the cores split between the "
+                           "jobs); results depend on it in the last bits, which long training "
+                           "runs amplify, so pin it to compare runs made with different --jobs")
     grid.add_argument("--slurm-partition", help="Slurm partition (else the grid file's)")
     grid.add_argument("--slurm-gpus", type=int, help="GPUs per job")
     grid.add_argument("--slurm-time", help="time limit per job: minutes or [D-]HH:MM[:SS]")
@@ -69,7 +73,8 @@ def main(argv=None) -> int:
                  "time": args.slurm_time, "mem": args.slurm_mem, "cpus": args.slurm_cpus}
         try:
             summary = run_grid(args.grid, args.output, executor=args.executor, jobs=args.jobs,
-                               slurm=slurm, force=args.force, progress=not args.no_progress)
+                               slurm=slurm, force=args.force, progress=not args.no_progress,
+                               threads=args.threads)
         except (GridError, ValueError) as exc:  # a bad grid file or option: say what, no trace
             parser.exit(2, f"{parser.prog}: error: {exc}\n")
         print(summary.describe())

@@ -62,9 +62,13 @@ class LocalExecutor:
 
     name = "local"
 
-    def __init__(self, output: Path, jobs: int = 1, gpus: int | None = None):
+    def __init__(self, output: Path, jobs: int = 1, gpus: int | None = None,
+                 threads: int | None = None):
         self.output, self.jobs = Path(output), max(1, int(jobs))
-        self.threads = max(1, available_cpus() // self.jobs)
+        # CPU results depend on the thread count (the order of float reductions), and a long
+        # training run amplifies the last bits: pin `threads` to compare runs made with
+        # different --jobs bit for bit
+        self.threads = int(threads) if threads else max(1, available_cpus() // self.jobs)
         self.gpus = _cuda_count() if gpus is None else int(gpus)
         self.free = list(range(self.jobs))
 

@@ -68,9 +68,10 @@ class GridSummary:
         return "\n".join(lines)
 
 
-def _executor(kind: str, output: Path, jobs: int, slurm: Mapping[str, Any]):
+def _executor(kind: str, output: Path, jobs: int, slurm: Mapping[str, Any],
+              threads: int | None = None):
     if kind == "local":
-        return LocalExecutor(output, jobs=jobs)
+        return LocalExecutor(output, jobs=jobs, threads=threads)
     if kind == "slurm":
         return SlurmExecutor(output, slurm, jobs=jobs if jobs > 1 else None)
     raise ValueError(f"unknown executor {kind!r}; valid: {', '.join(EXECUTORS)}")
@@ -78,7 +79,8 @@ def _executor(kind: str, output: Path, jobs: int, slurm: Mapping[str, Any]):
 
 def run_grid(grid_file: str | Path, output: str | Path, executor: str = "local", jobs: int = 1,
              slurm: Mapping[str, Any] | None = None, force: bool = False,
-             progress: bool = True, results: bool = True) -> GridSummary:
+             progress: bool = True, results: bool = True,
+             threads: int | None = None) -> GridSummary:
     """Run every run of ``grid_file`` into ``output``; see the module docstring."""
     started = time.time()
     grid = load_grid(grid_file)
@@ -86,7 +88,8 @@ def run_grid(grid_file: str | Path, output: str | Path, executor: str = "local",
     out = resolve_path(output)
     runs_dir = out / "runs"
     runs_dir.mkdir(parents=True, exist_ok=True)
-    engine = _executor(executor, out, max(1, int(jobs)), slurm_settings(grid, slurm or {}))
+    engine = _executor(executor, out, max(1, int(jobs)), slurm_settings(grid, slurm or {}),
+                       threads)
     print(f"[grid] {grid.path.name}: {len(runs)} runs "
           f"({len(grid.stages)} stages x {_combinations(grid)} combinations) -> {out}; "
           f"executor {engine.describe()}")
