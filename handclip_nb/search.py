@@ -18,19 +18,19 @@ from __future__ import annotations
 
 import os
 import textwrap
-import traceback
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Mapping, Sequence
 
 import matplotlib.pyplot as plt
 import numpy as np
-from IPython.display import Image as IPythonImage
-from IPython.display import clear_output, display
+from IPython.display import display
 
 from . import runs
-from .attention.explorer import figure_png, in_ipython
-from .attention.figures import CORRECT, load_image, overlay, select_head
+from .attention.explorer import (figure_png, import_ipywidgets, in_ipython, render_into,
+                                 show_png)
+from .attention.figures import (CORRECT, load_image, overlay, select_head,
+                                with_attention_colorbar)
 from .attention.source import attention_maps
 from .evaluate.gallery import (RANKINGS_FILE, GalleryIndex, QueryResult, SearchInputs,
                                SearchModel, Threshold, build_gallery_index, load_search_model,
@@ -94,26 +94,7 @@ def attention_figure(model: SearchModel, result: QueryResult, params: Mapping[st
         hm = overlay(axes[1][c], img, grid, vmin=0.0, vmax=vmax, colorbar=False,
                      frame=None if color == "black" else color)
     fig.suptitle(f"PromptSG cross-attention ({mode} prompt, mean of heads)", fontsize=10)
-    fig.tight_layout(rect=(0, 0, 0.93, 1))
-    cax = fig.add_axes((0.945, 0.08, 0.012, 0.38), label="<colorbar>")
-    cb = fig.colorbar(hm, cax=cax)
-    cb.set_label("attention / patch", fontsize=7)
-    cb.ax.tick_params(labelsize=6)
-    return fig
-
-
-def _import_ipywidgets():
-    try:
-        import ipywidgets  # only when a person is present: headless runs never pay for it
-    except ImportError as exc:
-        raise ImportError(
-            "the interactive search view needs ipywidgets (pip install 'ipywidgets>=8', it is "
-            "in environment.yml); or run with interactive=False for static figures") from exc
-    return ipywidgets
-
-
-def _show_png(png: bytes) -> None:
-    display(IPythonImage(data=png, format="png"))
+    return with_attention_colorbar(fig, hm)
 
 
 class SearchExplorer:
@@ -134,7 +115,7 @@ class SearchExplorer:
     def _emit(self, fig, name: str, show: bool) -> Path | None:
         png = figure_png(fig)
         if show and in_ipython():
-            _show_png(png)
+            show_png(png)
         if self.out_dir is None:
             return None
         return runs.atomic_write_bytes(self.out_dir / name, png)
@@ -171,7 +152,8 @@ class SearchExplorer:
     def widget(self):
         """The ipywidgets view: a query dropdown, the open-set threshold (a switch and a
         slider) and the grid (and, for PromptSG, the heatmaps) of the chosen query."""
-        w = _import_ipywidgets()
+        w = import_ipywidgets("the interactive search view",
+                              "run with interactive=False for static figures")
         if not self.results:
             raise ValueError("no queries to explore")
         options = [(f"{i + 1}. {r.kind}: {textwrap.shorten(r.query, 48, placeholder='…')}", i)
@@ -209,21 +191,15 @@ class SearchExplorer:
             raise RuntimeError("call widget() first")
         result = self.results[self._controls["query"].value]
         value = self.current_threshold()
-        before = set(plt.get_fignums())
-        with self._out:
-            clear_output(wait=True)
-            try:
-                _show_png(figure_png(search_grid([result], value, k=self.k)))
-                if self.model.is_promptsg and result.kind == "image" and result.matches:
-                    _show_png(figure_png(attention_figure(self.model, result, self.params,
-                                                          self.k, value)))
-            except Exception:  # show the error in the view and keep the widget alive
-                print(f"could not render query {result.query!r}:")
-                traceback.print_exc()
-                for n in set(plt.get_fignums()) - before:  # a half-built figure
-                    plt.close(n)
-            finally:
-                self.renders += 1
+
+        def draw():
+            show_png(figure_png(search_grid([result], value, k=self.k)))
+            if self.model.is_promptsg and result.kind == "image" and result.matches:
+                show_png(figure_png(attention_figure(self.model, result, self.params, self.k,
+                                                     value)))
+
+        render_into(self._out, f"query {result.query!r}", draw)
+        self.renders += 1
 
 
 def explore(model: SearchModel, results: Sequence[QueryResult], threshold: Threshold,

@@ -11,7 +11,7 @@ import os
 import traceback
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any, Iterable, Sequence
+from typing import Any, Callable, Iterable, Sequence
 
 import matplotlib.pyplot as plt
 from IPython import get_ipython
@@ -21,7 +21,8 @@ from IPython.display import clear_output, display
 from ..runs import atomic_write_bytes
 from .figures import AttentionSource, Head, aggregate_figure, query_figure, topk_figure
 
-__all__ = ["AttentionExplorer", "explore", "figure_png", "in_ipython"]
+__all__ = ["AttentionExplorer", "explore", "figure_png", "in_ipython", "show_png",
+           "import_ipywidgets", "render_into"]
 
 DPI = 110
 
@@ -62,19 +63,35 @@ def _no_progress_bars():
             os.environ["HANDCLIP_PROGRESS"] = before
 
 
-def _show_png(png: bytes) -> None:
+def show_png(png: bytes) -> None:
     display(IPythonImage(data=png, format="png"))
 
 
-def _import_ipywidgets():
+def import_ipywidgets(view: str, static: str):
+    """ipywidgets for ``view`` (e.g. "the interactive attention explorer"), or an ImportError
+    that says how to install it and ``static``, the way to get static figures instead."""
     try:
         import ipywidgets  # only when a person is present: headless runs never pay for it
     except ImportError as exc:
         raise ImportError(
-            "the interactive attention explorer needs ipywidgets (pip install 'ipywidgets>=8', "
-            "it is in environment.yml); or call explore(..., interactive=False) for static "
-            "figures") from exc
+            f"{view} needs ipywidgets (pip install 'ipywidgets>=8', it is in environment.yml); "
+            f"or {static}") from exc
     return ipywidgets
+
+
+def render_into(out, label: str, draw: Callable[[], None]) -> None:
+    """Clear a widget's Output area and ``draw`` into it. An error is shown there, naming
+    ``label``, and the half-built figures are closed: the widget stays alive."""
+    before = set(plt.get_fignums())
+    with out:
+        clear_output(wait=True)
+        try:
+            draw()
+        except Exception:  # show the error in the view and keep the widget alive
+            print(f"could not render {label}:")
+            traceback.print_exc()
+            for n in set(plt.get_fignums()) - before:  # a half-built figure
+                plt.close(n)
 
 
 class AttentionExplorer:
@@ -102,7 +119,8 @@ class AttentionExplorer:
     # ---------------------------------------------------------------- interactive
     def widget(self):
         """The ipywidgets view: query, prompt mode, head and k controls over an Output area."""
-        w = _import_ipywidgets()
+        w = import_ipywidgets("the interactive attention explorer",
+                              "call explore(..., interactive=False) for static figures")
         src = self.source
         ids = list(src.query_ids())
         if not ids:
@@ -132,26 +150,20 @@ class AttentionExplorer:
             raise RuntimeError("call widget() first")
         c = self._controls
         i, head, k, mode = c["query"].value, c["head"].value, c["k"].value, c["prompt_mode"].value
-        before = set(plt.get_fignums())
-        with self._out, _no_progress_bars():
-            clear_output(wait=True)
-            try:
-                _show_png(figure_png(query_figure(self.source, i, head=head)))
-                _show_png(figure_png(topk_figure(self.source, i, k=k, prompt_mode=mode,
-                                                 head=head)))
-            except Exception:  # show the error in the view and keep the widget alive
-                print(f"could not render query {i}:")
-                traceback.print_exc()
-                for n in set(plt.get_fignums()) - before:  # a half-built figure
-                    plt.close(n)
-            finally:
-                self.renders += 1
+
+        def draw():
+            show_png(figure_png(query_figure(self.source, i, head=head)))
+            show_png(figure_png(topk_figure(self.source, i, k=k, prompt_mode=mode, head=head)))
+
+        with _no_progress_bars():
+            render_into(self._out, f"query {i}", draw)
+        self.renders += 1
 
     # ---------------------------------------------------------------- static
     def _emit(self, fig, name: str, show: bool) -> Path | None:
         png = figure_png(fig)
         if show and in_ipython():
-            _show_png(png)
+            show_png(png)
         if self.out_dir is None:
             return None
         return atomic_write_bytes(self.out_dir / name, png)

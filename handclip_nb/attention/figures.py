@@ -28,7 +28,8 @@ from ..data.transforms import LetterboxResize
 
 __all__ = ["Match", "AttentionSource", "select_head", "upsample", "normalize", "total_variation",
            "region_masses", "REGION_ROWS", "REGION_COLS", "REGION_NAMES", "overlay",
-           "query_figure", "topk_figure", "aggregate_figure", "load_image"]
+           "query_figure", "topk_figure", "aggregate_figure", "load_image",
+           "with_attention_colorbar"]
 
 CORRECT, WRONG = "#1a9850", "#d73027"
 NEUTRAL = (128, 128, 128)
@@ -326,9 +327,15 @@ def topk_figure(source: AttentionSource, i: int, k: int = 5, prompt_mode: str = 
     n_ok = sum(m.correct for m in matches)
     fig.suptitle(f"top-{len(matches)} ({n_ok} correct) · {prompt_mode} prompt · "
                  f"{_head_label(head)}", fontsize=10)
+    return with_attention_colorbar(fig, hm)
+
+
+def with_attention_colorbar(fig, mappable):
+    """Lay out a row-of-heatmaps figure and give its shared attention scale one colour bar on
+    the right (the overlays are drawn with ``colorbar=False`` and one ``vmax``)."""
     fig.tight_layout(rect=(0, 0, 0.93, 1))
     cax = fig.add_axes((0.945, 0.08, 0.012, 0.38), label="<colorbar>")
-    cb = fig.colorbar(hm, cax=cax)
+    cb = fig.colorbar(mappable, cax=cax)
     cb.set_label("attention / patch", fontsize=7)
     cb.ax.tick_params(labelsize=6)
     return fig
