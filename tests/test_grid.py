@@ -230,6 +230,7 @@ def test_a_job_requeued_by_the_scheduler_resumes_from_its_checkpoint(slurm_clust
     slurm_cluster.run("scontrol", "requeue", job_id)
     output, _ = proc.communicate(timeout=420)
     assert proc.returncode == 0, output
+    assert "3 finished (1 of them resumed)" in output, output
     log = Path(next((out / "slurm").glob(f"{job_id}_0_log.out"))).read_text()
     assert "attempt 2 (requeued by the scheduler)" in log, log[-2000:]
     executed = (out / "runs" / "stage2-seed0.ipynb").read_text()

@@ -28,8 +28,8 @@ from ..progress import tqdm
 from ..runs import atomic_write_text, resolve_path
 from .executors import EXECUTORS, LocalExecutor, SlurmExecutor
 from .grid import GridRun, expand_grid, load_grid, slurm_settings
-from .steps import (_read_state, _state_path, code_fingerprint, run_notebook, step_fingerprint,
-                    step_parameters)
+from .steps import (_read_state, _state_path, code_fingerprint, is_up_to_date, run_notebook,
+                    step_fingerprint, step_parameters)
 
 __all__ = ["GridSummary", "run_grid", "export_html", "RESULTS_NOTEBOOK"]
 
@@ -121,7 +121,7 @@ def run_grid(grid_file: str | Path, output: str | Path, executor: str = "local",
                 continue
             if any(u not in finished for u in run.upstream()):
                 continue
-            if _up_to_date(runs_dir, run, specs[run.name]["fingerprint"]):
+            if is_up_to_date(runs_dir, run.step(), specs[run.name]["fingerprint"]):
                 summary.skipped.append(run.name)
                 finished.add(run.name)
                 pending.remove(run)
@@ -145,7 +145,7 @@ def run_grid(grid_file: str | Path, output: str | Path, executor: str = "local",
             if handle.ok() and state.get("status") == "done":
                 finished.add(name)
                 summary.finished.append(name)
-                if _was_resumed(handle):
+                if state.get("resumed"):  # recorded by execute_step, wherever it ran
                     summary.resumed.append(name)
                 print(f"[grid] done {name} in {time.time() - since:.1f} s")
             else:
@@ -169,20 +169,6 @@ def _combinations(grid) -> int:
 
 def _step_of(runs: list[GridRun], name: str):
     return next(r for r in runs if r.name == name).step()
-
-
-def _up_to_date(runs_dir: Path, run: GridRun, fingerprint: str) -> bool:
-    state = _read_state(runs_dir, run.step()) or {}
-    return (state.get("fingerprint") == fingerprint and state.get("status") == "done"
-            and (runs_dir / run.name / "metrics.json").is_file())
-
-
-def _was_resumed(handle) -> bool:
-    try:
-        text = Path(handle.log).read_text(errors="replace")
-    except OSError:
-        return False
-    return "resuming " in text
 
 
 def build_results(out: Path, runs: list[GridRun], progress: bool = True):

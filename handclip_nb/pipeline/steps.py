@@ -17,26 +17,22 @@ first, so no stale checkpoint is resumed).
 """
 from __future__ import annotations
 
-import argparse
 import hashlib
 import json
 import shutil
-import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Mapping, Sequence
 
-import yaml
-
-from ..constants import METRIC_LABELS
-from ..evaluate.tables import comparison_table, format_table, markdown_table
+from ..evaluate.tables import comparison_table, format_table
 from ..params import TRAINING, load_params_file
-from ..runs import atomic_write_json, atomic_write_text, project_root, read_metrics, resolve_path
+from ..runs import atomic_write_json, project_root, read_metrics, resolve_path
 
 __all__ = ["Step", "DEMO_STEPS", "GOLDEN_STEPS", "NOTEBOOK_STAGES", "OTHER_NOTEBOOKS",
            "NOTEBOOKS_DIR", "PARAMS_DIR",
-           "run_notebook", "run_pipeline", "execute_step", "execute_spec", "step_parameters",
+           "run_notebook", "run_pipeline", "execute_step", "execute_spec", "is_up_to_date",
+           "step_parameters",
            "step_fingerprint", "code_fingerprint", "demo_table"]
 
 #: The notebooks ship beside the package in the checkout.
@@ -199,11 +195,10 @@ def execute_step(out: Path, step: Step, params: dict, fingerprint: str,
     ``checkpoints/last.pt``, or start it afresh. Returns ``{"status": "skipped" | "resumed" |
     "finished", "seconds"}``. Safe to call again after a kill at any point (a Slurm requeue)."""
     run_dir = out / step.name
+    if not force and is_up_to_date(out, step, fingerprint):
+        return {"status": "skipped", "seconds": 0.0}
     state = _read_state(out, step)
     same_inputs = state is not None and state.get("fingerprint") == fingerprint
-    if (not force and same_inputs and state.get("status") == "done"
-            and (run_dir / "metrics.json").is_file()):
-        return {"status": "skipped", "seconds": 0.0}
     resume = not force and same_inputs and state.get("status") == "running"
     if not resume and run_dir.exists():
         shutil.rmtree(run_dir)  # inputs changed (or forced): never resume stale state
@@ -216,8 +211,16 @@ def execute_step(out: Path, step: Step, params: dict, fingerprint: str,
     run_notebook(step.notebook, out / f"{step.name}.ipynb", params, progress=progress)
     seconds = time.time() - started
     atomic_write_json(_state_path(out, step), {"fingerprint": fingerprint, "status": "done",
-                                               "seconds": round(seconds, 1)})
+                                               "seconds": round(seconds, 1), "resumed": resume})
     return {"status": "resumed" if resume else "finished", "seconds": seconds}
+
+
+def is_up_to_date(out: Path, step: Step, fingerprint: str) -> bool:
+    """Whether ``step`` finished in ``out`` with these inputs: its state says done with this
+    ``fingerprint`` and its ``metrics.json`` exists (the one skip rule of the demo and grid)."""
+    state = _read_state(out, step) or {}
+    return (state.get("fingerprint") == fingerprint and state.get("status") == "done"
+            and (out / step.name / "metrics.json").is_file())
 
 
 def execute_spec(spec: Mapping, attempt: int = 0) -> dict:
