@@ -33,10 +33,8 @@ The report is one table (rows: measurements; columns: stages) and, with ``--json
 from __future__ import annotations
 
 import argparse
-import contextlib
 import csv
 import datetime
-import io
 import json
 import os
 import platform
@@ -48,6 +46,9 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # the sibling benchmark scripts
+
+from bench_training import run_cells_in_process  # noqa: E402  (one in-process notebook runner)
 
 STAGES = ("stage0", "stage1", "stage2", "stage3")
 NOTEBOOKS = {"stage0": "stage0_zeroshot.ipynb", "stage1": "stage1_prompt.ipynb",
@@ -120,37 +121,6 @@ def make_search_folders(workdir: Path, custom_root: Path, test_people) -> dict:
 # --------------------------------------------------------------------------- notebooks
 
 
-def notebook_code_cells(notebook: str) -> tuple[str, list[str]]:
-    nb = json.loads((REPO / "notebooks" / notebook).read_text())
-    params_cell, cells = None, []
-    for cell in nb["cells"]:
-        if cell["cell_type"] == "code":
-            src = "".join(cell["source"])
-            if "parameters" in cell.get("metadata", {}).get("tags", []):
-                params_cell = src
-            else:
-                cells.append(src)
-    return params_cell, cells
-
-
-def run_in_process(notebook: str, parameters: dict) -> None:
-    """A notebook's code cells executed here as papermill would (parameters cell, injected
-    values, the rest); output swallowed, figures closed."""
-    import matplotlib
-
-    matplotlib.use("Agg", force=False)
-    import matplotlib.pyplot as plt
-
-    params_cell, cells = notebook_code_cells(notebook)
-    ns: dict = {"__name__": "__demo_notebook__"}
-    with contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(io.StringIO()):
-        exec(compile(params_cell, f"{notebook}:parameters", "exec"), ns)
-        ns.update(parameters)
-        for i, src in enumerate(cells):
-            exec(compile(src, f"{notebook}:cell{i}", "exec"), ns)
-    plt.close("all")
-
-
 def run_step(name: str, notebook: str, parameters: dict, workdir: Path, papermill: bool,
              log=print) -> float:
     from handclip_nb.pipeline import run_notebook
@@ -160,7 +130,7 @@ def run_step(name: str, notebook: str, parameters: dict, workdir: Path, papermil
         run_notebook(notebook, workdir / "executed" / f"{name}.ipynb", parameters,
                      progress=False)
     else:
-        run_in_process(notebook, parameters)
+        run_cells_in_process(notebook, parameters)
     seconds = time.perf_counter() - started
     log(f"  {name:<22} {seconds:6.1f} s")
     return seconds
