@@ -125,7 +125,7 @@ def attention_record(stage3_dir: str | Path, attention: Mapping, figures) -> dic
     sizes (so every run folder has the same schema), this run's attention figures and summary."""
     source = read_metrics(resolve_path(stage3_dir))
     keep = ("dataset", "aspect", "gallery_mode", "backbone", "backbone_display", "num_splits",
-            "test", "data", "splits_hash", "test_splits_hash")
+            "test", "data", "splits_hash", "test_splits_hash", "synthetic")
     record = {k: source[k] for k in keep if k in source}
     record.update(stage="attention", stage3_dir=str(stage3_dir), attention=dict(attention),
                   figures=[str(Path(f).name) for f in figures])

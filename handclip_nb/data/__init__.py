@@ -1,4 +1,5 @@
-"""Data: readers (11k, HD, custom), protocol manifests, synthetic hands, transforms, sampler.
+"""Data: readers (11k, HD, custom), protocol manifests, synthetic hands (and whether a dataset
+root is synthetic: `provenance`), transforms, sampler.
 
 Names are imported lazily (PEP 562) so that ``python -m handclip_nb.data.synthetic`` and the
 CSV readers do not pay for importing torch and CLIP.
@@ -18,6 +19,8 @@ _EXPORTS = {
     "AugmentConfig": "transforms", "LetterboxResize": "transforms",
     "build_transform": "transforms",
     "generate_dataset": "synthetic",
+    "SYNTHETIC_PROVENANCE_FILE": "provenance", "synthetic_provenance": "provenance",
+    "is_synthetic_dataset": "provenance",
     "DecodeCache": "images", "DecodeGeometry": "images", "ImageSource": "images",
     "decode_resized": "images", "image_source": "images",
 }

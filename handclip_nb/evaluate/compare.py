@@ -27,6 +27,7 @@ import torch
 
 from ..data.datasets import build_protocol
 from ..data.protocols import Protocol
+from ..data.provenance import is_synthetic_dataset
 from ..params import default_output_dir
 from ..run_loader import (LoadedRun, RunInfo, check_stage, load_run, read_run_folder,
                           zero_shot_run)
@@ -230,6 +231,7 @@ def evaluation_record(params: Mapping, protocol: Protocol,
     first = evaluations[0]
     return {
         "stage": "evaluation", "dataset": protocol.dataset, "aspect": protocol.aspect,
+        "synthetic": is_synthetic_dataset(params),  # the test data (params' data_root)
         "gallery_mode": protocol.gallery_mode, "backbone": first.info.params["backbone"],
         "backbone_display": first.info.backbone_display, "primary_run": first.name,
         "num_splits": protocol.num_splits, "split_seed": protocol.seed,

@@ -22,6 +22,7 @@ import torch
 from ..data.protocols import Protocol, Split
 from ..constants import AP_METRIC, METRIC_NAMES
 from ..data.images import image_source
+from ..data.provenance import is_synthetic_dataset
 from .features import cosine_distance, extract_features
 from .metrics import rank_metrics
 from .reranking import rerank_features
@@ -188,10 +189,13 @@ def evaluate_backbone(backbone, protocol: Protocol, params: Mapping, cache_dir=N
 def metrics_record(stage: str, params: Mapping, protocol: Protocol,
                    results: Mapping[str, EvalResult], backbone=None,
                    trained_by: str | None = None, **extra) -> dict:
-    """The ``metrics.json`` body of docs/contracts.md (percentages, sizes under ``"data"``)."""
+    """The ``metrics.json`` body of docs/contracts.md (percentages, sizes under ``"data"``).
+    ``synthetic``: whether ``params["data_root"]`` is synthetic data (None, or a root the
+    generator marked; :func:`handclip_nb.data.provenance.is_synthetic_dataset`)."""
     record = {
         "stage": stage,
         "dataset": protocol.dataset,
+        "synthetic": is_synthetic_dataset(params),
         "aspect": protocol.aspect,
         "gallery_mode": protocol.gallery_mode,
         "backbone": params["backbone"],

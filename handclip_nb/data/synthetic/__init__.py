@@ -23,6 +23,8 @@ Layouts written by :func:`generate_dataset` (and the CLI)::
     both: ROOT/captions.csv  ``image,caption`` -- every photo's caption (:func:`caption_for`),
           built from what the photo shows: view and side, gender, skin tone, nail polish,
           proportions, the accessory drawn and the person's visible marks
+    both: ROOT/handclip_synthetic.json  the provenance record (:data:`SYNTHETIC_PROVENANCE_FILE`):
+          the data is synthetic, and the generator's arguments (no time, so still byte-identical)
 
 CLI::
 
@@ -50,6 +52,7 @@ one photo), :mod:`.writers` (datasets on disk), :mod:`.cli` (the command line, r
 """
 
 from ..captions import CAPTIONS_FILE  # the captions.csv reader's file name (not .captions)
+from ..provenance import SYNTHETIC_PROVENANCE_FILE  # read by data.provenance, written here
 from .captions import caption_for, caption_phrases
 from .cli import main
 from .constants import (
@@ -84,6 +87,7 @@ __all__ = [
     "caption_phrases",
     "caption_for",
     "CAPTIONS_FILE",
+    "SYNTHETIC_PROVENANCE_FILE",
     "accessory_plan",
     "generate_dataset",
     "main",

@@ -1,18 +1,22 @@
 """Dataset writers: synthetic people and photos written in the 11k or HD layout.
 
 :func:`generate_dataset` validates its arguments and writes ``Hands/`` + ``HandInfo.csv``
-(11k) or ``Original Images/1-501`` + ``502-712`` (HD), with ``captions.csv`` beside either;
+(11k) or ``Original Images/1-501`` + ``502-712`` (HD), with ``captions.csv`` and the provenance
+file ``handclip_synthetic.json`` (:mod:`handclip_nb.data.provenance`) beside either;
 :func:`accessory_plan` decides which 11k photos show a ring, bracelet or watch.
 """
 
 from __future__ import annotations
 
 import csv
+from importlib import metadata
 from pathlib import Path
 
 import numpy as np
 
+from ...runs import atomic_write_json
 from ..captions import CAPTIONS_FILE
+from ..provenance import SYNTHETIC_GENERATOR, SYNTHETIC_PROVENANCE_FILE
 from .constants import (
     _STREAM_ACCESSORY,
     ACCESSORIES,
@@ -94,6 +98,9 @@ def generate_dataset(
     above :data:`~.constants.RENDER_CAP` the hand is drawn at the cap and upscaled
     (:func:`.render.render_photo`), so real-size datasets cost ~0.1 s per photo.
     Stale images of an earlier run in the same folders are removed so files and labels agree.
+    ``root/handclip_synthetic.json`` records that the data is synthetic and how it was drawn
+    (:func:`handclip_nb.data.is_synthetic_dataset`); it is written first, so even a root whose
+    generation was interrupted is marked.
     """
     _validate(subjects, images_per_subject, seed, difficulty, image_size, layout, accessory_rate,
               id_offset, distractors)
@@ -101,13 +108,35 @@ def generate_dataset(
     seed, id_offset = int(seed), int(id_offset)
     size = _check_size(image_size)
     root = Path(root)
+    m = None if layout == "11k" else (max(2, subjects // 4) if distractors is None
+                                      else int(distractors))
+    _write_provenance(root, layout=layout, subjects=subjects, images_per_subject=k_img,
+                      seed=seed, difficulty=float(difficulty), image_size=list(size),
+                      accessory_rate=float(accessory_rate) if layout == "11k" else None,
+                      id_offset=id_offset, distractors=m, jpeg_quality=int(jpeg_quality))
     if layout == "11k":
         _write_11k(root, subjects, k_img, seed, float(difficulty), size, float(accessory_rate),
                    id_offset, jpeg_quality)
     else:
-        m = max(2, subjects // 4) if distractors is None else int(distractors)
         _write_hd(root, subjects, k_img, seed, float(difficulty), size, id_offset, m, jpeg_quality)
     return root
+
+
+def _package_version() -> str | None:
+    try:
+        return metadata.version("handclip-nb")
+    except metadata.PackageNotFoundError:
+        return None
+
+
+def _write_provenance(root: Path, **settings) -> None:
+    """``root/handclip_synthetic.json``: that the data is synthetic and the generator's arguments
+    (``image_size`` is [width, height]); no time or path in it, so equal arguments give equal
+    bytes. Atomic (temp file + rename)."""
+    root.mkdir(parents=True, exist_ok=True)
+    atomic_write_json(root / SYNTHETIC_PROVENANCE_FILE,
+                      {"generator": SYNTHETIC_GENERATOR, "synthetic": True, **settings,
+                       "package_version": _package_version()})
 
 
 def accessory_plan(seed: int, person_number: int, aspect: str | int, images_per_subject: int,
