@@ -33,6 +33,9 @@ __all__ = [
     "params_from_namespace",
     "load_params_file",
     "ASPECTS",
+    "NOT_RESULTS",
+    "EVALUATION_PARAMETERS",
+    "run_identity",
 ]
 
 #: Stages (one notebook each).  ``common`` parameters apply to all of them.
@@ -716,6 +719,45 @@ def resolve_params(values: Mapping[str, Any] | None = None, stage: str = "stage0
         # the stage-1 run with the same data, backbone and seed (its default folder)
         out["stage1_dir"] = default_output_dir(out, "stage1")
     out["stage"] = stage
+    return out
+
+
+#: Parameters that never change a run's numbers (where it writes, how many loader workers,
+#: caches, widgets, links to other run folders, whose own identity counts instead); they are
+#: left out of a run's identity (:func:`run_identity`).
+NOT_RESULTS = frozenset({"output_dir", "resume", "num_workers", "decode_cache", "feature_cache",
+                         "interactive", "show_k", "stage1_dir", "init_from", "stage3_dir",
+                         "runs", "run_dir"})
+
+#: Parameters a zero-shot stage reads although they never reach its numbers (it trains
+#: nothing): two zero-shot runs that differ only here are one run.
+_ZERO_SHOT_UNUSED = frozenset({"lr", "epochs"})
+
+#: The parameters that define what a run is tested on and with which starting model: the
+#: protocol (data, aspect, gallery, splits), the backbone and its input. A trained run's gain
+#: over zero-shot compares it with the zero-shot run that agrees on every one of these.
+EVALUATION_PARAMETERS = ("dataset", "data_root", "aspect", "gallery_mode", "num_splits",
+                         "split_seed", "synthetic_subjects", "synthetic_images",
+                         "synthetic_difficulty", "synthetic_photo_size", "synthetic_seed",
+                         "backbone", "weights", "image_size", "resize_mode", "rn_last_stride",
+                         "pixel_mean", "pixel_std", "reduced_jpeg_decode", "flip_tta")
+
+
+def run_identity(resolved: Mapping[str, Any]) -> dict[str, Any]:
+    """What a resolved run (``resolve_params``'s output, or a run folder's ``params.yaml``)
+    depends on: every parameter that can change its numbers. A zero-shot run of a pretrained
+    backbone does not depend on ``seed`` (it only initialises untrained backbones), nor on
+    the optimisation settings it never uses."""
+    stage = resolved.get("stage")
+    out = {k: v for k, v in resolved.items() if k not in NOT_RESULTS}
+    if stage == "stage0":
+        for name in _ZERO_SHOT_UNUSED:
+            out.pop(name, None)
+        spec = get_backbone_spec(resolved["backbone"]) if resolved.get("backbone") in BACKBONES \
+            else None
+        if resolved.get("weights") or (spec is not None and (spec.openai_name or
+                                                             spec.weights_file)):
+            out.pop("seed", None)
     return out
 
 

@@ -25,13 +25,15 @@ REPO = Path(__file__).resolve().parents[1]
 
 def _write_run(folder: Path, *, stage: str, rank1: list[float], seed: int = 0,
                dataset: str = "11k", aspect: str = "dorsal_r", backbone: str = "vitb16",
-               synthetic: bool = True, finished: bool = True, verification: bool = True) -> dict:
+               synthetic: bool = True, finished: bool = True, verification: bool = True,
+               params: dict | None = None, metrics: dict | None = None) -> dict:
     """A fake finished run folder: params.yaml and a metrics.json whose per-split rank-1 is
-    ``rank1`` (the other metrics derived from it), as finish_run would write them."""
+    ``rank1`` (the other metrics derived from it), as finish_run would write them; ``params``
+    and ``metrics`` add to (or replace) what they hold."""
     folder.mkdir(parents=True, exist_ok=True)
     params = {"stage": stage, "dataset": dataset, "aspect": aspect, "backbone": backbone,
               "seed": seed, "num_splits": len(rank1),
-              "data_root": None if synthetic else "/data/11k"}
+              "data_root": None if synthetic else "/data/11k", **(params or {})}
     (folder / "params.yaml").write_text(yaml.safe_dump({"params": params}))
     if finished:
         test = {}
@@ -40,6 +42,7 @@ def _write_run(folder: Path, *, stage: str, rank1: list[float], seed: int = 0,
             test[m] = {"mean": float(np.mean(values)),
                        "std": float(np.std(values, ddof=1)) if len(values) > 1 else 0.0,
                        "per_split": values}
+        extra = metrics or {}
         metrics = {"stage": stage, "dataset": dataset,
                    "aspect": "dorsal" if dataset == "hd" else aspect, "backbone": backbone,
                    "num_splits": len(rank1), "test": test, "provenance": {"seed": seed}}
@@ -47,7 +50,7 @@ def _write_run(folder: Path, *, stage: str, rank1: list[float], seed: int = 0,
             metrics["verification"] = {"metrics": {
                 "eer": {"mean": 10.0 + seed, "std": 1.0, "per_split": [10.0 + seed] * 2},
                 "tar_at_far1e-2": {"mean": 50.0, "std": 0.0, "per_split": [50.0] * 2}}}
-        (folder / "metrics.json").write_text(json.dumps(metrics))
+        (folder / "metrics.json").write_text(json.dumps({**metrics, **extra}))
     return {"name": folder.name, "stage": stage, "folder": str(folder),
             "axes": {"seed": seed, "aspect": "hd" if dataset == "hd" else aspect,
                      "backbone": backbone}}
@@ -127,22 +130,32 @@ def test_results_csv_round_trip(grid, tmp_path):
 
 
 def test_paper_table_pools_seeds_and_splits(grid):
+    """Each cell: each run's mean over its splits, then mean ± sample std over the runs (seeds);
+    a one-run cell shows ± over its splits and says so (†)."""
     table = grid_results.paper_table(grid["df"], "rank1")
     numbers, formatted = table  # unpacks as (numbers, formatted)
     assert list(numbers.columns) == ["11k/dorsal_r", "hd"]
     assert list(numbers.index) == [("zero-shot CLIP", "vitb16"), ("zero-shot CLIP", "rn50"),
                                    ("CLIP-ReID", "vitb16"), ("CLIP-ReID", "rn50")]
-    # CLIP-ReID vitb16 on dorsal_r: seeds 0 and 1, splits [80, 90] and [70, 100]
-    pooled = [80.0, 90.0, 70.0, 100.0]
-    mean = sum(pooled) / 4
-    std = math.sqrt(sum((v - mean) ** 2 for v in pooled) / 3)
-    assert numbers.loc[("CLIP-ReID", "vitb16"), "11k/dorsal_r"] == pytest.approx(mean)
-    assert table.std.loc[("CLIP-ReID", "vitb16"), "11k/dorsal_r"] == pytest.approx(std)
-    assert table.count.loc[("CLIP-ReID", "vitb16"), "11k/dorsal_r"] == 4
-    assert formatted.loc[("CLIP-ReID", "vitb16"), "11k/dorsal_r"] == f"85.00 ± {std:.2f}"
-    # not the mean of the two seeds' stds: pooling differs from averaging run summaries
-    assert std != pytest.approx((math.sqrt(50) + math.sqrt(450)) / 2)
-    assert numbers.loc[("zero-shot CLIP", "vitb16"), "11k/dorsal_r"] == pytest.approx(64.0)
+    # zero-shot vitb16 on dorsal_r: seed 0 splits [60, 70], seed 1 splits [62, 64]
+    seed_means = [(60.0 + 70.0) / 2, (62.0 + 64.0) / 2]
+    mean = sum(seed_means) / 2
+    std = math.sqrt(sum((m - mean) ** 2 for m in seed_means) / 1)
+    cell = ("zero-shot CLIP", "vitb16"), "11k/dorsal_r"
+    assert numbers.loc[cell] == pytest.approx(mean)
+    assert table.std.loc[cell] == pytest.approx(std)
+    assert table.count.loc[cell] == 4 and table.seeds.loc[cell] == 2
+    assert formatted.loc[cell] == f"64.00 ± {std:.2f} (2×2)"
+    # not the std over all four (seed, split) values, nor the mean of the seeds' stds
+    pooled = [60.0, 70.0, 62.0, 64.0]
+    assert std != pytest.approx(np.std(pooled, ddof=1))
+    assert std != pytest.approx((np.std([60, 70], ddof=1) + np.std([62, 64], ddof=1)) / 2)
+    # CLIP-ReID vitb16: seed means 85 and 85
+    assert formatted.loc[("CLIP-ReID", "vitb16"), "11k/dorsal_r"] == "85.00 ± 0.00 (2×2)"
+    # rn50 CLIP-ReID: one run, ± over its two splits [91, 95]
+    one = ("CLIP-ReID", "rn50"), "11k/dorsal_r"
+    assert table.std.loc[one] == pytest.approx(np.std([91.0, 95.0], ddof=1))
+    assert formatted.loc[one] == "93.00 ± 2.83 (1×2†)" and table.seeds.loc[one] == 1
     assert math.isnan(numbers.loc[("zero-shot CLIP", "vitb16"), "hd"])
     assert formatted.loc[("zero-shot CLIP", "vitb16"), "hd"] == "–"
     # stage 1 repeats zero-shot CLIP and is left out; the unfinished stage 3 too
@@ -152,9 +165,11 @@ def test_paper_table_pools_seeds_and_splits(grid):
     assert table.best.sum().tolist() == [1, 1]
     assert table.best.loc[("CLIP-ReID", "rn50"), "11k/dorsal_r"]
     assert table.best.loc[("CLIP-ReID", "vitb16"), "hd"]
-    assert "| CLIP-ReID | rn50 | **93.00 ± 2.83** |" in table.markdown()
+    assert "| CLIP-ReID | rn50 | **93.00 ± 2.83 (1×2†)** |" in table.markdown()
+    assert grid_results.POOLING_NOTE in table.markdown()
     html = table.styled().to_html()
-    assert "font-weight: bold" in html and "93.00 ± 2.83" in html
+    assert "font-weight: bold" in html and "93.00 ± 2.83 (1×2†)" in html
+    assert "over the runs" in html  # the caption says what a cell pools
 
 
 def test_paper_table_metrics_and_ties(grid):
@@ -167,9 +182,12 @@ def test_paper_table_metrics_and_ties(grid):
     with pytest.raises(ValueError, match="unknown metric 'map'"):
         grid_results.paper_table(grid["df"], "map")
     tied = grid["df"].copy()
-    tied.loc[tied["run"] == "stage2-rn50-s0", "backbone"] = "vitb16"  # two cells pool together
+    rn50 = tied["run"] == "stage2-rn50-s0"
+    vit = tied.loc[tied["run"] == "stage2-vitb16-s1", "setting"].iloc[0]
+    tied.loc[rn50, ["backbone", "seed", "setting"]] = ["vitb16", 2, vit]  # a third seed
     both = grid_results.paper_table(tied, "rank1", stages=("stage0", "stage2"))
     assert both.count.loc[("CLIP-ReID", "vitb16"), "11k/dorsal_r"] == 6
+    assert both.formatted.loc[("CLIP-ReID", "vitb16"), "11k/dorsal_r"].endswith("(3×2)")
 
 
 def test_best_marks_every_tied_cell(tmp_path):
@@ -286,3 +304,101 @@ def test_results_notebook_on_real_data_shows_published_results(tmp_path):
     text, _ = _outputs(_run_results_notebook(root, tmp_path / "executed.ipynb"))
     assert grid_results.PUBLISHED_LABEL in text and grid_results.SYNTHETIC_NOTE not in text
     assert "CLIP-FH" in text
+
+
+# ------------------------------------------------------------ a cell pools only seeds
+
+
+def _ablation(root: Path) -> list[dict]:
+    """A loss-weight ablation: stage-2 runs with triplet_weight 0 and 1, two seeds each, from
+    one zero-shot run (a pretrained backbone: seed-free) — the grid of the issue that rendered
+    one cell of 76.15 from runs at 73.88 and 78.43."""
+    specs = [_write_run(root / "stage0", stage="stage0", rank1=[60.0, 62.0], seed=0,
+                        params={"lr": 3e-4, "image_size": [224, 288]})]
+    values = {(0.0, 0): [73.0, 74.0], (0.0, 1): [74.0, 74.52], (1.0, 0): [78.0, 79.0],
+              (1.0, 1): [78.0, 78.72]}
+    for (weight, seed), rank1 in values.items():
+        specs.append(_write_run(root / f"stage2-tw{weight}-seed{seed}", stage="stage2",
+                                rank1=rank1, seed=seed,
+                                params={"triplet_weight": weight, "lr": 3e-4,
+                                        "image_size": [224, 288]}))
+    return specs
+
+
+def test_an_axis_other_than_the_seed_is_a_row_never_pooled(tmp_path):
+    df = grid_results.results_rows(_ablation(tmp_path))
+    table = grid_results.paper_table(df, "rank1")
+    rows = list(table.numbers.index)
+    assert rows == [("zero-shot CLIP", "vitb16"),
+                    ("CLIP-ReID · triplet_weight=0.0", "vitb16"),
+                    ("CLIP-ReID · triplet_weight=1.0", "vitb16")]
+    assert table.numbers.loc[rows[1], "11k/dorsal_r"] == pytest.approx((73.5 + 74.26) / 2)
+    assert table.numbers.loc[rows[2], "11k/dorsal_r"] == pytest.approx((78.5 + 78.36) / 2)
+    assert table.formatted.loc[rows[1], "11k/dorsal_r"].endswith("(2×2)")
+    spread = grid_results.seed_spread(df, "rank1")
+    assert sorted(spread["method"].unique()) == [r[0] for r in sorted(rows)]
+    assert len(spread) == 5  # the zero-shot run and 2 seeds x 2 weights
+    gain = grid_results.gain_over_zero_shot(df, "rank1").set_index("method")
+    assert gain.loc["CLIP-ReID · triplet_weight=1.0", "gain"] == pytest.approx(78.43 - 61.0)
+    assert gain.loc["CLIP-ReID · triplet_weight=0.0", "gain"] == pytest.approx(73.88 - 61.0)
+
+
+def test_a_difference_inherited_from_the_upstream_run_is_a_row(tmp_path):
+    """Two stage-2 runs with the same settings, fed by stage-1 runs with different n_ctx."""
+    specs = []
+    for n_ctx, rank1 in ((4, [70.0, 72.0]), (8, [80.0, 82.0])):
+        up = _write_run(tmp_path / f"stage1-n{n_ctx}", stage="stage1", rank1=[1.0, 2.0],
+                        params={"n_ctx": n_ctx})
+        specs.append(_write_run(tmp_path / f"stage2-n{n_ctx}", stage="stage2", rank1=rank1,
+                                params={"stage1_dir": up["folder"]}))
+    table = grid_results.paper_table(grid_results.results_rows(specs), "rank1")
+    assert [m for m, _ in table.numbers.index] == ["CLIP-ReID · stage1.n_ctx=4",
+                                                   "CLIP-ReID · stage1.n_ctx=8"]
+
+
+def test_runs_tested_on_other_splits_are_never_pooled(tmp_path):
+    specs = [_write_run(tmp_path / f"s{seed}", stage="stage2", rank1=[70.0 + seed, 71.0],
+                        seed=seed, metrics={"test_splits_hash": "abcdef12" * 8 if seed else
+                                            "01234567" * 8}) for seed in (0, 1)]
+    table = grid_results.paper_table(grid_results.results_rows(specs), "rank1")
+    assert [m for m, _ in table.numbers.index] == ["CLIP-ReID · test splits 01234567",
+                                                   "CLIP-ReID · test splits abcdef12"]
+    assert (table.seeds == 1).all().all()
+
+
+def test_a_gain_compares_with_the_zero_shot_run_of_the_same_evaluation_settings(tmp_path):
+    """Zero-shot at two input sizes, CLIP-ReID at each: each gain uses its own size."""
+    specs = []
+    for size, zero, trained in (([224, 224], [50.0, 50.0], [70.0, 70.0]),
+                                ([224, 288], [60.0, 60.0], [90.0, 90.0])):
+        tag = "x".join(map(str, size))
+        specs.append(_write_run(tmp_path / f"z{tag}", stage="stage0", rank1=zero,
+                                params={"image_size": size}))
+        specs.append(_write_run(tmp_path / f"t{tag}", stage="stage2", rank1=trained,
+                                params={"image_size": size}))
+    gain = grid_results.gain_over_zero_shot(grid_results.results_rows(specs), "rank1")
+    gain = gain.set_index("method")["gain"]
+    assert gain["CLIP-ReID · image_size=[224, 224]"] == pytest.approx(20.0)
+    assert gain["CLIP-ReID · image_size=[224, 288]"] == pytest.approx(30.0)
+
+
+def test_results_csv_records_commit_job_and_setting(tmp_path):
+    spec = _write_run(tmp_path / "r", stage="stage2", rank1=[1.0, 2.0],
+                      metrics={"provenance": {"seed": 0, "git_commit": "abc123"},
+                               "test_splits_hash": "f" * 64})
+    row = grid_results.results_rows([{**spec, "job_id": "4242"}]).iloc[0]
+    assert row["git_commit"] == "abc123" and row["slurm_job_id"] == "4242"
+    assert row["test_splits_hash"] == "f" * 64
+    assert json.loads(row["setting"])["backbone"] == "vitb16"
+    assert "output_dir" not in json.loads(row["setting"])
+
+
+def test_a_generated_dataset_in_a_folder_counts_as_synthetic(tmp_path):
+    """data_root is set, but the run's metrics.json says the generator made its data."""
+    specs = [_write_run(tmp_path / "r", stage="stage2", rank1=[1.0, 2.0], synthetic=False,
+                        metrics={"synthetic": True})]
+    df = grid_results.results_rows(specs)
+    assert bool(df["synthetic"].iloc[0]) and not grid_results.ran_on_real_data(df)
+    real = [_write_run(tmp_path / "q", stage="stage2", rank1=[1.0, 2.0], synthetic=False,
+                       metrics={"synthetic": False})]
+    assert grid_results.ran_on_real_data(grid_results.results_rows(real))

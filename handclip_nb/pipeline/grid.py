@@ -31,25 +31,26 @@ from typing import Any, Mapping
 
 import yaml
 
-from ..backbone_specs import get_backbone_spec
-from ..params import SCHEMA, STAGES, ParamError, load_params_file, resolve_params
+from ..params import SCHEMA, STAGES, ParamError, load_params_file, resolve_params, run_identity
 from ..runs import resolve_path
 from .steps import Step
 
-__all__ = ["GRID_STAGES", "STAGE_NOTEBOOKS", "Grid", "GridRun", "GridError", "load_grid",
-           "expand_grid", "slurm_settings"]
+__all__ = ["GRID_STAGES", "STAGE_NOTEBOOKS", "SLURM_KEYS", "Grid", "GridRun", "GridError",
+           "load_grid", "expand_grid", "slurm_settings", "check_slurm_options"]
 
 #: Stages a grid may run, in dependency order, and their notebooks.
 GRID_STAGES = ("stage0", "stage1", "stage2", "stage3")
 STAGE_NOTEBOOKS = {"stage0": "stage0_zeroshot.ipynb", "stage1": "stage1_prompt.ipynb",
                    "stage2": "stage2_image.ipynb", "stage3": "stage3.ipynb"}
 
-#: Parameters that never change a run's numbers (where it writes, how many loader workers,
-#: caches, widgets); they are left out of a run's identity.
-NOT_RESULTS = frozenset({"output_dir", "resume", "num_workers", "decode_cache", "feature_cache",
-                         "interactive", "show_k", "stage1_dir", "init_from"})
-
-SLURM_KEYS = ("partition", "gpus", "time", "mem", "cpus")
+#: Slurm settings with a command-line option of their own; any other key of a grid file's
+#: ``slurm:`` mapping (account, qos, constraint, reservation, ...) is passed to sbatch as it is
+#: (``--<key>=<value>``), and so is ``--slurm-option KEY=VALUE``. ``python`` and ``kernel`` name
+#: the interpreter and the Jupyter kernel the jobs use on the compute nodes.
+SLURM_KEYS = ("partition", "gpus", "time", "mem", "cpus", "python", "kernel")
+#: sbatch options the grid sets itself: a grid file may not change them.
+SLURM_RESERVED = frozenset({"job_name", "job-name", "output", "error", "open-mode", "signal",
+                            "dependency", "array", "wckey"})
 
 
 class GridError(ValueError):
@@ -79,6 +80,7 @@ class GridRun:
     values: dict  # the parameter values given to papermill (base file + params + combination)
     axes: dict  # the axis values this run depends on
     key: str  # identity: the stage and every parameter that can change its numbers
+    identity: dict = field(default_factory=dict)  # those parameters (params.run_identity)
     links: dict = field(default_factory=dict)  # {"stage1_dir": run name}
     combinations: list = field(default_factory=list)  # every combination that needs it
 
@@ -145,8 +147,13 @@ def load_grid(path: str | Path) -> Grid:
     if "stage2" in stages and "stage1" not in stages:
         raise _fail(path, "stage2 reads stage 1's prompts: add stage1 to stages")
     slurm = data.get("slurm") or {}
-    if not isinstance(slurm, dict) or set(slurm) - set(SLURM_KEYS):
-        raise _fail(path, f"slurm must be a mapping with keys among {', '.join(SLURM_KEYS)}")
+    if not isinstance(slurm, dict):
+        raise _fail(path, "slurm must be a mapping of sbatch option: value, e.g. "
+                          "{partition: gpu, gpus: 1, time: '04:00:00', account: myproject}")
+    try:
+        check_slurm_options(slurm)
+    except ValueError as exc:
+        raise _fail(path, f"slurm: {exc}") from None
     ordered = tuple(s for s in GRID_STAGES if s in stages)
     grid = Grid(path=path, base=base, params=dict(params), axes=dict(axes), stages=ordered,
                 slurm=dict(slurm))
@@ -156,6 +163,36 @@ def load_grid(path: str | Path) -> Grid:
             raise _fail(path, f"base {base!r} names {sorted(fields - set(axes))}, which are not "
                               f"axes")
     return grid
+
+
+def check_slurm_options(options: Mapping[str, Any]) -> None:
+    """Refuse sbatch options the grid sets itself and values sbatch cannot take."""
+    for key, value in options.items():
+        if not isinstance(key, str) or not re.fullmatch(r"[A-Za-z][A-Za-z0-9_-]*", key):
+            raise ValueError(f"{key!r} is not an sbatch option name")
+        if key in SLURM_RESERVED or key.replace("-", "_") in SLURM_RESERVED:
+            raise ValueError(f"{key!r} is set by the grid itself (job names, logs, signals, "
+                             f"dependencies); leave it out")
+        if isinstance(value, (dict, list)):
+            raise ValueError(f"{key}: expected one value, got {value!r}")
+
+
+def _shadowed_axes(grid: Grid, base: Mapping[str, Any], base_name: str | None) -> None:
+    """Refuse an axis that a stage section of the base file or of the grid's ``params``
+    overrides (``resolve_params`` applies a stage's section after the common values): its
+    runs would train identically under different names."""
+    sources = [(f"base {base_name}", base)] if base_name else []
+    sources.append((f"{grid.path.name} params", grid.params))
+    for axis in grid.axes:
+        for where, values in sources:
+            for stage in grid.stages:
+                section = values.get(stage)
+                if isinstance(section, Mapping) and axis in section:
+                    raise _fail(grid.path, f"axis {axis!r} is overridden by {where}, section "
+                                           f"{stage!r} (key {stage}.{axis}: "
+                                           f"{section[axis]!r}), so every {stage} run would use "
+                                           f"that value whatever the axis says; remove "
+                                           f"{stage}.{axis} from that section, or drop the axis")
 
 
 def _base_values(grid: Grid, combo: Mapping[str, Any], loaded: dict) -> dict:
@@ -205,20 +242,6 @@ def _slug(axis: str, value: Any) -> str:
     return re.sub(r"[^A-Za-z0-9.]+", "_", text).strip("_") or axis
 
 
-def _pretrained(resolved: Mapping) -> bool:
-    """Whether a zero-shot run's numbers are independent of ``seed`` (it only initialises
-    untrained backbones)."""
-    spec = get_backbone_spec(resolved["backbone"])
-    return bool(resolved.get("weights") or spec.openai_name or spec.weights_file)
-
-
-def _identity(stage: str, resolved: Mapping) -> dict:
-    relevant = {k: v for k, v in resolved.items() if k not in NOT_RESULTS}
-    if stage == "stage0" and _pretrained(resolved):
-        relevant.pop("seed", None)
-    return relevant
-
-
 def _stage_values(given: Mapping[str, Any], stage: str) -> dict:
     """What papermill gets for one stage: the parameters that apply to it and its own section
     (another stage's settings must not change this run's fingerprint)."""
@@ -240,14 +263,16 @@ def expand_grid(grid: Grid) -> list[GridRun]:
     loaded: dict[str, dict] = {}
     for values in itertools.product(*(grid.axes[n] for n in names)):
         combo = dict(zip(names, values))
-        given = {**_base_values(grid, combo, loaded), **grid.params, **combo}
+        base = _base_values(grid, combo, loaded)
+        _shadowed_axes(grid, base, grid.base.format(**combo) if grid.base else None)
+        given = {**base, **grid.params, **combo}
         by_stage: dict[str, str] = {}
         for stage in grid.stages:
             try:
                 resolved = resolve_params(given, stage=stage)
             except ParamError as exc:
                 raise _fail(grid.path, f"combination {combo} for {stage}: {exc}") from None
-            identity = _identity(stage, resolved)
+            identity = run_identity(resolved)
             links = {"stage1_dir": by_stage["stage1"]} if stage == "stage2" else {}
             depends = {axis: value for axis, value in combo.items() if axis in identity}
             name = "-".join([stage, *(_slug(a, v) for a, v in depends.items())])
@@ -260,7 +285,8 @@ def expand_grid(grid: Grid) -> list[GridRun]:
                                        f"give the axes distinct values")
             run = runs.setdefault(name, GridRun(name=name, stage=stage,
                                                 values=_stage_values(given, stage),
-                                                axes=depends, key=key, links=links))
+                                                axes=depends, key=key, links=links,
+                                                identity=identity))
             run.combinations.append(combo)
             by_stage[stage] = name
     order = {s: i for i, s in enumerate(GRID_STAGES)}
@@ -268,7 +294,10 @@ def expand_grid(grid: Grid) -> list[GridRun]:
 
 
 def slurm_settings(grid: Grid, overrides: Mapping[str, Any]) -> dict:
-    """The Slurm settings of a grid: its ``slurm:`` mapping, overridden by the command line."""
+    """The Slurm settings of a grid: its ``slurm:`` mapping, overridden by the command line
+    (``--slurm-partition`` ..., ``--slurm-option KEY=VALUE``)."""
     out = dict(grid.slurm)
-    out.update({k: v for k, v in overrides.items() if v is not None})
+    given = {k: v for k, v in overrides.items() if v is not None}
+    check_slurm_options(given)
+    out.update(given)
     return out
