@@ -9,7 +9,7 @@ from typing import Union
 
 import torch
 
-__all__ = ["resolve_device", "available_cpus", "default_num_workers", "Precision",
+__all__ = ["resolve_device", "available_cpus", "CPU_SHARE_ENV", "default_num_workers", "Precision",
            "AMP_DTYPES", "configure_cuda"]
 
 #: Values of the ``amp_dtype`` parameter -> the autocast dtype.
@@ -37,13 +37,24 @@ def resolve_device(device: Union[str, torch.device, None] = "auto") -> torch.dev
     return dev
 
 
+#: Environment variable with this process's share of the cores, set by the grid's local
+#: executor for each of the runs it starts side by side, so that their loader workers together
+#: fit the machine instead of each taking every core.
+CPU_SHARE_ENV = "HANDCLIP_CPUS"
+
+
 def available_cpus() -> int:
-    """Cores this process may run on (its affinity mask, e.g. a Slurm or container limit),
-    not the machine's total."""
+    """Cores this process may run on: its affinity mask (e.g. a Slurm or container limit),
+    not the machine's total, and at most its share (``HANDCLIP_CPUS``) when runs share the
+    machine."""
     try:
-        return max(1, len(os.sched_getaffinity(0)))
+        cpus = max(1, len(os.sched_getaffinity(0)))
     except AttributeError:  # macOS and Windows have no affinity mask
-        return max(1, os.cpu_count() or 1)
+        cpus = max(1, os.cpu_count() or 1)
+    share = os.environ.get(CPU_SHARE_ENV, "").strip()
+    if share.isdigit() and int(share) > 0:
+        cpus = min(cpus, int(share))
+    return cpus
 
 
 def default_num_workers(device: Union[str, torch.device, None]) -> int:

@@ -4,6 +4,10 @@ that skip, failures that are reported, and the same grid through a one-node Slur
 (tests/slurm_cluster.py) with a job requeued by the scheduler mid-training."""
 from __future__ import annotations
 
+import json
+import os
+import shutil
+import socket
 import subprocess
 import sys
 import time
@@ -47,7 +51,8 @@ def _grid(tmp_path: Path, body: dict, name: str = "tiny") -> Path:
 
 
 @pytest.mark.parametrize("name, runs, stage0", [("smoke", 7, 1), ("demo", 14, 2),
-                                                ("clipfh-11k", 80, 8), ("clipfh-hd", 20, 2)])
+                                                ("clipfh-11k", 80, 8), ("clipfh-hd", 20, 2),
+                                                ("ablation", 7, 1)])
 def test_shipped_grids_expand_and_validate(name, runs, stage0):
     """Every shipped grid validates, and a pretrained backbone's zero-shot run is shared by the
     seeds (it does not depend on them): 11k = 4 aspects x 2 backbones zero-shot + 3 x 24."""
@@ -81,14 +86,55 @@ def test_untrained_zero_shot_depends_on_the_seed_and_order_is_by_dependency(tmp_
     ({"stages": ["stage2"]}, "stage2 reads stage 1's prompts: add stage1"),
     ({"stages": ["stage9"]}, "unknown stage"),
     ({"base": "params/{backbone}.yaml"}, "names ['backbone'], which are not axes"),
-    ({"axes": {"lr": [-1.0]}}, "combination {'lr': -1.0} for stage0"),
+    ({"axes": {"num_splits": [0]}}, "combination {'num_splits': 0} for stage0"),
     ({"colour": 1}, "unknown key(s) ['colour']"),
+    # the grid's own stage1/stage2 sections set lr: an lr axis would train identical runs
+    ({"axes": {"lr": [1e-3, 1e-2]}}, "axis 'lr' is overridden by tiny.yaml params, section "
+                                     "'stage1' (key stage1.lr: 0.01)"),
+    ({"slurm": {"job-name": "x"}}, "'job-name' is set by the grid itself"),
+    ({"slurm": {"dependency": "afterok:1"}}, "'dependency' is set by the grid itself"),
+    ({"slurm": {"bad key": 1}}, "'bad key' is not an sbatch option name"),
+    ({"slurm": ["gpu"]}, "slurm must be a mapping of sbatch option"),
 ])
 def test_bad_grid_files_are_refused_before_anything_runs(tmp_path, change, message):
     body = {**TINY, **change}
     with pytest.raises(GridError) as info:
         expand_grid(load_grid(_grid(tmp_path, body)))
     assert message in str(info.value) and "tiny.yaml" in str(info.value)
+
+
+def test_an_axis_shadowed_by_a_section_of_the_base_file_is_refused(tmp_path):
+    base = tmp_path / "base.yaml"
+    base.write_text(yaml.safe_dump({"backbone": "tiny-vit", "stage2": {"triplet_weight": 0.5}}))
+    body = {"base": str(base), "axes": {"triplet_weight": [0.0, 1.0]},
+            "stages": ["stage0", "stage1", "stage2"]}
+    with pytest.raises(GridError) as info:
+        expand_grid(load_grid(_grid(tmp_path, body)))
+    assert (f"axis 'triplet_weight' is overridden by base {base}, section 'stage2' "
+            f"(key stage2.triplet_weight: 0.5)") in str(info.value)
+    # the same axis without the section: two runs per stage that trains with it
+    base.write_text(yaml.safe_dump({"backbone": "tiny-vit"}))
+    runs = expand_grid(load_grid(_grid(tmp_path, body)))
+    assert sorted(r.name for r in runs if r.stage == "stage2") == [
+        "stage2-triplet_weight0.0", "stage2-triplet_weight1.0"]
+
+
+def test_any_sbatch_option_reaches_submitit(tmp_path, monkeypatch):
+    """A grid file's slurm mapping and --slurm-option pass any sbatch option through; the
+    five named ones keep their submitit names."""
+    monkeypatch.setattr(executors.submitit.SlurmExecutor, "affinity", staticmethod(lambda: 1))
+    grid = load_grid(_grid(tmp_path, {**TINY, "slurm": {"account": "proj42", "qos": "high",
+                                                        "time": "01:00:00", "gpus": 1}}))
+    from handclip_nb.pipeline.grid import slurm_settings
+
+    settings = slurm_settings(grid, {"constraint": "a100", "reservation": "mine", "gpus": None})
+    engine = executors.SlurmExecutor(tmp_path, settings)
+    params = engine.executor._executor.parameters
+    assert params["additional_parameters"] == {"account": "proj42", "qos": "high",
+                                               "constraint": "a100", "reservation": "mine"}
+    assert params["time"] == 60 and params["gpus_per_node"] == 1
+    with pytest.raises(ValueError, match="'output' is set by the grid itself"):
+        slurm_settings(grid, {"output": "/tmp/x"})
 
 
 def test_slurm_time_limits():
@@ -149,14 +195,25 @@ def test_local_grid_with_two_jobs_runs_everything_once(local_grid):
 @pytest.mark.notebook
 def test_a_rerun_skips_finished_runs_and_reruns_only_what_changed(local_grid, tmp_path,
                                                                   monkeypatch):
-    home = local_grid["home"]
+    home, grid_file = local_grid["home"], local_grid["grid"]
     monkeypatch.setenv("HANDCLIP_HOME", str(home))
-    again = run_grid(local_grid["grid"], home / "grid", jobs=2, progress=False)
+    again = run_grid(grid_file, home / "grid", jobs=2, progress=False)
     assert len(again.skipped) == 6 and not again.finished
     changed = {**TINY, "params": {**TINY["params"],
                                   "stage2": {**TINY["params"]["stage2"], "epochs": 1}}}
-    path = _grid(tmp_path, changed)
-    third = run_grid(path, home / "grid", jobs=2, progress=False, results=False)
+    # another grid file with same-named runs of other settings may not share the folder ...
+    other = _grid(tmp_path, changed)
+    with pytest.raises(GridError, match=r"also holds grid .*tiny.yaml, whose run 'stage2-seed0' "
+                                        r"\(2 clashing run\(s\) in all\) has other settings"):
+        run_grid(other, home / "grid", jobs=2, progress=False, results=False)
+    assert len(list((home / "grid" / "runs").glob("stage2-seed*/metrics.json"))) == 2
+    # ... while the grid file itself, edited, re-runs what changed
+    original = grid_file.read_text()
+    try:
+        grid_file.write_text(yaml.safe_dump(changed))
+        third = run_grid(grid_file, home / "grid", jobs=2, progress=False, results=False)
+    finally:
+        grid_file.write_text(original)
     assert sorted(third.finished) == ["stage2-seed0", "stage2-seed1"]
     assert len(third.skipped) == 4
 
@@ -276,3 +333,267 @@ def test_local_threads_split_the_cores_or_are_pinned(tmp_path, monkeypatch):
     assert executors.LocalExecutor(tmp_path, jobs=2).threads == 4
     assert executors.LocalExecutor(tmp_path, jobs=3).threads == 2
     assert executors.LocalExecutor(tmp_path, jobs=2, threads=1).threads == 1
+
+
+# --------------------------------------------------------------------------- campaign scale
+
+
+def test_local_slots_use_the_gpus_the_user_made_visible_and_split_the_cores(tmp_path,
+                                                                           monkeypatch):
+    """CUDA_VISIBLE_DEVICES=2,3 and --jobs 4: the slots go round GPUs 2 and 3 (not 0 and 1),
+    and each slot's loader workers see its share of the cores, not the machine's."""
+    monkeypatch.setattr(executors, "available_cpus", lambda: 16)
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "2,3")
+    engine = executors.LocalExecutor(tmp_path, jobs=4)
+    envs = [engine.environment(slot) for slot in range(4)]
+    assert [e["CUDA_VISIBLE_DEVICES"] for e in envs] == ["2", "3", "2", "3"]
+    assert {e["HANDCLIP_CPUS"] for e in envs} == {"4"} and engine.threads == 4
+    assert "GPUs 2,3" in engine.describe()
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "")  # the user hid every GPU: none is given back
+    hidden = executors.LocalExecutor(tmp_path, jobs=2)
+    assert hidden.gpus == 0 and hidden.environment(1)["CUDA_VISIBLE_DEVICES"] == ""
+
+
+def test_a_runs_share_of_the_cores_bounds_its_loader_workers(monkeypatch):
+    from handclip_nb import device
+
+    monkeypatch.setattr(device.os, "sched_getaffinity", lambda _: set(range(32)))
+    monkeypatch.delenv("HANDCLIP_CPUS", raising=False)
+    assert device.available_cpus() == 32 and device.default_num_workers("cpu") == 8
+    monkeypatch.setenv("HANDCLIP_CPUS", "4")  # one of 8 runs side by side
+    assert device.available_cpus() == 4 and device.default_num_workers("cpu") == 0
+
+
+def test_a_missing_kernel_stops_the_run_naming_the_node_and_the_fix():
+    from handclip_nb.pipeline.steps import check_kernel
+
+    check_kernel("python3")  # installed by make install
+    with pytest.raises(RuntimeError) as info:
+        check_kernel("no-such-kernel")
+    text = str(info.value)
+    assert f"node {socket.gethostname()}: no Jupyter kernel named 'no-such-kernel'" in text
+    assert "ipykernel install" in text and "--slurm-kernel" in text
+
+
+def test_the_job_script_checks_the_nodes_python_first(tmp_path):
+    script = tmp_path / "job.sh"
+    script.write_text(executors.python_check("/no/such/venv/bin/python") + "\necho reached\n")
+    done = subprocess.run(["bash", str(script)], capture_output=True, text=True)
+    assert done.returncode == 3 and "reached" not in done.stdout
+    assert (f"node {socket.gethostname()} has no Python at /no/such/venv/bin/python"
+            in done.stderr) and "--slurm-python" in done.stderr
+    script.write_text(executors.python_check(sys.executable) + "\necho reached\n")
+    assert subprocess.run(["bash", str(script)], capture_output=True,
+                          text=True).stdout == "reached\n"
+
+
+@pytest.mark.notebook
+def test_results_table_only_current_runs_and_list_the_stale_ones(local_grid, tmp_path,
+                                                                  monkeypatch):
+    """Stage 1's settings change and stage 1 then fails: the stage-2 folders still hold
+    metrics from the old stage 1, which must not be tabled (listed as stale instead), and
+    neither may a folder of a run the grid file no longer has."""
+    home = tmp_path / "home"
+    shutil.copytree(local_grid["home"], home, symlinks=True)
+    shutil.rmtree(home / "grid" / ".grids")  # the copy is this test's own grid folder
+    monkeypatch.setenv("HANDCLIP_HOME", str(home))
+    shutil.copytree(home / "grid" / "runs" / "stage0-seed1", home / "grid" / "runs" / "stage0-old")
+    changed = {**TINY, "params": {**TINY["params"],
+                                  "stage1": {**TINY["params"]["stage1"],
+                                             "weights": str(tmp_path / "missing.pt")}}}
+    summary = run_grid(_grid(tmp_path, changed), home / "grid", jobs=1, progress=False)
+    assert set(summary.failed) == {"stage1-seed0", "stage1-seed1"}
+    assert set(summary.not_run) == {"stage2-seed0", "stage2-seed1"}
+    table = pd.read_csv(summary.results_csv)
+    assert sorted(table["run"]) == ["stage0-seed0", "stage0-seed1"]
+    stale = pd.read_csv(home / "grid" / "stale.csv").set_index("run")["reason"]
+    assert set(stale.index) == {"stage2-seed0", "stage2-seed1", "stage0-old"}
+    assert "with other inputs" in stale["stage2-seed0"] and "not a run of" in stale["stage0-old"]
+    assert "stale (not tabled) stage2-seed0" in summary.describe()
+    assert table["git_commit"].notna().all()
+
+
+def _runs_started(log_dir: Path, name: str) -> int:
+    """How many times a run's notebook was executed (its worker prints one line each)."""
+    log = log_dir / f"{name}.log"
+    return log.read_text().count(f"[grid] {name}: ") if log.is_file() else 0
+
+
+@pytest.mark.notebook
+def test_a_relaunched_local_driver_waits_for_the_runs_its_predecessor_started(tmp_path):
+    """The driver is killed (SIGKILL) while its runs train; their processes live on and keep
+    their leases. The relaunched driver starts none of them again: it waits for them, then
+    runs the rest, and every run executes exactly once."""
+    home = tmp_path / "home"
+    (home / "handclip_nb").mkdir(parents=True)
+    (home / "notebooks").mkdir()
+    body = {**TINY, "params": {**TINY["params"], "stage1": {**TINY["params"]["stage1"],
+                                                            "epochs": 12}}}
+    path = _grid(tmp_path, body)
+    out = home / "grid"
+    env = {**os.environ, "HANDCLIP_HOME": str(home)}
+    cmd = [sys.executable, "-m", "handclip_nb.pipeline", "--grid", str(path), "--output",
+           str(out), "--jobs", "2", "--no-progress"]
+    first = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                             text=True)
+    deadline = time.time() + 300
+    leases_dir = out / "runs" / ".pipeline"
+    while time.time() < deadline and not list(leases_dir.glob("stage1-seed*.lease")):
+        time.sleep(0.2)
+    assert list(leases_dir.glob("stage1-seed*.lease")), first.communicate(timeout=5)[0]
+    first.kill()
+    first.wait()
+    second = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
+    assert second.returncode == 0, second.stdout[-3000:] + second.stderr[-3000:]
+    assert "waiting for it" in second.stdout
+    for run in expand_grid(load_grid(path)):
+        assert _runs_started(out / "logs", run.name) == 1, run.name
+    assert len(pd.read_csv(out / "results.csv")) == 6
+    assert not list(leases_dir.glob("*.lease"))  # every owner released its run
+
+
+# --------------------------------------------------------------------------- Slurm campaigns
+
+
+def _submissions(out: Path) -> int:
+    """How many jobs the grid submitted (submitit writes one pickle per submission)."""
+    return len(list((out / "slurm").glob("*_submitted.pkl")))
+
+
+def _slurm_home(tmp_path: Path) -> tuple[Path, dict]:
+    home = tmp_path / "home"
+    (home / "handclip_nb").mkdir(parents=True)
+    (home / "notebooks").mkdir()
+    return home, {**os.environ, "HANDCLIP_HOME": str(home), "PYTHONUNBUFFERED": "1"}
+
+
+@pytest.mark.slurm
+@pytest.mark.notebook
+def test_a_slurm_driver_killed_mid_grid_and_relaunched_submits_nothing_twice(
+        slurm_cluster, local_grid, tmp_path):
+    """SIGKILL the driver while its jobs run; the relaunched driver finds them (their leases
+    name the jobs), waits for them and submits only what was never submitted: one submission
+    per run, and the results of an uninterrupted run."""
+    home, env = _slurm_home(tmp_path)
+    out = home / "grid"
+    cmd = [sys.executable, "-m", "handclip_nb.pipeline", "--grid", str(local_grid["grid"]),
+           "--output", str(out), "--executor", "slurm", "--slurm-time", "10",
+           "--slurm-cpus", "1", "--no-progress"]
+    first = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                             text=True)
+    deadline = time.time() + 240
+
+    def stage1_submitted() -> bool:
+        return any("stage1" in p.name and (json.loads(p.read_text() or "{}").get("job_id"))
+                   for p in (out / "runs" / ".pipeline").glob("*.lease"))
+
+    while time.time() < deadline and not stage1_submitted():
+        time.sleep(0.2)
+    first.kill()
+    output = first.communicate()[0]
+    assert "start stage1" in output, output
+    submitted_before = _submissions(out)
+    second = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
+    assert second.returncode == 0, second.stdout[-3000:] + second.stderr[-2000:]
+    assert "waiting for it" in second.stdout
+    assert submitted_before >= 3 and _submissions(out) == 6
+    pd.testing.assert_frame_equal(_metrics(out / "results.csv"),
+                                  _metrics(local_grid["summary"].results_csv))
+
+
+@pytest.mark.slurm
+@pytest.mark.notebook
+def test_a_detached_grid_runs_without_its_driver(slurm_cluster, local_grid, tmp_path,
+                                                 monkeypatch):
+    """--detach submits all six runs at once with afterok dependencies and exits; --status
+    follows them; running the command again collects the same results as a local run."""
+    home, env = _slurm_home(tmp_path)
+    monkeypatch.setenv("HANDCLIP_HOME", str(home))
+    out = home / "grid"
+    base = ["--grid", str(local_grid["grid"]), "--output", str(out), "--executor", "slurm",
+            "--slurm-time", "10", "--slurm-cpus", "1", "--no-progress"]
+    started = time.time()
+    done = subprocess.run([sys.executable, "-m", "handclip_nb.pipeline", *base, "--detach"],
+                          env=env, capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert "submitted 6 Slurm job(s) with dependencies" in done.stdout
+    assert time.time() - started < 60  # it did not wait for the runs
+    assert _submissions(out) == 6
+    from handclip_nb.pipeline.runner import grid_status
+
+    statuses = {r["run"]: r["status"] for r in grid_status(local_grid["grid"], out)}
+    assert set(statuses.values()) <= {"pending", "running", "finished"}, statuses
+    assert statuses["stage2-seed0"] == "pending"  # waits for its stage 1
+    deadline = time.time() + 420
+    while time.time() < deadline:
+        statuses = {r["run"]: r["status"] for r in grid_status(local_grid["grid"], out)}
+        if set(statuses.values()) == {"finished"}:
+            break
+        assert not set(statuses.values()) & {"failed", "cancelled"}, statuses
+        time.sleep(2)
+    assert set(statuses.values()) == {"finished"}, statuses
+    status = subprocess.run([sys.executable, "-m", "handclip_nb.pipeline", *base, "--status"],
+                            env=env, capture_output=True, text=True, timeout=120)
+    assert status.stdout.count("finished") == 6, status.stdout
+    collected = run_grid(local_grid["grid"], out, executor="slurm",
+                         slurm={"time": 10, "cpus": 1}, progress=False)
+    assert len(collected.skipped) == 6 and _submissions(out) == 6
+    pd.testing.assert_frame_equal(_metrics(collected.results_csv),
+                                  _metrics(local_grid["summary"].results_csv))
+
+
+@pytest.mark.slurm
+@pytest.mark.notebook
+def test_detached_dependents_of_a_failed_run_are_cancelled_and_cancel_stops_a_campaign(
+        slurm_cluster, tmp_path, monkeypatch):
+    """Stage 1 fails (missing weights): Slurm cancels the stage-2 job that waits for it instead
+    of leaving it pending for ever. A second campaign is stopped with --cancel."""
+    home, _ = _slurm_home(tmp_path)
+    monkeypatch.setenv("HANDCLIP_HOME", str(home))
+    body = {**TINY, "axes": {"seed": [0]},
+            "params": {**TINY["params"], "stage1": {**TINY["params"]["stage1"],
+                                                    "weights": str(tmp_path / "missing.pt")}}}
+    path = _grid(tmp_path, body)
+    from handclip_nb.pipeline.runner import cancel_grid, grid_status
+
+    summary = run_grid(path, home / "grid", executor="slurm", slurm={"time": 10, "cpus": 1},
+                       progress=False, detach=True)
+    assert len(summary.submitted) == 3
+    deadline = time.time() + 240
+    while time.time() < deadline:
+        statuses = {r["run"]: r["status"] for r in grid_status(path, home / "grid")}
+        if not set(statuses.values()) & {"pending", "running"}:
+            break
+        time.sleep(2)
+    assert statuses == {"stage0-seed0": "finished", "stage1-seed0": "failed",
+                        "stage2-seed0": "cancelled"}, statuses
+    # a long campaign, cancelled while its jobs wait and run
+    long = {**TINY, "axes": {"seed": [0]},
+            "params": {**TINY["params"], "stage1": {**TINY["params"]["stage1"], "epochs": 60}}}
+    path = _grid(tmp_path, long, name="long")
+    run_grid(path, home / "long", executor="slurm", slurm={"time": 10, "cpus": 1},
+             progress=False, detach=True)
+    lines = cancel_grid(path, home / "long")
+    assert len(lines) == 3 and all("cancelled" in line for line in lines), lines
+    deadline = time.time() + 60
+    while time.time() < deadline:
+        statuses = {r["run"]: r["status"] for r in grid_status(path, home / "long")}
+        if set(statuses.values()) <= {"cancelled", "finished"}:
+            break
+        time.sleep(1)
+    assert set(statuses.values()) <= {"cancelled", "finished"}, statuses
+    assert "cancelled" in statuses.values()
+
+
+@pytest.mark.slurm
+@pytest.mark.notebook
+def test_a_node_without_the_grids_python_fails_at_once_with_its_name(slurm_cluster, tmp_path,
+                                                                     monkeypatch):
+    home, _ = _slurm_home(tmp_path)
+    monkeypatch.setenv("HANDCLIP_HOME", str(home))
+    path = _grid(tmp_path, {**TINY, "axes": {"seed": [0]}, "stages": ["stage0"]})
+    summary = run_grid(path, home / "grid", executor="slurm", progress=False, results=False,
+                       slurm={"time": 5, "cpus": 1, "python": "/opt/nowhere/bin/python"})
+    assert list(summary.failed) == ["stage0-seed0"]
+    log = Path(summary.failed["stage0-seed0"].split("log: ")[1]).read_text()
+    assert "has no Python at /opt/nowhere/bin/python" in log and "--slurm-python" in log

@@ -48,10 +48,10 @@ from ..runs import (PARAMS_FILE, RunFolderError, atomic_write_text, domain_name,
                     resolve_path)
 
 __all__ = ["STAGE_METHODS", "PAPER_STAGES", "PROTOCOL_ORDER", "RESULTS_FILE", "STALE_FILE",
-           "POOLING_NOTE",
-           "VERIFICATION_COLUMNS", "SYNTHETIC_NOTE", "PUBLISHED_LABEL", "PaperTable",
-           "results_rows", "write_results_csv", "load_results", "paper_table", "seed_spread",
-           "gain_over_zero_shot", "published_table", "ran_on_real_data", "real_protocols"]
+           "POOLING_NOTE", "VERIFICATION_COLUMNS", "SYNTHETIC_NOTE", "PUBLISHED_LABEL",
+           "PaperTable", "run_setting", "results_rows", "write_results_csv", "load_results",
+           "load_stale", "labelled_runs", "paper_table", "seed_spread", "gain_over_zero_shot",
+           "published_table", "ran_on_real_data", "real_protocols"]
 
 #: How each stage is named in the tables (rows of the paper table).
 STAGE_METHODS = {"stage0": "zero-shot CLIP", "stage1": "CLIP-ReID prompts (stage 1)",
@@ -237,6 +237,15 @@ def load_results(grid_dir: str | Path) -> pd.DataFrame:
         if column in table.columns:
             table[column] = table[column].astype("Int64")
     return table
+
+
+def load_stale(grid_dir: str | Path) -> pd.DataFrame:
+    """``<grid_dir>/stale.csv`` (``run, folder, reason``): the run folders the runner left out
+    of results.csv; empty when there is none (or the grid predates the file)."""
+    path = resolve_path(grid_dir) / STALE_FILE
+    if not path.is_file():
+        return pd.DataFrame(columns=["run", "folder", "reason"])
+    return pd.read_csv(path)
 
 
 def _resolve_folder(grid: Path, folder) -> str:

@@ -5,6 +5,10 @@
         --executor local --jobs 2                                             # a grid, here
     python -m handclip_nb.pipeline --grid params/grids/clipfh-11k.yaml --output outputs/11k \\
         --executor slurm --slurm-partition gpu --slurm-gpus 1 --slurm-time 04:00:00
+    python -m handclip_nb.pipeline --grid params/grids/clipfh-11k.yaml --output outputs/11k \\
+        --executor slurm --detach --slurm-option account=myproject   # submit all, then exit
+    python -m handclip_nb.pipeline --grid ... --output outputs/11k --status   # each run's state
+    python -m handclip_nb.pipeline --grid ... --output outputs/11k --cancel   # stop a campaign
     python -m handclip_nb.pipeline --run-step SPEC.json    # one grid run (the local worker)
 """
 from __future__ import annotations
@@ -20,7 +24,7 @@ from ..evaluate.tables import markdown_table
 from ..runs import atomic_write_text, resolve_path
 from .executors import EXECUTORS
 from .grid import GridError
-from .runner import run_grid
+from .runner import cancel_grid, grid_status, run_grid
 from .steps import demo_table, execute_spec, run_pipeline
 
 __all__ = ["main"]
@@ -52,6 +56,23 @@ def _parser() -> argparse.ArgumentParser:
     grid.add_argument("--slurm-time", help="time limit per job: minutes or [D-]HH:MM[:SS]")
     grid.add_argument("--slurm-mem", help="memory per job, e.g. 32G")
     grid.add_argument("--slurm-cpus", type=int, help="CPUs per job")
+    grid.add_argument("--slurm-option", action="append", default=[], metavar="KEY=VALUE",
+                      help="any other sbatch option, e.g. account=proj, qos=high, "
+                           "constraint=a100, reservation=mine (repeatable; beats the grid "
+                           "file's slurm: mapping)")
+    grid.add_argument("--slurm-python", help="the Python the jobs run on the compute nodes "
+                                             "(default: this one, which must exist there)")
+    grid.add_argument("--slurm-kernel", help="the Jupyter kernel the notebooks run in "
+                                             "(default: python3)")
+    grid.add_argument("--detach", action="store_true",
+                      help="slurm: submit every run at once with dependencies and exit; the "
+                           "campaign goes on without this command (see --status, --cancel; "
+                           "run the command again to collect the results)")
+    grid.add_argument("--status", action="store_true",
+                      help="print each run's state (pending / running / finished / failed / "
+                           "cancelled / stale) and exit")
+    grid.add_argument("--cancel", action="store_true",
+                      help="cancel the grid's queued and running jobs and exit")
     grid.add_argument("--no-progress", action="store_true", help="no progress bars")
     parser.add_argument("--run-step", metavar="SPEC", help=argparse.SUPPRESS)
     return parser
@@ -70,11 +91,28 @@ def main(argv=None) -> int:
         if args.jobs < 1:
             parser.error(f"--jobs must be >= 1, got {args.jobs}")
         slurm = {"partition": args.slurm_partition, "gpus": args.slurm_gpus,
-                 "time": args.slurm_time, "mem": args.slurm_mem, "cpus": args.slurm_cpus}
+                 "time": args.slurm_time, "mem": args.slurm_mem, "cpus": args.slurm_cpus,
+                 "python": args.slurm_python, "kernel": args.slurm_kernel}
+        for option in args.slurm_option:
+            key, sep, value = option.partition("=")
+            if not sep or not key.strip():
+                parser.error(f"--slurm-option {option!r}: expected KEY=VALUE, e.g. "
+                             f"account=myproject")
+            slurm[key.strip()] = value.strip()
         try:
+            if args.status:
+                rows = grid_status(args.grid, args.output)
+                width = max([len(r["run"]) for r in rows] + [3])
+                for row in rows:
+                    print(f"{row['run']:<{width}}  {row['status']:<11}  {row['detail']}")
+                return 0
+            if args.cancel:
+                for line in cancel_grid(args.grid, args.output) or ["nothing to cancel"]:
+                    print(f"[grid] {line}")
+                return 0
             summary = run_grid(args.grid, args.output, executor=args.executor, jobs=args.jobs,
                                slurm=slurm, force=args.force, progress=not args.no_progress,
-                               threads=args.threads)
+                               threads=args.threads, detach=args.detach)
         except (GridError, ValueError) as exc:  # a bad grid file or option: say what, no trace
             parser.exit(2, f"{parser.prog}: error: {exc}\n")
         print(summary.describe())

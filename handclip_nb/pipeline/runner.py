@@ -5,36 +5,58 @@ Layout of ``DIR`` (``--output``)::
 
     runs/<run>/            every run folder (params.yaml, metrics.json, checkpoints/, tensorboard/)
     runs/<run>.ipynb       the executed notebook of each run
-    runs/.pipeline/        each run's fingerprint and state (skip / resume / re-run)
+    runs/.pipeline/        each run's fingerprint and state (skip / resume / re-run), and its
+                           lease while an owner runs it (<run>.lease, :mod:`.leases`)
+    .grids/                the grid files that write into DIR, with their runs' identities
     logs/<run>.log         local executor: each run's output
     slurm/                 slurm executor: submitit's job files and logs
-    results.csv            one row per finished run
+    results.csv            one row per run of the grid file as it is now, finished with its
+                           current inputs
+    stale.csv              run folders under runs/ that are not tabled, and why
     results.ipynb, .html   the paper-style table, executed, and a self-contained copy
 
 A rerun with the same grid skips finished runs, resumes interrupted ones from ``last.pt`` and
 re-runs only what changed (and what reads it), exactly as the demo does; ``force`` starts every
 run afresh. A failed run never stops the others: runs that read it are reported as not run.
+
+One owner per run: the driver claims a run's lease before it starts it, and a run whose lease a
+live owner holds (a job of a driver that died, a second grid process, a second grid file in
+the same ``DIR``) is never started again: the driver waits for it (same inputs) or reports it
+(other inputs). Two grid files in one ``DIR`` may share runs only where they are identical
+(:func:`register_grid`). ``detach`` submits the whole grid to Slurm at once with dependencies
+and returns; :func:`grid_status` and :func:`cancel_grid` look at and stop such a campaign, and
+running the grid again collects its results.
 """
 from __future__ import annotations
 
+import hashlib
+import json
+import os
 import shutil
+import signal
+import socket
+import subprocess
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Mapping
 
-from ..evaluate.grid_results import results_rows, write_results_csv
+from ..evaluate.grid_results import RESULTS_FILE, STALE_FILE, results_rows, write_results_csv
 from ..progress import tqdm
-from ..runs import atomic_write_text, resolve_path
-from .executors import EXECUTORS, LocalExecutor, SlurmExecutor
-from .grid import GridRun, expand_grid, load_grid, slurm_settings
+from ..runs import atomic_write_json, atomic_write_text, resolve_path
+from .executors import EXECUTORS, LocalExecutor, SlurmExecutor, WatchHandle
+from .grid import GridError, GridRun, expand_grid, load_grid, slurm_settings
+from .leases import (LeaseHeld, claim, describe_owner, job_of, lease_path, owner_alive,
+                     read_lease, slurm_states)
 from .steps import (_read_state, _state_path, code_fingerprint, is_up_to_date, run_notebook,
                     step_fingerprint, step_parameters)
 
-__all__ = ["GridSummary", "run_grid", "export_html", "RESULTS_NOTEBOOK"]
+__all__ = ["GridSummary", "run_grid", "grid_status", "cancel_grid", "register_grid",
+           "export_html", "RESULTS_NOTEBOOK"]
 
 RESULTS_NOTEBOOK = "results.ipynb"
 POLL_SECONDS = 2.0
+GRIDS_DIR = ".grids"
 
 
 @dataclass
@@ -47,6 +69,9 @@ class GridSummary:
     skipped: list[str] = field(default_factory=list)
     failed: dict[str, str] = field(default_factory=dict)  # run -> "why; log: path"
     not_run: dict[str, str] = field(default_factory=dict)  # run -> the failed run it reads
+    waited: dict[str, str] = field(default_factory=dict)  # run -> the live owner waited for
+    submitted: dict[str, str] = field(default_factory=dict)  # detach: run -> Slurm job id
+    stale: list[dict] = field(default_factory=list)  # {"run", "folder", "reason"}
     seconds: float = 0.0
     results_csv: Path | None = None
     results_html: Path | None = None
@@ -56,12 +81,22 @@ class GridSummary:
         return not self.failed and not self.not_run
 
     def describe(self) -> str:
-        lines = [f"[grid] {len(self.finished)} finished ({len(self.resumed)} of them resumed), "
-                 f"{len(self.skipped)} skipped (up to date), {len(self.failed)} failed, "
-                 f"{len(self.not_run)} not run, in {self.seconds:.1f} s"]
+        if self.submitted or (not self.finished and not self.skipped and self.waited
+                              and not self.failed):
+            lines = [f"[grid] submitted {len(self.submitted)} Slurm job(s) with dependencies, "
+                     f"{len(self.waited)} already queued or running, {len(self.skipped)} "
+                     f"skipped (up to date), {len(self.failed)} failed, {len(self.not_run)} "
+                     f"not run, in {self.seconds:.1f} s; see them with --status, stop them "
+                     f"with --cancel, and run the command again to collect the results"]
+        else:
+            lines = [f"[grid] {len(self.finished)} finished ({len(self.resumed)} of them "
+                     f"resumed), {len(self.skipped)} skipped (up to date), {len(self.failed)} "
+                     f"failed, {len(self.not_run)} not run, in {self.seconds:.1f} s"]
+        lines += [f"[grid]   waited for {name}: {who}" for name, who in self.waited.items()]
         lines += [f"[grid]   FAILED {name}: {why}" for name, why in self.failed.items()]
         lines += [f"[grid]   not run {name}: it reads {up}, which failed"
                   for name, up in self.not_run.items()]
+        lines += [f"[grid]   stale (not tabled) {s['run']}: {s['reason']}" for s in self.stale]
         if self.results_csv is not None:
             lines.append(f"[grid] results: {self.results_csv}"
                          + (f", {self.results_html}" if self.results_html else ""))
@@ -71,28 +106,33 @@ class GridSummary:
 def _executor(kind: str, output: Path, jobs: int, slurm: Mapping[str, Any],
               threads: int | None = None):
     if kind == "local":
-        return LocalExecutor(output, jobs=jobs, threads=threads)
+        return LocalExecutor(output, jobs=jobs, threads=threads,
+                             kernel=slurm.get("kernel") if slurm else None)
     if kind == "slurm":
         return SlurmExecutor(output, slurm, jobs=jobs if jobs > 1 else None)
     raise ValueError(f"unknown executor {kind!r}; valid: {', '.join(EXECUTORS)}")
 
 
-def run_grid(grid_file: str | Path, output: str | Path, executor: str = "local", jobs: int = 1,
-             slurm: Mapping[str, Any] | None = None, force: bool = False,
-             progress: bool = True, results: bool = True,
-             threads: int | None = None) -> GridSummary:
-    """Run every run of ``grid_file`` into ``output``; see the module docstring."""
-    started = time.time()
+@dataclass
+class _Plan:
+    """A grid file expanded for one output folder: its runs, their specs and fingerprints."""
+
+    grid: Any
+    runs: list[GridRun]
+    out: Path
+    runs_dir: Path
+    specs: dict[str, dict]
+    fingerprints: dict[str, str]
+
+    def run(self, name: str) -> GridRun:
+        return next(r for r in self.runs if r.name == name)
+
+
+def _plan(grid_file: str | Path, output: str | Path) -> _Plan:
     grid = load_grid(grid_file)
     runs = expand_grid(grid)  # every run validated before anything starts
     out = resolve_path(output)
     runs_dir = out / "runs"
-    runs_dir.mkdir(parents=True, exist_ok=True)
-    engine = _executor(executor, out, max(1, int(jobs)), slurm_settings(grid, slurm or {}),
-                       threads)
-    print(f"[grid] {grid.path.name}: {len(runs)} runs "
-          f"({len(grid.stages)} stages x {_combinations(grid)} combinations) -> {out}; "
-          f"executor {engine.describe()}")
     code = code_fingerprint()
     fingerprints: dict[str, str] = {}
     specs: dict[str, dict] = {}
@@ -101,63 +141,232 @@ def run_grid(grid_file: str | Path, output: str | Path, executor: str = "local",
         params = step_parameters(step, runs_dir)
         fingerprint = step_fingerprint(step, params, fingerprints, code)
         fingerprints[run.name] = fingerprint
-        if force:  # start afresh, also on a requeue: the worker itself never forces
-            shutil.rmtree(runs_dir / run.name, ignore_errors=True)
-            _state_path(runs_dir, step).unlink(missing_ok=True)
         specs[run.name] = {"out": str(runs_dir), "name": run.name, "notebook": run.notebook,
-                           "params": params, "links": run.links, "fingerprint": fingerprint}
+                           "params": params, "links": run.links, "fingerprint": fingerprint,
+                           "grid": str(grid.path)}
+    return _Plan(grid, runs, out, runs_dir, specs, fingerprints)
+
+
+def _params_hash(spec: Mapping[str, Any]) -> str:
+    return hashlib.sha256(json.dumps(spec["params"], sort_keys=True, default=str)
+                          .encode()).hexdigest()
+
+
+def register_grid(plan: _Plan) -> Path:
+    """Record that ``plan.grid`` writes into ``plan.out`` (``DIR/.grids/``), after checking
+    that no other grid file registered there has a same-named run with other settings: two
+    grids in one output folder share only identical runs (else :class:`GridError`)."""
+    folder = plan.out / GRIDS_DIR
+    mine = {r.name: {"key": r.key, "params": _params_hash(plan.specs[r.name])}
+            for r in plan.runs}
+    path_id = hashlib.sha256(str(plan.grid.path).encode()).hexdigest()[:12]
+    record_path = folder / f"{plan.grid.name}-{path_id}.json"
+    for other in sorted(folder.glob("*.json")) if folder.is_dir() else []:
+        if other == record_path:
+            continue
+        try:
+            record = json.loads(other.read_text())
+        except (OSError, ValueError):
+            continue
+        theirs = record.get("runs") or {}
+        clash = sorted(n for n in set(mine) & set(theirs) if theirs[n] != mine[n])
+        if clash:
+            raise GridError(
+                f"output {plan.out} also holds grid {record.get('grid')}, whose run "
+                f"{clash[0]!r} ({len(clash)} clashing run(s) in all) has other settings than "
+                f"{plan.grid.path}'s: two grids in one output folder may share only identical "
+                f"runs. Use another --output, or, if that grid is abandoned, delete {other}")
+    atomic_write_json(record_path, {"grid": str(plan.grid.path), "runs": mine,
+                                    "registered": time.time()})
+    return record_path
+
+
+def run_grid(grid_file: str | Path, output: str | Path, executor: str = "local", jobs: int = 1,
+             slurm: Mapping[str, Any] | None = None, force: bool = False,
+             progress: bool = True, results: bool = True,
+             threads: int | None = None, detach: bool = False) -> GridSummary:
+    """Run every run of ``grid_file`` into ``output``; see the module docstring."""
+    started = time.time()
+    plan = _plan(grid_file, output)
+    grid, runs, out, runs_dir = plan.grid, plan.runs, plan.out, plan.runs_dir
+    if detach and executor != "slurm":
+        raise ValueError("--detach submits the grid to Slurm with dependencies: it needs "
+                         "--executor slurm (a local grid runs as long as its driver)")
+    runs_dir.mkdir(parents=True, exist_ok=True)
+    register_grid(plan)
+    engine = _executor(executor, out, max(1, int(jobs)), slurm_settings(grid, slurm or {}),
+                       threads)
+    print(f"[grid] {grid.path.name}: {len(runs)} runs "
+          f"({len(grid.stages)} stages x {_combinations(grid)} combinations) -> {out}; "
+          f"executor {engine.describe()}")
+    if force:  # start afresh, also on a requeue: the worker itself never forces
+        for run in runs:
+            record = read_lease(lease_path(runs_dir, run.name))
+            if record is not None and owner_alive(record):
+                raise GridError(f"--force would delete run {run.name}, which "
+                                f"{describe_owner(record)} is running; stop it first "
+                                f"(--cancel) or wait for it")
+        for run in runs:
+            shutil.rmtree(runs_dir / run.name, ignore_errors=True)
+            _state_path(runs_dir, run.step()).unlink(missing_ok=True)
     summary = GridSummary(output=out)
+    if detach:
+        _submit_all(plan, engine, summary)
+    else:
+        _schedule(plan, engine, summary, progress)
+    summary.stale = stale_runs(plan)
+    if results and not detach:
+        summary.results_csv, summary.results_html = build_results(plan, summary.stale,
+                                                                  progress=progress)
+    summary.seconds = time.time() - started
+    return summary
+
+
+def _claim_or_watch(plan: _Plan, run: GridRun, engine, summary: GridSummary):
+    """Claim ``run``'s lease (``("claimed", lease)``); or, when a live owner holds it with the
+    same inputs, a handle that waits for it (``("watch", handle)``); or None after recording
+    why the run cannot start (a live owner with other inputs)."""
+    fingerprint = plan.fingerprints[run.name]
+    try:
+        return "claimed", claim(plan.runs_dir, run.name, grid=str(plan.grid.path),
+                                fingerprint=fingerprint)
+    except LeaseHeld as held:
+        record = held.record
+        if record.get("fingerprint") == fingerprint:
+            summary.waited[run.name] = describe_owner(record)
+            return "watch", engine.watch(run.name, lease_path(plan.runs_dir, run.name), record)
+        summary.failed[run.name] = (f"its folder is owned by {describe_owner(record)}, with "
+                                    f"other inputs: not touched; wait for it, stop it "
+                                    f"(--cancel with that grid) or use another --output")
+        return None
+
+
+def _schedule(plan: _Plan, engine, summary: GridSummary, progress: bool) -> None:
+    runs, runs_dir = plan.runs, plan.runs_dir
     pending = list(runs)
     running: dict[str, Any] = {}
     finished: set[str] = set()
+    taken_over: set[str] = set()
     bar = tqdm(total=len(runs), desc="grid runs", disable=not progress)
-    while pending or running:
-        for run in list(pending):
-            failed_up = [u for u in run.upstream() if u in summary.failed or u in summary.not_run]
-            if failed_up:
-                summary.not_run[run.name] = failed_up[0]
+    try:
+        while pending or running:
+            for run in list(pending):
+                failed_up = [u for u in run.upstream()
+                             if u in summary.failed or u in summary.not_run]
+                if failed_up:
+                    summary.not_run[run.name] = failed_up[0]
+                    pending.remove(run)
+                    bar.update(1)
+                    continue
+                if any(u not in finished for u in run.upstream()):
+                    continue
+                if is_up_to_date(runs_dir, run.step(), plan.fingerprints[run.name]):
+                    summary.skipped.append(run.name)
+                    finished.add(run.name)
+                    pending.remove(run)
+                    bar.update(1)
+                    print(f"[grid] {run.name}: up to date, skipped")
+                    continue
+                if sum(not isinstance(h, WatchHandle)
+                       for h, _ in running.values()) >= engine.capacity:
+                    continue
+                outcome = _claim_or_watch(plan, run, engine, summary)
                 pending.remove(run)
-                bar.update(1)
-                continue
-            if any(u not in finished for u in run.upstream()):
-                continue
-            if is_up_to_date(runs_dir, run.step(), specs[run.name]["fingerprint"]):
-                summary.skipped.append(run.name)
-                finished.add(run.name)
-                pending.remove(run)
-                bar.update(1)
-                print(f"[grid] {run.name}: up to date, skipped")
-                continue
-            if len(running) >= engine.capacity:
-                continue
-            handle = engine.start(specs[run.name])
-            running[run.name] = (handle, time.time())
-            pending.remove(run)
-            job = f" (Slurm job {handle.job_id})" if handle.job_id else ""
-            print(f"[grid] start {run.name}{job}")
-        for name, (handle, since) in list(running.items()):
-            if not handle.done():
-                continue
-            del running[name]
-            engine.release(handle)
-            bar.update(1)
-            state = _read_state(runs_dir, _step_of(runs, name)) or {}
-            if handle.ok() and state.get("status") == "done":
-                finished.add(name)
-                summary.finished.append(name)
-                if state.get("resumed"):  # recorded by execute_step, wherever it ran
-                    summary.resumed.append(name)
-                print(f"[grid] done {name} in {time.time() - since:.1f} s")
-            else:
-                summary.failed[name] = f"{handle.failure()}; log: {handle.log}"
-                print(f"[grid] FAILED {name}: {handle.failure()}; log: {handle.log}")
-        if running:
-            time.sleep(POLL_SECONDS)
-    bar.close()
-    if results:
-        summary.results_csv, summary.results_html = build_results(out, runs, progress=progress)
-    summary.seconds = time.time() - started
-    return summary
+                if outcome is None:
+                    bar.update(1)
+                    print(f"[grid] FAILED {run.name}: {summary.failed[run.name]}")
+                    continue
+                kind, value = outcome
+                if kind == "watch":
+                    running[run.name] = (value, time.time())
+                    print(f"[grid] {run.name}: run by {summary.waited[run.name]}; waiting for it")
+                    continue
+                spec = {**plan.specs[run.name], "lease": value.token}
+                if isinstance(engine, SlurmExecutor):
+                    value.update(job_name=engine.job_name(spec))
+                try:
+                    handle = engine.start(spec)
+                except Exception:
+                    value.release()
+                    raise
+                if handle.job_id:
+                    value.update(job_id=handle.job_id)
+                running[run.name] = (handle, time.time())
+                job = f" (Slurm job {handle.job_id})" if handle.job_id else ""
+                print(f"[grid] start {run.name}{job}")
+            for name, (handle, since) in list(running.items()):
+                if not handle.done():
+                    continue
+                del running[name]
+                engine.release(handle)
+                run = plan.run(name)
+                state = _read_state(runs_dir, run.step()) or {}
+                current = state.get("fingerprint") == plan.fingerprints[name]
+                if handle.ok() and state.get("status") == "done" and current:
+                    finished.add(name)
+                    summary.finished.append(name)
+                    if state.get("resumed"):  # recorded by execute_step, wherever it ran
+                        summary.resumed.append(name)
+                    bar.update(1)
+                    print(f"[grid] done {name} in {time.time() - since:.1f} s")
+                elif name in summary.waited and name not in taken_over:
+                    # the owner we waited for died: take its lease over and resume the run
+                    taken_over.add(name)
+                    pending.append(run)
+                    print(f"[grid] {name}: {handle.failure()}; taking it over")
+                else:
+                    bar.update(1)
+                    summary.failed[name] = f"{handle.failure()}; log: {handle.log}"
+                    print(f"[grid] FAILED {name}: {handle.failure()}; log: {handle.log}")
+            if running:
+                time.sleep(POLL_SECONDS)
+    except KeyboardInterrupt:  # the person at the terminal stops the grid: its runs too
+        for handle, _ in running.values():
+            if hasattr(handle, "stop"):
+                handle.stop()
+        raise
+    finally:
+        bar.close()
+
+
+def _submit_all(plan: _Plan, engine: SlurmExecutor, summary: GridSummary) -> None:
+    """``--detach``: every run that is not up to date is submitted at once, in dependency
+    order, each job waiting for the jobs of the runs it reads (``afterok``); a run already
+    queued or running (a live lease with the same inputs) is not submitted again, and its job
+    is what its dependents wait for."""
+    job_ids: dict[str, str] = {}
+    for run in plan.runs:
+        failed_up = [u for u in run.upstream() if u in summary.failed or u in summary.not_run]
+        if failed_up:
+            summary.not_run[run.name] = failed_up[0]
+            continue
+        if is_up_to_date(plan.runs_dir, run.step(), plan.fingerprints[run.name]):
+            summary.skipped.append(run.name)
+            continue
+        outcome = _claim_or_watch(plan, run, engine, summary)
+        if outcome is None:
+            continue
+        kind, value = outcome
+        if kind == "watch":
+            if getattr(value, "job_id", ""):
+                job_ids[run.name] = value.job_id
+                print(f"[grid] {run.name}: already Slurm job {value.job_id}")
+            else:  # owned by a local process: nothing a Slurm dependency can wait for
+                summary.failed[run.name] = (f"run by {summary.waited.pop(run.name)} outside "
+                                            f"Slurm; wait for it, then run --detach again")
+            continue
+        after = [job_ids[u] for u in run.upstream() if u in job_ids]
+        spec = {**plan.specs[run.name], "lease": value.token}
+        value.update(job_name=engine.job_name(spec))
+        try:
+            handle = engine.start(spec, after=after)
+        except Exception:
+            value.release()
+            raise
+        value.update(job_id=handle.job_id)
+        job_ids[run.name] = summary.submitted[run.name] = handle.job_id
+        waits = f", after {', '.join(after)}" if after else ""
+        print(f"[grid] submitted {run.name}: Slurm job {handle.job_id}{waits}")
 
 
 def _combinations(grid) -> int:
@@ -167,22 +376,175 @@ def _combinations(grid) -> int:
     return count
 
 
-def _step_of(runs: list[GridRun], name: str):
-    return next(r for r in runs if r.name == name).step()
+def stale_runs(plan: _Plan) -> list[dict]:
+    """Run folders under ``runs/`` that the results must not table: not a run of the grid file
+    as it is now (another grid's, or of an earlier version of this one), or a run of it whose
+    finished metrics were computed from other inputs (its inputs changed and it has not been
+    re-run: its upstream failed, or its job never started)."""
+    if not plan.runs_dir.is_dir():
+        return []
+    names = {r.name: r for r in plan.runs}
+    others = _other_grids(plan)
+    out = []
+    for folder in sorted(p for p in plan.runs_dir.iterdir()
+                         if p.is_dir() and not p.name.startswith(".")):
+        run = names.get(folder.name)
+        if run is None:
+            owner = others.get(folder.name)
+            reason = (f"a run of another grid in this folder ({owner})" if owner else
+                      f"not a run of {plan.grid.path.name} as it is now (an earlier version "
+                      f"of it, or another grid)")
+        elif (folder / "metrics.json").is_file() and (
+                _read_state(plan.runs_dir, run.step()) or {}).get("fingerprint") \
+                != plan.fingerprints[run.name]:
+            # (a run in progress with its current inputs is not stale, even in the instant
+            # between its metrics.json and its state saying done)
+            reason = "finished with other inputs than the grid's now; not re-run yet"
+        else:
+            continue
+        out.append({"run": folder.name, "folder": str(folder), "reason": reason})
+    return out
 
 
-def build_results(out: Path, runs: list[GridRun], progress: bool = True):
-    """``results.csv`` of the finished runs, then ``results.ipynb`` executed into ``out`` and
-    its HTML copy; (csv path, html path or None when no run finished)."""
-    rows = [{"name": r.name, "stage": r.stage, "folder": str(out / "runs" / r.name),
-             "axes": r.axes} for r in runs if (out / "runs" / r.name / "metrics.json").is_file()]
-    csv_path = out / "results.csv"
+def _other_grids(plan: _Plan) -> dict[str, str]:
+    """Run name -> the other registered grid file that has it."""
+    found: dict[str, str] = {}
+    folder = plan.out / GRIDS_DIR
+    for path in sorted(folder.glob("*.json")) if folder.is_dir() else []:
+        try:
+            record = json.loads(path.read_text())
+        except (OSError, ValueError):
+            continue
+        if record.get("grid") != str(plan.grid.path):
+            for name in record.get("runs") or {}:
+                found.setdefault(name, str(record.get("grid")))
+    return found
+
+
+def build_results(plan: _Plan, stale: list[dict], progress: bool = True):
+    """``results.csv`` of the runs of the grid that finished with their current inputs (with
+    the Slurm job that ran each), ``stale.csv`` of the folders left out, then
+    ``results.ipynb`` executed into the grid folder and its HTML copy; (csv path, html path or
+    None when no run finished)."""
+    out = plan.out
+    rows = []
+    for r in plan.runs:
+        if not is_up_to_date(plan.runs_dir, r.step(), plan.fingerprints[r.name]):
+            continue
+        state = _read_state(plan.runs_dir, r.step()) or {}
+        rows.append({"name": r.name, "stage": r.stage, "folder": str(plan.runs_dir / r.name),
+                     "axes": r.axes, "job_id": state.get("job_id")})
+    csv_path = out / RESULTS_FILE
     write_results_csv(results_rows(rows), csv_path)
+    atomic_write_text(out / STALE_FILE, _stale_csv(stale))
     if not rows:
         return csv_path, None
     executed = run_notebook(RESULTS_NOTEBOOK, out / RESULTS_NOTEBOOK, {"grid_dir": str(out)},
                             progress=progress)
     return csv_path, export_html(executed, out / "results.html")
+
+
+def _stale_csv(stale: list[dict]) -> str:
+    import csv  # here: only the results step writes CSV by hand
+    import io  # here: as csv
+
+    buffer = io.StringIO()
+    writer = csv.DictWriter(buffer, fieldnames=["run", "folder", "reason"])
+    writer.writeheader()
+    writer.writerows(stale)
+    return buffer.getvalue()
+
+
+# ----------------------------------------------------------------------------- status, cancel
+
+
+def grid_status(grid_file: str | Path, output: str | Path,
+                slurm: Mapping[str, Any] | None = None) -> list[dict]:
+    """Each run of the grid with its state: ``finished``, ``pending`` / ``running`` (with its
+    Slurm job id, or pid and host), ``failed`` (with its log), ``cancelled``, ``outdated``
+    (finished with other inputs), ``not started``; then the ``stale`` folders."""
+    plan = _plan(grid_file, output)
+    states = slurm_states(refresh=True) or {}
+    rows = []
+    for run in plan.runs:
+        step = run.step()
+        state = _read_state(plan.runs_dir, step) or {}
+        record = read_lease(lease_path(plan.runs_dir, run.name)) or {}
+        job = str((job_of(record) if record else None) or state.get("job_id") or "")
+        log = (str(plan.out / "slurm" / f"{job}_0_log.err") if job
+               else str(plan.out / "logs" / f"{run.name}.log"))
+        current = state.get("fingerprint") == plan.fingerprints[run.name]
+        if is_up_to_date(plan.runs_dir, step, plan.fingerprints[run.name]):
+            status, detail = "finished", (f"Slurm job {job}" if job else "")
+        elif record and owner_alive(record):
+            slurm_state = states.get(job, "")
+            status = "pending" if slurm_state.startswith("PENDING") else "running"
+            detail = describe_owner(record) + (f", {slurm_state}" if slurm_state else "")
+        elif state.get("status") == "cancelled":
+            status, detail = "cancelled", log
+        elif job and not state:  # a job that never started the run
+            ended = _ended_state(job, states, plan.out)
+            status = "cancelled" if ended.startswith("CANCELLED") else "failed"
+            detail = f"Slurm job {job} {ended}; log: {log}"
+        elif state and not current:
+            status, detail = "outdated", "finished or started with other inputs; re-runs"
+        elif state:
+            status, detail = "failed", f"stopped before it finished; log: {log}"
+        else:
+            status, detail = "not started", ""
+        rows.append({"run": run.name, "status": status, "detail": detail})
+    rows += [{"run": s["run"], "status": "stale", "detail": s["reason"]}
+             for s in stale_runs(plan)]
+    return rows
+
+
+def _ended_state(job: str, states: Mapping[str, str], out: Path) -> str:
+    """What became of a Slurm job that is no longer active."""
+    if job in states:
+        return states[job]
+    try:
+        import submitit  # here: only status reports on ended jobs ask sacct
+
+        return str(submitit.SlurmJob(folder=out / "slurm", job_id=job).state)
+    except Exception:  # no sacct, no accounting: say what we know
+        return "ENDED"
+
+
+def cancel_grid(grid_file: str | Path, output: str | Path) -> list[str]:
+    """Stop a campaign: cancel the Slurm job of every run of the grid that a live owner holds
+    (``scancel``), end local runs of this host (their process group), and mark every run that
+    has not finished ``cancelled`` (a later run of the grid resumes it from ``last.pt``).
+    Returns what was done, one line per run."""
+    plan = _plan(grid_file, output)
+    done = []
+    jobs = []
+    for run in plan.runs:
+        step = run.step()
+        if is_up_to_date(plan.runs_dir, step, plan.fingerprints[run.name]):
+            continue
+        record = read_lease(lease_path(plan.runs_dir, run.name)) or {}
+        if record and owner_alive(record):
+            job = job_of(record)
+            if job:
+                jobs.append(job)
+                done.append(f"{run.name}: Slurm job {job} cancelled")
+            elif record.get("host") == socket.gethostname() and record.get("pid"):
+                try:
+                    os.killpg(int(record["pid"]), signal.SIGTERM)
+                except (ProcessLookupError, PermissionError):
+                    os.kill(int(record["pid"]), signal.SIGTERM)
+                done.append(f"{run.name}: pid {record['pid']} stopped")
+            else:
+                done.append(f"{run.name}: run by {describe_owner(record)}, another host: "
+                            f"not stopped")
+                continue
+        state = _read_state(plan.runs_dir, step)
+        if state is not None:  # started: a later run of the grid resumes it from last.pt
+            atomic_write_json(_state_path(plan.runs_dir, step),
+                              {**state, "status": "cancelled", "cancelled": time.time()})
+    if jobs:
+        subprocess.run(["scancel", *jobs], check=False)
+    return done
 
 
 def export_html(notebook_path: Path, html_path: Path) -> Path:

@@ -19,7 +19,10 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 import shutil
+import socket
+import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -28,12 +31,13 @@ from typing import Mapping, Sequence
 from ..evaluate.tables import comparison_table, format_table
 from ..params import TRAINING, load_params_file
 from ..runs import atomic_write_json, project_root, read_metrics, resolve_path
+from .leases import adopt
 
 __all__ = ["Step", "DEMO_STEPS", "GOLDEN_STEPS", "NOTEBOOK_STAGES", "OTHER_NOTEBOOKS",
            "NOTEBOOKS_DIR", "PARAMS_DIR",
            "run_notebook", "run_pipeline", "execute_step", "execute_spec", "is_up_to_date",
            "step_parameters",
-           "step_fingerprint", "code_fingerprint", "demo_table"]
+           "step_fingerprint", "code_fingerprint", "demo_table", "check_kernel"]
 
 #: The notebooks ship beside the package in the checkout.
 NOTEBOOKS_DIR = Path(__file__).resolve().parents[2] / "notebooks"
@@ -101,8 +105,9 @@ GOLDEN_STEPS = (
 
 
 def run_notebook(notebook: str, executed_path: Path, parameters: dict,
-                 progress: bool = True) -> Path:
-    """Execute ``notebooks/<notebook>`` with papermill; the kernel runs in the project root."""
+                 progress: bool = True, kernel: str = "python3") -> Path:
+    """Execute ``notebooks/<notebook>`` with papermill in the Jupyter ``kernel``; the kernel
+    runs in the project root."""
     import papermill as pm  # here: ~2 s to import, and fingerprints and tables never need it
 
     root = project_root()
@@ -111,7 +116,7 @@ def run_notebook(notebook: str, executed_path: Path, parameters: dict,
         raise FileNotFoundError(f"notebook {source} not found")
     executed_path.parent.mkdir(parents=True, exist_ok=True)
     pm.execute_notebook(str(source), str(executed_path), parameters=parameters,
-                        kernel_name="python3", cwd=str(root), progress_bar=progress)
+                        kernel_name=kernel, cwd=str(root), progress_bar=progress)
     return executed_path
 
 
@@ -188,31 +193,62 @@ def _read_state(out: Path, step: Step) -> dict | None:
         return None
 
 
+#: ``status`` values of a run's state file; a run whose state says ``running`` or ``cancelled``
+#: with unchanged inputs resumes from its ``last.pt``.
+RESUMABLE = ("running", "cancelled")
+
+
 def execute_step(out: Path, step: Step, params: dict, fingerprint: str,
-                 progress: bool = True, force: bool = False) -> dict:
+                 progress: bool = True, force: bool = False, lease_token: str | None = None,
+                 grid: str | None = None, kernel: str = "python3") -> dict:
     """Run one step into ``out/<step.name>`` unless its recorded state says it is done with the
     same ``fingerprint`` (see the module docstring): skip it, resume it from
     ``checkpoints/last.pt``, or start it afresh. Returns ``{"status": "skipped" | "resumed" |
-    "finished", "seconds"}``. Safe to call again after a kill at any point (a Slurm requeue)."""
-    run_dir = out / step.name
+    "finished", "seconds"}``. Safe to call again after a kill at any point (a Slurm requeue).
+
+    The step's lease (:mod:`.leases`) is held while it runs: the one its grid driver claimed
+    (``lease_token``), or one taken here. A step whose lease a live owner holds is not touched
+    (:class:`~.leases.LeaseHeld`)."""
     if not force and is_up_to_date(out, step, fingerprint):
         return {"status": "skipped", "seconds": 0.0}
-    state = _read_state(out, step)
-    same_inputs = state is not None and state.get("fingerprint") == fingerprint
-    resume = not force and same_inputs and state.get("status") == "running"
-    if not resume and run_dir.exists():
-        shutil.rmtree(run_dir)  # inputs changed (or forced): never resume stale state
-    params = dict(params)
-    if resume and step.stage in TRAINING:
-        params["resume"] = True
-    atomic_write_json(_state_path(out, step), {"fingerprint": fingerprint, "status": "running",
-                                               "started": time.time()})
-    started = time.time()
-    run_notebook(step.notebook, out / f"{step.name}.ipynb", params, progress=progress)
-    seconds = time.time() - started
-    atomic_write_json(_state_path(out, step), {"fingerprint": fingerprint, "status": "done",
-                                               "seconds": round(seconds, 1), "resumed": resume})
-    return {"status": "resumed" if resume else "finished", "seconds": seconds}
+    job_id = os.environ.get("SLURM_JOB_ID") or None
+    lease = adopt(out, step.name, lease_token, fingerprint=fingerprint, grid=grid,
+                  job_id=job_id)
+    lease.start_heartbeat()
+    finished = False
+    try:
+        if not force and is_up_to_date(out, step, fingerprint):  # its owner finished it
+            finished = True
+            return {"status": "skipped", "seconds": 0.0}
+        run_dir = out / step.name
+        state = _read_state(out, step)
+        same_inputs = state is not None and state.get("fingerprint") == fingerprint
+        resume = not force and same_inputs and state.get("status") in RESUMABLE
+        if not resume and run_dir.exists():
+            shutil.rmtree(run_dir)  # inputs changed (or forced): never resume stale state
+        params = dict(params)
+        if resume and step.stage in TRAINING:
+            params["resume"] = True
+        where = {"host": socket.gethostname(), "job_id": job_id}
+        atomic_write_json(_state_path(out, step), {"fingerprint": fingerprint,
+                                                   "status": "running",
+                                                   "started": time.time(), **where})
+        started = time.time()
+        run_notebook(step.notebook, out / f"{step.name}.ipynb", params, progress=progress,
+                     kernel=kernel)
+        seconds = time.time() - started
+        atomic_write_json(_state_path(out, step), {"fingerprint": fingerprint, "status": "done",
+                                                   "seconds": round(seconds, 1),
+                                                   "resumed": resume, **where})
+        finished = True
+        return {"status": "resumed" if resume else "finished", "seconds": seconds}
+    finally:
+        # a Slurm job keeps its lease when it fails: Slurm says when the job has ended (a job
+        # requeued at its time limit must stay the owner while it waits in the queue)
+        if finished or job_id is None:
+            lease.release()
+        else:
+            lease.stop_heartbeat()
 
 
 def is_up_to_date(out: Path, step: Step, fingerprint: str) -> bool:
@@ -223,15 +259,41 @@ def is_up_to_date(out: Path, step: Step, fingerprint: str) -> bool:
             and (out / step.name / "metrics.json").is_file())
 
 
+def check_kernel(kernel: str) -> None:
+    """Stop early, naming this node and the fix, when the Jupyter ``kernel`` the notebooks run
+    in is not installed here or its Python is missing (a node without the driver's venv)."""
+    from jupyter_client.kernelspec import KernelSpecManager, NoSuchKernel  # here: jobs only
+
+    host = socket.gethostname()
+    fix = (f"install it there ({sys.executable} -m ipykernel install --sys-prefix --name "
+           f"{kernel}) or name an installed kernel with --slurm-kernel NAME or the grid "
+           f"file's slurm: {{kernel: NAME}}")
+    manager = KernelSpecManager()
+    try:
+        spec = manager.get_kernel_spec(kernel)
+    except NoSuchKernel:
+        found = ", ".join(sorted(manager.find_kernel_specs())) or "none"
+        raise RuntimeError(f"node {host}: no Jupyter kernel named {kernel!r} for "
+                           f"{sys.executable} (kernels found: {found}); {fix}") from None
+    program = spec.argv[0] if spec.argv else ""
+    if program and os.path.isabs(program) and not os.access(program, os.X_OK):
+        raise RuntimeError(f"node {host}: Jupyter kernel {kernel!r} runs {program}, which does "
+                           f"not exist on this node; {fix}")
+
+
 def execute_spec(spec: Mapping, attempt: int = 0) -> dict:
     """:func:`execute_step` from a JSON-able spec (``out``, ``name``, ``notebook``, ``params``,
-    ``links``, ``fingerprint``): what a grid's worker process or Slurm job runs."""
+    ``links``, ``fingerprint``, and optionally ``lease``, ``grid``, ``kernel``): what a grid's
+    worker process or Slurm job runs."""
     step = Step(spec["name"], spec["notebook"], None, dict(spec["params"]),
                 links=dict(spec.get("links") or {}))
+    kernel = spec.get("kernel") or "python3"
+    check_kernel(kernel)
     if attempt:
         print(f"[grid] {step.name}: attempt {attempt + 1} (requeued by the scheduler)")
     result = execute_step(Path(spec["out"]), step, dict(spec["params"]), spec["fingerprint"],
-                          progress=False)
+                          progress=False, lease_token=spec.get("lease"), grid=spec.get("grid"),
+                          kernel=kernel)
     print(f"[grid] {step.name}: {result['status']} in {result['seconds']:.1f} s")
     return {**result, "attempt": attempt}
 
