@@ -317,11 +317,15 @@ def _ablation(root: Path) -> list[dict]:
                         params={"lr": 3e-4, "image_size": [224, 288]})]
     values = {(0.0, 0): [73.0, 74.0], (0.0, 1): [74.0, 74.52], (1.0, 0): [78.0, 79.0],
               (1.0, 1): [78.0, 78.72]}
+    stage1 = {seed: _write_run(root / f"stage1-seed{seed}", stage="stage1", rank1=[1.0, 2.0],
+                               seed=seed, params={"lr": 1e-2}) for seed in (0, 1)}
     for (weight, seed), rank1 in values.items():
         specs.append(_write_run(root / f"stage2-tw{weight}-seed{seed}", stage="stage2",
                                 rank1=rank1, seed=seed,
                                 params={"triplet_weight": weight, "lr": 3e-4,
-                                        "image_size": [224, 288]}))
+                                        "image_size": [224, 288],
+                                        # each seed's stage 2 reads its own seed's stage 1
+                                        "stage1_dir": stage1[seed]["folder"]}))
     return specs
 
 

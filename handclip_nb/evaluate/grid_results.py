@@ -294,6 +294,12 @@ def _settings(df: pd.DataFrame) -> list[dict]:
     return [json.loads(v) if isinstance(v, str) and v else {} for v in df["setting"]]
 
 
+def _is_seed(key: str) -> bool:
+    """``seed``, and the seed of an upstream run (``stage1.seed``): a grid links each run to
+    the upstream run of its own seed, so that seed is the run's seed again, not a setting."""
+    return key.rsplit(".", 1)[-1] == "seed"
+
+
 def _show(value: Any) -> str:
     return value if isinstance(value, str) else json.dumps(value, default=str)
 
@@ -325,7 +331,7 @@ def labelled_runs(df: pd.DataFrame, stages: Sequence[str] = PAPER_STAGES) -> pd.
         for _, cell in done.loc[rows].groupby("protocol", sort=False, dropna=False).groups.items():
             group = [settings[i] for i in cell]
             for key in set().union(*group):
-                if key != "seed" and not _same(g.get(key) for g in group):
+                if not _is_seed(key) and not _same(g.get(key) for g in group):
                     differing.add(key)
         for i in rows:
             label_keys[i] = sorted(differing)
