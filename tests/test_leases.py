@@ -25,6 +25,15 @@ def _dead_pid() -> int:
     return proc.pid
 
 
+def _dead_lease(folder: Path, run: str) -> Path:
+    """A lease of this host whose process has ended, with a fresh heartbeat."""
+    path = lease_path(folder, run)
+    path.parent.mkdir(parents=True)
+    path.write_text(json.dumps({"token": "old", "run": run, "host": socket.gethostname(),
+                                "pid": _dead_pid(), "heartbeat": time.time()}))
+    return path
+
+
 def test_a_second_claim_meets_the_live_owner(tmp_path):
     lease = claim(tmp_path, "stage2-seed0", grid="a.yaml", fingerprint="f1")
     assert read_lease(lease_path(tmp_path, "stage2-seed0"))["token"] == lease.token
@@ -38,10 +47,7 @@ def test_a_second_claim_meets_the_live_owner(tmp_path):
 
 
 def test_a_lease_whose_process_died_is_taken_over(tmp_path):
-    path = lease_path(tmp_path, "run")
-    path.parent.mkdir(parents=True)
-    path.write_text(json.dumps({"token": "old", "run": "run", "host": socket.gethostname(),
-                                "pid": _dead_pid(), "heartbeat": time.time()}))
+    path = _dead_lease(tmp_path, "run")
     lease = claim(tmp_path, "run")
     assert lease.token != "old" and read_lease(path)["pid"] == os.getpid()
     assert not list(path.parent.glob("*.dead-*"))  # the dead lease is gone, not piled up
@@ -75,53 +81,36 @@ def test_a_slurm_owner_lives_while_slurm_holds_its_job(tmp_path, monkeypatch):
     assert not owner_alive(record)
 
 
-def _claim_in_process(args) -> str:
-    folder, barrier_file = args
+def _claim_when_told(args) -> str:
+    """Claim ``run`` as soon as the barrier file appears; hold the lease a moment."""
+    folder, run, barrier_file = args
     while not Path(barrier_file).exists():
         time.sleep(0.001)
     try:
-        lease = claim(Path(folder), "shared", fingerprint="f")
+        lease = claim(Path(folder), run, fingerprint="f")
     except LeaseHeld:
         return "held"
     time.sleep(0.5)  # stay alive while the others try
     return lease.token
 
 
-def test_of_many_processes_claiming_at_once_exactly_one_wins(tmp_path):
-    go = tmp_path / "go"
-    ctx = multiprocessing.get_context("fork")
-    with ctx.Pool(8) as pool:
-        pending = pool.map_async(_claim_in_process, [(str(tmp_path), str(go))] * 8)
+def _race(folder: Path, run: str) -> list[str]:
+    go = folder / "go"
+    with multiprocessing.get_context("fork").Pool(8) as pool:
+        pending = pool.map_async(_claim_when_told, [(str(folder), run, str(go))] * 8)
         time.sleep(0.3)
         go.touch()
-        outcomes = pending.get(timeout=60)
-    winners = [o for o in outcomes if o != "held"]
-    assert len(winners) == 1, outcomes
+        return pending.get(timeout=60)
 
 
-def _take_over_in_process(args) -> str:
-    folder, barrier_file = args
-    while not Path(barrier_file).exists():
-        time.sleep(0.001)
-    try:
-        lease = claim(Path(folder), "dead", fingerprint="f")
-    except LeaseHeld:
-        return "held"
-    time.sleep(0.5)
-    return lease.token
+def test_of_many_processes_claiming_at_once_exactly_one_wins(tmp_path):
+    outcomes = _race(tmp_path, "shared")
+    assert len([o for o in outcomes if o != "held"]) == 1, outcomes
 
 
 def test_of_many_processes_taking_over_a_dead_lease_exactly_one_wins(tmp_path):
-    path = lease_path(tmp_path, "dead")
-    path.parent.mkdir(parents=True)
-    path.write_text(json.dumps({"token": "old", "run": "dead", "host": socket.gethostname(),
-                                "pid": _dead_pid(), "heartbeat": time.time()}))
-    go = tmp_path / "go"
-    with multiprocessing.get_context("fork").Pool(8) as pool:
-        pending = pool.map_async(_take_over_in_process, [(str(tmp_path), str(go))] * 8)
-        time.sleep(0.3)
-        go.touch()
-        outcomes = pending.get(timeout=60)
+    _dead_lease(tmp_path, "dead")
+    outcomes = _race(tmp_path, "dead")
     assert len([o for o in outcomes if o != "held"]) == 1, outcomes
 
 
