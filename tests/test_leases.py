@@ -127,3 +127,16 @@ def test_the_runner_adopts_its_drivers_lease_and_refuses_anyone_elses(tmp_path, 
     fresh = adopt(tmp_path, "run", driver.token)
     assert fresh.token != driver.token
     fresh.release()
+
+
+def test_a_rerun_inside_the_same_slurm_job_takes_over_its_ended_process(tmp_path, monkeypatch):
+    """A step that failed in an interactive allocation keeps its lease (Slurm holds the job);
+    run again in that allocation, it is not refused by its own ended process."""
+    monkeypatch.setattr(leases, "slurm_states", lambda refresh=False: {"55": "RUNNING"})
+    record = {"token": "t", "run": "r", "host": socket.gethostname(), "pid": _dead_pid(),
+              "job_id": "55", "heartbeat": 0.0}
+    monkeypatch.setenv("SLURM_JOB_ID", "56")
+    assert owner_alive(record)  # another job's lease: Slurm's word
+    monkeypatch.setenv("SLURM_JOB_ID", "55")
+    assert not owner_alive(record)
+    assert owner_alive({**record, "pid": os.getpid()})

@@ -151,6 +151,12 @@ def owner_alive(record: Mapping[str, Any]) -> bool:
         if states is not None:
             state = states.get(str(job))
             if state is not None:
+                if (str(job) == os.environ.get("SLURM_JOB_ID")
+                        and record.get("host") == socket.gethostname() and record.get("pid")
+                        and not _pid_alive(record["pid"])):
+                    # this very job, whose process that ran the run has ended: a rerun inside
+                    # the same allocation (its owner is gone, though Slurm holds the job)
+                    return False
                 return state.split()[0] in ACTIVE_STATES
             # Slurm no longer holds the job (it ended and was purged): its process is gone too
             return False

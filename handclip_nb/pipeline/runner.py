@@ -72,6 +72,7 @@ class GridSummary:
     waited: dict[str, str] = field(default_factory=dict)  # run -> the live owner waited for
     submitted: dict[str, str] = field(default_factory=dict)  # detach: run -> Slurm job id
     stale: list[dict] = field(default_factory=list)  # {"run", "folder", "reason"}
+    detached: bool = False  # --detach: submitted, not waited for
     seconds: float = 0.0
     results_csv: Path | None = None
     results_html: Path | None = None
@@ -81,8 +82,7 @@ class GridSummary:
         return not self.failed and not self.not_run
 
     def describe(self) -> str:
-        if self.submitted or (not self.finished and not self.skipped and self.waited
-                              and not self.failed):
+        if self.detached:
             lines = [f"[grid] submitted {len(self.submitted)} Slurm job(s) with dependencies, "
                      f"{len(self.waited)} already queued or running, {len(self.skipped)} "
                      f"skipped (up to date), {len(self.failed)} failed, {len(self.not_run)} "
@@ -211,6 +211,7 @@ def run_grid(grid_file: str | Path, output: str | Path, executor: str = "local",
             _state_path(runs_dir, run.step()).unlink(missing_ok=True)
     summary = GridSummary(output=out)
     if detach:
+        summary.detached = True
         _submit_all(plan, engine, summary)
     else:
         _schedule(plan, engine, summary, progress)
