@@ -10,14 +10,18 @@ A grid file (``params/grids/<name>.yaml``)::
       backbone: [vitb16, rn50]
       seed: [0, 1, 2]
     stages: [stage0, stage1, stage2, stage3]
-    slurm: {partition: gpu, gpus: 1, time: "04:00:00", mem: 32G}   # optional
+    slurm: {partition: gpu, gpus: 1, time: "04:00:00", mem: 32G,   # optional: any sbatch
+            account: myproject, python: /shared/venv/bin/python}      # option, and the nodes'
+                                                                      # Python and kernel
 
 expands into runs (:func:`expand_grid`). The stages of one combination are linked as in the
 demo: stage 2 reads that combination's stage-1 prompts (``stage1_dir``). A run is named by its
 stage and the axis values its result depends on, and combinations that resolve to the same
 run are one run: a parameter that does not apply to a stage (``lr`` for zero-shot) or does not
 change its result (``seed`` for the zero-shot ranking of a pretrained backbone) is left out of
-its identity. Every run is validated against the parameter schema before anything starts.
+its identity (``params.run_identity``). Every run is validated against the parameter schema
+before anything starts, and an axis that a stage section of the base file or of ``params``
+would override (the section wins in ``resolve_params``) is refused.
 """
 from __future__ import annotations
 
@@ -80,7 +84,6 @@ class GridRun:
     values: dict  # the parameter values given to papermill (base file + params + combination)
     axes: dict  # the axis values this run depends on
     key: str  # identity: the stage and every parameter that can change its numbers
-    identity: dict = field(default_factory=dict)  # those parameters (params.run_identity)
     links: dict = field(default_factory=dict)  # {"stage1_dir": run name}
     combinations: list = field(default_factory=list)  # every combination that needs it
 
@@ -285,8 +288,7 @@ def expand_grid(grid: Grid) -> list[GridRun]:
                                        f"give the axes distinct values")
             run = runs.setdefault(name, GridRun(name=name, stage=stage,
                                                 values=_stage_values(given, stage),
-                                                axes=depends, key=key, links=links,
-                                                identity=identity))
+                                                axes=depends, key=key, links=links))
             run.combinations.append(combo)
             by_stage[stage] = name
     order = {s: i for i, s in enumerate(GRID_STAGES)}
