@@ -22,10 +22,10 @@ What the search notebook (``notebooks/search.ipynb``) computes, without figures:
 * **Ranking** (:func:`search_queries`): cosine distance ``1 - q.g`` (smaller is closer, ties by
   gallery order), the ``top_k`` nearest per query. A query image that is itself in the gallery
   (the same file) is left out of its own ranking, and its person counts as in the gallery only
-  when another image of that person is there (``QueryResult.in_gallery``). **Text queries** rank by CLIP's joint
-  image-text space: the backbone's ``encode_image(...).global_embedding`` against
-  ``encode_text(tokenize(text))``, both L2-normalised (the helpers of :mod:`.probes`). A
-  fine-tuned run (stage 2/3) still projects into that space, but its fine-tuning never saw text
+  when another image of that person is there (``QueryResult.in_gallery``). **Text queries**
+  rank by CLIP's joint image-text space: the backbone's ``encode_image(...).global_embedding``
+  against ``encode_text(tokenize(text))``, both L2-normalised (the helpers of :mod:`.probes`).
+  A fine-tuned run (stage 2/3) still projects into that space, but its fine-tuning never saw text
   for it, so its text alignment may be weaker than the zero-shot backbone's.
 * **Open set** (:func:`resolve_threshold`): a finished run's ``metrics.json`` holds the
   threshold calibrated on its training identities (``open_set``, written by
