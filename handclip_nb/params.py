@@ -192,6 +192,15 @@ SCHEMA: dict[str, ParamSpec] = {
               "decode and resize each image once into outputs/.decode_cache/ (uint8 at the "
               "input size, shared by epochs, stages, runs and processes); identical pixels "
               "to decoding every time", stages=IMAGE_STAGES),
+        # 20 GB holds the full 11k Hands (2.1 GB at 224x288) in about nine input geometries,
+        # yet stops a cache shared by many jobs from growing without end (a dataset copied to
+        # each job's scratch leaves ~2 GB of entries no later job can read)
+        _spec("decode_cache_max_gb", "float", 20.0,
+              "size cap of outputs/.decode_cache/ in GB (10^9 bytes, all geometries): a run "
+              "above it deletes the least recently used entries, not its own, down to 90%; "
+              "None = no cap; 20 holds the full 11k set (2.1 GB at 224x288) nine times",
+              optional=True, minimum=0.0,
+              stages=IMAGE_STAGES),
         _spec("reduced_jpeg_decode", "bool", True,
               "decode JPEGs at 1/2-1/8 scale (DCT scaling) when at least 2x the input size "
               "remains, before the bicubic resize: several times faster on full-size photos, "
@@ -706,6 +715,9 @@ def resolve_params(values: Mapping[str, Any] | None = None, stage: str = "stage0
                                                                                  "search"):
         raise _fail(SCHEMA["data_root"], None, "dataset 'custom' reads your own folder: set "
                     "data_root to it (one folder per person, or a labels.csv)")
+    if out.get("decode_cache_max_gb") is not None and out["decode_cache_max_gb"] <= 0:
+        raise _fail(SCHEMA["decode_cache_max_gb"], out["decode_cache_max_gb"],
+                    "must be > 0 (None = no cap; decode_cache: false = no cache)")
     if out["val_fraction"] >= 1.0:
         raise _fail(SCHEMA["val_fraction"], out["val_fraction"], "must be < 1")
     dev = out["device"]
@@ -725,7 +737,8 @@ def resolve_params(values: Mapping[str, Any] | None = None, stage: str = "stage0
 #: Parameters that never change a run's numbers (where it writes, how many loader workers,
 #: caches, widgets, links to other run folders, whose own identity counts instead); they are
 #: left out of a run's identity (:func:`run_identity`).
-NOT_RESULTS = frozenset({"output_dir", "resume", "num_workers", "decode_cache", "feature_cache",
+NOT_RESULTS = frozenset({"output_dir", "resume", "num_workers", "decode_cache",
+                         "decode_cache_max_gb", "feature_cache",
                          "interactive", "show_k", "stage1_dir", "init_from", "stage3_dir",
                          "runs", "run_dir"})
 

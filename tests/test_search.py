@@ -314,6 +314,43 @@ def test_open_set_no_match_rankings_csv_and_metrics(folders, workbench_home):
     assert plt.get_fignums() == []
 
 
+def test_a_query_whose_only_gallery_image_is_itself_is_not_in_the_gallery(
+        folders, synthetic_11k, tmp_path):
+    """Guards against counting a query as "in the gallery" because of its own file: with the
+    query folder equal to the gallery folder, each query is left out of its own ranking, so a
+    person with one image there has no other image to find. Such queries are not in the
+    gallery (top-1 accuracy leaves them out; the open-set accuracy wants "no match")."""
+    records = [r for r in read_handinfo(synthetic_11k / "HandInfo.csv") if r.aspect == "dorsal_r"]
+    people = sorted({r.person for r in records})[:4]
+    counts = dict(zip(people, (2, 2, 1, 1)))  # the last two people: one image each
+    same = tmp_path / "same"
+    for person, n in counts.items():
+        (same / person).mkdir(parents=True)
+        for r in [r for r in records if r.person == person][:n]:
+            shutil.copy2(synthetic_11k / r.path, same / person / Path(r.path).name)
+    p, inputs, model = prepared(tmp_path / "o", {**folders, "gallery": same}, query=str(same),
+                                top_k=3)
+    index = G.build_gallery_index(model, inputs, tmp_path / "o", p)
+    results = G.search_queries(model, index, inputs, p)
+    assert len(results) == len(inputs.gallery) == 6
+    assert all(r.query not in [m.name for m in r.matches] for r in results)  # never itself
+    threshold = G.Threshold(float(np.median([r.best_distance for r in results])), "test")
+    s = G.search_summary(results, threshold, inputs.gallery_people)
+    assert (s["queries_in_gallery"], s["queries_not_in_gallery"]) == (4, 2)
+    known = [r for r in results if counts[r.person] > 1]
+    alone = [r for r in results if counts[r.person] == 1]
+    assert [r.in_gallery for r in results] == [counts[r.person] > 1 for r in results]
+    top1 = sum(r.best.person == r.person for r in known)
+    assert s["top1_correct"] == top1
+    assert s["top1_accuracy"] == pytest.approx(100 * top1 / 4)
+    right = sum(bool(r.decision(threshold) and r.best.person == r.person) for r in known)
+    right += sum(r.decision(threshold) is False for r in alone)
+    assert s["open_set_accuracy"] == pytest.approx(100 * right / 6)
+    record = G.search_record(p, inputs, model, index, results, threshold)
+    assert [q["in_gallery"] for q in record["queries"]] == [r.in_gallery for r in results]
+    assert record["summary"] == s
+
+
 # ----------------------------------------------------------------------------- errors
 
 

@@ -20,6 +20,23 @@ name and renamed, so two runs building the same cache at once never see a torn e
 later rename wins with identical bytes); reads go through the OS page cache, which all
 processes share.
 
+The cache never stops a run and does not only grow. A write that fails (full disk, quota,
+read-only file system) warns once per process and cache folder, and the run goes on without
+storing entries: the same pixels, decoded every time. ``decode_cache_max_gb`` caps the whole
+cache folder: after a :meth:`DecodeCache.prepare` that stored new entries, the least recently
+used entries (those of the running ``prepare`` excepted) are unlinked until the cache holds at
+most 90 % of the cap. An entry's modification time is its use clock: a read sets it to now when
+it is older than :data:`TOUCH_AFTER_S` (one ``utime`` on the open file, at most that often). Each
+deletion unlinks one whole file, so a reader that has the file open still reads it (POSIX), a
+reader that comes later finds no entry and decodes again, and two processes evicting at once
+only find some files already gone. Each entry file holds two ``.npy`` arrays one after the other
+(``np.save`` twice into one file, as numpy documents): the pixels, which ``np.load`` returns,
+then the source record, the UTF-8 JSON ``{"source", "size", "mtime_ns"}`` of the file it was
+decoded from. One file per entry keeps the write atomic and the eviction a single unlink, with
+no index to keep consistent; the record lets ``python -m handclip_nb.data.images --cache-info``
+tell the dead entries (their source is gone or has changed since, so no run can read them
+again) and ``--clear --dead`` remove them.
+
 Because the cache stores exactly what step 1 returns, a run with ``decode_cache`` on sees the
 same pixels as one with it off: features and metrics are identical, tolerance 0
 (``tests/test_decode_cache.py`` checks it).
@@ -36,8 +53,11 @@ decodes every pixel as CLIP-ReID's loader does.
 """
 from __future__ import annotations
 
+import argparse
 import hashlib
+import json
 import os
+import sys
 import threading
 import time
 import warnings
@@ -52,12 +72,14 @@ from PIL import Image
 
 from ..backbone_specs import PreprocessConfig
 from ..device import available_cpus
+from ..params import SCHEMA
 from ..progress import tqdm
 from ..runs import decode_cache_dir
 from .transforms import AugmentConfig, build_transform, resize_step
 
 __all__ = ["DRAFT_MARGIN", "DecodeGeometry", "decode_resized", "DecodeCache", "CacheReport",
-           "ImageSource", "image_source"]
+           "CacheFile", "scan_cache", "entry_source", "cache_info", "describe_cache_info",
+           "clear_cache", "main", "ImageSource", "image_source"]
 
 #: Reduced-scale decoding keeps at least this factor above the resized size, so the bicubic
 #: resize that follows still shrinks at least 2x (its low-pass filter then dominates the DCT
@@ -67,6 +89,28 @@ DRAFT_MARGIN = 2
 
 #: Bump when decode_resized changes what it returns: old cache entries are then never read.
 DECODE_VERSION = 1
+
+#: A read marks an entry as used (sets its modification time, the eviction's use clock) when
+#: the time is older than this many seconds: one cheap ``utime`` at most this often per entry.
+TOUCH_AFTER_S = 600
+#: Eviction stops when the cache holds at most this share of its cap, so that the next runs do
+#: not evict again for a few entries.
+EVICT_TO = 0.9
+#: A temp file this old is a leftover of a killed writer (a write takes milliseconds).
+STALE_TEMP_S = 3600
+
+#: Cache folders (and the kind of problem) this process has warned about: a full disk warns
+#: once per process, not once per image, epoch or data loader.
+_WARNED: set[tuple[str, str]] = set()
+_WARNED_LOCK = threading.Lock()
+
+
+def _warn_once(root: Path, kind: str, message: str) -> None:
+    with _WARNED_LOCK:
+        if (str(root), kind) in _WARNED:
+            return
+        _WARNED.add((str(root), kind))
+    warnings.warn(message, stacklevel=3)
 
 
 @dataclass(frozen=True)
@@ -133,87 +177,215 @@ def decode_resized(path: str | os.PathLike, geometry: DecodeGeometry) -> np.ndar
 
 @dataclass
 class CacheReport:
-    """What :meth:`DecodeCache.prepare` did: images seen, built now, seconds, bytes on disk."""
+    """What :meth:`DecodeCache.prepare` did: images seen, built now, seconds, bytes on disk;
+    images left without an entry (the cache could not store them), and the least recently used
+    entries evicted to stay under the cap (count and bytes)."""
 
     images: int
     built: int
     seconds: float
     bytes: int
+    uncached: int = 0
+    evicted: int = 0
+    evicted_bytes: int = 0
 
     def describe(self) -> str:
-        reused = self.images - self.built
-        return (f"decoded-image cache: {self.built} images decoded now, {reused} reused, "
+        reused = self.images - self.built - self.uncached
+        text = (f"decoded-image cache: {self.built} images decoded now, {reused} reused, "
                 f"{self.bytes / 2**20:.1f} MiB, {self.seconds:.1f} s")
+        if self.uncached:
+            text += f"; {self.uncached} not cached (decoded every time)"
+        if self.evicted:
+            text += (f"; {self.evicted} least recently used entries evicted "
+                     f"({self.evicted_bytes / 2**20:.1f} MiB)")
+        return text
+
+
+@dataclass(frozen=True)
+class CacheFile:
+    """One entry file of a cache folder: its path, geometry folder, bytes and use time."""
+
+    path: Path
+    geometry: str
+    size: int
+    mtime: float
+
+
+def _subfolders(folder: str | os.PathLike) -> list[os.DirEntry]:
+    try:
+        with os.scandir(folder) as it:
+            return [e for e in it if e.is_dir(follow_symlinks=False)]
+    except (FileNotFoundError, NotADirectoryError):  # removed meanwhile (--clear): nothing
+        return []
+
+
+def _scan(root: str | os.PathLike, temps: bool = False) -> list[CacheFile]:
+    """The entry files (``temps``: the temp files instead) under ``root/<geometry>/<xx>/``;
+    files that vanish while it looks are left out."""
+    out = []
+    for geometry in _subfolders(root):
+        for shard in _subfolders(geometry.path):
+            try:
+                with os.scandir(shard.path) as it:
+                    files = list(it)
+            except (FileNotFoundError, NotADirectoryError):
+                continue
+            for f in files:
+                is_temp = f.name.startswith(".") and f.name.endswith(".tmp")
+                if is_temp != temps or (not temps and (f.name.startswith(".")
+                                                       or not f.name.endswith(".npy"))):
+                    continue
+                try:
+                    st = f.stat(follow_symlinks=False)
+                except FileNotFoundError:
+                    continue
+                out.append(CacheFile(Path(f.path), geometry.name, st.st_size, st.st_mtime))
+    return out
+
+
+def scan_cache(root: str | os.PathLike | None = None) -> list[CacheFile]:
+    """Every entry file of the cache folder ``root`` (default ``outputs/.decode_cache``)."""
+    return _scan(decode_cache_dir() if root is None else root)
+
+
+def entry_source(entry: str | os.PathLike) -> dict | None:
+    """The source record stored after an entry's pixels (``source``, ``size``, ``mtime_ns``);
+    None for an entry without one (written before records existed, or damaged)."""
+    try:
+        with open(entry, "rb") as f:
+            version = np.lib.format.read_magic(f)
+            read_header = (np.lib.format.read_array_header_1_0 if version == (1, 0)
+                           else np.lib.format.read_array_header_2_0)
+            shape, _, dtype = read_header(f)
+            f.seek(int(np.prod(shape)) * dtype.itemsize, os.SEEK_CUR)
+            raw = np.load(f, allow_pickle=False)
+        record = json.loads(raw.tobytes().decode("utf-8"))
+    except (OSError, ValueError, EOFError):
+        return None
+    if not isinstance(record, dict) or not {"source", "size", "mtime_ns"} <= set(record):
+        return None
+    return record
+
+
+def _source_state(record: dict | None) -> str:
+    """``live``, ``missing`` (the source file is gone), ``changed`` (it has another size or
+    modification time: the entry's key no longer matches) or ``unknown`` (no record)."""
+    if record is None:
+        return "unknown"
+    try:
+        st = os.stat(record["source"])
+    except FileNotFoundError:
+        return "missing"
+    except OSError:  # unreadable from here (permissions): not known to be dead
+        return "unknown"
+    same = st.st_size == record["size"] and st.st_mtime_ns == record["mtime_ns"]
+    return "live" if same else "changed"
 
 
 class DecodeCache:
-    """:func:`decode_resized` memoised on disk under ``root/<geometry key>/``."""
+    """:func:`decode_resized` memoised on disk under ``root/<geometry key>/``; with ``max_gb``,
+    :meth:`prepare` keeps the whole ``root`` under that many GB (10^9 bytes) by evicting the
+    least recently used entries."""
 
-    def __init__(self, geometry: DecodeGeometry, root: str | os.PathLike | None = None):
+    def __init__(self, geometry: DecodeGeometry, root: str | os.PathLike | None = None,
+                 max_gb: float | None = None):
         self.geometry = geometry
         self.root = Path(root) if root is not None else decode_cache_dir()
         self.folder = self.root / geometry.key
+        if max_gb is not None and not max_gb > 0:
+            raise ValueError(f"max_gb must be > 0 or None (no cap), got {max_gb!r}")
+        self.max_bytes = None if max_gb is None else int(max_gb * 1e9)
+        #: False after a write failed: the cache then only serves the entries it has
+        self.writable = True
 
     def __repr__(self) -> str:
         return f"DecodeCache({self.folder})"
 
+    def _locate(self, path: str | os.PathLike) -> tuple[Path, dict]:
+        """The entry of ``path`` as it is now, and the source record stored with it."""
+        st = os.stat(path)
+        source = os.path.abspath(path)
+        text = f"{source}\0{st.st_size}\0{st.st_mtime_ns}"
+        digest = hashlib.sha256(text.encode()).hexdigest()
+        record = {"source": source, "size": st.st_size, "mtime_ns": st.st_mtime_ns}
+        return self.folder / digest[:2] / f"{digest[2:34]}.npy", record
+
     def entry_path(self, path: str | os.PathLike) -> Path:
         """The entry of ``path`` as it is now (its absolute path, size and mtime)."""
-        st = os.stat(path)
-        text = f"{os.path.abspath(path)}\0{st.st_size}\0{st.st_mtime_ns}"
-        digest = hashlib.sha256(text.encode()).hexdigest()
-        return self.folder / digest[:2] / f"{digest[2:34]}.npy"
+        return self._locate(path)[0]
 
     def _read(self, entry: Path) -> np.ndarray | None:
         try:
             # a plain read (193 KB at 224x288) through the OS page cache, which every process
             # shares; measured faster than a memory map that is copied into PIL at once
-            array = np.load(entry, allow_pickle=False)
-        except FileNotFoundError:
+            with open(entry, "rb") as f:
+                array = np.load(f, allow_pickle=False)
+                if array.shape != self.geometry.shape or array.dtype != np.uint8:
+                    return None
+                _touch(f.fileno(), entry)
+        except FileNotFoundError:  # not built yet, or evicted: decode again
             return None
         except (ValueError, OSError, EOFError):  # damaged by something else: decode again
             return None
-        if array.shape != self.geometry.shape or array.dtype != np.uint8:
-            return None
         return array
 
-    def _write(self, entry: Path, array: np.ndarray) -> None:
-        entry.parent.mkdir(parents=True, exist_ok=True)
+    def _write(self, entry: Path, array: np.ndarray, record: dict) -> None:
         # a name no other process or thread uses, in the same folder: rename is then atomic
         tmp = entry.with_name(f".{entry.name}.{os.getpid()}-{threading.get_ident()}.tmp")
+        for attempt in range(2):
+            entry.parent.mkdir(parents=True, exist_ok=True)
+            try:
+                with open(tmp, "wb") as f:
+                    np.save(f, array, allow_pickle=False)
+                    np.save(f, np.frombuffer(json.dumps(record).encode(), np.uint8),
+                            allow_pickle=False)
+                os.replace(tmp, entry)
+                return
+            except FileNotFoundError:  # the folder was removed meanwhile (--clear): once more
+                if attempt:
+                    raise
+            finally:
+                if tmp.exists():
+                    tmp.unlink()
+
+    def _store(self, entry: Path, array: np.ndarray, record: dict) -> bool:
+        """Write an entry; a failed write (a full disk, a quota, a read-only file system) warns
+        once and switches storing off for this cache, so the run goes on uncached."""
+        if not self.writable:
+            return False
         try:
-            with open(tmp, "wb") as f:
-                np.save(f, array, allow_pickle=False)
-            os.replace(tmp, entry)
-        finally:
-            if tmp.exists():
-                tmp.unlink()
+            self._write(entry, array, record)
+        except OSError as exc:  # a full or read-only disk slows the run, never stops it
+            self.writable = False
+            _warn_once(self.root, "write",
+                       f"decoded-image cache {self.root}: cannot store entries ({exc}); this "
+                       f"process goes on without caching new images (the same pixels, decoded "
+                       f"every time: identical results, slower). Free space there, lower "
+                       f"decode_cache_max_gb, or set decode_cache: false")
+            return False
+        return True
 
     def get(self, path: str | os.PathLike) -> np.ndarray:
         """The decoded, resized image of ``path``; decoded and stored on first use."""
-        entry = self.entry_path(path)
+        entry, record = self._locate(path)
         array = self._read(entry)
         if array is None:
             array = decode_resized(path, self.geometry)
-            try:
-                self._write(entry, array)
-            except OSError as exc:  # a full or read-only disk slows the run, never stops it
-                warnings.warn(f"decoded-image cache {self.folder}: could not store {path} "
-                              f"({exc}); the image is used without caching it. Free space "
-                              f"there, or set decode_cache: false", stacklevel=2)
+            self._store(entry, array, record)
         return array
 
     def _ensure(self, path: str) -> bool:
-        entry = self.entry_path(path)
-        if self._read(entry) is not None:
-            return False
-        self._write(entry, decode_resized(path, self.geometry))
-        return True
+        entry, record = self._locate(path)
+        if self._read(entry) is not None or not self.writable:
+            return False  # uncached: the loader decodes it (decoding it here would be lost)
+        return self._store(entry, decode_resized(path, self.geometry), record)
 
     def prepare(self, paths: Sequence[str], workers: int | None = None,
                 progress: bool = True) -> CacheReport:
         """Decode every image of ``paths`` that has no entry yet, ``workers`` threads at a time
-        (default: every available core; PIL releases the GIL while it decodes and resizes)."""
+        (default: every available core; PIL releases the GIL while it decodes and resizes).
+        A write that fails warns once and leaves the rest uncached; when entries were stored
+        and the cache is over its cap, the least recently used other entries are evicted."""
         started = time.perf_counter()
         unique = list(dict.fromkeys(map(str, paths)))
         workers = max(1, workers or available_cpus())
@@ -223,9 +395,67 @@ class DecodeCache:
                                   desc="decode images once", leave=False,
                                   disable=not progress):
                 built += int(was_built)
+        entries = [self.entry_path(p) for p in unique]
+        sizes = []
+        for entry in entries:
+            try:
+                sizes.append(entry.stat().st_size)
+            except FileNotFoundError:  # not stored (the disk is full), or evicted meanwhile
+                sizes.append(None)
+        evicted = (0, 0)
+        if built and self.max_bytes is not None:
+            evicted = self.evict(keep=entries)
         return CacheReport(images=len(unique), built=built,
                            seconds=time.perf_counter() - started,
-                           bytes=sum(self.entry_path(p).stat().st_size for p in unique))
+                           bytes=sum(s for s in sizes if s is not None),
+                           uncached=sum(s is None for s in sizes),
+                           evicted=evicted[0], evicted_bytes=evicted[1])
+
+    def evict(self, keep: Sequence[str | os.PathLike] = ()) -> tuple[int, int]:
+        """Unlink the least recently used entries of the whole cache folder (every geometry)
+        until it holds at most :data:`EVICT_TO` of the cap, never an entry in ``keep``; returns
+        (entries, bytes) this call removed. Safe beside readers and other evicting processes:
+        a reader that finds no entry decodes again, a file already gone is skipped."""
+        if self.max_bytes is None:
+            return 0, 0
+        files = _scan(self.root)
+        total = sum(f.size for f in files)
+        if total <= self.max_bytes:
+            return 0, 0
+        target = int(self.max_bytes * EVICT_TO)
+        keep = {os.path.abspath(k) for k in keep}
+        removed = freed = 0
+        for f in sorted(files, key=lambda f: (f.mtime, str(f.path))):
+            if total <= target:
+                break
+            if os.path.abspath(f.path) in keep:
+                continue
+            try:
+                os.unlink(f.path)
+            except FileNotFoundError:  # another process evicted it first: gone all the same
+                total -= f.size
+                continue
+            except OSError:  # not ours to delete (permissions, read-only): leave it
+                continue
+            total -= f.size
+            removed += 1
+            freed += f.size
+        if total > self.max_bytes:
+            _warn_once(self.root, "cap",
+                       f"decoded-image cache {self.root}: {total / 1e9:.2f} GB after eviction, "
+                       f"above decode_cache_max_gb ({self.max_bytes / 1e9:g} GB): this run's "
+                       f"own images (or files that cannot be deleted) take more. Raise "
+                       f"decode_cache_max_gb, or set decode_cache: false")
+        return removed, freed
+
+
+def _touch(fd: int, path: Path) -> None:
+    """Mark an open entry as used now (its modification time), unless it was recently."""
+    try:
+        if time.time() - os.fstat(fd).st_mtime > TOUCH_AFTER_S:
+            os.utime(fd if os.utime in os.supports_fd else path)
+    except OSError:  # someone else's file, or a read-only cache: the clock just stays
+        pass
 
 
 class ImageSource:
@@ -236,10 +466,11 @@ class ImageSource:
     def __init__(self, preprocess: PreprocessConfig, train: bool = False,
                  augment: AugmentConfig | None = None, cache: bool = True,
                  reduced_jpeg_decode: bool = True,
-                 cache_root: str | os.PathLike | None = None):
+                 cache_root: str | os.PathLike | None = None,
+                 cache_max_gb: float | None = None):
         self.geometry = DecodeGeometry.from_preprocess(preprocess, reduced_jpeg_decode)
         self.transform = build_transform(preprocess, train=train, augment=augment, resized=True)
-        self.cache = DecodeCache(self.geometry, cache_root) if cache else None
+        self.cache = DecodeCache(self.geometry, cache_root, cache_max_gb) if cache else None
 
     def decode(self, path: str | os.PathLike) -> np.ndarray:
         if self.cache is not None:
@@ -264,7 +495,163 @@ class ImageSource:
 def image_source(preprocess: PreprocessConfig, params: Mapping, train: bool = False,
                  augment: AugmentConfig | None = None) -> ImageSource:
     """The image source a run's ``params`` ask for (``decode_cache``, ``reduced_jpeg_decode``;
-    both default on) for a backbone's ``preprocess`` config."""
+    both default on; ``decode_cache_max_gb``, the schema's default where absent, as in run
+    folders written before it existed) for a backbone's ``preprocess`` config."""
+    max_gb = params.get("decode_cache_max_gb", SCHEMA["decode_cache_max_gb"].default)
     return ImageSource(preprocess, train=train, augment=augment,
                        cache=bool(params.get("decode_cache", True)),
-                       reduced_jpeg_decode=bool(params.get("reduced_jpeg_decode", True)))
+                       reduced_jpeg_decode=bool(params.get("reduced_jpeg_decode", True)),
+                       cache_max_gb=None if max_gb is None else float(max_gb))
+
+
+# ----------------------------------------------------------------------------- command line
+
+
+def _stale_temps(root: str | os.PathLike) -> list[CacheFile]:
+    now = time.time()
+    return [f for f in _scan(root, temps=True) if now - f.mtime > STALE_TEMP_S]
+
+
+def cache_info(root: str | os.PathLike | None = None) -> dict:
+    """What the cache folder ``root`` (default ``outputs/.decode_cache``) holds: ``entries``,
+    ``bytes``, per geometry folder ``entries``, ``bytes``, ``dead``; the ``dead`` entries
+    (``entry``, ``source``, ``state``: ``missing`` or ``changed``, ``bytes``), the entries
+    without a source record (``unknown``) and the temp files left by killed writers
+    (``stale_temps``)."""
+    root = Path(decode_cache_dir() if root is None else root)
+    geometries: dict[str, dict] = {}
+    dead, unknown = [], 0
+    files = _scan(root)
+    for f in files:
+        g = geometries.setdefault(f.geometry, {"entries": 0, "bytes": 0, "dead": 0})
+        g["entries"] += 1
+        g["bytes"] += f.size
+        record = entry_source(f.path)
+        state = _source_state(record)
+        if state in ("missing", "changed"):
+            g["dead"] += 1
+            dead.append({"entry": str(f.path), "source": record["source"], "state": state,
+                         "bytes": f.size})
+        elif record is None:
+            unknown += 1
+    return {"root": str(root), "exists": root.is_dir(), "entries": len(files),
+            "bytes": sum(f.size for f in files), "geometries": dict(sorted(geometries.items())),
+            "dead": sorted(dead, key=lambda d: d["source"]), "unknown": unknown,
+            "stale_temps": len(_stale_temps(root))}
+
+
+def _amount(size: int) -> str:
+    return f"{size / 1e9:.2f} GB" if size >= 1e9 else f"{size / 1e6:.1f} MB"
+
+
+def describe_cache_info(info: Mapping, listed: int = 20) -> str:
+    """:func:`cache_info` as text: totals, one line per geometry, the dead entries (one line
+    each up to ``listed``, else one per source folder)."""
+    if not info["exists"]:
+        return f"decoded-image cache {info['root']}: no cache folder"
+    lines = [f"decoded-image cache {info['root']}: {info['entries']} entries, "
+             f"{_amount(info['bytes'])} in {len(info['geometries'])} "
+             f"geometr{'y' if len(info['geometries']) == 1 else 'ies'}"]
+    for name, g in info["geometries"].items():
+        lines.append(f"  {name}: {g['entries']} entries, {_amount(g['bytes'])}, "
+                     f"{g['dead']} dead")
+    dead = info["dead"]
+    lines.append(f"dead entries (source file gone or changed, never read again): {len(dead)}, "
+                 f"{_amount(sum(d['bytes'] for d in dead))}"
+                 + ("; --clear --dead removes them" if dead else ""))
+    if len(dead) <= listed:
+        lines += [f"  {d['source']} ({d['state']})" for d in dead]
+    else:
+        folders: dict[str, list[dict]] = {}
+        for d in dead:
+            folders.setdefault(os.path.dirname(d["source"]), []).append(d)
+        ranked = sorted(folders.items(), key=lambda kv: -sum(d["bytes"] for d in kv[1]))
+        for folder, ds in ranked[:listed]:
+            lines.append(f"  {folder}/: {len(ds)} entries, "
+                         f"{_amount(sum(d['bytes'] for d in ds))}")
+        if len(ranked) > listed:
+            lines.append(f"  ... and {len(ranked) - listed} more source folders")
+    if info["unknown"]:
+        lines.append(f"{info['unknown']} entries have no source record (written by an older "
+                     f"version): eviction and --clear remove them")
+    if info["stale_temps"]:
+        lines.append(f"{info['stale_temps']} temp files left by interrupted writes: --clear "
+                     f"--dead removes them")
+    cap = SCHEMA["decode_cache_max_gb"].default
+    lines.append(f"runs keep the cache under decode_cache_max_gb (default {cap:g} GB), "
+                 f"evicting the least recently used entries")
+    return "\n".join(lines)
+
+
+def clear_cache(root: str | os.PathLike | None = None, dead_only: bool = False
+                ) -> tuple[int, int]:
+    """Remove the cache's entry files, or (``dead_only``) only the dead entries and stale temp
+    files; returns (entries, bytes) removed. Only files of the cache's layout are deleted (then
+    the folders left empty), so a wrong ``root`` loses nothing else; running runs decode again
+    what they miss."""
+    root = Path(decode_cache_dir() if root is None else root)
+    if dead_only:
+        doomed = [f for f in _scan(root) if _source_state(entry_source(f.path)) in
+                  ("missing", "changed")]
+        temps = _stale_temps(root)
+    else:
+        doomed, temps = _scan(root), []
+    removed = freed = 0
+    for f in doomed:
+        try:
+            os.unlink(f.path)
+        except FileNotFoundError:  # evicted by a run meanwhile
+            continue
+        removed += 1
+        freed += f.size
+    for f in temps:
+        try:
+            os.unlink(f.path)
+        except FileNotFoundError:
+            pass
+    if not dead_only:
+        for geometry in _subfolders(root):
+            for shard in _subfolders(geometry.path):
+                _rmdir(shard.path)
+            _rmdir(geometry.path)
+        _rmdir(root)
+    return removed, freed
+
+
+def _rmdir(folder: str | os.PathLike) -> None:
+    try:
+        os.rmdir(folder)
+    except OSError:  # not empty (a run stored an entry meanwhile, or a foreign file): keep it
+        pass
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """``python -m handclip_nb.data.images --cache-info | --clear [--dead] [--root DIR]``."""
+    parser = argparse.ArgumentParser(
+        prog="python -m handclip_nb.data.images",
+        description="Inspect or clear the decoded-image cache (outputs/.decode_cache).")
+    action = parser.add_mutually_exclusive_group(required=True)
+    action.add_argument("--cache-info", action="store_true",
+                        help="print its size, entries per geometry and the dead entries")
+    action.add_argument("--clear", action="store_true",
+                        help="remove every entry (safe at any time: runs decode again)")
+    parser.add_argument("--dead", action="store_true",
+                        help="with --clear: remove only the dead entries (source file gone or "
+                             "changed) and temp files of interrupted writes")
+    parser.add_argument("--root", default=None,
+                        help="the cache folder (default: outputs/.decode_cache of the project)")
+    args = parser.parse_args(argv)
+    if args.dead and not args.clear:
+        parser.error("--dead goes with --clear (--cache-info lists the dead entries)")
+    root = Path(args.root) if args.root else decode_cache_dir()
+    if args.cache_info:
+        print(describe_cache_info(cache_info(root)))
+        return 0
+    removed, freed = clear_cache(root, dead_only=args.dead)
+    what = "dead entries" if args.dead else "entries"
+    print(f"decoded-image cache {root}: removed {removed} {what}, {_amount(freed)}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -21,10 +21,11 @@ What the search notebook (``notebooks/search.ipynb``) computes, without figures:
   added or removed file or another model rebuilds it.
 * **Ranking** (:func:`search_queries`): cosine distance ``1 - q.g`` (smaller is closer, ties by
   gallery order), the ``top_k`` nearest per query. A query image that is itself in the gallery
-  (the same file) is left out of its own ranking. **Text queries** rank by CLIP's joint
-  image-text space: the backbone's ``encode_image(...).global_embedding`` against
-  ``encode_text(tokenize(text))``, both L2-normalised (the helpers of :mod:`.probes`). A
-  fine-tuned run (stage 2/3) still projects into that space, but its fine-tuning never saw text
+  (the same file) is left out of its own ranking, and its person counts as in the gallery only
+  when another image of that person is there (``QueryResult.in_gallery``). **Text queries**
+  rank by CLIP's joint image-text space: the backbone's ``encode_image(...).global_embedding``
+  against ``encode_text(tokenize(text))``, both L2-normalised (the helpers of :mod:`.probes`).
+  A fine-tuned run (stage 2/3) still projects into that space, but its fine-tuning never saw text
   for it, so its text alignment may be weaker than the zero-shot backbone's.
 * **Open set** (:func:`resolve_threshold`): a finished run's ``metrics.json`` holds the
   threshold calibrated on its training identities (``open_set``, written by
@@ -456,6 +457,9 @@ class QueryResult:
     path: str | None  # the image file (None for a text)
     person: str | None
     matches: list[RankedImage]
+    #: whether ANOTHER image of the query's person is in the gallery (its own file, left out of
+    #: its ranking, does not count); None for an unlabelled or a text query
+    in_gallery: bool | None = None
 
     @property
     def best(self) -> RankedImage | None:
@@ -499,15 +503,24 @@ def rank_features(query: torch.Tensor, gallery: torch.Tensor, top_k: int,
 
 
 def _results(kind: str, queries: Sequence[tuple[str, str | None, str | None]],
-             order: np.ndarray, dist: np.ndarray, gallery: Sequence[GalleryImage]
-             ) -> list[QueryResult]:
+             order: np.ndarray, dist: np.ndarray, gallery: Sequence[GalleryImage],
+             exclude: Sequence[Sequence[int]] | None = None) -> list[QueryResult]:
+    by_person: dict[str, list[int]] = {}
+    for i, g in enumerate(gallery):
+        if g.person is not None:
+            by_person.setdefault(g.person, []).append(i)
     out = []
-    for (name, path, person), row, drow in zip(queries, order, dist):
+    for q, ((name, path, person), row, drow) in enumerate(zip(queries, order, dist)):
         matches = [RankedImage(rank=r + 1, index=int(j), name=gallery[j].name,
                                path=gallery[j].path, person=gallery[j].person,
                                distance=float(d))
                    for r, (j, d) in enumerate(zip(row, drow)) if j >= 0]
-        out.append(QueryResult(query=name, kind=kind, path=path, person=person, matches=matches))
+        in_gallery = None
+        if kind == "image" and person is not None:
+            own = set(exclude[q]) if exclude else set()
+            in_gallery = any(i not in own for i in by_person.get(person, ()))
+        out.append(QueryResult(query=name, kind=kind, path=path, person=person, matches=matches,
+                               in_gallery=in_gallery))
     return out
 
 
@@ -525,7 +538,7 @@ def search_queries(model: SearchModel, index: GalleryIndex, inputs: SearchInputs
         exclude = [where.get(os.path.realpath(q.path), []) for q in inputs.queries]
         order, dist = rank_features(feats, index.features, top_k, exclude)
         results += _results("image", [(q.name, q.path, q.person) for q in inputs.queries],
-                            order, dist, index.images)
+                            order, dist, index.images, exclude)
     if inputs.texts:
         if index.text_features is None:
             raise ValueError("the gallery index has no text-space features; build it with "
@@ -576,12 +589,21 @@ def search_summary(results: Sequence[QueryResult], threshold: Threshold,
                    gallery_people: Sequence[str]) -> dict:
     """Counts over the queries; with labelled queries and gallery, the top-1 accuracy (percent)
     over the queries whose person is in the gallery, and with a threshold the open-set accuracy
-    (a known person matched by the right top-1, or an unknown one with no match)."""
+    (a known person matched by the right top-1, or an unknown one with no match).
+
+    A query's person is in the gallery when another image of that person is there
+    (``QueryResult.in_gallery``): a query whose only image of its person in the gallery is the
+    query itself (left out of its ranking) counts as not in the gallery. ``gallery_people``
+    decides only for results that do not say (built without :func:`search_queries`)."""
     images = [r for r in results if r.kind == "image"]
     decided = [r.decision(threshold) for r in images]
     known = set(gallery_people)
-    in_gallery = [r for r in images if r.person is not None and r.person in known]
-    unknown = [r for r in images if r.person is not None and r.person not in known]
+
+    def person_in_gallery(r: QueryResult) -> bool:
+        return r.in_gallery if r.in_gallery is not None else r.person in known
+
+    in_gallery = [r for r in images if r.person is not None and person_in_gallery(r)]
+    unknown = [r for r in images if r.person is not None and not person_in_gallery(r)]
     top1 = sum(bool(r.correct()) for r in in_gallery)
     out = {"image_queries": len(images), "text_queries": len(results) - len(images),
            "matches": sum(d is True for d in decided),
@@ -610,7 +632,7 @@ def search_record(params: Mapping[str, Any], inputs: SearchInputs, model: Search
                         "top1_image": best.name if best else None,
                         "top1_person": best.person if best else None,
                         "best_distance": r.best_distance, "match": r.decision(threshold),
-                        "correct": r.correct()})
+                        "correct": r.correct(), "in_gallery": r.in_gallery})
     return {
         "stage": "search",
         "backbone": run.params["backbone"],
