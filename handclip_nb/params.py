@@ -36,6 +36,8 @@ __all__ = [
     "NOT_RESULTS",
     "EVALUATION_PARAMETERS",
     "run_identity",
+    "EXIF_ORIENTATIONS",
+    "exif_orientation_for",
 ]
 
 #: Stages (one notebook each).  ``common`` parameters apply to all of them.
@@ -54,6 +56,10 @@ TRAINING = ("pretrain", "stage1", "stage2", "stage3")
 
 #: Stages that read images of a dataset through the decoded-image pipeline (``data/images.py``).
 IMAGE_STAGES = ("stage0", "stage1", "stage2", "stage3", "evaluation", "attention", "search")
+
+#: ``exif_orientation`` values: ``auto`` resolves to one of the other two
+#: (:func:`exif_orientation_for`; ``data/image_files.py`` applies them).
+EXIF_ORIENTATIONS = ("auto", "exif", "ignore")
 
 #: ``amp_dtype`` values (``device.AMP_DTYPES``; a test keeps the two equal).
 AMP_DTYPE_NAMES = ("float16", "bfloat16")
@@ -206,6 +212,13 @@ SCHEMA: dict[str, ParamSpec] = {
               "remains, before the bicubic resize: several times faster on full-size photos, "
               "pixels 0.17 grey levels from a full decode on average (docs/methods.md); False = "
               "decode every pixel, as CLIP-ReID", stages=IMAGE_STAGES),
+        _spec("exif_orientation", "str", "auto",
+              "the EXIF orientation tag of a photo: 'exif' turns it upright as the phone "
+              "showed it; 'ignore' reads the pixels as stored, as MBA-Net's and CLIP-ReID's "
+              "loaders do; 'auto' = exif for dataset custom and the search notebook (your own "
+              "photos), ignore for 11k and hd (numbers comparable with the literature's); "
+              "params.yaml records the resolved value", choices=EXIF_ORIENTATIONS,
+              stages=IMAGE_STAGES),
         _spec("tf32", "bool", True,
               "TF32 matrix products and convolutions on Ampere+ GPUs (no effect on CPU)"),
         _spec("channels_last", "bool", True,
@@ -720,6 +733,9 @@ def resolve_params(values: Mapping[str, Any] | None = None, stage: str = "stage0
                     "must be > 0 (None = no cap; decode_cache: false = no cache)")
     if out["val_fraction"] >= 1.0:
         raise _fail(SCHEMA["val_fraction"], out["val_fraction"], "must be < 1")
+    if "exif_orientation" in out:  # params.yaml records the policy the run really used
+        out["exif_orientation"] = exif_orientation_for(out["exif_orientation"], out["dataset"],
+                                                       stage)
     dev = out["device"]
     if not (dev in ("auto", "cpu", "cuda") or (dev.startswith("cuda:") and dev[5:].isdigit())):
         raise _fail(SCHEMA["device"], dev, "expected 'auto', 'cpu', 'cuda' or 'cuda:N'")
@@ -732,6 +748,16 @@ def resolve_params(values: Mapping[str, Any] | None = None, stage: str = "stage0
         out["stage1_dir"] = default_output_dir(out, "stage1")
     out["stage"] = stage
     return out
+
+
+def exif_orientation_for(value: str, dataset: str | None, stage: str | None) -> str:
+    """The concrete EXIF orientation policy (``exif`` or ``ignore``) of an ``exif_orientation``
+    value: ``auto`` is ``exif`` for the user's own photos (``dataset: custom``, and every search,
+    whose gallery and queries are the user's) and ``ignore`` for 11k and HD, whose published
+    numbers come from loaders that read the pixels as stored (docs/protocols.md)."""
+    if value != "auto":
+        return value
+    return "exif" if dataset == "custom" or stage == "search" else "ignore"
 
 
 #: Parameters that never change a run's numbers (where it writes, how many loader workers,
@@ -753,7 +779,8 @@ EVALUATION_PARAMETERS = ("dataset", "data_root", "aspect", "gallery_mode", "num_
                          "split_seed", "synthetic_subjects", "synthetic_images",
                          "synthetic_difficulty", "synthetic_photo_size", "synthetic_seed",
                          "backbone", "weights", "image_size", "resize_mode", "rn_last_stride",
-                         "pixel_mean", "pixel_std", "reduced_jpeg_decode", "flip_tta")
+                         "pixel_mean", "pixel_std", "reduced_jpeg_decode", "exif_orientation",
+                         "flip_tta")
 
 
 def run_identity(resolved: Mapping[str, Any]) -> dict[str, Any]:

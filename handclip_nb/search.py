@@ -83,7 +83,7 @@ def attention_figure(model: SearchModel, result: QueryResult, params: Mapping[st
     fig, axes = plt.subplots(2, n, figsize=(width * n + 1.0, 2 * 1.9 + 1.1), squeeze=False)
     hm = None
     for c, (path, grid, (label, color)) in enumerate(zip(paths, grids, labels)):
-        img = load_image(path, size)
+        img = load_image(path, size, orientation=model.source.geometry.orientation)
         axes[0][c].imshow(np.asarray(img))
         axes[0][c].set_xticks([])
         axes[0][c].set_yticks([])
@@ -111,6 +111,12 @@ class SearchExplorer:
         self._controls: dict[str, Any] = {}
         self._out = None
 
+    @property
+    def orientation(self) -> str:
+        """The EXIF orientation policy the model read the photos with (the figures show them
+        the same way)."""
+        return self.model.source.geometry.orientation
+
     # ---------------------------------------------------------------- static
     def _emit(self, fig, name: str, show: bool) -> Path | None:
         png = figure_png(fig)
@@ -131,7 +137,8 @@ class SearchExplorer:
             if len(pages) > 1:
                 title = f"gallery search, queries {(n - 1) * PAGE + 1}-{(n - 1) * PAGE + len(page)}"
                 title += f" of {len(self.results)}"
-            p = self._emit(search_grid(page, self.threshold, k=self.k, title=title),
+            p = self._emit(search_grid(page, self.threshold, k=self.k, title=title,
+                                       orientation=self.orientation),
                            f"search_p{n:02d}.png", show)
             if p is not None:
                 paths.append(p)
@@ -193,7 +200,8 @@ class SearchExplorer:
         value = self.current_threshold()
 
         def draw():
-            show_png(figure_png(search_grid([result], value, k=self.k)))
+            show_png(figure_png(search_grid([result], value, k=self.k,
+                                            orientation=self.orientation)))
             if self.model.is_promptsg and result.kind == "image" and result.matches:
                 show_png(figure_png(attention_figure(self.model, result, self.params, self.k,
                                                      value)))

@@ -8,11 +8,12 @@ from typing import Any, Mapping, Sequence
 import matplotlib.pyplot as plt
 import numpy as np
 import pandas as pd
-from PIL import Image
 
 from .constants import METRIC_LABELS, METRIC_NAMES
+from .data.image_files import open_image
 from .data.protocols import Protocol
 from .evaluate.verification import VERIFICATION_METRIC_LABELS, VERIFICATION_METRIC_NAMES
+from .params import exif_orientation_for
 
 __all__ = ["protocol_table", "identity_grid", "plot_cmc", "retrieval_grid", "metrics_table",
            "plot_history", "plot_prompt_retrieval", "caption_grid", "plot_probes",
@@ -30,16 +31,25 @@ def protocol_table(protocol: Protocol) -> pd.DataFrame:
         f"{protocol.dataset} · {protocol.aspect} · gallery={protocol.gallery_mode}")
 
 
-def _thumb(path: str, size=(160, 120)) -> np.ndarray:
-    with Image.open(path) as im:
-        im = im.convert("RGB")
-        im.thumbnail(size)
-        return np.asarray(im)
+def _thumb(path: str, orientation: str, size=(160, 120)) -> np.ndarray:
+    im = open_image(path, orientation)
+    im.thumbnail(size)
+    return np.asarray(im)
+
+
+def _orientation(protocol: Protocol, orientation: str | None) -> str:
+    """The EXIF orientation policy a protocol's figures read with: the run's
+    (``params.exif_orientation``), or, when None, what ``auto`` gives the protocol's dataset
+    (custom: upright; 11k, HD: as stored)."""
+    return exif_orientation_for(orientation or "auto", protocol.dataset, None)
 
 
 def identity_grid(protocol: Protocol, n_people: int = 6, per_person: int = 4,
-                  indices: Sequence[int] | None = None, title: str = "training identities"):
-    """Rows = people, columns = their images (from the fit set by default)."""
+                  indices: Sequence[int] | None = None, title: str = "training identities",
+                  orientation: str | None = None):
+    """Rows = people, columns = their images (from the fit set by default); ``orientation``:
+    the run's EXIF orientation policy (None: the dataset's default)."""
+    orientation = _orientation(protocol, orientation)
     idx = protocol.fit if indices is None else indices
     by_person: dict[str, list[int]] = {}
     for i in idx:
@@ -52,7 +62,7 @@ def identity_grid(protocol: Protocol, n_people: int = 6, per_person: int = 4,
             ax = axes[r][c]
             ax.axis("off")
             if c < len(by_person[person]):
-                ax.imshow(_thumb(protocol.paths([by_person[person][c]])[0]))
+                ax.imshow(_thumb(protocol.paths([by_person[person][c]])[0], orientation))
             if c == 0:
                 ax.set_title(f"id {person}", fontsize=8, loc="left")
     fig.suptitle(f"{title}: {len(people)} of {len(by_person)} people", fontsize=10)
@@ -135,8 +145,11 @@ def plot_cmc(curves: Mapping[str, np.ndarray], max_rank: int = 20, title: str = 
 
 
 def retrieval_grid(protocol: Protocol, split, distmat: np.ndarray, k: int = 5,
-                   n_queries: int = 6, failures_only: bool = False, seed: int = 0):
-    """Query, then its top-k gallery images; green frame = same identity, red = another."""
+                   n_queries: int = 6, failures_only: bool = False, seed: int = 0,
+                   orientation: str | None = None):
+    """Query, then its top-k gallery images; green frame = same identity, red = another;
+    ``orientation``: the run's EXIF orientation policy (None: the dataset's default)."""
+    orientation = _orientation(protocol, orientation)
     q_ids = protocol.ids_of(split.query)
     g_ids = protocol.ids_of(split.gallery)
     order = np.argsort(distmat, axis=1, kind="stable")[:, :k]
@@ -155,7 +168,7 @@ def retrieval_grid(protocol: Protocol, split, distmat: np.ndarray, k: int = 5,
                              figsize=(1.8 * (k + 1), 1.45 * len(rows)))
     for r, qi in enumerate(rows):
         ax = axes[r][0]
-        ax.imshow(_thumb(protocol.paths([split.query[qi]])[0]))
+        ax.imshow(_thumb(protocol.paths([split.query[qi]])[0], orientation))
         ax.set_title("query", fontsize=8)
         ax.set_xticks([])
         ax.set_yticks([])
@@ -167,7 +180,7 @@ def retrieval_grid(protocol: Protocol, split, distmat: np.ndarray, k: int = 5,
                 ax.axis("off")
                 continue
             gi = order[qi, c]
-            ax.imshow(_thumb(protocol.paths([split.gallery[gi]])[0]))
+            ax.imshow(_thumb(protocol.paths([split.gallery[gi]])[0], orientation))
             ok = g_ids[gi] == q_ids[qi]
             for spine in ax.spines.values():
                 spine.set_edgecolor(CORRECT if ok else WRONG)
@@ -354,17 +367,19 @@ def plot_tsne(embeddings: Mapping[str, Mapping[str, np.ndarray]],
 
 
 def failure_figures(evaluations: Sequence, k: int = 5, n_queries: int = 6,
-                    seed: int = 0) -> dict[str, Any]:
+                    seed: int = 0, orientation: str | None = None) -> dict[str, Any]:
     """``{"failures_<run>": figure}``: queries of the first split whose rank-1 is wrong, with
     their top-k gallery (green = same person), ranked by the distances used for the metrics
-    (re-ranked when re-ranking is on).  ``n_queries=0``: no figures."""
+    (re-ranked when re-ranking is on).  ``n_queries=0``: no figures. ``orientation``: the
+    EXIF orientation policy (None: the dataset's default)."""
     figures = {}
     if n_queries <= 0:
         return figures
     for e in evaluations:
         first = e.test.splits[0]
         fig = retrieval_grid(e.protocol, first.split, first.distmat, k=k,
-                                 n_queries=n_queries, failures_only=True, seed=seed)
+                                 n_queries=n_queries, failures_only=True, seed=seed,
+                                 orientation=orientation)
         fig.suptitle(f"{e.name}: rank-1 failures (green = same person)", fontsize=10)
         figures[f"failures_{_slug(e.name)}"] = fig
     return figures
@@ -423,7 +438,8 @@ def _text_panel(ax, text: str, width: int = 22) -> None:
             transform=ax.transAxes, wrap=True)
 
 
-def search_grid(results: Sequence, threshold=None, k: int = 5, title: str | None = None):
+def search_grid(results: Sequence, threshold=None, k: int = 5, title: str | None = None,
+                orientation: str = "exif"):
     """Queries (rows) and their top-``k`` gallery images with distances.
 
     ``results``: :class:`~handclip_nb.evaluate.gallery.QueryResult` s; ``threshold``: a
@@ -431,7 +447,9 @@ def search_grid(results: Sequence, threshold=None, k: int = 5, title: str | None
     person under the open-set decision) has a green frame, one above it a grey frame; without a
     threshold, and for text queries (whose distances are not image-image ones), frames are
     black. ✓/✗ marks the person when both the query and the image are labelled. An image query
-    whose best distance is above the threshold says "no match in the gallery".
+    whose best distance is above the threshold says "no match in the gallery". ``orientation``:
+    the search's EXIF orientation policy (``model.source.geometry.orientation``; the search's
+    default turns phone photos upright).
     """
     value = _threshold_value(threshold)
     results = list(results)
@@ -446,7 +464,7 @@ def search_grid(results: Sequence, threshold=None, k: int = 5, title: str | None
     for row, r in enumerate(results):
         ax = axes[row][0]
         if r.kind == "image":
-            ax.imshow(_thumb(r.path))
+            ax.imshow(_thumb(r.path, orientation))
             ax.set_xticks([])
             ax.set_yticks([])
             label = f"query {textwrap.shorten(r.query, 24, placeholder='…')}"
@@ -470,7 +488,7 @@ def search_grid(results: Sequence, threshold=None, k: int = 5, title: str | None
                 ax.axis("off")
                 continue
             m = r.matches[c]
-            ax.imshow(_thumb(m.path))
+            ax.imshow(_thumb(m.path, orientation))
             if r.kind != "image" or value is None:
                 color = "black"
             else:

@@ -24,6 +24,7 @@ import torch.nn.functional as F
 from matplotlib.patches import Rectangle
 from PIL import Image
 
+from ..data.image_files import open_image
 from ..data.transforms import LetterboxResize
 
 __all__ = ["Match", "AttentionSource", "select_head", "upsample", "normalize", "total_variation",
@@ -191,8 +192,11 @@ def region_masses(grid: np.ndarray) -> np.ndarray:
 # drawing
 # --------------------------------------------------------------------------------------------
 
-def load_image(image: ImageLike, size: tuple[int, int] | None = None) -> Image.Image:
-    """A PIL RGB image; letterboxed to ``size`` = (H, W) when given and the size differs."""
+def load_image(image: ImageLike, size: tuple[int, int] | None = None,
+               orientation: str = "ignore") -> Image.Image:
+    """A PIL RGB image; letterboxed to ``size`` = (H, W) when given and the size differs. A
+    path is read with the EXIF ``orientation`` policy (give the run's: ``"exif"`` turns a phone
+    photo upright; ``"ignore"``, the default, keeps the pixels as stored)."""
     if isinstance(image, Image.Image):
         im = image.convert("RGB")
     elif isinstance(image, np.ndarray):
@@ -201,8 +205,7 @@ def load_image(image: ImageLike, size: tuple[int, int] | None = None) -> Image.I
             arr = np.clip(arr * (255.0 if arr.max() <= 1.0 else 1.0), 0, 255).astype(np.uint8)
         im = Image.fromarray(arr).convert("RGB")
     else:
-        with Image.open(image) as f:
-            im = f.convert("RGB")
+        im = open_image(image, orientation)
     if size is not None and im.size != (int(size[1]), int(size[0])):
         im = LetterboxResize((int(size[0]), int(size[1])))(im)
     return im

@@ -9,10 +9,10 @@ from typing import Mapping
 
 import numpy as np
 import torch
-from PIL import Image
 
+from ..data.image_files import open_image
 from ..data.protocols import Protocol
-from ..data.images import image_source
+from ..data.images import image_source, orientation_of
 from ..data.transforms import LetterboxResize
 from ..evaluate.features import extract_features
 from ..models.promptsg import PromptSG, attention_entropy, prompt_sensitivity
@@ -75,8 +75,9 @@ class ModelAttentionSource:
         return f"query {i}: person {item.person} ({item.aspect})"
 
     def _image(self, index: int):
-        with Image.open(self.protocol.paths([index])[0]) as im:
-            return self._letterbox(im.convert("RGB"))
+        # read as the run's model reads it (its EXIF orientation policy)
+        return self._letterbox(open_image(self.protocol.paths([index])[0],
+                                          orientation_of(self.params)))
 
     def image(self, i: int):
         return self._image(self.split.query[i])

@@ -1,5 +1,6 @@
 """Data: readers (11k, HD, custom), protocol manifests, synthetic hands (and whether a dataset
-root is synthetic: `provenance`), transforms, sampler.
+root is synthetic: `provenance`), the one image opener (`image_files`: EXIF orientation, HEIC),
+transforms, sampler.
 
 Names are imported lazily (PEP 562) so that ``python -m handclip_nb.data.synthetic`` and the
 CSV readers do not pay for importing torch and CLIP.
@@ -23,6 +24,7 @@ _EXPORTS = {
     "is_synthetic_dataset": "provenance",
     "DecodeCache": "images", "DecodeGeometry": "images", "ImageSource": "images",
     "decode_resized": "images", "image_source": "images",
+    "open_image": "image_files", "HeifSupportMissing": "image_files",
 }
 __all__ = sorted(_EXPORTS)
 

@@ -18,13 +18,13 @@ from typing import Mapping
 
 import numpy as np
 import torch
-from PIL import Image
 
 from ..backbone_specs import PreprocessConfig
 from ..progress import tqdm
 from ..runs import atomic_write_json, project_root, resolve_path
 from .captions import read_captions
 from .handinfo import read_handinfo
+from .image_files import open_image
 from .synthetic import generate_dataset
 from .transforms import build_transform
 
@@ -118,8 +118,8 @@ class CaptionedImages:
         self._std = torch.tensor(preprocess.std).view(3, 1, 1)
         pixels = []
         for r in tqdm(self.records, desc=f"loading {self.root.name}", disable=not progress):
-            with Image.open(self.root / r.path) as im:
-                x = transform(im.convert("RGB"))  # normalised float tensor
+            # synthetic photos carry no EXIF orientation: read as stored, like 11k
+            x = transform(open_image(self.root / r.path, "ignore"))  # normalised float tensor
             pixels.append(torch.round((x * self._std + self._mean) * 255).clamp(0, 255)
                           .to(torch.uint8))
         self.pixels = torch.stack(pixels)

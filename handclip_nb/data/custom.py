@@ -4,9 +4,10 @@ Layouts of ``data_root`` (docs/protocols.md#custom-datasets):
 
 * **Folders**: one folder per person, ``<root>/<person>/<image>``, or with aspect folders,
   ``<root>/<person>/<aspect>/<image>``.  The folder name is the person.  Images are
-  ``.jpg .jpeg .png .bmp .tif .tiff .webp`` in any case; other files (``Thumbs.db``, notes) and
-  hidden entries (``.DS_Store``, ``.ipynb_checkpoints``) are skipped.  Every person uses the
-  same layout: all flat, or all with aspect folders.
+  ``.jpg .jpeg .png .bmp .tif .tiff .webp .heic .heif`` in any case (HEIC/HEIF, iPhone photos,
+  through the optional package pillow-heif: without it they are refused with the fix); other
+  files (``Thumbs.db``, notes) and hidden entries (``.DS_Store``, ``.ipynb_checkpoints``) are
+  skipped.  Every person uses the same layout: all flat, or all with aspect folders.
 * **labels.csv** at the root, columns ``image,person`` and optionally ``aspect`` and ``split``
   (header names in any case, in any order); ``image`` is a path relative to the root (``/`` or
   ``\\``).  When ``labels.csv`` exists it alone says what the dataset is: the folders are not
@@ -67,6 +68,7 @@ from typing import Sequence
 
 from ..constants import ASPECT_NAMES, ASPECTS
 from .handinfo import IMAGE_SUFFIXES, DataError, HandImage, csv_rows
+from .image_files import HEIF_SUFFIXES, HeifSupportMissing
 from .protocols import (Protocol, build_aspect_protocol, build_fixed_split_protocol,
                         find_image_problems, person_sort_key)
 
@@ -88,7 +90,7 @@ LABELS_FILE = "labels.csv"
 #: every column ``labels.csv`` may have; any other is refused (a typo must not be ignored)
 LABEL_COLUMNS = ("image", "person", "aspect", "split")
 REQUIRED_LABEL_COLUMNS = ("image", "person")
-CUSTOM_IMAGE_SUFFIXES = (*IMAGE_SUFFIXES, ".webp")
+CUSTOM_IMAGE_SUFFIXES = (*IMAGE_SUFFIXES, ".webp", *HEIF_SUFFIXES)
 #: ``split`` values naming the halves only (the query/gallery splits are drawn) ...
 HALVES_SPLITS = ("train", "test")
 #: ... or every image's role (one fixed test split)
@@ -341,8 +343,11 @@ def _check_images_decode(reading: _Reading) -> None:
     for i, why in unreadable:
         # a labels.csv row is named by its line: name the image too; a folder's origin is it
         image = f"image {reading.root / reading.records[i].path} " if reading.csv_path else ""
-        reading.problem(reading.origins[i],
-                        f"{image}does not open as an image ({why}); replace or remove it")
+        if why == HeifSupportMissing.reason:  # the fix is to read it, not to remove it
+            reading.problem(reading.origins[i], f"{image}cannot be read: {why}")
+        else:
+            reading.problem(reading.origins[i],
+                            f"{image}does not open as an image ({why}); replace or remove it")
     reading.keep(set(range(len(reading.records))) - {i for i, _ in unreadable})
 
 

@@ -15,6 +15,7 @@ from torch.utils.data import DataLoader, Dataset
 from ..device import default_num_workers, resolve_device
 from ..params import ParamError, held_out_fraction
 from ..runs import project_root, resolve_path
+from .image_files import open_image
 from .images import ImageSource
 from .custom import build_custom_protocol, custom_source_hash, read_custom
 from .handinfo import DataError, read_handinfo, read_hd
@@ -29,8 +30,9 @@ class ImageListDataset(Dataset):
     """Images by absolute path with an integer label each; returns (tensor, label, position).
 
     ``transform`` is an :class:`~handclip_nb.data.images.ImageSource` (path -> tensor: decode
-    once, then the tensor steps; what the stages use) or a plain transform of a PIL image, which
-    gets the fully decoded file.
+    once, then the tensor steps; what the stages use, with the run's EXIF orientation policy) or
+    a plain transform of a PIL image, which gets the fully decoded file, turned as
+    ``orientation`` says (:func:`~handclip_nb.data.image_files.open_image`).
 
     With ``seed`` set, the random draws of the transform (crop, erasing, jitter, flip) for item
     ``i`` in epoch ``e`` come from a generator seeded by (seed, e, i) alone, so a training run
@@ -43,10 +45,11 @@ class ImageListDataset(Dataset):
 
     def __init__(self, paths: Sequence[str], labels: Sequence[int],
                  transform: ImageSource | Callable[[Image.Image], object],
-                 seed: int | None = None):
+                 seed: int | None = None, orientation: str = "ignore"):
         if len(paths) != len(labels):
             raise ValueError(f"{len(paths)} paths but {len(labels)} labels")
         self.paths, self.labels, self.transform = list(paths), list(labels), transform
+        self.orientation = orientation
         self.seed, self.epoch = seed, 0
 
     def set_epoch(self, epoch: int) -> None:
@@ -58,9 +61,7 @@ class ImageListDataset(Dataset):
     def _load(self, i: int):
         if isinstance(self.transform, ImageSource):
             return self.transform(self.paths[i])
-        with Image.open(self.paths[i]) as im:
-            img = im.convert("RGB")
-        return self.transform(img)
+        return self.transform(open_image(self.paths[i], self.orientation))
 
     def __getitem__(self, i: int):
         if self.seed is None:

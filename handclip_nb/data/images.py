@@ -6,19 +6,21 @@ augmentation on an image that is already decoded and resized runs at about 450 i
 path from a file to a tensor is split in two:
 
 1. :func:`decode_resized` -- a deterministic function of (file, :class:`DecodeGeometry`): the
-   file's pixels decoded and resized to the run's input geometry by the backbone's resize mode
-   (``transforms.resize_step``), as a uint8 ``[height, width, 3]`` array.
+   file's pixels decoded (through the one opener, :mod:`.image_files`, turned as the EXIF
+   orientation policy says) and resized to the run's input geometry by the backbone's resize
+   mode (``transforms.resize_step``), as a uint8 ``[height, width, 3]`` array.
 2. the tensor steps -- augmentation (training only), ``ToTensor``, ``Normalize``:
    ``transforms.build_transform(..., resized=True)``.
 
 :class:`DecodeCache` memoises step 1 on disk (``outputs/.decode_cache/``), so each image is
 decoded once and then shared by epochs, stages, runs and processes. An entry is keyed by the
 file's absolute path, size and modification time and lives under a folder named by the
-geometry (input size, resize mode, interpolation, fill colour, decode policy), so a changed file,
-input size or resize mode is never served stale. Entries are ``.npy`` files written to a temp
-name and renamed, so two runs building the same cache at once never see a torn entry (the
-later rename wins with identical bytes); reads go through the OS page cache, which all
-processes share.
+geometry (input size, resize mode, interpolation, fill colour, decode policy, EXIF orientation
+policy), so a changed file, input size or resize mode is never served stale, and a photo
+decoded as stored (sideways) is never served to a run that turns it upright. Entries are
+``.npy`` files written to a temp name and renamed, so two runs building the same cache at once
+never see a torn entry (the later rename wins with identical bytes); reads go through the OS
+page cache, which all processes share.
 
 The cache never stops a run and does not only grow. A write that fails (full disk, quota,
 read-only file system) warns once per process and cache folder, and the run goes on without
@@ -45,11 +47,13 @@ same pixels as one with it off: features and metrics are identical, tolerance 0
 1/2, 1/4 or 1/8 of its size by scaling the DCT (PIL's ``draft`` mode), several times faster than
 a full decode. The decoder asks for the largest reduction that still leaves at least
 :data:`DRAFT_MARGIN` × the size the image is resized to, so the final bicubic resize still
-shrinks by at least that factor. Pixels then differ slightly from a full decode (measured on
-1600×1200 synthetic photos at 224×288: 0.17 grey levels on average, 2 at most; see
-docs/methods.md#decoding-images-once); it is part of the decode
-policy, so it applies with the cache on and off alike, and ``reduced_jpeg_decode: false``
-decodes every pixel as CLIP-ReID's loader does.
+shrinks by at least that factor. The size is that of the picture as the orientation policy
+turns it: a photo turned by 90 degrees (EXIF tags 5-8 under ``exif``) is resized from its
+upright size, and the request, in stored pixels, has width and height swapped back. Pixels
+then differ slightly from a full decode (measured on 1600×1200 synthetic photos at 224×288:
+0.17 grey levels on average, 2 at most; see docs/methods.md#decoding-images-once); it is part
+of the decode policy, so it applies with the cache on and off alike, and
+``reduced_jpeg_decode: false`` decodes every pixel as CLIP-ReID's loader does.
 """
 from __future__ import annotations
 
@@ -72,14 +76,16 @@ from PIL import Image
 
 from ..backbone_specs import PreprocessConfig
 from ..device import available_cpus
-from ..params import SCHEMA
+from ..params import SCHEMA, exif_orientation_for
 from ..progress import tqdm
 from ..runs import decode_cache_dir
+from .image_files import check_orientation, open_file, oriented_rgb, turns_sideways
 from .transforms import AugmentConfig, build_transform, resize_step
 
-__all__ = ["DRAFT_MARGIN", "DecodeGeometry", "decode_resized", "DecodeCache", "CacheReport",
-           "CacheFile", "scan_cache", "entry_source", "cache_info", "describe_cache_info",
-           "clear_cache", "main", "ImageSource", "image_source"]
+__all__ = ["DRAFT_MARGIN", "DecodeGeometry", "decode_image", "decode_resized", "DecodeCache",
+           "CacheReport", "CacheFile", "scan_cache", "entry_source", "cache_info",
+           "describe_cache_info", "clear_cache", "main", "ImageSource", "image_source",
+           "orientation_of"]
 
 #: Reduced-scale decoding keeps at least this factor above the resized size, so the bicubic
 #: resize that follows still shrinks at least 2x (its low-pass filter then dominates the DCT
@@ -123,13 +129,19 @@ class DecodeGeometry:
     interpolation: str
     mean: tuple[float, float, float]  # the letterbox fill colour is the normalisation mean
     reduced_jpeg_decode: bool = True
+    #: the EXIF orientation policy, ``exif`` or ``ignore`` (:mod:`.image_files`)
+    orientation: str = "ignore"
+
+    def __post_init__(self):
+        check_orientation(self.orientation)
 
     @classmethod
-    def from_preprocess(cls, preprocess: PreprocessConfig,
-                        reduced_jpeg_decode: bool = True) -> "DecodeGeometry":
+    def from_preprocess(cls, preprocess: PreprocessConfig, reduced_jpeg_decode: bool = True,
+                        orientation: str = "ignore") -> "DecodeGeometry":
         return cls(int(preprocess.image_size[0]), int(preprocess.image_size[1]),
                    preprocess.resize_mode, preprocess.interpolation,
-                   tuple(float(m) for m in preprocess.mean), bool(reduced_jpeg_decode))
+                   tuple(float(m) for m in preprocess.mean), bool(reduced_jpeg_decode),
+                   orientation)
 
     @property
     def shape(self) -> tuple[int, int, int]:
@@ -140,9 +152,10 @@ class DecodeGeometry:
         """A folder name that changes with every field (and with :data:`DECODE_VERSION`)."""
         mean = ",".join(f"{m:.6f}" for m in self.mean)
         text = (f"v{DECODE_VERSION}|{self.height}x{self.width}|{self.resize_mode}|"
-                f"{self.interpolation}|{mean}|reduced={self.reduced_jpeg_decode}")
+                f"{self.interpolation}|{mean}|reduced={self.reduced_jpeg_decode}|"
+                f"orientation={self.orientation}")
         digest = hashlib.sha256(text.encode()).hexdigest()[:12]
-        return f"{self.height}x{self.width}-{self.resize_mode}-{digest}"
+        return f"{self.height}x{self.width}-{self.resize_mode}-{self.orientation}-{digest}"
 
     def resized_size(self, width: int, height: int) -> tuple[int, int]:
         """(width, height) an image of this size is resized to before any padding."""
@@ -158,17 +171,29 @@ class DecodeGeometry:
                                 interpolation=self.interpolation)
 
 
-def decode_resized(path: str | os.PathLike, geometry: DecodeGeometry) -> np.ndarray:
-    """The file at ``path`` decoded (JPEGs at reduced scale when the geometry allows) and
-    resized to ``geometry``: uint8 ``[height, width, 3]``."""
-    with Image.open(path) as im:
+def decode_image(path: str | os.PathLike, geometry: DecodeGeometry) -> Image.Image:
+    """The file at ``path`` decoded as ``geometry``'s policies say, before the resize: turned
+    by its EXIF orientation or not, and a JPEG at reduced scale when at least
+    :data:`DRAFT_MARGIN` x the resized size remains; RGB."""
+    with open_file(path) as im:
         if geometry.reduced_jpeg_decode and im.format == "JPEG":
-            w, h = geometry.resized_size(*im.size)
+            sideways = turns_sideways(im, geometry.orientation)
+            w, h = im.size
+            # the resized size of the picture as it will be turned (upright size for a photo
+            # turned by 90 degrees), then back to the stored pixels the draft reduces
+            w, h = geometry.resized_size(*((h, w) if sideways else (w, h)))
+            if sideways:
+                w, h = h, w
             # PIL picks the largest DCT reduction (1/2, 1/4, 1/8) whose result is still at
             # least the requested size; it does nothing when no reduction qualifies
             im.draft("RGB", (w * DRAFT_MARGIN, h * DRAFT_MARGIN))
-        rgb = im.convert("RGB")
-    resized = resize_step(geometry.preprocess())(rgb)
+        return oriented_rgb(im, geometry.orientation)
+
+
+def decode_resized(path: str | os.PathLike, geometry: DecodeGeometry) -> np.ndarray:
+    """The file at ``path`` decoded (:func:`decode_image`) and resized to ``geometry``: uint8
+    ``[height, width, 3]``."""
+    resized = resize_step(geometry.preprocess())(decode_image(path, geometry))
     out = np.asarray(resized, dtype=np.uint8)
     if out.shape != geometry.shape:  # pragma: no cover - resize_step's contract
         raise AssertionError(f"{path}: resized to {out.shape}, expected {geometry.shape}")
@@ -467,8 +492,9 @@ class ImageSource:
                  augment: AugmentConfig | None = None, cache: bool = True,
                  reduced_jpeg_decode: bool = True,
                  cache_root: str | os.PathLike | None = None,
-                 cache_max_gb: float | None = None):
-        self.geometry = DecodeGeometry.from_preprocess(preprocess, reduced_jpeg_decode)
+                 cache_max_gb: float | None = None, orientation: str = "ignore"):
+        self.geometry = DecodeGeometry.from_preprocess(preprocess, reduced_jpeg_decode,
+                                                       orientation)
         self.transform = build_transform(preprocess, train=train, augment=augment, resized=True)
         self.cache = DecodeCache(self.geometry, cache_root, cache_max_gb) if cache else None
 
@@ -492,16 +518,27 @@ class ImageSource:
         return f"ImageSource(decode={self.geometry.key}, transform={self.transform!r})"
 
 
+def orientation_of(params: Mapping) -> str:
+    """The concrete EXIF orientation policy of a run's ``params``: the resolved
+    ``exif_orientation``; ``auto`` (parameters not passed through ``resolve_params``) resolved
+    by their ``dataset`` and ``stage``; ``ignore`` when absent: a run recorded before the
+    parameter existed read every image as stored."""
+    value = params.get("exif_orientation") or "ignore"
+    return exif_orientation_for(value, params.get("dataset"), params.get("stage"))
+
+
 def image_source(preprocess: PreprocessConfig, params: Mapping, train: bool = False,
                  augment: AugmentConfig | None = None) -> ImageSource:
     """The image source a run's ``params`` ask for (``decode_cache``, ``reduced_jpeg_decode``;
     both default on; ``decode_cache_max_gb``, the schema's default where absent, as in run
-    folders written before it existed) for a backbone's ``preprocess`` config."""
+    folders written before it existed; ``exif_orientation``, :func:`orientation_of`) for a
+    backbone's ``preprocess`` config."""
     max_gb = params.get("decode_cache_max_gb", SCHEMA["decode_cache_max_gb"].default)
     return ImageSource(preprocess, train=train, augment=augment,
                        cache=bool(params.get("decode_cache", True)),
                        reduced_jpeg_decode=bool(params.get("reduced_jpeg_decode", True)),
-                       cache_max_gb=None if max_gb is None else float(max_gb))
+                       cache_max_gb=None if max_gb is None else float(max_gb),
+                       orientation=orientation_of(params))
 
 
 # ----------------------------------------------------------------------------- command line

@@ -36,11 +36,12 @@ from pathlib import Path
 from typing import Callable, Iterable, Sequence
 
 import numpy as np
-from PIL import Image, UnidentifiedImageError
+from PIL import UnidentifiedImageError
 
 from ..constants import ASPECT_NAMES
 from ..runs import atomic_write_json
 from .handinfo import DataError, HandImage
+from .image_files import HeifSupportMissing, open_file
 
 __all__ = ["Split", "Protocol", "build_11k_protocol", "build_aspect_protocol",
            "build_fixed_split_protocol", "build_hd_protocol", "sorted_halves", "person_sort_key",
@@ -405,7 +406,8 @@ def build_hd_protocol(records: Sequence[HandImage], root: str | os.PathLike = ""
 def find_image_problems(root: str | os.PathLike, items: Sequence[HandImage],
                         check_decode: bool = True) -> tuple[list[int], list[tuple[int, str]]]:
     """Indices of ``items`` whose file is missing, and (index, exception name) of those whose
-    file does not open as an image (the header is read, not the pixels)."""
+    file does not open as an image (the header is read, not the pixels; a HEIC/HEIF photo
+    without pillow-heif gives the reason and the fix instead of a name)."""
     missing: list[int] = []
     unreadable: list[tuple[int, str]] = []
     for i, it in enumerate(items):
@@ -415,8 +417,10 @@ def find_image_problems(root: str | os.PathLike, items: Sequence[HandImage],
             continue
         if check_decode:
             try:
-                with Image.open(p) as im:  # reads the header only: cheap even for 11k
+                with open_file(p) as im:  # reads the header only: cheap even for 11k
                     im.size  # noqa: B018
+            except HeifSupportMissing as exc:  # what is missing and the fix
+                unreadable.append((i, exc.reason))
             except (UnidentifiedImageError, OSError) as exc:
                 unreadable.append((i, type(exc).__name__))
     return missing, unreadable
