@@ -440,9 +440,21 @@ def test_a_relaunched_local_driver_waits_for_the_runs_its_predecessor_started(tm
                              text=True)
     deadline = time.time() + 300
     leases_dir = out / "runs" / ".pipeline"
-    while time.time() < deadline and not list(leases_dir.glob("stage1-seed*.lease")):
+
+    def adopted() -> bool:
+        """A stage-1 run's process has taken over its lease from the driver (kill the driver
+        before that and the run never started: nobody to wait for)."""
+        for path in leases_dir.glob("stage1-seed*.lease"):
+            try:
+                if json.loads(path.read_text()).get("pid") not in (None, first.pid):
+                    return True
+            except ValueError:  # being replaced at this instant
+                pass
+        return False
+
+    while time.time() < deadline and not adopted():
         time.sleep(0.2)
-    assert list(leases_dir.glob("stage1-seed*.lease")), first.communicate(timeout=5)[0]
+    assert adopted(), first.communicate(timeout=5)[0]
     first.kill()
     first.wait()
     second = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)

@@ -47,7 +47,7 @@ class Recorder:
         self.calls: list[dict] = []
         self.fail = set(fail)
 
-    def __call__(self, notebook, executed_path, parameters, progress=True):
+    def __call__(self, notebook, executed_path, parameters, progress=True, kernel="python3"):
         out = resolve_path(parameters["output_dir"])
         self.calls.append({"step": Path(executed_path).stem, "notebook": notebook,
                            "params": dict(parameters), "folder_existed": out.exists(),
