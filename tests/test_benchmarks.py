@@ -161,7 +161,12 @@ def test_data_prepare_reports_bytes_per_entry(data_bench, small_photos, tmp_path
     paths = data_bench.photo_paths(small_photos)[:4]
     row = data_bench.measure_prepare(paths, tmp_path / "cache", workers=2, progress=False)
     assert row["built"] == row["images"] == 4 and row["images_per_s"] > 0
-    assert row["entry_bytes"] == 224 * 288 * 3 + 128  # uint8 HxWx3 + the .npy header
+    # uint8 HxWx3 + the .npy header, then the source record (data/images.py): its JSON as a
+    # second .npy array (128-byte header + the text), whose length depends on the path
+    records = [128 + len(json.dumps({"source": os.path.abspath(p), "size": os.stat(p).st_size,
+                                     "mtime_ns": os.stat(p).st_mtime_ns}).encode())
+               for p in paths]
+    assert row["entry_bytes"] == 224 * 288 * 3 + 128 + sum(records) / len(records)
     assert row["entry_allocated_bytes"] >= row["entry_bytes"]
     again = data_bench.measure_prepare(paths, tmp_path / "cache", workers=1, progress=False)
     assert again["built"] == 0  # every entry reused

@@ -413,6 +413,15 @@ def test_results_table_only_current_runs_and_list_the_stale_ones(local_grid, tmp
     assert "with other inputs" in stale["stage2-seed0"] and "not a run of" in stale["stage0-old"]
     assert "stale (not tabled) stage2-seed0" in summary.describe()
     assert table["git_commit"].notna().all()
+    from handclip_nb.pipeline.runner import grid_status
+
+    status = grid_status(_grid(tmp_path, changed), home / "grid")
+    assert [r["run"] for r in status].count("stage2-seed0") == 1  # once, not again as stale
+    states = {r["run"]: r["status"] for r in status}
+    assert states == {"stage0-seed0": "finished", "stage0-seed1": "finished",
+                      "stage1-seed0": "failed", "stage1-seed1": "failed",
+                      "stage2-seed0": "outdated", "stage2-seed1": "outdated",
+                      "stage0-old": "stale"}, states
 
 
 def _runs_started(log_dir: Path, name: str) -> int:

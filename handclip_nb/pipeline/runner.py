@@ -488,14 +488,17 @@ def grid_status(grid_file: str | Path, output: str | Path,
             status = "cancelled" if ended.startswith("CANCELLED") else "failed"
             detail = f"Slurm job {job} {ended}; log: {log}"
         elif state and not current:
-            status, detail = "outdated", "finished or started with other inputs; re-runs"
+            status, detail = "outdated", ("finished or started with other inputs (the code, "
+                                          "the grid file or a run it reads changed): the next "
+                                          "run of the grid re-runs it")
         elif state:
             status, detail = "failed", f"stopped before it finished; log: {log}"
         else:
             status, detail = "not started", ""
         rows.append({"run": run.name, "status": status, "detail": detail})
+    names = {run.name for run in plan.runs}  # (the grid's own outdated runs are listed above)
     rows += [{"run": s["run"], "status": "stale", "detail": s["reason"]}
-             for s in stale_runs(plan)]
+             for s in stale_runs(plan) if s["run"] not in names]
     return rows
 
 
