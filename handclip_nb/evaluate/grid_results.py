@@ -50,7 +50,7 @@ from ..runs import (PARAMS_FILE, RunFolderError, atomic_write_text, domain_name,
 __all__ = ["STAGE_METHODS", "PAPER_STAGES", "PROTOCOL_ORDER", "RESULTS_FILE", "STALE_FILE",
            "POOLING_NOTE", "VERIFICATION_COLUMNS", "SYNTHETIC_NOTE", "PUBLISHED_LABEL",
            "PaperTable", "run_setting", "results_rows", "write_results_csv", "load_results",
-           "load_stale", "labelled_runs", "paper_table", "seed_spread", "gain_over_zero_shot",
+           "write_stale_csv", "load_stale", "labelled_runs", "paper_table", "seed_spread", "gain_over_zero_shot",
            "published_table", "ran_on_real_data", "real_protocols"]
 
 #: How each stage is named in the tables (rows of the paper table).
@@ -239,12 +239,22 @@ def load_results(grid_dir: str | Path) -> pd.DataFrame:
     return table
 
 
+_STALE_COLUMNS = ["run", "folder", "reason"]
+
+
+def write_stale_csv(stale: Sequence[Mapping[str, Any]], path: str | Path) -> Path:
+    """The runner's list of untabled run folders (``run, folder, reason``) as CSV at ``path``,
+    atomically."""
+    table = pd.DataFrame(list(stale), columns=_STALE_COLUMNS)
+    return atomic_write_text(resolve_path(path), table.to_csv(index=False))
+
+
 def load_stale(grid_dir: str | Path) -> pd.DataFrame:
     """``<grid_dir>/stale.csv`` (``run, folder, reason``): the run folders the runner left out
     of results.csv; empty when there is none (or the grid predates the file)."""
     path = resolve_path(grid_dir) / STALE_FILE
     if not path.is_file():
-        return pd.DataFrame(columns=["run", "folder", "reason"])
+        return pd.DataFrame(columns=_STALE_COLUMNS)
     return pd.read_csv(path)
 
 
@@ -354,7 +364,7 @@ def labelled_runs(df: pd.DataFrame, stages: Sequence[str] = PAPER_STAGES) -> pd.
 _CELL = ["stage", "method", "backbone", "protocol", "splits_key"]
 
 
-def _pooled(df: pd.DataFrame, metric: str, stages: Sequence[str]) -> pd.DataFrame:
+def _pooled(done: pd.DataFrame, metric: str) -> pd.DataFrame:
     """Long table, one row per cell: ``stage, method, backbone, protocol, splits_key,
     eval_key, mean, std, n, seeds, splits, spread``. Each run's mean over its splits, then the
     mean ± sample std over the cell's runs (``spread`` "seeds"); one run: ± over its splits
@@ -363,7 +373,6 @@ def _pooled(df: pd.DataFrame, metric: str, stages: Sequence[str]) -> pd.DataFram
     _check_metric(metric)
     cache: dict = {}
     rows = []
-    done = labelled_runs(df, stages)
     for key, group in done.groupby(_CELL, sort=False, dropna=False):
         per_run = [v for v in (_split_values(f, metric, cache) for f in group["folder"]) if v]
         if not per_run:
@@ -456,8 +465,9 @@ def paper_table(df: pd.DataFrame, metric: str = "rank1", stages: Sequence[str] =
     (see the module docstring and ``POOLING_NOTE``), read from their metrics.json.
     ``metric``: any of ``METRIC_NAMES`` (``mAP``: standard, ``mAP_mbanet``: MBA-Net's
     trapezoid mAP)."""
-    pooled = _pooled(df, metric, stages)
-    rows = pd.MultiIndex.from_tuples(_row_order(labelled_runs(df, stages), stages),
+    done = labelled_runs(df, stages)
+    pooled = _pooled(done, metric)
+    rows = pd.MultiIndex.from_tuples(_row_order(done, stages),
                                      names=["method", "backbone"])
     columns = pd.Index(_protocols(pooled["protocol"]), name="protocol")
     pooled = pooled.assign(pools=[_pools(k, n, sp) for k, n, sp in
@@ -516,7 +526,7 @@ def gain_over_zero_shot(df: pd.DataFrame, metric: str = "rank1",
     mean (as in the paper table) minus the mean of the zero-shot (stage 0) cell of the same
     backbone, protocol, test splits and evaluation settings (``eval_key``), in percentage
     points; NaN where the grid has no such zero-shot cell, or more than one."""
-    pooled = _pooled(df, metric, stages)
+    pooled = _pooled(labelled_runs(df, stages), metric)
     zero = pooled[pooled["stage"] == "stage0"]
     trained = pooled[pooled["stage"] != "stage0"].copy()
     baselines = []

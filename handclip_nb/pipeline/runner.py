@@ -41,7 +41,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Mapping
 
-from ..evaluate.grid_results import RESULTS_FILE, STALE_FILE, results_rows, write_results_csv
+import submitit
+
+from ..evaluate.grid_results import (RESULTS_FILE, STALE_FILE, results_rows, write_results_csv,
+                                     write_stale_csv)
 from ..progress import tqdm
 from ..runs import atomic_write_json, atomic_write_text, resolve_path
 from .executors import EXECUTORS, LocalExecutor, SlurmExecutor, WatchHandle
@@ -437,23 +440,12 @@ def build_results(plan: _Plan, stale: list[dict], progress: bool = True):
                      "axes": r.axes, "job_id": state.get("job_id")})
     csv_path = out / RESULTS_FILE
     write_results_csv(results_rows(rows), csv_path)
-    atomic_write_text(out / STALE_FILE, _stale_csv(stale))
+    write_stale_csv(stale, out / STALE_FILE)
     if not rows:
         return csv_path, None
     executed = run_notebook(RESULTS_NOTEBOOK, out / RESULTS_NOTEBOOK, {"grid_dir": str(out)},
                             progress=progress)
     return csv_path, export_html(executed, out / "results.html")
-
-
-def _stale_csv(stale: list[dict]) -> str:
-    import csv  # here: only the results step writes CSV by hand
-    import io  # here: as csv
-
-    buffer = io.StringIO()
-    writer = csv.DictWriter(buffer, fieldnames=["run", "folder", "reason"])
-    writer.writeheader()
-    writer.writerows(stale)
-    return buffer.getvalue()
 
 
 # ----------------------------------------------------------------------------- status, cancel
@@ -507,8 +499,6 @@ def _ended_state(job: str, states: Mapping[str, str], out: Path) -> str:
     if job in states:
         return states[job]
     try:
-        import submitit  # here: only status reports on ended jobs ask sacct
-
         return str(submitit.SlurmJob(folder=out / "slurm", job_id=job).state)
     except Exception:  # no sacct, no accounting: say what we know
         return "ENDED"
