@@ -12,11 +12,12 @@ received and what would be valid.
 """
 from __future__ import annotations
 
+import ast
 import math
 import os
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Mapping
+from typing import Any, Callable, Collection, Mapping, Sequence
 
 import yaml
 
@@ -31,7 +32,11 @@ __all__ = [
     "Params",
     "resolve_params",
     "params_from_namespace",
+    "stage_values",
+    "section_overrides",
+    "papermill_given_names",
     "load_params_file",
+    "set_twice",
     "ASPECTS",
     "NOT_RESULTS",
     "EVALUATION_PARAMETERS",
@@ -683,27 +688,19 @@ def default_output_dir(p: Mapping[str, Any], stage: str) -> str:
     )
 
 
-def resolve_params(values: Mapping[str, Any] | None = None, stage: str = "stage0",
-                   **overrides: Any) -> Params:
+def resolve_params(values: Mapping[str, Any] | None = None, stage: str = "stage0", *,
+                   explicit: Collection[str] = (), **overrides: Any) -> Params:
     """Validate ``values`` (+ ``overrides``) against the schema and fill derived values.
 
+    ``values`` may hold per-stage sections (:func:`stage_values`): this stage's section wins
+    over a common value, except for the names in ``explicit`` and the keyword ``overrides``
+    (values the user named: papermill ``-p``, a grid axis), which win over every section.
     Names not in the schema raise ParamError (a typo must not silently fall back to the default).
     """
     if stage not in STAGES:
         raise ParamError(f"unknown stage {stage!r}; valid stages: {', '.join(STAGES)}")
-    given = dict(values or {})
-    given.update(overrides)
-    # A parameter file may hold per-stage sections (``stage1: {epochs: 120, lr: 3.5e-4}``) so
-    # one file describes a whole pipeline; this stage's section overrides the common values.
-    sections = {k: given.pop(k) for k in list(given) if k in STAGES}
-    for name, section in sections.items():
-        if not isinstance(section, Mapping):
-            raise ParamError(f"parameter section {name!r} must be a mapping of name: value, "
-                             f"got {section!r}")
-        bad = sorted((k for k in section if k not in SCHEMA), key=str)
-        if bad:
-            raise ParamError(f"unknown parameter(s) {bad} in section {name!r}")
-    given.update(sections.get(stage, {}))
+    given = stage_values({**(values or {}), **overrides}, stage,
+                         explicit=set(explicit) | set(overrides))
     unknown = sorted((k for k in given if k not in SCHEMA), key=str)  # YAML keys may be ints
     if unknown:
         raise ParamError(
@@ -815,14 +812,83 @@ def held_out_fraction(params: Mapping[str, Any]) -> float:
     return float(params["val_fraction"])
 
 
+def _check_sections(values: Mapping[str, Any]) -> dict[str, Mapping[str, Any]]:
+    sections = {k: v for k, v in values.items() if k in STAGES and v is not None}
+    for name, section in sections.items():
+        if not isinstance(section, Mapping):
+            raise ParamError(f"parameter section {name!r} must be a mapping of name: value, "
+                             f"got {section!r}")
+        bad = sorted((k for k in section if k not in SCHEMA), key=str)
+        if bad:
+            raise ParamError(f"unknown parameter(s) {bad} in section {name!r}")
+    return sections
+
+
+def stage_values(values: Mapping[str, Any], stage: str,
+                 explicit: Collection[str] = ()) -> dict[str, Any]:
+    """The flat values one stage runs with, before coercion.
+
+    A parameter file may hold per-stage sections (``stage1: {epochs: 120, lr: 3.5e-4}``) so
+    one file describes a whole pipeline. The running stage's section wins over the common
+    values, except for the names in ``explicit``: values the user named (papermill ``-p``, a
+    grid axis or the grid's ``params``), which a section of the file they point at never
+    overrides. Every section's names are checked; the other stages' sections are dropped.
+    """
+    sections = _check_sections(values)
+    out = {k: v for k, v in values.items() if k not in STAGES}
+    out.update({k: v for k, v in sections.get(stage, {}).items() if k not in explicit})
+    return out
+
+
+def section_overrides(values: Mapping[str, Any], stage: str,
+                      explicit: Collection[str]) -> list[str]:
+    """One line per explicit value that beat a different value of ``stage``'s section (what a
+    notebook prints, so a user who relied on the old rule sees which value the run uses)."""
+    section = _check_sections(values).get(stage, {})
+    return [f"{name} = {values[name]!r} (given explicitly) wins over section {stage}'s "
+            f"{name}: {section[name]!r}"
+            for name in section if name in explicit and name in values
+            and values[name] != section[name]]
+
+
+#: The comment atop the cell papermill injects (``papermill.parameterize``'s default).
+PAPERMILL_COMMENT = "# Parameters"
+
+
+def papermill_given_names(history: Sequence[str] | None) -> frozenset[str]:
+    """The names papermill assigned in this kernel: the top-level assignments of its injected
+    cell (found in IPython's input history, ``In``), that is the ``-p`` values and the common
+    values of ``-f`` files (a stage section is one name). papermill merges ``-f`` and ``-p``
+    into one cell, so a ``-p`` value can only be told from a file's section by its place: a
+    file sets each name once (:func:`load_params_file`), so an injected top-level name that a
+    section also sets was given with ``-p``."""
+    if not history:
+        return frozenset()
+    injected = [cell for cell in history
+                if isinstance(cell, str) and cell.startswith(PAPERMILL_COMMENT + "\n")]
+    if not injected:
+        return frozenset()
+    try:
+        tree = ast.parse(injected[-1])  # a re-run notebook executes its latest injection
+    except SyntaxError:
+        return frozenset()
+    return frozenset(t.id for node in tree.body if isinstance(node, ast.Assign)
+                     for t in node.targets if isinstance(t, ast.Name))
+
+
 def params_from_namespace(namespace: Mapping[str, Any], stage: str) -> Params:
     """Pick the schema's names out of a notebook's globals() and resolve them.
 
-    Only names in the schema are taken, so the notebook's imports and helpers are ignored.
+    Only names in the schema (and the stage sections) are taken, so the notebook's imports and
+    helpers are ignored. A value papermill injected (``-p``) wins over the stage's section of
+    a ``-f`` file; each such win is printed.
     """
     picked = {k: v for k, v in namespace.items()
               if (k in SCHEMA or (k in STAGES and isinstance(v, Mapping))) and not k.startswith("_")}
-    return resolve_params(picked, stage=stage)
+    explicit = papermill_given_names(namespace.get("In")) - set(STAGES)
+    for line in section_overrides(picked, stage, explicit):
+        print(line)
+    return resolve_params(picked, stage=stage, explicit=explicit)
 
 
 def load_params_file(path: str | os.PathLike) -> dict[str, Any]:
@@ -846,4 +912,21 @@ def load_params_file(path: str | os.PathLike) -> dict[str, Any]:
         bad = sorted((k for k in section if k not in SCHEMA), key=str)
         if bad:
             raise ParamError(f"parameter file {path}: unknown parameter(s) {bad} in {stage!r}")
+    twice = set_twice(data)
+    if twice:
+        raise ParamError(f"parameter file {path}: {twice[0]}")
     return data
+
+
+def set_twice(values: Mapping[str, Any]) -> list[str]:
+    """Names a parameter file sets both at its top level and in a stage section, as
+    messages. papermill merges ``-p`` over the file's top level, so such a top-level value could
+    not be told from a ``-p`` one: a file sets each name once for each stage."""
+    out = []
+    for stage, section in _check_sections(values).items():
+        for name in section:
+            if name in values:
+                out.append(f"{name!r} is set at the top level ({values[name]!r}) and in section "
+                           f"{stage!r} ({section[name]!r}); set it once for each stage: move the "
+                           f"top-level value into the sections of the other stages that need it")
+    return out

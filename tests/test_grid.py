@@ -91,7 +91,7 @@ def test_untrained_zero_shot_depends_on_the_seed_and_order_is_by_dependency(tmp_
     ({"axes": {"num_splits": [0]}}, "combination {'num_splits': 0} for stage0"),
     ({"colour": 1}, "unknown key(s) ['colour']"),
     # the grid's own stage1/stage2 sections set lr: an lr axis would train identical runs
-    ({"axes": {"lr": [1e-3, 1e-2]}}, "axis 'lr' is overridden by tiny.yaml params, section "
+    ({"axes": {"lr": [1e-3, 1e-2]}}, "axis 'lr' is also set by tiny.yaml params, section "
                                      "'stage1' (key stage1.lr: 0.01)"),
     ({"slurm": {"job-name": "x"}}, "'job-name' is set by the grid itself"),
     ({"slurm": {"dependency": "afterok:1"}}, "'dependency' is set by the grid itself"),
@@ -105,20 +105,35 @@ def test_bad_grid_files_are_refused_before_anything_runs(tmp_path, change, messa
     assert message in str(info.value) and "tiny.yaml" in str(info.value)
 
 
-def test_an_axis_shadowed_by_a_section_of_the_base_file_is_refused(tmp_path):
+def test_grid_values_beat_the_base_files_sections_and_reach_the_notebook_flat(tmp_path):
+    """An axis and a common value of the grid's params beat the base file's stage sections
+    (as -p beats a -f file's); the grid's own sections merge over the base file's name by name;
+    each run's papermill values are flat, so the notebook resolves what the grid planned."""
     base = tmp_path / "base.yaml"
-    base.write_text(yaml.safe_dump({"backbone": "tiny-vit", "stage2": {"triplet_weight": 0.5}}))
-    body = {"base": str(base), "axes": {"triplet_weight": [0.0, 1.0]},
-            "stages": ["stage0", "stage1", "stage2"]}
-    with pytest.raises(GridError) as info:
-        expand_grid(load_grid(_grid(tmp_path, body)))
-    assert (f"axis 'triplet_weight' is overridden by base {base}, section 'stage2' "
-            f"(key stage2.triplet_weight: 0.5)") in str(info.value)
-    # the same axis without the section: two runs per stage that trains with it
-    base.write_text(yaml.safe_dump({"backbone": "tiny-vit"}))
-    runs = expand_grid(load_grid(_grid(tmp_path, body)))
-    assert sorted(r.name for r in runs if r.stage == "stage2") == [
+    base.write_text(yaml.safe_dump({"backbone": "tiny-vit",
+                                    "stage2": {"triplet_weight": 0.5, "epochs": 7, "lr": 0.1}}))
+    body = {"base": str(base), "params": {"epochs": 2, "stage2": {"lr": 0.2}},
+            "axes": {"triplet_weight": [0.0, 1.0]}, "stages": ["stage0", "stage1", "stage2"]}
+    runs = {r.name: r for r in expand_grid(load_grid(_grid(tmp_path, body)))}
+    assert sorted(n for n in runs if n.startswith("stage2")) == [
         "stage2-triplet_weight0.0", "stage2-triplet_weight1.0"]
+    values = runs["stage2-triplet_weight1.0"].values
+    assert (values["triplet_weight"], values["epochs"], values["lr"]) == (1.0, 2, 0.2)
+    assert not any(k.startswith("stage") and isinstance(v, dict) for k, v in values.items())
+    assert runs["stage1"].values["epochs"] == 2
+
+
+def test_an_axis_the_grids_own_section_also_sets_is_refused(tmp_path):
+    body = {"params": {"backbone": "tiny-vit", "stage2": {"triplet_weight": 0.5}},
+            "axes": {"triplet_weight": [0.0, 1.0]}, "stages": ["stage0", "stage1", "stage2"]}
+    with pytest.raises(GridError) as info:
+        load_grid(_grid(tmp_path, body))
+    assert ("axis 'triplet_weight' is also set by tiny.yaml params, section 'stage2' "
+            "(key stage2.triplet_weight: 0.5)") in str(info.value)
+    body["params"] = {"backbone": "tiny-vit", "epochs": 3, "stage2": {"epochs": 4}}
+    body["axes"] = {"seed": [0]}
+    with pytest.raises(GridError, match="'epochs' is set at the top level"):
+        load_grid(_grid(tmp_path, body))
 
 
 def test_any_sbatch_option_reaches_submitit(tmp_path, monkeypatch):

@@ -30,7 +30,10 @@ def default_drift(notebook: str, stage: str) -> list[str]:
     problems = []
     for name, value in parameters_cell(notebook).items():
         spec: ParamSpec | None = SCHEMA.get(name)
-        if spec is None:
+        if name in STAGES:  # a params file's section: declared, so papermill knows the name
+            if value is not None:
+                problems.append(f"{notebook}: section {name} = {value!r}; declare it None")
+        elif spec is None:
             problems.append(f"{notebook}: {name} is not in the schema (handclip_nb/params.py)")
         elif "common" not in spec.stages and stage not in spec.stages:
             problems.append(f"{notebook}: {name} does not apply to stage {stage}")
@@ -58,3 +61,11 @@ def test_drift_is_reported_with_notebook_and_parameter(monkeypatch):
 
 def test_every_stage_has_its_notebook():
     assert set(NOTEBOOK_STAGES.values()) == set(STAGES)
+
+
+@pytest.mark.parametrize("notebook", sorted(NOTEBOOK_STAGES))
+def test_every_notebook_declares_every_stage_section(notebook):
+    """papermill warns "Passed unknown parameter" for every name a parameters cell does not
+    assign: a -f file's sections (stage1: ...) are declared (None) in every notebook."""
+    declared = parameters_cell(notebook)
+    assert [s for s in STAGES if s not in declared] == []

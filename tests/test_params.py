@@ -166,3 +166,87 @@ def test_reference_promptsg_params(backbone, target):
     s3 = resolve_params(values, stage="stage3")
     assert (s3.lr, s3.lr_new, s3.supcon_weight, s3.id_weight) == (5e-6, 5e-5, 0.5, 1.0)
     assert s3.prompt_mode == "simplified" and s3.init_from is None
+
+
+# ------------------------------------------------- the command line wins over a file's section
+
+
+def test_an_explicit_value_wins_over_the_running_stages_section():
+    """A file's section wins over its own common values; a value the user names (-p, a grid
+    axis, a keyword override) wins over every section."""
+    values = {"lr": 0.1, "stage1": {"epochs": 120, "lr": 3.5e-4}}
+    assert resolve_params(values, stage="stage1").epochs == 120
+    assert resolve_params({**values, "epochs": 1}, stage="stage1", explicit={"epochs"}).epochs == 1
+    assert resolve_params(values, stage="stage1", epochs=1).epochs == 1
+    # equal to the notebook's default is still the user's value
+    default = SCHEMA["epochs"].default_for("stage1")
+    assert resolve_params({**values, "epochs": default}, stage="stage1",
+                          explicit={"epochs"}).epochs == default
+
+
+def test_papermill_given_names_are_read_from_the_injected_cell():
+    from handclip_nb.params import papermill_given_names
+
+    history = ["", "epochs = 30\nlr = 0.001\n", "# Parameters\nepochs = 1\nstage1 = {\"lr\": 0.5}\n",
+               "params = params_from_namespace(globals(), stage='stage1')"]
+    assert papermill_given_names(history) == {"epochs", "stage1"}
+    assert papermill_given_names(["", "# Parameter\nepochs = 1\n"]) == frozenset()
+    assert papermill_given_names(None) == frozenset()
+    # a notebook re-run with another injection: the latest one counts
+    assert papermill_given_names(history + ["# Parameters\nlr = 0.2\n"]) == {"lr"}
+
+
+def test_params_from_namespace_lets_a_papermill_value_beat_the_section(capsys):
+    namespace = {"epochs": 30, "lr": 0.5, "stage1": {"epochs": 3, "lr": 1e-2},
+                 "In": ["", "epochs = 30\n", "# Parameters\nepochs = 30\nstage1 = {}\n"]}
+    p = params_from_namespace(namespace, stage="stage1")
+    assert (p.epochs, p.lr) == (30, 1e-2)  # -p epochs 30 (= the default) wins; lr was not given
+    assert "epochs = 30 (given explicitly) wins over section stage1's epochs: 3" in \
+        capsys.readouterr().out
+    del namespace["In"]  # outside a papermill kernel nothing was injected: the section applies
+    assert params_from_namespace(namespace, stage="stage1").epochs == 3
+
+
+def test_a_params_file_sets_each_name_once_per_stage(tmp_path):
+    f = tmp_path / "twice.yaml"
+    f.write_text("epochs: 5\nstage1:\n  epochs: 120\n")
+    with pytest.raises(ParamError, match=r"'epochs' is set at the top level \(5\) and in section "
+                                         r"'stage1' \(120\)"):
+        load_params_file(f)
+
+
+@pytest.mark.slow
+def test_papermill_p_beats_a_section_of_its_f_file(tmp_path):
+    """The issue's command: ``papermill stage1_prompt.ipynb out.ipynb -f params/smoke.yaml -p
+    epochs 30``, with the real notebook's cells up to its parameters (papermill, a kernel, its
+    injected cell). smoke.yaml's stage1 section says 3 epochs; 30 is also the notebook's
+    default, so only the injected cell can tell that the user asked for it. No "Passed unknown
+    parameter" warning for the file's sections."""
+    import json
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    repo = Path(__file__).resolve().parents[1]
+    nb = json.loads((repo / "notebooks" / "stage1_prompt.ipynb").read_text())
+    cells = []
+    for cell in nb["cells"]:
+        cells.append(cell)
+        if "params_from_namespace(globals()" in "".join(cell["source"]):
+            break
+    probe = {"cell_type": "code", "metadata": {}, "execution_count": None, "outputs": [],
+             "source": ["print('RESOLVED', params.epochs, params.lr, params.batch_size)"]}
+    nb["cells"] = cells + [probe]
+    src = tmp_path / "stage1_head.ipynb"
+    src.write_text(json.dumps(nb))
+    out = tmp_path / "out.ipynb"
+    done = subprocess.run([sys.executable, "-m", "papermill", str(src), str(out), "-f",
+                           str(repo / "params" / "smoke.yaml"), "-p", "epochs", "30",
+                           "-p", "output_dir", str(tmp_path / "run"), "--cwd", str(repo)],
+                          capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert "Passed unknown parameter" not in done.stderr
+    text = "".join("".join(o.get("text", "")) for c in json.loads(out.read_text())["cells"]
+                   for o in c.get("outputs", []))
+    assert "RESOLVED 30 0.01 32" in text  # -p epochs; the section's lr and batch_size
+    assert "epochs = 30 (given explicitly) wins over section stage1's epochs: 3" in text

@@ -20,8 +20,13 @@ stage and the axis values its result depends on, and combinations that resolve t
 run are one run: a parameter that does not apply to a stage (``lr`` for zero-shot) or does not
 change its result (``seed`` for the zero-shot ranking of a pretrained backbone) is left out of
 its identity (``params.run_identity``). Every run is validated against the parameter schema
-before anything starts, and an axis that a stage section of the base file or of ``params``
-would override (the section wins in ``resolve_params``) is refused.
+before anything starts.
+
+Values the grid names beat the base file's stage sections, as ``-p`` beats a ``-f`` file's:
+an axis value and a common value of ``params`` apply to every stage, and ``params``' own
+sections are merged over the base file's, name by name. An axis that a section of ``params``
+itself sets is refused (the grid file would say two things). Each run gets its values flat
+(its stage's section applied), so the notebook resolves exactly what the grid planned.
 """
 from __future__ import annotations
 
@@ -35,7 +40,8 @@ from typing import Any, Mapping
 
 import yaml
 
-from ..params import SCHEMA, STAGES, ParamError, load_params_file, resolve_params, run_identity
+from ..params import (SCHEMA, STAGES, ParamError, load_params_file, resolve_params, run_identity,
+                      set_twice, stage_values)
 from ..runs import resolve_path
 from .steps import Step
 
@@ -129,6 +135,12 @@ def load_grid(path: str | Path) -> Grid:
     bad = sorted((k for k in params if k not in SCHEMA and k not in STAGES), key=str)
     if bad:
         raise _fail(path, f"params: unknown parameter(s) {bad}")
+    try:
+        twice = set_twice(params)
+    except ParamError as exc:
+        raise _fail(path, f"params: {exc}") from None
+    if twice:
+        raise _fail(path, f"params: {twice[0]}")
     axes = data.get("axes") or {}
     if not isinstance(axes, dict):
         raise _fail(path, "axes must be a mapping of parameter: [values]")
@@ -165,6 +177,7 @@ def load_grid(path: str | Path) -> Grid:
         if fields - set(axes):
             raise _fail(path, f"base {base!r} names {sorted(fields - set(axes))}, which are not "
                               f"axes")
+    _shadowed_axes(grid)
     return grid
 
 
@@ -180,22 +193,30 @@ def check_slurm_options(options: Mapping[str, Any]) -> None:
             raise ValueError(f"{key}: expected one value, got {value!r}")
 
 
-def _shadowed_axes(grid: Grid, base: Mapping[str, Any], base_name: str | None) -> None:
-    """Refuse an axis that a stage section of the base file or of the grid's ``params``
-    overrides (``resolve_params`` applies a stage's section after the common values): its
-    runs would train identically under different names."""
-    sources = [(f"base {base_name}", base)] if base_name else []
-    sources.append((f"{grid.path.name} params", grid.params))
+def _shadowed_axes(grid: Grid) -> None:
+    """Refuse an axis that a stage section of the grid's own ``params`` sets: the grid file
+    would say two things about one parameter. (A base file's section yields to the axis.)"""
     for axis in grid.axes:
-        for where, values in sources:
-            for stage in grid.stages:
-                section = values.get(stage)
-                if isinstance(section, Mapping) and axis in section:
-                    raise _fail(grid.path, f"axis {axis!r} is overridden by {where}, section "
-                                           f"{stage!r} (key {stage}.{axis}: "
-                                           f"{section[axis]!r}), so every {stage} run would use "
-                                           f"that value whatever the axis says; remove "
-                                           f"{stage}.{axis} from that section, or drop the axis")
+        for stage in grid.stages:
+            section = grid.params.get(stage)
+            if isinstance(section, Mapping) and axis in section:
+                raise _fail(grid.path, f"axis {axis!r} is also set by {grid.path.name} params, "
+                                       f"section {stage!r} (key {stage}.{axis}: "
+                                       f"{section[axis]!r}); remove {stage}.{axis} from that "
+                                       f"section, or drop the axis")
+
+
+def _grid_values(base: Mapping[str, Any], grid: Grid, combo: Mapping[str, Any]) -> tuple[dict, set]:
+    """One combination's values before a stage is chosen, and the names the grid gives
+    explicitly (its axes and ``params``' common values), which no base section overrides.
+    ``params``' sections are merged over the base file's name by name."""
+    own = {k: v for k, v in grid.params.items() if k not in STAGES}
+    given = {**{k: v for k, v in base.items() if k not in STAGES}, **own, **combo}
+    for stage in STAGES:
+        section = {**(base.get(stage) or {}), **(grid.params.get(stage) or {})}
+        if section:
+            given[stage] = section
+    return given, set(own) | set(combo)
 
 
 def _base_values(grid: Grid, combo: Mapping[str, Any], loaded: dict) -> dict:
@@ -245,17 +266,11 @@ def _slug(axis: str, value: Any) -> str:
     return re.sub(r"[^A-Za-z0-9.]+", "_", text).strip("_") or axis
 
 
-def _stage_values(given: Mapping[str, Any], stage: str) -> dict:
-    """What papermill gets for one stage: the parameters that apply to it and its own section
-    (another stage's settings must not change this run's fingerprint)."""
-    out = {}
-    for name, value in given.items():
-        if name in STAGES:
-            if name == stage:
-                out[name] = value
-        elif "common" in SCHEMA[name].stages or stage in SCHEMA[name].stages:
-            out[name] = value
-    return out
+def _stage_values(flat: Mapping[str, Any], stage: str) -> dict:
+    """What papermill gets for one stage: its flat values (:func:`params.stage_values`) that
+    apply to it (another stage's settings must not change this run's fingerprint)."""
+    return {name: value for name, value in flat.items()
+            if "common" in SCHEMA[name].stages or stage in SCHEMA[name].stages}
 
 
 def expand_grid(grid: Grid) -> list[GridRun]:
@@ -266,13 +281,12 @@ def expand_grid(grid: Grid) -> list[GridRun]:
     loaded: dict[str, dict] = {}
     for values in itertools.product(*(grid.axes[n] for n in names)):
         combo = dict(zip(names, values))
-        base = _base_values(grid, combo, loaded)
-        _shadowed_axes(grid, base, grid.base.format(**combo) if grid.base else None)
-        given = {**base, **grid.params, **combo}
+        given, explicit = _grid_values(_base_values(grid, combo, loaded), grid, combo)
         by_stage: dict[str, str] = {}
         for stage in grid.stages:
             try:
-                resolved = resolve_params(given, stage=stage)
+                resolved = resolve_params(given, stage=stage, explicit=explicit)
+                flat = stage_values(given, stage, explicit)
             except ParamError as exc:
                 raise _fail(grid.path, f"combination {combo} for {stage}: {exc}") from None
             identity = run_identity(resolved)
@@ -287,7 +301,7 @@ def expand_grid(grid: Grid) -> list[GridRun]:
                 raise _fail(grid.path, f"two different {stage} runs would both be named {name!r}; "
                                        f"give the axes distinct values")
             run = runs.setdefault(name, GridRun(name=name, stage=stage,
-                                                values=_stage_values(given, stage),
+                                                values=_stage_values(flat, stage),
                                                 axes=depends, key=key, links=links))
             run.combinations.append(combo)
             by_stage[stage] = name

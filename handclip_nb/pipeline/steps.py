@@ -29,7 +29,7 @@ from pathlib import Path
 from typing import Mapping, Sequence
 
 from ..evaluate.tables import comparison_table, format_table
-from ..params import TRAINING, load_params_file
+from ..params import TRAINING, load_params_file, stage_values
 from ..runs import atomic_write_json, project_root, read_metrics, resolve_path
 from .leases import adopt
 
@@ -158,9 +158,12 @@ def _portable(path: Path) -> str:
 
 
 def step_parameters(step: Step, out: Path, extra: Mapping | None = None) -> dict:
-    """The papermill parameters of ``step``: its file, its overrides, the command line's
-    extras, its run folder and its links to other steps' folders."""
-    params = {**_load_params_file(step.params_file), **step.parameters, **(extra or {}),
+    """The papermill parameters of ``step``: its file (the step's stage section applied), its
+    overrides and the command line's extras over every section, its run folder and its links
+    to other steps' folders. Flat, so the notebook resolves exactly these values."""
+    named = {**step.parameters, **(extra or {})}
+    params = {**stage_values({**_load_params_file(step.params_file), **named}, step.stage,
+                             explicit=set(named)),
               "output_dir": _portable(out / step.name)}
     for key, target in step.links.items():
         params[key] = ([_portable(out / t) for t in target] if isinstance(target, (list, tuple))
