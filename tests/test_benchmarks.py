@@ -323,3 +323,14 @@ def test_custom_search_demo_quick_runs_every_stage_and_the_search(tmp_path, monk
     assert set(res["text"]["stage2"]) == set(demo.TEXTS)
     assert all(v is None or 0 <= v <= 100 for v in res["text"]["stage2"].values())
     assert "| search top-1 accuracy % (4 gallery photos, 8 queries) |" in res["table"]
+
+
+# --------------------------------------------------------------------------- verification memory
+
+
+def test_verification_benchmark_measures_and_compares_on_a_small_split():
+    bench = _load("bench_verification")
+    row = bench.measure(60)
+    assert row["identical"] is True
+    assert {"all_pairs_mb", "streamed_mb", "ranking_mb", "rerank_need_gb"} <= set(row)
+    assert row["pairs"] == 3600 and row["streamed_mb"] > 0 and row["all_pairs_mb"] > 0

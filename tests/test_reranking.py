@@ -172,3 +172,27 @@ def test_bad_feature_shapes_are_refused():
         rerank_features(np.ones((2, 8)), np.ones((3, 4)))
     with pytest.raises(ValueError, match="query features must be 2-D"):
         rerank_features(np.ones(8), np.ones((3, 8)))
+
+
+def test_a_split_too_large_is_refused_with_the_size_it_would_need():
+    from handclip_nb.evaluate.reranking import RERANK_BYTES_PER_PAIR, rerank_bytes
+
+    assert rerank_bytes(20_000, 20_000) == RERANK_BYTES_PER_PAIR * 40_000 ** 2
+    rng = np.random.default_rng(0)
+    # 7,000 + 7,000 items: about 9 GiB of (q+g)² matrices, over the default 8 GiB; refused
+    # before any distance is computed (the features themselves are tiny)
+    query, gallery = rng.normal(size=(7_000, 4)), rng.normal(size=(7_000, 4))
+    need = f"{rerank_bytes(7_000, 7_000) / 2**30:.1f} GiB"
+    with pytest.raises(ValueError, match=rf"7000 queries x 7000 gallery items needs about "
+                                         rf"{need}.*rerank: false.*max_bytes="):
+        rerank_features(query, gallery)
+    # the same limit on precomputed distances (broadcast views: nothing allocated here)
+    q_g = np.broadcast_to(np.float32(0.5), (7_000, 7_000))
+    with pytest.raises(ValueError, match="needs about"):
+        re_ranking(q_g, q_g, q_g)
+    # an explicit limit: a small split refused below its estimate, computed at it
+    q, g = rng.normal(size=(6, 4)), rng.normal(size=(9, 4))
+    with pytest.raises(ValueError, match=f"max_bytes={rerank_bytes(6, 9)}"):
+        rerank_features(q, g, max_bytes=rerank_bytes(6, 9) - 1)
+    np.testing.assert_array_equal(rerank_features(q, g, max_bytes=rerank_bytes(6, 9)),
+                                  rerank_features(q, g))

@@ -431,3 +431,139 @@ def test_public_names_are_exported_lazily():
                  "summarise_verification", "evaluate_verification", "calibrate_threshold",
                  "far_at_threshold", "roc_points"):
         assert getattr(evaluate, name) is getattr(ver, name)
+
+
+# --------------------------------------------------------------------------- bounded memory
+#
+# The previous implementation (before issue 19) held every pair at once: a float64 copy of the
+# matrix, a (num_query, num_gallery) genuine mask and two full sorts.  It is kept here, verbatim
+# but for its input checks, as the reference the streamed implementation must equal exactly.
+
+
+def all_pairs_curve(distances, query_ids, gallery_ids):
+    """The ROC from one sort of all pairs at once (the implementation before issue 19)."""
+    dist = np.asarray(distances)
+    q, g = np.asarray(query_ids), np.asarray(gallery_ids)
+    flat = dist.astype(np.float64, copy=False).ravel()
+    genuine = (q[:, None] == g[None, :]).ravel()
+    sorted_dist = np.sort(flat)
+    sorted_genuine = np.sort(flat[genuine])
+    group_ends = np.flatnonzero(np.r_[sorted_dist[1:] != sorted_dist[:-1], True])
+    true_accepts = np.searchsorted(sorted_genuine, sorted_dist[group_ends], side="right")
+    false_accepts = group_ends + 1 - true_accepts
+    return ver.VerificationCurve(
+        thresholds=np.r_[-np.inf, sorted_dist[group_ends]],
+        true_accepts=np.r_[np.int64(0), true_accepts].astype(np.int64),
+        false_accepts=np.r_[np.int64(0), false_accepts].astype(np.int64),
+        genuine_pairs=int(true_accepts[-1]), impostor_pairs=int(false_accepts[-1]))
+
+
+def all_pairs_metrics(curve, far_targets=FAR_TARGETS):
+    """verification_metrics as it was: the metric functions on the whole curve."""
+    out = {"roc_auc": 100 * roc_auc(curve), "eer": 100 * eer(curve)}
+    for target in far_targets:
+        out[ver.tar_key(target)] = 100 * tar_at_far(curve, target).tar
+    out["pairs"] = {"genuine": curve.genuine_pairs, "impostor": curve.impostor_pairs}
+    out["resolvable"] = {ver.tar_key(t): tar_at_far(curve, t).resolvable for t in far_targets}
+    return out
+
+
+def assert_same_curve(got, want):
+    np.testing.assert_array_equal(got.thresholds, want.thresholds)
+    np.testing.assert_array_equal(got.true_accepts, want.true_accepts)
+    np.testing.assert_array_equal(got.false_accepts, want.false_accepts)
+    assert (got.genuine_pairs, got.impostor_pairs) == (want.genuine_pairs, want.impostor_pairs)
+
+
+def tied_case(seed, num_query, num_gallery, num_ids, levels, dtype=np.float64):
+    """Distances on ``levels`` quantisation steps (many ties), some negative and some -0.0."""
+    d, q, g = random_case(seed, num_query, num_gallery, num_ids)
+    d = np.round((d - 0.1) * levels) / levels
+    d[np.random.default_rng(seed).random(d.shape) < 0.05] = -0.0
+    return d.astype(dtype), q, g
+
+
+# small batches make the same data go through many batches, oversized key bins refined by
+# further histograms, and tie groups larger than a batch (read without being extracted)
+BATCHES = [None, 2, 7, 64, 1000]
+EXACT_CASES = (
+    [dict(kind="random", seed=s, decimals=dec) for s in range(3) for dec in (None, 1, 2)]
+    + [dict(kind="tied", seed=s, levels=lv, dtype=dt) for s in range(2) for lv in (3, 40, 1000)
+       for dt in (np.float32, np.float64)])
+
+
+def exact_case(kind, seed, **kw):
+    if kind == "random":
+        return random_case(seed, num_query=30, num_gallery=40, num_ids=6, **kw)
+    return tied_case(seed, 30, 40, 6, **kw)
+
+
+@pytest.mark.parametrize("batch_pairs", BATCHES)
+@pytest.mark.parametrize("case", EXACT_CASES, ids=lambda c: "-".join(
+    f"{k}{getattr(v, '__name__', v)}" for k, v in c.items()))
+def test_streamed_results_equal_the_all_pairs_implementation(case, batch_pairs):
+    d, q, g = exact_case(**case)
+    want = all_pairs_curve(d, q, g)
+    assert_same_curve(verification_curve(d, q, g, batch_pairs=batch_pairs), want)
+    targets = (1e-3, 1e-2, 0.05, 0.3, 1.0)
+    assert verification_metrics(d, q, g, targets, batch_pairs=batch_pairs) == all_pairs_metrics(
+        want, targets)
+    for target in (1e-2, 0.2):
+        assert calibrate_threshold(d, q, g, target, batch_pairs=batch_pairs) == tar_at_far(
+            want, target)
+    result = evaluate_verification([(d, q, g)], max_curve_points=20, batch_pairs=batch_pairs)
+    assert result.roc == roc_points(want, 20)
+    assert result.splits == [all_pairs_metrics(want)]
+
+
+def test_streamed_results_equal_the_all_pairs_implementation_on_a_2k_split():
+    rng = np.random.default_rng(19)
+    num_ids = 500
+    centres = rng.normal(size=(num_ids, 16))
+    q, g = rng.integers(0, num_ids, 2000), rng.integers(0, num_ids, 2100)
+    qf = centres[q] + 0.8 * rng.normal(size=(2000, 16))
+    gf = centres[g] + 0.8 * rng.normal(size=(2100, 16))
+    qf /= np.linalg.norm(qf, axis=1, keepdims=True)
+    gf /= np.linalg.norm(gf, axis=1, keepdims=True)
+    d = (1.0 - qf @ gf.T).astype(np.float32)  # the evaluation's dtype: float32 ties included
+    want = all_pairs_curve(d, q, g)
+    assert want.thresholds.shape[0] < d.size  # float32 cosines do tie
+    expected = all_pairs_metrics(want)
+    expected_roc = roc_points(want)
+    # one batch (the default) and about fifteen (the path of a 20k x 20k split)
+    for batch_pairs in (None, 300_000):
+        result = evaluate_verification([(d, q, g)], batch_pairs=batch_pairs)
+        assert result.splits == [expected]
+        assert result.roc == expected_roc
+    assert_same_curve(verification_curve(d, q, g, batch_pairs=300_000), want)
+
+
+def test_verification_memory_stays_bounded_beyond_the_distances():
+    import tracemalloc
+
+    num_query, num_gallery = 3000, 3000
+    rng = np.random.default_rng(3)
+    d = rng.random((num_query, num_gallery), dtype=np.float32)
+    q, g = rng.integers(0, 300, num_query), rng.integers(0, 300, num_gallery)
+    tracemalloc.start()
+    try:
+        tracemalloc.reset_peak()
+        verification_metrics(d, q, g)
+        default_peak = tracemalloc.get_traced_memory()[1]
+        tracemalloc.reset_peak()
+        verification_metrics(d, q, g, batch_pairs=1 << 20)
+        batched_peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    # the all-pairs implementation peaks near 8 x the float32 matrix (a float64 copy, its sort,
+    # the curve arrays); one batch here holds the values once, sorted in place
+    assert default_peak < 2 * d.nbytes, default_peak / 2**20
+    # a million pairs per batch: a few tens of MB whatever the matrix (36 MB here)
+    assert batched_peak < 40 * 2**20, batched_peak / 2**20
+
+
+@pytest.mark.parametrize("bad", [0, 1, 2.5, True])
+def test_batch_pairs_must_be_an_integer_of_at_least_two(bad):
+    d, q, g = hand_example()
+    with pytest.raises(ValueError, match="batch_pairs"):
+        verification_metrics(d, q, g, batch_pairs=bad)

@@ -27,7 +27,11 @@ How it is vectorised: the k-nearest sets are boolean masks built from one stable
 reciprocity is ``mask & mask.T``; the expansion test counts set intersections over the
 ``(item, candidate, half-neighbour)`` index arrays (``O(N · k1 · k1/2)``); the Jaccard sums run
 over blocks of queries restricted to the columns where those queries' ``V`` is non-zero
-(``V`` is sparse).  Memory: a few ``N × N`` float32/bool arrays (N = q + g).
+(``V`` is sparse).  Memory: a few ``N × N`` float64/float32/int64/bool arrays (N = q + g),
+about ``RERANK_BYTES_PER_PAIR`` bytes per item pair in all (``tracemalloc`` peaks of
+:func:`rerank_features`: 48 bytes at 2,000 items, 45 at 3,000; benchmarks/bench_verification.py).  The method needs every item's full ranked list, so it is not
+chunked: a split whose estimate exceeds ``max_bytes`` (default ``RERANK_MAX_BYTES``, 8 GiB: up
+to about 13,000 items) is refused before anything is allocated, with the size it would need.
 """
 from __future__ import annotations
 
@@ -35,7 +39,15 @@ from typing import Any
 
 import numpy as np
 
-__all__ = ["re_ranking", "rerank_features", "euclidean_from_cosine"]
+__all__ = ["re_ranking", "rerank_features", "euclidean_from_cosine", "rerank_bytes",
+           "RERANK_MAX_BYTES"]
+
+#: Default limit of the memory re-ranking may take (bytes); see :func:`rerank_bytes`.
+RERANK_MAX_BYTES = 8 << 30
+#: Bytes re-ranking allocates per (item, item) pair of its (q+g)² matrices, rounded up from
+#: tracemalloc peaks of :func:`rerank_features` (48.2 at 1,000 + 1,000 items, 45.0 at
+#: 1,500 + 1,500; smaller splits add a fixed overhead of a few MB).
+RERANK_BYTES_PER_PAIR = 50
 
 # Elements of the (queries × gallery × columns) block in the Jaccard step: bounds memory.
 _BLOCK_ELEMENTS = 1 << 22
@@ -77,6 +89,27 @@ def _check_settings(k1: Any, k2: Any, lambda_value: Any) -> tuple[int, int, floa
     return int(k1), int(k2), lam
 
 
+def rerank_bytes(num_query: int, num_gallery: int) -> int:
+    """Estimated peak memory (bytes) of re-ranking ``num_query`` queries against
+    ``num_gallery`` gallery items: ``RERANK_BYTES_PER_PAIR * (num_query + num_gallery) ** 2``."""
+    return RERANK_BYTES_PER_PAIR * (int(num_query) + int(num_gallery)) ** 2
+
+
+def _check_memory(num_query: int, num_gallery: int, max_bytes: int | None) -> None:
+    """Refuses, before any allocation, a re-ranking whose estimate exceeds ``max_bytes``."""
+    limit = RERANK_MAX_BYTES if max_bytes is None else max_bytes
+    need = rerank_bytes(num_query, num_gallery)
+    if need > limit:
+        raise ValueError(
+            f"re-ranking {num_query} queries x {num_gallery} gallery items needs about "
+            f"{need / 2**30:.1f} GiB ({RERANK_BYTES_PER_PAIR} bytes per pair of the "
+            f"{num_query + num_gallery} x {num_query + num_gallery} item matrices that "
+            f"k-reciprocal re-ranking works on), above the limit of {limit / 2**30:.1f} GiB; "
+            f"evaluate this split without re-ranking (rerank: false), on a smaller gallery, or "
+            f"pass max_bytes={need} to re_ranking/rerank_features on a machine with that much "
+            f"free memory")
+
+
 def _top_mask(rank: np.ndarray, k: int) -> np.ndarray:
     """``mask[i, j]``: item *j* is among the first ``k`` of *i*'s ranked list."""
     n = rank.shape[0]
@@ -86,7 +119,7 @@ def _top_mask(rank: np.ndarray, k: int) -> np.ndarray:
 
 
 def re_ranking(q_g_dist: Any, q_q_dist: Any, g_g_dist: Any, k1: int = 20, k2: int = 6,
-               lambda_value: float = 0.3) -> np.ndarray:
+               lambda_value: float = 0.3, *, max_bytes: int | None = None) -> np.ndarray:
     """Re-ranked query-gallery distances (float32, shape of ``q_g_dist``); smaller = closer.
 
     Args:
@@ -97,10 +130,13 @@ def re_ranking(q_g_dist: Any, q_q_dist: Any, g_g_dist: Any, k1: int = 20, k2: in
         k2: size of the local query expansion (default 6; 1 = no expansion).
         lambda_value: weight of the original distance in the mix (default 0.3; 0 = Jaccard
             distance only, 1 = the original distance, squared and row-normalised).
+        max_bytes: refuse when :func:`rerank_bytes` exceeds this (default
+            ``RERANK_MAX_BYTES``).
 
     Raises:
         ValueError: not 2-D, inconsistent shapes, NaN/inf or negative distances, an empty
-            query or gallery set, ``k1``/``k2`` < 1, ``lambda_value`` outside [0, 1].
+            query or gallery set, ``k1``/``k2`` < 1, ``lambda_value`` outside [0, 1], or a
+            split too large for ``max_bytes`` (the message gives the size it would need).
     """
     k1, k2, lam = _check_settings(k1, k2, lambda_value)
     q_g = _as_distances("q_g_dist", q_g_dist, (None, None))
@@ -108,6 +144,7 @@ def re_ranking(q_g_dist: Any, q_q_dist: Any, g_g_dist: Any, k1: int = 20, k2: in
     if num_q == 0 or num_g == 0:
         raise ValueError(f"q_g_dist has shape {q_g.shape}: need at least one query and one "
                          f"gallery item")
+    _check_memory(num_q, num_g, max_bytes)
     q_q = _as_distances("q_q_dist", q_q_dist, (num_q, num_q))
     g_g = _as_distances("g_g_dist", g_g_dist, (num_g, num_g))
     n = num_q + num_g
@@ -174,22 +211,24 @@ def euclidean_from_cosine(cosine_dist: Any) -> np.ndarray:
 
 
 def rerank_features(query: Any, gallery: Any, k1: int = 20, k2: int = 6,
-                    lambda_value: float = 0.3) -> np.ndarray:
+                    lambda_value: float = 0.3, *, max_bytes: int | None = None) -> np.ndarray:
     """:func:`re_ranking` of L2-normalised feature rows (numpy arrays or torch tensors).
 
     The workbench ranks by cosine distance of L2-normalised features; on the unit sphere the
     Euclidean distance is a monotone function of it, so re-ranking sees the same neighbours
     and squares them into the squared Euclidean distance of the paper (and of CLIP-ReID's
     re-ranking, which starts from squared Euclidean distances of normalised features).
+    A split too large for ``max_bytes`` is refused before any distance is computed.
     """
     q = _as_rows(query, "query")
     g = _as_rows(gallery, "gallery")
     if q.shape[1] != g.shape[1]:
         raise ValueError(f"query features have dimension {q.shape[1]}, gallery {g.shape[1]}")
+    _check_memory(q.shape[0], g.shape[0], max_bytes)
     return re_ranking(euclidean_from_cosine(1.0 - q @ g.T),
                       euclidean_from_cosine(1.0 - q @ q.T),
                       euclidean_from_cosine(1.0 - g @ g.T), k1=k1, k2=k2,
-                      lambda_value=lambda_value)
+                      lambda_value=lambda_value, max_bytes=max_bytes)
 
 
 def _as_rows(x: Any, name: str) -> np.ndarray:
