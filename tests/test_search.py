@@ -495,7 +495,14 @@ def _grid_panels(fig, k):
     return axes[0], axes[1:k + 1]
 
 
-def test_search_figure_says_accepted_or_rejected_never_same_person(folders):
+@pytest.fixture()
+def figures_closed():
+    """Every figure closed after the test, also when an assertion stopped it half-way."""
+    yield
+    plt.close("all")
+
+
+def test_search_figure_says_accepted_or_rejected_never_same_person(folders, figures_closed):
     """Under a threshold every ranked image is accepted or rejected, and only the labels say
     ✓ same person / ✗ other person: five people accepted are not "the same person". The top-1
     decision stands under the query, once, checked against the labels where they can."""

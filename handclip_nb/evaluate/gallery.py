@@ -65,7 +65,8 @@ from .features import cosine_distance, extract_features
 from .probes import _embed_texts
 
 __all__ = ["SearchError", "GalleryImage", "SearchInputs", "list_images", "gallery_person",
-           "prepare_search", "SearchModel", "load_search_model", "model_key", "Threshold", "resolve_threshold",
+           "prepare_search", "SearchModel", "load_search_model", "model_key", "Threshold",
+           "resolve_threshold",
            "GalleryIndex", "INDEX_FILE", "INDEX_FORMAT", "gallery_files_key",
            "build_gallery_index", "RankedImage", "QueryResult", "rank_features",
            "search_queries", "RANKINGS_FILE", "RANKINGS_COLUMNS", "rankings_rows",
