@@ -9,13 +9,15 @@ lives in :mod:`handclip_nb.evaluate.gallery`, the grid figure and the table in
   and its top matches (the run's inference prompt, mean over heads, one colour scale);
 * :class:`SearchExplorer`: headless, static PNGs (``figures/search_pNN.png``, pages of
   :data:`PAGE` queries, and ``figures/attention_qNN.png``); with ``interactive=True`` also an
-  ipywidgets view (query dropdown, threshold switch and slider) that re-renders the grid.
+  ipywidgets view (query dropdown, threshold switch and slider) that lists the chosen query's
+  decisions as text (:func:`~handclip_nb.viz.match_table`) and re-renders its grid.
   ipywidgets is imported only on the interactive path, as in
   :mod:`handclip_nb.attention.explorer`;
 * :func:`explore` (the notebook's one figure call) and :func:`run_search`.
 """
 from __future__ import annotations
 
+import html
 import os
 import textwrap
 from dataclasses import dataclass
@@ -29,15 +31,14 @@ from IPython.display import display
 from . import runs
 from .attention.explorer import (figure_png, import_ipywidgets, in_ipython, render_into,
                                  show_png)
-from .attention.figures import (CORRECT, load_image, overlay, select_head,
-                                with_attention_colorbar)
+from .attention.figures import load_image, overlay, select_head, with_attention_colorbar
 from .attention.source import attention_maps
 from .evaluate.gallery import (RANKINGS_FILE, GalleryIndex, QueryResult, SearchInputs,
                                SearchModel, Threshold, build_gallery_index, load_search_model,
                                prepare_search, resolve_threshold, search_queries, search_record,
                                write_rankings_csv)
 from .params import Params, resolve_params
-from .viz import REJECTED, search_grid, search_table
+from .viz import match_table, search_decision, search_grid, search_match_label, search_table
 
 __all__ = ["PAGE", "MAX_PAGES", "ATTENTION_QUERIES", "attention_figure", "SearchExplorer",
            "explore", "SearchRun", "run_search"]
@@ -66,17 +67,12 @@ def attention_figure(model: SearchModel, result: QueryResult, params: Mapping[st
     gh, gw = promptsg.backbone.grid
     grids = [select_head(m.reshape(-1, gh, gw), "mean") for m in maps]
     size = tuple(promptsg.backbone.image_size)
-    labels = [(f"query {textwrap.shorten(result.query, 22, placeholder='…')}", "black")]
-    for m in matches:
-        # frames as in viz.search_grid: green accepted, grey above the threshold, black: none
-        color = "black" if threshold is None else (CORRECT if m.distance <= threshold
-                                                   else REJECTED)
-        label = f"#{m.rank} d={m.distance:.3g}"
-        if m.person is not None:
-            same = m.person == result.person
-            mark = "" if result.person is None else (" ✓" if same else " ✗")
-            label += f"\n{m.person}{mark}"
-        labels.append((label, color))
+    query = f"query {textwrap.shorten(result.query, 22, placeholder='…')}"
+    if result.person is not None:
+        query += f"\nperson {result.person}"
+    labels = [(query, "black")]
+    # titles and frames as in viz.search_grid: accepted / rejected by the threshold, ✓/✗ labels
+    labels += [search_match_label(result, m, threshold) for m in matches]
     vmax = max(float(g.max()) for g in grids) or 1e-6
     n = len(paths)
     width = 1.9 * size[1] / size[0]
@@ -93,7 +89,8 @@ def attention_figure(model: SearchModel, result: QueryResult, params: Mapping[st
         axes[0][c].set_title(label, fontsize=7)
         hm = overlay(axes[1][c], img, grid, vmin=0.0, vmax=vmax, colorbar=False,
                      frame=None if color == "black" else color)
-    fig.suptitle(f"PromptSG cross-attention ({mode} prompt, mean of heads)", fontsize=10)
+    fig.suptitle(f"PromptSG cross-attention ({mode} prompt, mean of heads); "
+                 f"{search_decision(result, threshold)}", fontsize=10)
     return with_attention_colorbar(fig, hm)
 
 
@@ -109,6 +106,7 @@ class SearchExplorer:
         self.out_dir = Path(out_dir) if out_dir is not None else None
         self.renders = 0  # how many times the interactive view was drawn (tests, debugging)
         self._controls: dict[str, Any] = {}
+        self._decisions = None
         self._out = None
 
     @property
@@ -158,7 +156,8 @@ class SearchExplorer:
     # ---------------------------------------------------------------- interactive
     def widget(self):
         """The ipywidgets view: a query dropdown, the open-set threshold (a switch and a
-        slider) and the grid (and, for PromptSG, the heatmaps) of the chosen query."""
+        slider, disabled while the switch is off), the chosen query's decisions as text
+        (:meth:`decisions_html`) and its grid (and, for PromptSG, the heatmaps)."""
         w = import_ipywidgets("the interactive search view",
                               "run with interactive=False for static figures")
         if not self.results:
@@ -176,28 +175,44 @@ class SearchExplorer:
         use = w.Checkbox(value=known, description="open-set threshold", indent=False)
         slider = w.FloatSlider(value=start, min=0.0, max=round(float(top) + 0.05, 2),
                                step=0.001, readout_format=".3f", description="threshold",
-                               continuous_update=False)
+                               continuous_update=False, disabled=not known)
+        decisions = w.HTML(layout=w.Layout(width="auto"))
+        decisions.add_class("handclip-search-decisions")  # what the browser test reads
         out = w.Output()
         self._controls = {"query": query, "use_threshold": use, "threshold": slider}
-        self._out = out
+        self._decisions, self._out = decisions, out
         for c in self._controls.values():
             c.observe(self._on_change, names="value")
         self.render()
-        return w.VBox([query, w.HBox([use, slider]), out])
+        return w.VBox([query, w.HBox([use, slider]), decisions, out])
 
     def current_threshold(self) -> float | None:
         c = self._controls
         return float(c["threshold"].value) if c["use_threshold"].value else None
 
     def _on_change(self, change=None) -> None:
+        self._controls["threshold"].disabled = not self._controls["use_threshold"].value
         self.render()
 
+    def decisions_html(self, result: QueryResult, value: float | None) -> str:
+        """What is decided for ``result`` under the threshold ``value``, as text: the top-1
+        decision, then each ranked image accepted or rejected and what the labels say."""
+        rule = ("no threshold" if value is None else
+                f"accepted when d &lt;= {value:.4g}, else rejected")
+        person = ("" if result.person is None else
+                  f"; query person {html.escape(result.person)}")
+        return (f"<b>top-1 decision: {html.escape(search_decision(result, value))}</b> "
+                f"({rule}{person})"
+                + match_table(result, value).to_html(index=False, border=0))
+
     def render(self) -> None:
-        """Redraw the chosen query's grid (and heatmaps) into the Output area."""
+        """Show the chosen query's decisions and redraw its grid (and heatmaps) into the
+        Output area."""
         if self._out is None:
             raise RuntimeError("call widget() first")
         result = self.results[self._controls["query"].value]
         value = self.current_threshold()
+        self._decisions.value = self.decisions_html(result, value)
 
         def draw():
             show_png(figure_png(search_grid([result], value, k=self.k,

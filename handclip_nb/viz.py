@@ -19,6 +19,7 @@ __all__ = ["protocol_table", "identity_grid", "plot_cmc", "retrieval_grid", "met
            "plot_history", "plot_prompt_retrieval", "caption_grid", "plot_probes",
            "plot_retrieval_gain", "plot_split_boxes", "plot_tsne", "failure_figures",
            "verification_table", "plot_roc", "open_set_summary", "search_grid", "search_table",
+           "search_decision", "search_match_label", "match_table", "ACCEPTED", "REJECTED",
            "plot_paper_table", "plot_seed_spread", "plot_gain_over_zero_shot"]
 
 CORRECT, WRONG = "#1a9850", "#d73027"
@@ -391,8 +392,11 @@ def _slug(name: str) -> str:
 
 # --------------------------------------------------------------------------- gallery search
 
-#: Frame of a gallery image above the open-set threshold (not accepted as the same person).
-REJECTED = "#9e9e9e"
+#: Frames of a gallery image the open-set threshold accepts as the query's person (distance <=
+#: threshold) and of one it rejects. Acceptance is the rule's claim: whether the image shows
+#: the query's person is what the labels say (✓/✗), and a frame never says it.
+ACCEPTED, REJECTED = "#2166ac", "#9e9e9e"
+NOT_DECIDED = "not decided"
 
 
 def _threshold_value(threshold) -> float | None:
@@ -405,29 +409,74 @@ def _distance_label(d: float) -> str:
     return f"{d:.3f}" if abs(d) >= 0.01 or d == 0 else f"{d:.2g}"
 
 
-def _decision(result, threshold: float | None) -> bool | None:
-    if result.kind != "image" or threshold is None or not result.matches:
-        return None
-    return bool(result.matches[0].distance <= threshold)
+def search_decision(result, threshold=None) -> str:
+    """A query's top-1 open-set decision in words: ``identified as <person>`` (the top-1 image
+    accepted; an unlabelled one by its name), ``not in gallery`` (rejected), or ``not decided
+    (<why>)``: a text query, no threshold, nothing ranked."""
+    value = _threshold_value(threshold)
+    if result.kind != "image":
+        return f"{NOT_DECIDED} (text query)"
+    if value is None:
+        return f"{NOT_DECIDED} (no threshold)"
+    if result.best is None:
+        return f"{NOT_DECIDED} (nothing ranked)"
+    if not result.decision(value):
+        return "not in gallery"
+    best = result.best
+    return (f"identified as {best.person}" if best.person is not None
+            else f"identified as {best.name} (unlabelled)")
+
+
+def _verdict_mark(ok: bool | None) -> str:
+    return "" if ok is None else " ✓" if ok else " ✗"
+
+
+def search_match_label(result, match, threshold=None) -> tuple[str, str]:
+    """(title, frame colour) of one ranked gallery image: rank, distance and the threshold's
+    verdict (accepted: blue, rejected: grey; black without a threshold or for a text query),
+    then its person with ✓/✗ where both it and the query are labelled."""
+    accepted = result.accepts(match, _threshold_value(threshold))
+    text = f"#{match.rank} d={_distance_label(match.distance)}"
+    if accepted is not None:
+        text += " accepted" if accepted else " rejected"
+    if match.person is not None:
+        text += f"\n{match.person}{_verdict_mark(result.same_person(match))}"
+    colour = "black" if accepted is None else ACCEPTED if accepted else REJECTED
+    return text, colour
 
 
 def search_table(results: Sequence, threshold=None) -> pd.DataFrame:
     """One row per query of a gallery search (:class:`~handclip_nb.evaluate.gallery.QueryResult`):
-    its top-1 gallery image, person and distance, and the open-set decision ("match", "no match
-    in the gallery"; "not decided" without a threshold or for a text query)."""
-    value = _threshold_value(threshold)
+    its top-1 gallery image, person and distance, and the open-set decision
+    (:func:`search_decision`)."""
     rows = []
     for r in results:
         best = r.matches[0] if r.matches else None
-        decided = _decision(r, value)
         rows.append({"query": r.query, "type": r.kind, "query person": r.person or "",
                      "top-1 image": best.name if best else "",
                      "top-1 person": (best.person or "") if best else "",
                      "distance": round(best.distance, 4) if best else float("nan"),
-                     "decision": ("not decided" if decided is None else
-                                  "match" if decided else "no match in the gallery")})
+                     "decision": search_decision(r, threshold)})
     return pd.DataFrame(rows, columns=["query", "type", "query person", "top-1 image",
                                        "top-1 person", "distance", "decision"])
+
+
+def match_table(result, threshold=None) -> pd.DataFrame:
+    """One row per ranked gallery image of one query: rank, image, person, distance, the
+    threshold's verdict (``accepted``/``rejected``, empty when not decided) and what the labels
+    say (``same person``/``other person``, empty when either is unlabelled)."""
+    value = _threshold_value(threshold)
+    rows = []
+    for m in result.matches:
+        accepted, same = result.accepts(m, value), result.same_person(m)
+        rows.append({"rank": m.rank, "gallery image": m.name, "person": m.person or "",
+                     "distance": round(m.distance, 4),
+                     "threshold": "" if accepted is None else
+                     "accepted" if accepted else "rejected",
+                     "labels": "" if same is None else
+                     "✓ same person" if same else "✗ other person"})
+    return pd.DataFrame(rows, columns=["rank", "gallery image", "person", "distance",
+                                       "threshold", "labels"])
 
 
 def _text_panel(ax, text: str, width: int = 22) -> None:
@@ -440,15 +489,17 @@ def _text_panel(ax, text: str, width: int = 22) -> None:
 
 def search_grid(results: Sequence, threshold=None, k: int = 5, title: str | None = None,
                 orientation: str = "exif"):
-    """Queries (rows) and their top-``k`` gallery images with distances.
+    """Queries (rows) and their top-``k`` gallery images with distances: what was decided.
 
     ``results``: :class:`~handclip_nb.evaluate.gallery.QueryResult` s; ``threshold``: a
-    ``Threshold``, a cosine distance or None. A gallery image at distance <= threshold (the same
-    person under the open-set decision) has a green frame, one above it a grey frame; without a
-    threshold, and for text queries (whose distances are not image-image ones), frames are
-    black. ✓/✗ marks the person when both the query and the image are labelled. An image query
-    whose best distance is above the threshold says "no match in the gallery". ``orientation``:
-    the search's EXIF orientation policy (``model.source.geometry.orientation``; the search's
+    ``Threshold``, a cosine distance or None. Each gallery image says whether the threshold
+    accepts it (distance <= threshold: blue frame, "accepted") or rejects it (grey frame,
+    "rejected"); without a threshold, and for text queries (whose distances are not image-image
+    ones), frames are black and nothing is said. ✓/✗ after an image's person compares the
+    labels, where both the query and the image are labelled: acceptance is never "the same
+    person". Under each query its top-1 decision (:func:`search_decision`), with ✓/✗ when the
+    labels can check it; over it its person when its folder names one. ``orientation``: the
+    search's EXIF orientation policy (``model.source.geometry.orientation``; the search's
     default turns phone photos upright).
     """
     value = _threshold_value(threshold)
@@ -460,7 +511,7 @@ def search_grid(results: Sequence, threshold=None, k: int = 5, title: str | None
         return fig
     k = max(1, int(k))
     fig, axes = plt.subplots(len(results), k + 1, squeeze=False,
-                             figsize=(1.8 * (k + 1), 1.75 * len(results) + 0.4))
+                             figsize=(1.8 * (k + 1), 2.0 * len(results) + 0.6))
     for row, r in enumerate(results):
         ax = axes[row][0]
         if r.kind == "image":
@@ -471,15 +522,14 @@ def search_grid(results: Sequence, threshold=None, k: int = 5, title: str | None
         else:
             _text_panel(ax, r.query)
             label = "text query"
-        if r.person is not None:
-            label += f"\nperson {r.person}"
+        label += f"\nperson {r.person}" if r.person is not None else (
+            "\nperson unknown" if r.kind == "image" else "")
         ax.set_title(label, fontsize=7)
-        decided = _decision(r, value)
-        if decided is not None:
-            best = r.matches[0]
-            ax.set_xlabel(f"match: {best.person or best.name}" if decided
-                          else "no match in the gallery",
-                          fontsize=7, color=CORRECT if decided else WRONG)
+        decision = search_decision(r, value)
+        decided = r.decision(value)
+        ax.set_xlabel(decision + _verdict_mark(r.decision_correct(value)), fontsize=7,
+                      color=ACCEPTED if decided else "black",
+                      fontweight="normal" if decided is None else "bold")
         for c in range(k):
             ax = axes[row][c + 1]
             ax.set_xticks([])
@@ -489,27 +539,21 @@ def search_grid(results: Sequence, threshold=None, k: int = 5, title: str | None
                 continue
             m = r.matches[c]
             ax.imshow(_thumb(m.path, orientation))
-            if r.kind != "image" or value is None:
-                color = "black"
-            else:
-                color = CORRECT if m.distance <= value else REJECTED
+            text, color = search_match_label(r, m, value)
             for spine in ax.spines.values():
                 spine.set_edgecolor(color)
                 spine.set_linewidth(3 if color != "black" else 1)
-            text = f"#{m.rank} d={_distance_label(m.distance)}"
-            if m.person is not None:
-                mark = ""
-                if r.person is not None:
-                    mark = " ✓" if m.person == r.person else " ✗"
-                text += f"\n{m.person}{mark}"
             ax.set_title(text, fontsize=7)
     if value is None:
-        rule = "no open-set threshold"
+        rule = "no open-set threshold: nothing accepted or rejected"
     elif np.isinf(value):
-        rule = "threshold: accept nothing"
+        rule = "threshold: accept nothing (every image rejected)"
     else:
-        rule = f"green: d <= {value:.3f} (same person), grey: above"
-    fig.suptitle(title or f"gallery search, top-{k} ({rule})", fontsize=10)
+        rule = (f"accepted: d <= {_distance_label(value)} (blue frame), "
+                f"rejected: above (grey frame)")
+    rule += ("\n✓/✗: the person labels agree/differ (acceptance is the threshold's claim, the "
+             "labels are the truth); under each query: its top-1 decision")
+    fig.suptitle(f"{title or f'gallery search, top-{k}'}\n{rule}", fontsize=9)
     fig.tight_layout()
     return fig
 

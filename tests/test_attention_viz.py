@@ -340,3 +340,104 @@ def test_module_import_does_not_import_ipywidgets():
     code = ("import sys, handclip_nb.attention.explorer, handclip_nb.attention.figures, handclip_nb.attention; "
             "assert 'ipywidgets' not in sys.modules, 'imported eagerly'")
     subprocess.run([sys.executable, "-c", code], check=True)
+
+
+# ------------------------------------------------------------------------------- distractors
+
+
+class DistractorSource(FakeSource):
+    """Query 0's top-3: the same identity, the query's person under another aspect (a
+    distractor by the protocol), another person."""
+
+    def topk(self, i, k, prompt_mode):
+        kinds = [dict(correct=True), dict(correct=False, distractor="same person, dorsal_l"),
+                 dict(correct=False)]
+        return [Match(image=self._images[r], attention=self.attention(r, prompt_mode),
+                      distance=0.1 * (r + 1), title=f"person {100 + r}", **kinds[r])
+                for r in range(k)]
+
+
+def test_topk_figure_labels_a_distractor_of_the_query_person_not_wrong():
+    from handclip_nb.attention.figures import CORRECT, DISTRACTOR, WRONG
+
+    fig = topk_figure(DistractorSource(), 0, k=3, prompt_mode="simplified")
+    axes = _image_axes(fig)[1:4]
+    titles = [ax.get_title() for ax in axes]
+    assert "✓" in titles[0] and "✗" in titles[2]
+    assert "distractor (same person, dorsal_l)" in titles[1] and "✗" not in titles[1]
+    assert [matplotlib.colors.to_hex(ax.spines["top"].get_edgecolor()) for ax in axes] == \
+        [CORRECT, DISTRACTOR, WRONG]
+    assert "1 correct, 1 distractor(s) of the query's person" in fig._suptitle.get_text()
+    with pytest.raises(ValueError, match="not a distractor"):
+        Match(image=None, attention=one_hot(0, 0), distance=0.1, correct=True, distractor="x")
+
+
+def test_gallery_relation_names_the_aspect_of_a_same_person_distractor(synthetic_11k,
+                                                                       synthetic_hd):
+    """11k with every aspect's gallery: a gallery image of the query's person under another
+    aspect is another identity, labelled a distractor naming its aspect (never "✗ person");
+    on HD the 502-712 people are gallery-only distractors of their own."""
+    from handclip_nb.attention import gallery_relation
+    from handclip_nb.data.handinfo import read_handinfo, read_hd
+    from handclip_nb.data.protocols import build_11k_protocol, build_hd_protocol
+
+    protocol = build_11k_protocol(read_handinfo(synthetic_11k / "HandInfo.csv"), "dorsal_r",
+                                  root=synthetic_11k, num_splits=1, gallery_mode="all")
+    split = protocol.test[0]
+    seen = 0
+    for q in split.query:
+        for g in split.gallery:
+            qi, gi = protocol.items[q], protocol.items[g]
+            correct, distractor, title = gallery_relation(protocol, q, g)
+            same_identity = (qi.person, qi.aspect) == (gi.person, gi.aspect)  # 11k: per aspect
+            assert correct == same_identity
+            want = f"same person, {gi.aspect}" if qi.person == gi.person and not correct else ""
+            assert distractor == want
+            assert title == f"person {gi.person} · {gi.aspect}"
+            seen += bool(distractor)
+    assert seen == 3 * len(split.query)  # each query's person has 3 other aspects' images
+
+    hd = build_hd_protocol(read_hd(synthetic_hd), root=synthetic_hd, num_splits=1)
+    q = hd.test[0].query[0]
+    extra = [g for g in hd.test[0].gallery if hd.items[g].distractor]
+    assert extra
+    for g in extra:
+        correct, distractor, title = gallery_relation(hd, q, g)
+        assert not correct and distractor == "" and title.endswith("gallery-only distractor")
+
+
+def test_model_source_topk_marks_distractors(synthetic_11k):
+    """ModelAttentionSource.topk labels its matches by gallery_relation (the ranking and maps
+    are stubbed: what is tested is the labelling of a real protocol's gallery)."""
+    from types import SimpleNamespace
+
+    from handclip_nb.attention import ModelAttentionSource
+    from handclip_nb.data.handinfo import read_handinfo
+    from handclip_nb.data.protocols import build_11k_protocol
+
+    protocol = build_11k_protocol(read_handinfo(synthetic_11k / "HandInfo.csv"), "dorsal_r",
+                                  root=synthetic_11k, num_splits=1, gallery_mode="all")
+    split = protocol.test[0]
+    model = SimpleNamespace(backbone=SimpleNamespace(image_size=(H, W), grid=(GH, GW)),
+                            num_heads=2)
+
+    class Stubbed(ModelAttentionSource):
+        def _ranking(self, prompt_mode):
+            return np.tile(np.arange(len(split.gallery), dtype=float), (len(split.query), 1))
+
+        def _maps(self, mode, indices):
+            return np.stack([one_hot(0, 0) for _ in indices])
+
+        def _image(self, index):
+            return Image.new("RGB", (W, H))
+
+    source = Stubbed(model, protocol, {"batch_size": 4})
+    matches = source.topk(0, len(split.gallery), "simplified")
+    q = protocol.items[split.query[0]]
+    for m, g in zip(matches, split.gallery):
+        item = protocol.items[g]
+        assert m.correct == ((item.person, item.aspect) == (q.person, q.aspect))
+        assert m.distractor == (f"same person, {item.aspect}"
+                                if item.person == q.person and item.aspect != q.aspect else "")
+        assert m.title == f"person {item.person} · {item.aspect}"
+    assert sum(bool(m.distractor) for m in matches) == 3

@@ -4,8 +4,10 @@ A smoke stage-3 run is trained in-process; a copy of ``notebooks/attention.ipynb
 ``interactive=True`` and ``stage3_dir`` pointing at that run is opened in a private JupyterLab
 server; Run > Run All Cells is clicked in the menu; the test waits for the kernel to finish and
 checks that the ipywidgets explorer rendered with its heatmaps, then picks another query in the
-explorer's dropdown and checks that the heatmaps are redrawn. Screenshots go to the test's tmp
-folder (their paths are printed; ``pytest -rP`` or ``-s`` shows them).
+explorer's dropdown and checks that the heatmaps are redrawn. Likewise ``notebooks/search.ipynb``
+(zero-shot tiny-vit on a few synthetic hands, ``interactive=True``): its explorer's threshold
+slider is dragged to either end and the decisions it lists must follow. Screenshots go to the
+test's tmp folder (their paths are printed; ``pytest -rP`` or ``-s`` shows them).
 
 Needs Debian's ``/usr/bin/chromium`` and the ``playwright`` Python package (its driver only:
 ``playwright install`` is never run, the system browser is used). Skipped without them, unless
@@ -23,6 +25,7 @@ import sys
 import time
 import urllib.error
 import urllib.request
+from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
@@ -223,8 +226,8 @@ def _smoke_stage3_run(out: Path) -> Path:
     return out
 
 
-def _write_notebook(dest: Path, parameters: dict) -> int:
-    """``notebooks/attention.ipynb`` with papermill's injected-parameters cell, not executed;
+def _write_notebook(dest: Path, parameters: dict, source: str = "attention.ipynb") -> int:
+    """``notebooks/<source>`` with papermill's injected-parameters cell, not executed;
     returns its number of cells."""
     import nbformat
     from papermill.iorw import load_notebook_node
@@ -232,7 +235,7 @@ def _write_notebook(dest: Path, parameters: dict) -> int:
 
     from handclip_nb.pipeline import NOTEBOOKS_DIR
 
-    nb = load_notebook_node(str(NOTEBOOKS_DIR / "attention.ipynb"))  # adds the tag lists
+    nb = load_notebook_node(str(NOTEBOOKS_DIR / source))  # adds the tag lists
     nb = parameterize_notebook(nb, parameters, kernel_name="python3", language="python")
     nbformat.write(nb, dest)
     return len(nb.cells)
@@ -249,11 +252,72 @@ _CELL_STATE = """() => {
 }"""
 
 
+@contextmanager
+def _browser_page(server: LabServer, shots: Path):
+    """A page of headless Chromium; on a failure a screenshot (``failure.png``) and the
+    server log's tail are printed before the error goes on."""
+    from playwright.sync_api import sync_playwright
+
+    with sync_playwright() as pw:
+        browser = pw.chromium.launch(executable_path=str(CHROMIUM), headless=True,
+                                     args=CHROMIUM_ARGS)
+        page = None
+        try:
+            page = browser.new_page(viewport={"width": 1400, "height": 1000})
+            page.set_default_timeout(60_000)
+            yield page
+        except Exception:
+            try:
+                if page is not None:
+                    page.screenshot(path=str(shots / "failure.png"))
+                print(f"failure screenshot: {shots / 'failure.png'}")
+            except Exception:  # noqa: BLE001 - the original error matters more
+                pass
+            print(f"server log tail:\n{server.log_tail()}")
+            raise
+        finally:
+            browser.close()
+
+
+def _open_and_run_all(page, server: LabServer, notebook: str, cells: int, started: float,
+                      shots: Path) -> None:
+    """Open ``notebook`` in JupyterLab, wait for its kernel, click Run > Run All Cells as a
+    person does, and wait until every cell ran without an error."""
+    page.goto(f"{server.base}/lab/tree/{notebook}?token={server.token}&reset",
+              wait_until="domcontentloaded")
+    # ready when every cell is on the page and the status bar reads
+    # "Python 3 (handclip) | Idle" (before that it says "No Kernel | Initializing", and
+    # Run All would ask for a kernel)
+    page.wait_for_function(
+        """n => {
+          const cells = document.querySelectorAll(
+              '.jp-NotebookPanel .jp-Notebook .jp-Cell');
+          const bar = document.querySelector('#jp-main-statusbar');
+          const text = bar ? bar.innerText : '';
+          return cells.length === n && /\\|\\s*Idle/.test(text) && !/No Kernel/.test(text);
+        }""", arg=cells, timeout=90_000, polling=250)
+    print(f"notebook open, kernel idle: {time.time() - started:.1f} s")
+
+    # Run > Run All Cells, as a person does
+    page.locator(".lm-MenuBar-item", has_text="Run").first.click()
+    page.locator(".lm-Menu-item:visible", has_text="Run All Cells").first.click()
+
+    page.wait_for_function(
+        f"""() => {{
+          const s = ({_CELL_STATE})();
+          if (s.prompts.some(p => p.includes('*'))) return false;
+          return /\\[\\d+\\]/.test(s.prompts[s.prompts.length - 1]) || s.errors.length > 0;
+        }}""", timeout=RUN_ALL_S * 1000, polling=500)
+    state = page.evaluate(_CELL_STATE)
+    page.screenshot(path=str(shots / "run_all_done.png"))  # the last cell in view
+    assert not state["errors"], "a cell failed:\n" + "\n".join(state["errors"])
+    assert all(p.strip("[]: \u00a0").isdigit() for p in state["prompts"]), state["prompts"]
+    print(f"all cells ran: {time.time() - started:.1f} s")
+
+
 @pytest.mark.timeout(240)  # typically ~60 s; generous for a loaded 2-core machine
 def test_attention_notebook_in_jupyterlab(workbench_home, request):
     _require_browser()
-    from playwright.sync_api import sync_playwright
-
     started = time.time()
     s3 = _smoke_stage3_run(workbench_home / "outputs" / "s3")
     att = workbench_home / "outputs" / "att"
@@ -268,91 +332,45 @@ def test_attention_notebook_in_jupyterlab(workbench_home, request):
         "backbone": "tiny-vit", "attention_queries": 2, "synthetic_subjects": 12,
         "synthetic_images": 4, "num_splits": 2, "device": "cpu"})
 
-    with sync_playwright() as pw:
-        browser = pw.chromium.launch(executable_path=str(CHROMIUM), headless=True,
-                                     args=CHROMIUM_ARGS)
-        page = None
-        try:
-            page = browser.new_page(viewport={"width": 1400, "height": 1000})
-            page.set_default_timeout(60_000)
-            page.goto(f"{server.base}/lab/tree/{NOTEBOOK}?token={server.token}&reset",
-                      wait_until="domcontentloaded")
-            # ready when every cell is on the page and the status bar reads
-            # "Python 3 (handclip) | Idle" (before that it says "No Kernel | Initializing", and
-            # Run All would ask for a kernel)
-            page.wait_for_function(
-                """n => {
-                  const cells = document.querySelectorAll(
-                      '.jp-NotebookPanel .jp-Notebook .jp-Cell');
-                  const bar = document.querySelector('#jp-main-statusbar');
-                  const text = bar ? bar.innerText : '';
-                  return cells.length === n && /\\|\\s*Idle/.test(text) && !/No Kernel/.test(text);
-                }""", arg=cells, timeout=90_000, polling=250)
-            print(f"notebook open, kernel idle: {time.time() - started:.1f} s")
+    with _browser_page(server, shots) as page:
+        _open_and_run_all(page, server, NOTEBOOK, cells, started, shots)
 
-            # Run > Run All Cells, as a person does
-            page.locator(".lm-MenuBar-item", has_text="Run").first.click()
-            page.locator(".lm-Menu-item:visible", has_text="Run All Cells").first.click()
+        # the ipywidgets explorer: its controls and the heatmaps in its Output
+        view = page.locator(".jp-OutputArea-output .jupyter-widgets.widget-vbox").first
+        view.wait_for(state="attached")
+        view.scroll_into_view_if_needed()
+        query = view.locator(".widget-dropdown select").first
+        assert view.locator(".widget-dropdown select").count() == 2  # query, head
+        assert view.locator(".widget-slider").count() >= 1           # k
+        assert view.locator(".widget-toggle-buttons button").count() == 2  # prompt modes
+        heatmaps = view.locator(".widget-output img")
+        page.wait_for_function(
+            """el => { const imgs = el.querySelectorAll('.widget-output img');
+                       return imgs.length >= 2 && [...imgs].every(
+                           i => i.complete && i.naturalWidth > 100); }""",
+            arg=view.element_handle(), timeout=30_000)
+        first_src = heatmaps.first.get_attribute("src")
+        broken = page.locator(".jp-NotebookPanel .jp-OutputArea-output",
+                              has_text="Error displaying widget")
+        assert broken.count() == 0, broken.all_inner_texts()
+        page.wait_for_timeout(300)  # let the layout settle before the picture
+        view.screenshot(path=str(shots / "explorer.png"))
+        page.screenshot(path=str(shots / "jupyterlab.png"))
 
-            page.wait_for_function(
-                f"""() => {{
-                  const s = ({_CELL_STATE})();
-                  if (s.prompts.some(p => p.includes('*'))) return false;
-                  return /\\[\\d+\\]/.test(s.prompts[s.prompts.length - 1]) || s.errors.length > 0;
-                }}""", timeout=RUN_ALL_S * 1000, polling=500)
-            state = page.evaluate(_CELL_STATE)
-            page.screenshot(path=str(shots / "run_all_done.png"))  # the last cell in view
-            assert not state["errors"], "a cell failed:\n" + "\n".join(state["errors"])
-            assert all(p.strip("[]: \u00a0").isdigit() for p in state["prompts"]), state["prompts"]
-            print(f"all cells ran: {time.time() - started:.1f} s")
-
-            # the ipywidgets explorer: its controls and the heatmaps in its Output
-            view = page.locator(".jp-OutputArea-output .jupyter-widgets.widget-vbox").first
-            view.wait_for(state="attached")
-            view.scroll_into_view_if_needed()
-            query = view.locator(".widget-dropdown select").first
-            assert view.locator(".widget-dropdown select").count() == 2  # query, head
-            assert view.locator(".widget-slider").count() >= 1           # k
-            assert view.locator(".widget-toggle-buttons button").count() == 2  # prompt modes
-            heatmaps = view.locator(".widget-output img")
-            page.wait_for_function(
-                """el => { const imgs = el.querySelectorAll('.widget-output img');
-                           return imgs.length >= 2 && [...imgs].every(
-                               i => i.complete && i.naturalWidth > 100); }""",
-                arg=view.element_handle(), timeout=30_000)
-            first_src = heatmaps.first.get_attribute("src")
-            broken = page.locator(".jp-NotebookPanel .jp-OutputArea-output",
-                                  has_text="Error displaying widget")
-            assert broken.count() == 0, broken.all_inner_texts()
-            page.wait_for_timeout(300)  # let the layout settle before the picture
-            view.screenshot(path=str(shots / "explorer.png"))
-            page.screenshot(path=str(shots / "jupyterlab.png"))
-
-            # pick another query: the kernel redraws the heatmaps through the widget comm
-            options = query.locator("option")
-            assert options.count() >= 2
-            query.select_option(index=1)
-            page.wait_for_function(
-                """([el, old]) => { const imgs = el.querySelectorAll('.widget-output img');
-                   return imgs.length >= 2 && imgs[0].getAttribute('src') !== old
-                          && [...imgs].every(i => i.complete && i.naturalWidth > 100); }""",
-                arg=[view.element_handle(), first_src], timeout=60_000)
-            page.wait_for_timeout(300)
-            view.screenshot(path=str(shots / "explorer_query1.png"))
-            assert broken.count() == 0, broken.all_inner_texts()
-            print(f"screenshots: {shots / 'jupyterlab.png'}, {shots / 'explorer.png'}, "
-                  f"{shots / 'explorer_query1.png'}")
-        except Exception:
-            try:
-                if page is not None:
-                    page.screenshot(path=str(shots / "failure.png"))
-                print(f"failure screenshot: {shots / 'failure.png'}")
-            except Exception:  # noqa: BLE001 - the original error matters more
-                pass
-            print(f"server log tail:\n{server.log_tail()}")
-            raise
-        finally:
-            browser.close()
+        # pick another query: the kernel redraws the heatmaps through the widget comm
+        options = query.locator("option")
+        assert options.count() >= 2
+        query.select_option(index=1)
+        page.wait_for_function(
+            """([el, old]) => { const imgs = el.querySelectorAll('.widget-output img');
+               return imgs.length >= 2 && imgs[0].getAttribute('src') !== old
+                      && [...imgs].every(i => i.complete && i.naturalWidth > 100); }""",
+            arg=[view.element_handle(), first_src], timeout=60_000)
+        page.wait_for_timeout(300)
+        view.screenshot(path=str(shots / "explorer_query1.png"))
+        assert broken.count() == 0, broken.all_inner_texts()
+        print(f"screenshots: {shots / 'jupyterlab.png'}, {shots / 'explorer.png'}, "
+              f"{shots / 'explorer_query1.png'}")
 
     # the notebook ran to its end: the attention run is recorded and its PNGs are saved
     metrics = json.loads((att / "metrics.json").read_text())
@@ -360,4 +378,112 @@ def test_attention_notebook_in_jupyterlab(workbench_home, request):
     assert (att / "figures" / "attention_query0.png").is_file()
     for name in ("jupyterlab.png", "explorer.png", "explorer_query1.png"):
         assert (shots / name).stat().st_size > 10_000, name
+    print(f"browser test: {time.time() - started:.1f} s")
+
+
+SEARCH_NOTEBOOK = "search_browser.ipynb"
+
+
+def _search_folders(synthetic_11k: Path, root: Path, people: int = 4) -> tuple[Path, Path]:
+    """``gallery/<person>/``: one dorsal_r photo of each of ``people`` people; ``queries/
+    <person>/``: another photo of each (a labelled query folder)."""
+    import shutil
+
+    from handclip_nb.data.handinfo import read_handinfo
+
+    records = [r for r in read_handinfo(synthetic_11k / "HandInfo.csv") if r.aspect == "dorsal_r"]
+    gallery, queries = root / "gallery", root / "queries"
+    for person in sorted({r.person for r in records})[:people]:
+        mine = [r for r in records if r.person == person]
+        for r, dest in zip(mine, (gallery, queries)):
+            (dest / person).mkdir(parents=True, exist_ok=True)
+            shutil.copy2(synthetic_11k / r.path, dest / person / Path(r.path).name)
+    return gallery, queries
+
+
+# JS run in the page: the search explorer's decisions, as the person reads them.
+_DECISIONS = """el => {
+  const box = el.querySelector('.handclip-search-decisions');
+  if (!box) return null;
+  const cells = [...box.querySelectorAll('tbody tr')].map(
+      tr => [...tr.querySelectorAll('td')].map(td => td.textContent.trim()));
+  const bold = box.querySelector('b');
+  return {decision: bold ? bold.textContent : '', rows: cells};
+}"""
+
+
+@pytest.mark.timeout(240)  # typically ~40 s; generous for a loaded 2-core machine
+def test_search_notebook_threshold_slider_in_jupyterlab(workbench_home, synthetic_11k,
+                                                        request):
+    """The search notebook's explorer in JupyterLab: the query's person is shown, and dragging
+    the threshold slider to either end changes the decisions it shows (every image rejected
+    and "not in gallery" at 0; every image accepted and "identified as" at the top)."""
+    _require_browser()
+    started = time.time()
+    gallery, queries = _search_folders(synthetic_11k, workbench_home / "data")
+    out = workbench_home / "outputs" / "search"
+    shots = workbench_home / "screenshots"
+    shots.mkdir()
+    server = request.getfixturevalue("lab_server")
+    print(f"jupyter lab up: {time.time() - started:.1f} s, log {server.log}")
+    top_k = 3
+    cells = _write_notebook(server.root / SEARCH_NOTEBOOK, {
+        "interactive": True, "gallery_dir": str(gallery), "query": str(queries),
+        "backbone": "tiny-vit", "top_k": top_k, "threshold": 0.5, "batch_size": 16,
+        "num_workers": 0, "decode_cache": False, "device": "cpu", "output_dir": str(out)},
+        source="search.ipynb")
+
+    with _browser_page(server, shots) as page:
+        _open_and_run_all(page, server, SEARCH_NOTEBOOK, cells, started, shots)
+        view = page.locator(".jp-OutputArea-output .jupyter-widgets.widget-vbox",
+                            has=page.locator(".handclip-search-decisions")).first
+        view.wait_for(state="attached")
+        view.scroll_into_view_if_needed()
+        page.wait_for_function(f"""el => {{ const d = ({_DECISIONS})(el);
+                                   const img = el.querySelector('.widget-output img');
+                                   return d && d.rows.length === {top_k} && img
+                                          && img.complete && img.naturalWidth > 100; }}""",
+                               arg=view.element_handle(), timeout=30_000)
+        before = view.evaluate(_DECISIONS)
+        print(f"explorer shown: {time.time() - started:.1f} s; {before}")
+        assert "query person" in view.locator(".handclip-search-decisions").inner_text()
+        handle = view.locator(".widget-slider .noUi-handle").first
+        track = view.locator(".widget-slider .noUi-base").first
+
+        def drag_to(x_of_track):
+            """Drag the slider's handle to ``x_of_track(track box)``, as a person does, and
+            return the decisions once the kernel has redrawn them and the figure."""
+            shown = view.evaluate(_DECISIONS)
+            figure = view.locator(".widget-output img").first.get_attribute("src")
+            h, t = handle.bounding_box(), track.bounding_box()
+            y = h["y"] + h["height"] / 2
+            page.mouse.move(h["x"] + h["width"] / 2, y)
+            page.mouse.down()
+            page.mouse.move(x_of_track(t), y, steps=8)
+            page.mouse.up()
+            page.wait_for_function(f"([el, old]) => {{ const d = ({_DECISIONS})(el); "
+                                   f"return d && JSON.stringify(d) !== JSON.stringify(old); }}",
+                                   arg=[view.element_handle(), shown], timeout=60_000)
+            page.wait_for_function(
+                """([el, old]) => { const img = el.querySelector('.widget-output img');
+                   return img && img.getAttribute('src') !== old && img.complete
+                          && img.naturalWidth > 100; }""",
+                arg=[view.element_handle(), figure], timeout=60_000)
+            page.wait_for_timeout(300)  # let the layout settle before the picture
+            return view.evaluate(_DECISIONS)
+
+        low = drag_to(lambda t: t["x"] - 40)  # past the left end: threshold 0
+        view.screenshot(path=str(shots / "search_threshold_0.png"))
+        high = drag_to(lambda t: t["x"] + t["width"] + 40)  # past the right end: the top
+        view.screenshot(path=str(shots / "search_threshold_top.png"))
+        print(f"slider moved: {time.time() - started:.1f} s")
+        assert "Error displaying widget" not in page.inner_text(".jp-NotebookPanel")
+
+    # columns: rank, gallery image, person, distance, threshold verdict, labels
+    assert low["decision"] == "top-1 decision: not in gallery", low
+    assert [row[4] for row in low["rows"]] == ["rejected"] * top_k, low
+    assert high["decision"].startswith("top-1 decision: identified as "), high
+    assert [row[4] for row in high["rows"]] == ["accepted"] * top_k, high
+    assert [row[:4] for row in low["rows"]] == [row[:4] for row in high["rows"]]  # same ranking
+    assert json.loads((out / "metrics.json").read_text())["stage"] == "search"
     print(f"browser test: {time.time() - started:.1f} s")

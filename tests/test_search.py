@@ -16,6 +16,7 @@ import sys
 from pathlib import Path
 from types import SimpleNamespace
 
+import matplotlib
 import matplotlib.pyplot as plt
 import numpy as np
 import pytest
@@ -271,8 +272,9 @@ def test_open_set_no_match_rankings_csv_and_metrics(folders, workbench_home):
     assert decided == [r.best_distance <= threshold for r in images]
     assert True in decided and False in decided
     table = viz.search_table(res.results, res.threshold)
-    assert list(table["decision"]) == ["match" if d else "no match in the gallery"
-                                       for d in decided] + ["not decided"]
+    assert list(table["decision"]) == [f"identified as {r.best.person}" if d else "not in gallery"
+                                       for r, d in zip(images, decided)] + \
+        ["not decided (text query)"]
 
     with open(res.rankings_csv, newline="") as fh:
         rows = list(csv.DictReader(fh))
@@ -351,6 +353,37 @@ def test_a_query_whose_only_gallery_image_is_itself_is_not_in_the_gallery(
     assert record["summary"] == s
 
 
+def test_a_query_in_a_person_folder_of_the_gallery_is_that_persons(folders, tmp_path):
+    """The gallery's layout names the person of a query image that lies in it: one image in
+    ``<gallery>/<person>/``, a query folder that is a person folder, a deeper (aspect) folder
+    under it; a labelled query folder elsewhere keeps its own labels, and an image directly in
+    the gallery folder or outside it stays unlabelled."""
+    gallery = tmp_path / "gallery"
+    shutil.copytree(folders["gallery"], gallery)
+    alice = sorted(p.name for p in gallery.iterdir())[0]
+    image = next((gallery / alice).iterdir())
+    (gallery / alice / "dorsal").mkdir()
+    shutil.copy2(image, gallery / alice / "dorsal" / "deeper.jpg")
+    shutil.copy2(image, gallery / "loose.jpg")
+    outside = tmp_path / "outside.jpg"
+    shutil.copy2(image, outside)
+
+    def persons(query):
+        p = search_params(tmp_path / "o", {**folders, "gallery": gallery}, query=str(query))
+        return {q.name: q.person for q in G.prepare_search(p).queries}
+
+    assert persons(image) == {image.name: alice}
+    assert persons(gallery / alice) == {image.name: alice, "dorsal/deeper.jpg": alice}
+    assert persons(gallery / alice / "dorsal" / "deeper.jpg") == {"deeper.jpg": alice}
+    assert persons(gallery / "loose.jpg") == {"loose.jpg": None}
+    assert persons(outside) == {"outside.jpg": None}
+    labelled = persons(folders["queries"])
+    assert labelled == {q.relative_to(folders["queries"]).as_posix(): q.parent.name
+                        for q in folders["queries"].rglob("*.jpg")}
+    assert G.gallery_person(gallery / alice / "dorsal" / "deeper.jpg", gallery) == alice
+    assert G.gallery_person(gallery, gallery) is None
+
+
 # ----------------------------------------------------------------------------- errors
 
 
@@ -419,6 +452,21 @@ def test_widget_rerenders_and_headless_never_imports_ipywidgets(folders, tmp_pat
     c["threshold"].value = 0.5
     c["use_threshold"].value = False
     assert ex.renders == 4 and ex.current_threshold() is None
+    assert c["threshold"].disabled  # the slider does nothing while the switch is off
+    assert plt.get_fignums() == []
+
+    # the slider decides: the shown decisions follow it
+    c["use_threshold"].value = True
+    assert not c["threshold"].disabled
+    c["query"].value = 0
+    first = results[0]
+    assert first.person is not None and f"query person {first.person}" in ex._decisions.value
+    c["threshold"].value = 0.0
+    assert "top-1 decision: not in gallery" in ex._decisions.value
+    assert ex._decisions.value.count("<td>rejected</td>") == len(first.matches)
+    c["threshold"].value = c["threshold"].max
+    assert f"top-1 decision: identified as {first.best.person}" in ex._decisions.value
+    assert ex._decisions.value.count("<td>accepted</td>") == len(first.matches)
     assert plt.get_fignums() == []
 
     monkeypatch.setitem(sys.modules, "ipywidgets", None)  # any import of it now fails
@@ -429,6 +477,98 @@ def test_widget_rerenders_and_headless_never_imports_ipywidgets(folders, tmp_pat
     assert all(x.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" for x in paths)
     with pytest.raises(ImportError, match="interactive=False"):
         search.explore(model, results, threshold, p, interactive=True)
+
+
+def _hand_result(folders, persons, distances, query_person="alice", in_gallery=True):
+    """A QueryResult over real gallery images, with the labels and distances given."""
+    images = sorted(folders["gallery"].rglob("*.jpg"))
+    matches = [G.RankedImage(rank=n + 1, index=n, name=f"{person or 'loose'}/{n}.jpg",
+                             path=str(images[n % len(images)]), person=person, distance=d)
+               for n, (person, d) in enumerate(zip(persons, distances))]
+    query = sorted(folders["queries"].rglob("*.jpg"))[0]
+    return G.QueryResult(query=query.name, kind="image", path=str(query), person=query_person,
+                         matches=matches, in_gallery=in_gallery)
+
+
+def _grid_panels(fig, k):
+    axes = [ax for ax in fig.axes if ax.get_images() or ax.get_title()]
+    return axes[0], axes[1:k + 1]
+
+
+@pytest.fixture()
+def figures_closed():
+    """Every figure closed after the test, also when an assertion stopped it half-way."""
+    yield
+    plt.close("all")
+
+
+def test_search_figure_says_accepted_or_rejected_never_same_person(folders, figures_closed):
+    """Under a threshold every ranked image is accepted or rejected, and only the labels say
+    ✓ same person / ✗ other person: five people accepted are not "the same person". The top-1
+    decision stands under the query, once, checked against the labels where they can."""
+    from handclip_nb import viz
+
+    persons = ["bob", "alice", "carol", None, "dave"]
+    distances = [0.1, 0.2, 0.3, 0.4, 0.5]
+    result = _hand_result(folders, persons, distances)
+    for threshold in (0.35, 0.6, 0.05):
+        fig = viz.search_grid([result], G.Threshold(threshold, "test"), k=5)
+        query_ax, panels = _grid_panels(fig, 5)
+        assert "person alice" in query_ax.get_title()
+        for ax, person, d in zip(panels, persons, distances):
+            title = ax.get_title()
+            accepted = d <= threshold  # the slow, obvious reference
+            assert (" accepted" in title, " rejected" in title) == (accepted, not accepted)
+            frame = matplotlib.colors.to_hex(ax.spines["top"].get_edgecolor())
+            assert frame == (viz.ACCEPTED if accepted else viz.REJECTED)
+            mark = "" if person is None else " ✓" if person == "alice" else " ✗"
+            assert title.endswith(f"{person}{mark}" if person else "rejected" if not accepted
+                                  else "accepted")
+        text = " ".join(t.get_text() for t in fig.findobj(matplotlib.text.Text))
+        assert "same person" not in text  # acceptance never claims it
+        decision = query_ax.get_xlabel()
+        # the top-1 is bob: accepted means identified as bob, a wrong decision (✗)
+        assert decision == ("identified as bob ✗" if threshold >= 0.1 else "not in gallery ✗")
+        plt.close(fig)
+    # a query whose person is not in the gallery: "not in gallery" is the right decision
+    away = _hand_result(folders, persons, distances, query_person="erin", in_gallery=False)
+    fig = viz.search_grid([away], 0.05, k=5)
+    assert _grid_panels(fig, 5)[0].get_xlabel() == "not in gallery ✓"
+    plt.close(fig)
+    unlabelled = _hand_result(folders, [None] * 5, distances, query_person=None,
+                              in_gallery=None)
+    fig = viz.search_grid([unlabelled], 0.15, k=5)
+    query_ax, panels = _grid_panels(fig, 5)
+    assert query_ax.get_xlabel() == "identified as loose/0.jpg (unlabelled)"
+    assert "person unknown" in query_ax.get_title()
+    plt.close(fig)
+    fig = viz.search_grid([result], None, k=5)  # no threshold: nothing accepted or rejected
+    query_ax, panels = _grid_panels(fig, 5)
+    assert query_ax.get_xlabel() == "not decided (no threshold)"
+    assert not any("accepted" in ax.get_title() or "rejected" in ax.get_title() for ax in panels)
+    plt.close(fig)
+
+
+def test_match_table_and_decisions_equal_a_slow_reference(folders):
+    from handclip_nb import viz
+
+    persons = ["bob", "alice", None, "alice", "carol"]
+    distances = [0.11, 0.2, 0.25, 0.31, 0.4]
+    result = _hand_result(folders, persons, distances)
+    for threshold in (None, 0.0, 0.2, 0.3, 1.0, -math.inf):
+        table = viz.match_table(result, threshold)
+        for row, person, d in zip(table.itertuples(index=False), persons, distances):
+            want = "" if threshold is None else "accepted" if d <= threshold else "rejected"
+            assert row.threshold == want
+            assert row.labels == ("" if person is None else
+                                  "✓ same person" if person == "alice" else "✗ other person")
+        decision = viz.search_decision(result, threshold)
+        assert decision == ("not decided (no threshold)" if threshold is None else
+                            "identified as bob" if 0.11 <= threshold else "not in gallery")
+    text = G.QueryResult(query="a palm", kind="text", path=None, person=None,
+                         matches=result.matches)
+    assert viz.search_decision(text, 0.3) == "not decided (text query)"
+    assert set(viz.match_table(text, 0.3)["threshold"]) == {""}
 
 
 def test_promptsg_run_adds_attention_heatmaps(folders, synthetic_11k, workbench_home):

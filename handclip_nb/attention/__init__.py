@@ -3,7 +3,8 @@ static heatmap figures (:mod:`.figures`) and the ipywidgets explorer with its st
 (:mod:`.explorer`; ipywidgets is imported only when a person is present)."""
 from .explorer import AttentionExplorer, explore
 from .figures import AttentionSource, Match
-from .source import ModelAttentionSource, attention_maps, attention_record, attention_summary
+from .source import (ModelAttentionSource, attention_maps, attention_record, attention_summary,
+                     gallery_relation)
 
 __all__ = ["AttentionExplorer", "explore", "AttentionSource", "Match", "ModelAttentionSource",
-           "attention_maps", "attention_record", "attention_summary"]
+           "attention_maps", "attention_record", "attention_summary", "gallery_relation"]

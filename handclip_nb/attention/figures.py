@@ -30,9 +30,11 @@ from ..data.transforms import LetterboxResize
 __all__ = ["Match", "AttentionSource", "select_head", "upsample", "normalize", "total_variation",
            "region_masses", "REGION_ROWS", "REGION_COLS", "REGION_NAMES", "overlay",
            "query_figure", "topk_figure", "aggregate_figure", "load_image",
-           "with_attention_colorbar"]
+           "with_attention_colorbar", "CORRECT", "WRONG", "DISTRACTOR"]
 
 CORRECT, WRONG = "#1a9850", "#d73027"
+#: Frame of a gallery item of the query's person under another identity (:attr:`Match.distractor`)
+DISTRACTOR = "#7b3294"
 NEUTRAL = (128, 128, 128)
 #: The 3x3 regions of :func:`region_masses`: rows top→bottom, columns left→right.
 REGION_ROWS = ("fingers/top", "palm/middle", "wrist/bottom")
@@ -50,7 +52,9 @@ class Match:
     ``image``: the gallery picture as the model saw it (PIL image or path; a picture of another
     size is letterboxed to the model's input size when drawn). ``attention``: ``[heads, gh, gw]``
     for that gallery image under the prompt mode of the ranking. ``distance``: smaller = closer.
-    ``correct``: same identity as the query.
+    ``correct``: same identity as the query. ``distractor``: for an item of another identity
+    that still shows the query's person, why the protocol counts it against the query (e.g.
+    ``"same person, dorsal_l"``: identities are per aspect); drawn as a distractor, not ✗.
     """
 
     image: ImageLike
@@ -58,6 +62,12 @@ class Match:
     distance: float
     correct: bool
     title: str = ""
+    distractor: str = ""
+
+    def __post_init__(self):
+        if self.correct and self.distractor:
+            raise ValueError(f"a match of the query's identity is not a distractor "
+                             f"({self.distractor!r}): give correct=False or no distractor")
 
 
 @runtime_checkable
@@ -301,8 +311,10 @@ def topk_figure(source: AttentionSource, i: int, k: int = 5, prompt_mode: str = 
                 head: Head = "mean"):
     """Query ``i`` and its top-``k`` gallery items: pictures on top, heatmaps below.
 
-    Green frame = same identity as the query, red = another; the distance is in each title.
-    All heatmaps share one colour scale (one colour bar on the right).
+    Green frame and ✓ = same identity as the query, red and ✗ = another person, purple =
+    a distractor: the query's person under another identity (:attr:`Match.distractor` says
+    why, e.g. another aspect); the distance is in each title. All heatmaps share one colour
+    scale (one colour bar on the right).
     """
     _check_mode(source, prompt_mode)
     size = tuple(source.image_size)
@@ -311,11 +323,14 @@ def topk_figure(source: AttentionSource, i: int, k: int = 5, prompt_mode: str = 
     items = [(q_img, select_head(source.attention(i, prompt_mode), head), None,
               f"query\n{source.query_title(i)}")]
     for r, m in enumerate(matches, 1):
-        label = f"#{r} {'✓' if m.correct else '✗'} d={float(m.distance):.3g}"
+        mark = "✓ " if m.correct else "" if m.distractor else "✗ "
+        label = f"#{r} {mark}d={float(m.distance):.3g}"
         if m.title:
             label += f"\n{m.title}"
-        items.append((load_image(m.image, size), select_head(m.attention, head),
-                      CORRECT if m.correct else WRONG, label))
+        if m.distractor:
+            label += f"\ndistractor ({m.distractor})"
+        color = CORRECT if m.correct else DISTRACTOR if m.distractor else WRONG
+        items.append((load_image(m.image, size), select_head(m.attention, head), color, label))
     vmax = max(float(g.max()) for _, g, _, _ in items) or 1e-6
     n = len(items)
     pw = _panel_width(size, 1.9)
@@ -328,7 +343,10 @@ def topk_figure(source: AttentionSource, i: int, k: int = 5, prompt_mode: str = 
         hm = overlay(axes[1][c], img, g, vmin=0.0, vmax=vmax, colorbar=False,
                      frame=color if color else "black")
     n_ok = sum(m.correct for m in matches)
-    fig.suptitle(f"top-{len(matches)} ({n_ok} correct) · {prompt_mode} prompt · "
+    n_distractors = sum(bool(m.distractor) for m in matches)
+    counts = f"{n_ok} correct" + (f", {n_distractors} distractor(s) of the query's person"
+                                  if n_distractors else "")
+    fig.suptitle(f"top-{len(matches)} ({counts}) · {prompt_mode} prompt · "
                  f"{_head_label(head)}", fontsize=10)
     return with_attention_colorbar(fig, hm)
 

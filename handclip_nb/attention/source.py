@@ -19,7 +19,8 @@ from ..models.promptsg import PromptSG, attention_entropy, prompt_sensitivity
 from ..runs import read_metrics, resolve_path
 from .figures import Match
 
-__all__ = ["attention_maps", "attention_summary", "attention_record", "ModelAttentionSource"]
+__all__ = ["attention_maps", "attention_summary", "attention_record", "gallery_relation",
+           "ModelAttentionSource"]
 
 
 @torch.no_grad()
@@ -47,6 +48,27 @@ def attention_summary(model: PromptSG, protocol: Protocol, params: Mapping,
             "max_entropy": float(np.log(chosen.shape[-1])),
             "prompt_sensitivity": float(prompt_sensitivity(composed, simplified)),
             "queries": len(queries), "prompt_mode": params["prompt_mode"]}
+
+
+def gallery_relation(protocol: Protocol, query: int, gallery: int) -> tuple[bool, str, str]:
+    """How gallery item ``gallery`` stands to query ``query`` (indices into
+    ``protocol.items``) under the protocol: (correct, distractor, title).
+
+    ``correct``: the same identity (what the ranking metrics count). ``distractor``: for the
+    query's person under another identity (11k/custom ``gallery_mode: all`` merges every
+    aspect's gallery and identities are per aspect, so the same person's other hand is a
+    distractor) the reason, ``"same person, <aspect>"``; else empty. ``title``: the item's
+    person and aspect, and "gallery-only distractor" for HD's ``502-712`` people."""
+    q, g = protocol.items[query], protocol.items[gallery]
+    correct = protocol.identities[gallery] == protocol.identities[query]
+    distractor = ""
+    if not correct and g.person == q.person:
+        distractor = (f"same person, {g.aspect}" if g.aspect != q.aspect
+                      else "same person, another identity")
+    title = f"person {g.person} · {g.aspect}"
+    if g.distractor:
+        title += "\ngallery-only distractor"
+    return correct, distractor, title
 
 
 class ModelAttentionSource:
@@ -111,11 +133,13 @@ class ModelAttentionSource:
         order = np.argsort(dist, kind="stable")[:k]
         gallery = [self.split.gallery[j] for j in order]
         maps = self._maps(prompt_mode, tuple(gallery))
-        q_id = self.protocol.identities[self.split.query[i]]
-        return [Match(image=self._image(g), attention=maps[n], distance=float(dist[j]),
-                      correct=self.protocol.identities[g] == q_id,
-                      title=f"#{n + 1} person {self.protocol.items[g].person}")
-                for n, (g, j) in enumerate(zip(gallery, order))]
+        q = self.split.query[i]
+        out = []
+        for n, (g, j) in enumerate(zip(gallery, order)):
+            correct, distractor, title = gallery_relation(self.protocol, q, g)
+            out.append(Match(image=self._image(g), attention=maps[n], distance=float(dist[j]),
+                             correct=correct, title=title, distractor=distractor))
+        return out
 
     def aggregate(self, prompt_mode: str, limit: int = 200) -> np.ndarray:
         return self._maps(prompt_mode, tuple(self.split.query[:limit]))

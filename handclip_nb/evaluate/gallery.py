@@ -6,6 +6,8 @@ What the search notebook (``notebooks/search.ipynb``) computes, without figures:
   subfolder names the person of every image under it (``<gallery>/<person>/...``, deeper
   folders such as aspect folders allowed), images directly in ``gallery_dir`` have no label.
   ``query`` is one image or a folder laid out the same way; ``query_text`` one text or a list.
+  A query image that lies in a person folder of the gallery is that person's
+  (:func:`gallery_person`), whatever the query folder's own layout.
   Every problem (missing or empty folder, a file that is not an image, an image that does not
   open, a ``run_dir`` that is not a finished stage-0/2/3 run, nothing to search for) is a
   :class:`SearchError` (or the run loader's :class:`~handclip_nb.runs.RunFolderError`) naming
@@ -62,8 +64,9 @@ from .compare import RUN_STAGES, check_evaluable
 from .features import cosine_distance, extract_features
 from .probes import _embed_texts
 
-__all__ = ["SearchError", "GalleryImage", "SearchInputs", "list_images", "prepare_search",
-           "SearchModel", "load_search_model", "model_key", "Threshold", "resolve_threshold",
+__all__ = ["SearchError", "GalleryImage", "SearchInputs", "list_images", "gallery_person",
+           "prepare_search", "SearchModel", "load_search_model", "model_key", "Threshold",
+           "resolve_threshold",
            "GalleryIndex", "INDEX_FILE", "INDEX_FORMAT", "gallery_files_key",
            "build_gallery_index", "RankedImage", "QueryResult", "rank_features",
            "search_queries", "RANKINGS_FILE", "RANKINGS_COLUMNS", "rankings_rows",
@@ -165,6 +168,27 @@ def _check_readable(images: Sequence[GalleryImage], name: str, limit: int = 10) 
             f"header of every image is checked before anything runs)")
 
 
+def gallery_person(path: str | os.PathLike, gallery_root: str | os.PathLike) -> str | None:
+    """The person an image's place in the gallery folder names: the first-level subfolder of
+    ``gallery_root`` it lies under (``<gallery>/<person>/[...]/<image>``), None for an image
+    directly in the gallery folder or outside it."""
+    try:
+        rel = Path(os.path.realpath(path)).relative_to(os.path.realpath(gallery_root))
+    except ValueError:  # not under the gallery
+        return None
+    return rel.parts[0] if len(rel.parts) > 1 else None
+
+
+def _with_gallery_person(query: GalleryImage, gallery_root: Path) -> GalleryImage:
+    """A query image inside a person folder of the gallery is that person's, whatever the
+    query folder's own layout says (a query folder ``<gallery>/alice`` holds alice's images,
+    and ``<gallery>/alice/dorsal/x.jpg`` is alice's, not a person "dorsal")."""
+    person = gallery_person(query.path, gallery_root)
+    if person is None or person == query.person:
+        return query
+    return GalleryImage(path=query.path, name=query.name, person=person)
+
+
 def prepare_search(params: Mapping[str, Any]) -> SearchInputs:
     """Check ``gallery_dir``, ``query``, ``query_text`` and ``run_dir`` (no model is built,
     nothing is written); :class:`SearchError` (or the run loader's errors) names the fix."""
@@ -203,6 +227,7 @@ def prepare_search(params: Mapping[str, Any]) -> SearchInputs:
         else:
             path = path.resolve()
             query_root, queries = path.parent, [GalleryImage(str(path), path.name, None)]
+        queries = [_with_gallery_person(q, gallery_root) for q in queries]
     _check_readable(gallery, "gallery_dir")
     _check_readable(queries, "query")
     run_dir = None
@@ -469,20 +494,49 @@ class QueryResult:
     def best_distance(self) -> float | None:
         return self.best.distance if self.best else None
 
-    def decision(self, threshold: Threshold | float | None) -> bool | None:
-        """True: the best match is accepted as the same person; False: no match in the gallery;
-        None: not decided (no threshold, or a text query)."""
-        if self.kind != "image":
+    def accepts(self, match: RankedImage | None,
+                threshold: Threshold | float | None) -> bool | None:
+        """Whether the open-set rule accepts ``match`` as this query's person (distance <=
+        threshold); None for a text query (its distances are on another scale), without a
+        threshold, or without a match. Acceptance is the rule's claim, not the truth: whether
+        the image shows the query's person is :meth:`same_person`, from the labels."""
+        if self.kind != "image" or match is None:
             return None
         if not isinstance(threshold, Threshold):
             threshold = Threshold(threshold, "given")
-        return threshold.accepts(self.best_distance)
+        return threshold.accepts(match.distance)
+
+    def same_person(self, match: RankedImage | None) -> bool | None:
+        """Whether the labels say ``match`` shows the query's person; None when the query or
+        the image is unlabelled."""
+        if self.person is None or match is None or match.person is None:
+            return None
+        return match.person == self.person
+
+    def decision(self, threshold: Threshold | float | None) -> bool | None:
+        """The open-set decision on the top-1 image. True: accepted (the query is identified as
+        the top-1 image's person); False: no match in the gallery; None: not decided (no
+        threshold, a text query, or nothing ranked)."""
+        return self.accepts(self.best, threshold)
 
     def correct(self) -> bool | None:
         """Whether the top-1 image shows the query's person (None when either is unlabelled)."""
-        if self.person is None or self.best is None or self.best.person is None:
+        return self.same_person(self.best)
+
+    def decision_correct(self, threshold: Threshold | float | None,
+                         in_gallery: bool | None = None) -> bool | None:
+        """Whether the open-set decision is right by the labels: a query whose person is in the
+        gallery must be identified as that person, one whose person is not must get "no match".
+        None when not decided, or when the labels cannot say (an unlabelled query; the top-1
+        image unlabelled). ``in_gallery`` overrides :attr:`in_gallery` (results built without
+        :func:`search_queries`)."""
+        decided = self.decision(threshold)
+        where = self.in_gallery if in_gallery is None else in_gallery
+        if decided is None or self.person is None or where is None:
             return None
-        return self.best.person == self.person
+        if not where:
+            return not decided
+        return False if not decided else self.correct()
 
 
 def rank_features(query: torch.Tensor, gallery: torch.Tensor, top_k: int,
@@ -563,7 +617,7 @@ def rankings_rows(results: Sequence[QueryResult], threshold: Threshold) -> list[
     rows = []
     for r in results:
         for m in r.matches:
-            accepted = threshold.accepts(m.distance) if r.kind == "image" else None
+            accepted = r.accepts(m, threshold)
             rows.append({"query": r.query, "query_type": r.kind, "query_person": r.person or "",
                          "rank": m.rank, "gallery_image": m.name, "person": m.person or "",
                          "distance": f"{m.distance:.6f}",
@@ -613,8 +667,9 @@ def search_summary(results: Sequence[QueryResult], threshold: Threshold,
            "top1_correct": top1, "top1_accuracy": _percent(top1, len(in_gallery)),
            "open_set_accuracy": None}
     if threshold.value is not None and (in_gallery or unknown):
-        right = sum(bool(r.decision(threshold) and r.correct()) for r in in_gallery)
-        right += sum(r.decision(threshold) is False for r in unknown)
+        # an identification whose top-1 image is unlabelled cannot be checked: counted wrong
+        right = sum(bool(r.decision_correct(threshold, person_in_gallery(r)))
+                    for r in in_gallery + unknown)
         out["open_set_accuracy"] = _percent(right, len(in_gallery) + len(unknown))
     return out
 
