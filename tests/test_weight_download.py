@@ -64,7 +64,8 @@ class LoopbackServer:
                 pass
 
         self.httpd = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-        self.thread = threading.Thread(target=self.httpd.serve_forever, daemon=True)
+        self.thread = threading.Thread(target=self.httpd.serve_forever,
+                                       kwargs={"poll_interval": 0.05}, daemon=True)
         self.thread.start()
 
     def serve(self, path: str, body: bytes, *, truncate_to: int | None = None,
@@ -153,6 +154,9 @@ def test_missing_checkpoint_is_downloaded_into_download_root_and_loaded(
         b = build_backbone("vitb16", download_root=dl, image_size=(224, 224))
     path = dl / "ViT-B-16.pt"
     assert b.weights_path == str(path) and path.read_bytes() == body
+    umask = os.umask(0)
+    os.umask(umask)
+    assert path.stat().st_mode & 0o777 == 0o666 & ~umask  # readable as any file (shared caches)
     assert b.pretrained and b.display_name == "vitb16 (OpenAI CLIP weights)"
     assert _leftovers(dl) == []
     assert not (online / ".cache" / "clip").exists()  # download_root, not clip's cache

@@ -29,9 +29,9 @@ from __future__ import annotations
 import hashlib
 import os
 import re
+import secrets
 import socket
 import sys
-import tempfile
 import urllib.error
 import urllib.parse
 import urllib.request
@@ -153,7 +153,14 @@ def _turn(lock_path: Path) -> Iterator[bool]:
     if fcntl is None:
         yield False
         return
-    with open(lock_path, "a") as fh:
+    try:
+        # read-only: flock needs no write access, so every user of a shared cache can take
+        # turns on a lock file another user created
+        fh = os.fdopen(os.open(lock_path, os.O_RDONLY | os.O_CREAT, 0o666), "rb")
+    except OSError:  # e.g. a read-only cache folder: the download fails clearly later
+        yield False
+        return
+    with fh:
         try:
             try:
                 fcntl.flock(fh.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
@@ -227,8 +234,14 @@ def download_verified(source: DownloadSource, directory: Path, *,
         if locked:
             _remove_abandoned_parts(final)
         print(f"downloading {source.url} -> {final} (first use)", file=sys.stderr, flush=True)
-        fd, tmp_name = tempfile.mkstemp(dir=directory, prefix=f".{final.name}.", suffix=".part")
-        tmp = Path(tmp_name)
+        # not tempfile.mkstemp: its 0600 would keep a shared cache's file from other users; a
+        # unique name created exclusively, with the umask's mode, as clip's own download
+        tmp = directory / f".{final.name}.{os.getpid()}-{secrets.token_hex(6)}.part"
+        try:
+            fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)
+        except OSError as exc:
+            raise DownloadError(f"cannot write into the download folder {directory}: "
+                                f"{exc.strerror}") from exc
         try:
             with os.fdopen(fd, "wb") as out:
                 try:
