@@ -11,7 +11,8 @@ pipeline cannot drift apart.
 Entries:
 
 * ``vitb16``, ``vitb32``, ``rn50``, ``rn101`` -- OpenAI CLIP weights ("ViT-B/16", ...), read
-  from a local file (nothing is ever downloaded);
+  from a local file, downloaded from :attr:`BackboneSpec.url` on first use unless downloads are
+  off (``models/weight_download.py``);
 * ``tiny-vit``, ``tiny-rn`` -- tiny, randomly initialised (seeded) CLIP architectures for fast
   tests; *untrained*;
 * ``handclip-mini`` -- a small CLIP pretrained on captioned synthetic hands, shipped in
@@ -175,7 +176,7 @@ class BackboneSpec:
 
     @property
     def url(self) -> Optional[str]:
-        """OpenAI's download address of the weights (for messages; never fetched)."""
+        """OpenAI's download address of the weights (``clip``'s; fetched on first use)."""
         if self.openai_name is None:
             return None
         # imported here, not at the top: clip imports torch, and this module must stay cheap
@@ -195,6 +196,7 @@ class BackboneSpec:
 
     @property
     def sha256(self) -> Optional[str]:
+        """SHA-256 of OpenAI's file: the address's last folder, as ``clip._download`` reads it."""
         return self.url.split("/")[-2] if self.openai_name else None
 
 

@@ -163,7 +163,13 @@ SCHEMA: dict[str, ParamSpec] = {
         _spec("weights", "path", None,
               "local CLIP checkpoint (.pt); None = clip's cache (~/.cache/clip) or download_root",
               optional=True),
-        _spec("download_root", "path", None, "folder holding CLIP .pt files", optional=True),
+        _spec("download_root", "path", None,
+              "folder holding CLIP .pt files, and where a download goes; None = ~/.cache/clip",
+              optional=True),
+        _spec("download", "bool", True,
+              "download OpenAI's CLIP checkpoint on first use when download_root and "
+              "~/.cache/clip lack it (SHA-256 checked, as clip.load); False = local files only "
+              "(HANDCLIP_OFFLINE=1 in the environment turns downloads off for every run)"),
         _spec("image_size", "size", None,
               "input size [height, width] (or one int for square); None = the backbone's "
               "4:3 default", optional=True),
@@ -758,9 +764,9 @@ def exif_orientation_for(value: str, dataset: str | None, stage: str | None) -> 
 
 
 #: Parameters that never change a run's numbers (where it writes, how many loader workers,
-#: caches, widgets, links to other run folders, whose own identity counts instead); they are
+#: caches, whether a missing checkpoint may be downloaded (a file has one SHA-256), widgets, links to other run folders, whose own identity counts instead); they are
 #: left out of a run's identity (:func:`run_identity`).
-NOT_RESULTS = frozenset({"output_dir", "resume", "num_workers", "decode_cache",
+NOT_RESULTS = frozenset({"output_dir", "resume", "num_workers", "decode_cache", "download",
                          "decode_cache_max_gb", "feature_cache",
                          "interactive", "show_k", "stage1_dir", "init_from", "stage3_dir",
                          "runs", "run_dir"})

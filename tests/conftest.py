@@ -11,6 +11,11 @@ SHARED = REPO.parent / "shared"
 REAL_HANDINFO = SHARED / "data" / "11k" / "HandInfo.csv"
 REAL_HD_LISTING = SHARED / "data" / "hd" / "hd_listing.csv"
 
+# No test may reach the internet for CLIP weights: downloads are off for the whole session
+# (notebook kernels and subprocesses inherit it); tests/test_weight_download.py turns them on
+# against its own loopback server.
+os.environ["HANDCLIP_OFFLINE"] = "1"
+
 # Headless: no display, so matplotlib picks Agg by itself here, and the notebooks' kernels keep
 # their inline backend (setting MPLBACKEND would leak into them and hide the figures).
 

@@ -9,7 +9,7 @@ from .backbones import (ClipBackbone, ImageFeatures, backbone_fingerprint, backb
 from .heads import ArcFaceClassifier, BNNeck, LinearClassifier, ReIDHead, build_classifier
 from .prompts import PromptComposer, PromptLearner, aspect_phrase
 from .reid import ReIDModel
-from .weight_files import IncompatibleWeightsError, WeightsNotFoundError
+from .weight_files import IncompatibleWeightsError, WeightsDownloadError, WeightsNotFoundError
 
 __all__ = [
     "BACKBONES",
@@ -20,6 +20,7 @@ __all__ = [
     "ImageFeatures",
     "IncompatibleWeightsError",
     "WeightsNotFoundError",
+    "WeightsDownloadError",
     "available_backbones",
     "backbone_fingerprint",
     "backbone_from_params",

@@ -13,7 +13,8 @@ and exposing one image-encoder interface (timm-like)::
 
 The entries (names, architectures, default input sizes, preprocessing) are the registry in
 :mod:`handclip_nb.backbone_specs`; weight files are found and read by
-:mod:`.weight_files` (nothing is ever downloaded: a missing file raises
+:mod:`.weight_files` (OpenAI's checkpoints are downloaded on first use, SHA-256 checked, by
+:mod:`.weight_download`; with downloads off a missing file raises
 :class:`~.weight_files.WeightsNotFoundError` at once, saying where we looked and how to supply
 it); positional embeddings are resized by :mod:`.positional`. :func:`backbone_from_params` is
 the one way the stages build a backbone from their parameters. Untrained models say so in
@@ -460,6 +461,7 @@ def build_backbone(
     rn_last_stride: int = 2,
     pixel_mean: Optional[Sequence[float]] = None,
     pixel_std: Optional[Sequence[float]] = None,
+    download: bool = True,
 ) -> ClipBackbone:
     """Build a backbone by registry name: fp32, adapted to ``image_size`` (H, W; None = the
     entry's default), eval mode, on ``device``; its :meth:`~ClipBackbone.preprocess_config` is
@@ -472,7 +474,10 @@ def build_backbone(
       etc.), else the file ``clip`` would download, looked for in ``download_root`` then
       ``~/.cache/clip``. TorchScript release files go through ``clip.load(path, device="cpu",
       jit=False)``; plain state dicts through ``clip.model.build_model`` (clip.load's fallback).
-      Missing file -> :class:`WeightsNotFoundError` at once; nothing is ever downloaded.
+      Missing file: downloaded into ``download_root`` (else ``~/.cache/clip``) and SHA-256
+      checked, as ``clip.load`` does (:mod:`.weight_download`: atomic, safe for concurrent jobs;
+      ``HANDCLIP_CLIP_MIRROR`` / ``HANDCLIP_CLIP_URL_<NAME>`` name another address);
+      ``download=False`` or ``HANDCLIP_OFFLINE=1``: :class:`WeightsNotFoundError` at once.
     * Arch entries (``tiny-vit``, ``tiny-rn``): random init from ``seed`` (untrained, seeded without
       touching the global RNG) unless ``weights`` (or the entry's shipped file) is given: a state dict
       of this architecture (e.g. ``torch.save(backbone.clip.state_dict(), p)`` at the native size),
@@ -502,13 +507,16 @@ def build_backbone(
                                  f"{', each > 0' if label == 'pixel_std' else ''}, got {value}")
             preprocess = dataclasses.replace(preprocess, **{label[6:]: value})
 
-    path = resolve_weights_file(spec, weights, download_root)
+    path = resolve_weights_file(spec, weights, download_root, download=download)
     meta = None
     if path is None:  # random init
         model, arch, pretrained, label = build_arch(spec.arch, seed), dict(spec.arch), False, "untrained"
     else:
-        official = spec.openai_name is not None and path.name == spec.weights_basename
-        label = spec.weights_label if (weights is None or official) else f"weights from {path.name}"
+        # an OpenAI entry's label claims OpenAI's weights only for a file of OpenAI's name (a
+        # download of another SHA-256 is kept under another name, weight_download.py)
+        official = path.name == spec.weights_basename if spec.openai_name is not None \
+            else weights is None
+        label = spec.weights_label if official else f"weights from {path.name}"
         pretrained = True
         if is_torchscript_archive(path):
             sd = None if spec.openai_name is not None else read_torchscript_state_dict(path, spec)
@@ -549,7 +557,7 @@ def build_backbone(
 
 def backbone_from_params(params: Mapping[str, Any], device=None) -> ClipBackbone:
     """The backbone a stage's parameters name: ``backbone``, ``weights``, ``download_root``,
-    ``image_size``, ``resize_mode``, ``rn_last_stride``, ``pixel_mean``, ``pixel_std``, ``seed``
+    ``download``, ``image_size``, ``resize_mode``, ``rn_last_stride``, ``pixel_mean``, ``pixel_std``, ``seed``
     (the init of untrained models) and ``device`` (``device`` here overrides the parameter).
     On CUDA it also applies ``tf32`` (process-wide) and ``channels_last`` (ResNet towers)."""
     backbone = build_backbone(params["backbone"], weights=params.get("weights"),
@@ -558,7 +566,8 @@ def backbone_from_params(params: Mapping[str, Any], device=None) -> ClipBackbone
                           seed=params.get("seed", 0), download_root=params.get("download_root"),
                           resize_mode=params.get("resize_mode", "pad"),
                           rn_last_stride=params.get("rn_last_stride", 2),
-                          pixel_mean=params.get("pixel_mean"), pixel_std=params.get("pixel_std"))
+                          pixel_mean=params.get("pixel_mean"), pixel_std=params.get("pixel_std"),
+                          download=params.get("download", True))
     if backbone.device.type == "cuda":
         configure_cuda(params.get("tf32", True))
         if params.get("channels_last", True):

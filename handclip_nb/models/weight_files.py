@@ -1,6 +1,7 @@
-"""Weight files of the backbones: where to look (never downloading), the shipped file's
-SHA-256, OpenAI's TorchScript releases and plain state dicts, our own ``save_weights`` format,
-and errors that say what was looked at and how to fix it."""
+"""Weight files of the backbones: where to look (and, for OpenAI's checkpoints, downloading
+them on first use through :mod:`.weight_download`), the shipped file's SHA-256, OpenAI's
+TorchScript releases and plain state dicts, our own ``save_weights`` format, and errors that
+say what was looked at and how to fix it."""
 from __future__ import annotations
 
 import hashlib
@@ -19,8 +20,10 @@ with warnings.catch_warnings():  # openai-clip imports pkg_resources, which warn
 
 from ..backbone_specs import BACKBONES, BackboneSpec
 from .clip_arch import arch_from_state_dict, arch_of, describe_arch
+from .weight_download import (MIRROR_ENV, OFFLINE_ENV, DownloadError, DownloadSource,
+                              download_source, download_verified, offline_from_env, url_env_name)
 
-__all__ = ["WeightsNotFoundError", "IncompatibleWeightsError", "SAVE_FORMAT", "default_cache_dir",
+__all__ = ["WeightsNotFoundError", "WeightsDownloadError", "IncompatibleWeightsError", "SAVE_FORMAT", "default_cache_dir",
            "resolve_weights_file", "is_torchscript_archive", "read_checkpoint",
            "read_torchscript_state_dict", "load_into", "check_openai_arch", "load_openai_jit",
            "build_openai_state_dict"]
@@ -40,6 +43,11 @@ class WeightsNotFoundError(FileNotFoundError):
 
     def __str__(self) -> str:  # FileNotFoundError's default str() would drop the message
         return self.args[0]
+
+
+class WeightsDownloadError(WeightsNotFoundError):
+    """Downloading a missing checkpoint failed (no network, HTTP error, truncated or corrupt
+    file); nothing was left at the final path."""
 
 
 class IncompatibleWeightsError(ValueError):
@@ -64,27 +72,51 @@ def is_torchscript_archive(path: Path) -> bool:
 
 
 
-def _not_found(spec: BackboneSpec, searched: Sequence[str], explicit: Optional[str]) -> WeightsNotFoundError:
-    base = spec.weights_basename or (os.path.basename(spec.weights_file) if spec.weights_file else "weights.pt")
+def _not_found(spec: BackboneSpec, searched: Sequence[str], explicit: Optional[str],
+               source: Optional[DownloadSource] = None,
+               failure: Optional[DownloadError] = None) -> WeightsNotFoundError:
+    """The error for a missing file: where we looked, why nothing was downloaded (downloads
+    off, or the download's failure), and every way to supply the file."""
+    base = (source.file_name if source is not None else spec.weights_basename) or \
+        (os.path.basename(spec.weights_file) if spec.weights_file else "weights.pt")
     lines = [f"No weight file for backbone {spec.name!r} ({spec.description})."]
     if explicit is not None:
         lines.append(f"weights={explicit!r}: file not found (looked at: {', '.join(searched)}).")
     else:
         lines.append("Looked for:")
         lines += [f"  - {p}" for p in searched]
-    lines.append("handclip_nb never downloads weights. Supply them in one of these ways:")
+    if failure is not None:
+        lines.append(f"Downloading it from {source.url} into {Path(searched[0]).parent} failed: "
+                     f"{failure}. Nothing was kept.")
+        lines.append(f"Without a network, supply the file in one of these ways (and set "
+                     f"download=False or {OFFLINE_ENV}=1 to skip the download):")
+    elif source is not None:
+        lines.append(f"Downloads are off (download=False, or {OFFLINE_ENV}=1 in the environment). "
+                     f"Supply the file in one of these ways:")
+    else:
+        lines.append("Supply the file in one of these ways:")
     lines.append(f"  - pass weights='/path/to/{base}' (papermill: -p weights /path/to/{base});")
     if spec.openai_name is not None:
         lines.append(f"  - place {base} in {default_cache_dir()} (clip's cache, ~/.cache/clip);")
         lines.append(f"  - or pass download_root='/some/dir' for a folder that holds {base}.")
-        lines.append(f"The file is OpenAI's release: {spec.url} (sha256 {spec.sha256}); on a machine with internet,")
-        lines.append(f"  python -c \"import clip; clip.load('{spec.openai_name}', device='cpu')\" puts it in ~/.cache/clip.")
+        url = source.url if source is not None else spec.url
+        sha = source.sha256 if source is not None else spec.sha256
+        lines.append(f"The file is at {url} (sha256 {sha}); with a network, download=True "
+                     f"(the default) fetches it on first use (an internal mirror: "
+                     f"{MIRROR_ENV}=<base URL> or {url_env_name(spec)}=<URL>).")
     lines.append("For runs without weights use the untrained backbones 'tiny-vit' or 'tiny-rn'.")
-    return WeightsNotFoundError("\n".join(lines), backbone=spec.name, searched=searched, url=spec.url)
+    error = WeightsNotFoundError if failure is None else WeightsDownloadError
+    return error("\n".join(lines), backbone=spec.name, searched=searched,
+                 url=source.url if source is not None else spec.url)
 
 
-def resolve_weights_file(spec: BackboneSpec, weights, download_root) -> Optional[Path]:
-    """The weight file to load, ``None`` for a random-init arch, or raise WeightsNotFoundError."""
+def resolve_weights_file(spec: BackboneSpec, weights, download_root,
+                         download: bool = True) -> Optional[Path]:
+    """The weight file to load, ``None`` for a random-init arch, or raise WeightsNotFoundError.
+
+    An OpenAI entry's file is looked for in ``download_root`` then ``~/.cache/clip``; where
+    neither holds it and downloads are on (``download`` and no ``HANDCLIP_OFFLINE=1``), it is
+    downloaded into the first of them (:func:`.weight_download.download_verified`)."""
     if weights is not None:
         p = Path(os.path.expanduser(os.fspath(weights)))
         if p.is_dir():  # a folder holding the expected file
@@ -97,15 +129,21 @@ def resolve_weights_file(spec: BackboneSpec, weights, download_root) -> Optional
             return p
         raise _not_found(spec, [str(p)], os.fspath(weights))
     if spec.openai_name is not None:
+        source = download_source(spec)  # the environment may name another address and file
         dirs = []
         if download_root is not None:
             dirs.append(Path(os.path.expanduser(os.fspath(download_root))))
         dirs.append(Path(default_cache_dir()))
-        cands = [d / spec.weights_basename for d in dirs]
+        cands = [d / source.file_name for d in dirs]
         for c in cands:
             if c.is_file():
                 return c
-        raise _not_found(spec, [str(c) for c in cands], None)
+        if not download or offline_from_env():
+            raise _not_found(spec, [str(c) for c in cands], None, source)
+        try:
+            return download_verified(source, dirs[0])
+        except DownloadError as exc:
+            raise _not_found(spec, [str(c) for c in cands], None, source, exc) from exc
     if spec.weights_file is not None:
         p = Path(spec.weights_file)
         if p.is_file():
