@@ -69,3 +69,18 @@ def test_every_notebook_declares_every_stage_section(notebook):
     assign: a -f file's sections (stage1: ...) are declared (None) in every notebook."""
     declared = parameters_cell(notebook)
     assert [s for s in STAGES if s not in declared] == []
+
+
+@pytest.mark.parametrize("notebook", sorted(NOTEBOOK_STAGES))
+def test_papermill_reads_every_line_of_the_parameters_cell(notebook, caplog):
+    """papermill parses a parameters cell line by line (``name = value  # help``); a line it
+    cannot parse (an ``=`` in the comment) logs "Unable to parse line" on every run and makes
+    ``-p`` of that name warn "Passed unknown parameter"."""
+    import logging
+
+    import papermill as pm
+
+    with caplog.at_level(logging.WARNING):
+        found = pm.inspect_notebook(str(NOTEBOOKS_DIR / notebook))
+    assert "Unable to parse" not in caplog.text
+    assert set(found) == set(parameters_cell(notebook))
