@@ -106,7 +106,7 @@ def test_far_interval_is_the_union_of_both_and_says_so():
     b, s = record["ci_binomial"], record["ci_identity_bootstrap"]
     assert record["ci"] == [min(b[0], s[0]), max(b[1], s[1])]
     assert record["ci"][0] <= record["far"] <= record["ci"][1]
-    assert record["people"] == 6 and record["impostor_pairs"] == 6 * 4 * 5
+    assert record["num_identities"] == 6 and record["impostor_pairs"] == 6 * 4 * 5
     zero = O.far_interval(O.identity_pair_counts(dist, q, g, -1.0))
     # no false accept: the bootstrap collapses to 0, the binomial upper end stays
     assert zero["ci_identity_bootstrap"] == [0.0, 0.0] and zero["ci"][1] > 0
@@ -161,7 +161,7 @@ def test_open_set_record_states_identities_pairs_interval_and_test_far(protocol)
     assert cal["far"] == pytest.approx(record["far_measured"]) and cal["far"] <= 0.5
     assert cal["ci"][0] <= cal["far"] <= cal["ci"][1]
     split, _ = P.calibration_split(protocol, True)
-    assert cal["people"] == len(set(protocol.ids_of([*split.query, *split.gallery])))
+    assert cal["num_identities"] == len(set(protocol.ids_of([*split.query, *split.gallery])))
     assert record["enough_pairs"] and record["warning"] is None
     # the test identities' pooled FAR: every split's pairs at the calibrated threshold
     pooled = record["test"]["pooled"]
@@ -172,7 +172,7 @@ def test_open_set_record_states_identities_pairs_interval_and_test_far(protocol)
     assert pooled["impostor_pairs"] == sum(p.impostor_pairs for p in points)
     assert pooled["false_accepts"] == round(sum(p.far * p.impostor_pairs for p in points))
     assert pooled["identities"] == O.NEVER_TRAINED
-    assert pooled["people"] == len({i for s in protocol.test
+    assert pooled["num_identities"] == len({i for s in protocol.test
                                     for i in protocol.ids_of([*s.query, *s.gallery])})
     assert record["test"]["far_per_split"] == pytest.approx([p.far for p in points])
     never, _ = _calibrate(protocol, 0.5, fitted=False)
@@ -214,3 +214,141 @@ def test_records_without_reliability_say_what_they_lack():
     old = {"threshold": 0.3, "far_target": 0.01, "calibrated_on": "fitted training identities",
            "far_measured": 0.01, "tar_measured": 0.5, "pairs": {"genuine": 3, "impostor": 9}}
     assert "re-run the stage" in O.describe_open_set(old)
+
+
+# --------------------------------------------------------------------------- the search
+
+
+@pytest.fixture(scope="module")
+def search_folders(synthetic_11k, tmp_path_factory):
+    """``gallery``: one dorsal_r photo of 3 people, ``queries``: two more of each; ``calib``:
+    every dorsal_r photo of 6 other people (``<person>/<image>``), the never-trained ones."""
+    import shutil
+    from pathlib import Path
+
+    from handclip_nb.data.handinfo import read_handinfo
+
+    records = [r for r in read_handinfo(synthetic_11k / "HandInfo.csv") if r.aspect == "dorsal_r"]
+    people = sorted({r.person for r in records})
+    root = tmp_path_factory.mktemp("calibrated_search")
+    for n, person in enumerate(people[:9]):
+        mine = [r for r in records if r.person == person]
+        targets = ([root / "gallery"] + [root / "queries"] * 2) if n < 3 \
+            else [root / "calib"] * len(mine)
+        for r, dest in zip(mine, targets):
+            (dest / person).mkdir(parents=True, exist_ok=True)
+            shutil.copy2(synthetic_11k / r.path, dest / person / Path(r.path).name)
+    return root
+
+
+def _search_params(root, **values):
+    from handclip_nb.params import resolve_params
+
+    given = dict(backbone="tiny-vit", gallery_dir=str(root / "gallery"),
+                 query=str(root / "queries"), batch_size=16, num_workers=0,
+                 decode_cache=False, output_dir=str(root / "out"))
+    return resolve_params({**given, **values}, stage="search")
+
+
+def test_search_calibrates_on_never_trained_people_and_says_so(search_folders, workbench_home):
+    from handclip_nb.evaluate import gallery as G
+    from handclip_nb.evaluate.verification import calibrate_threshold
+    from handclip_nb.runs import read_metrics
+    from handclip_nb.search import run_search
+
+    params = _search_params(search_folders, calibration_dir=str(search_folders / "calib"),
+                            open_set_far=0.05)
+    res = run_search(params)
+    inputs = G.prepare_search(params)
+    calibration = G.calibrate_search(res.model, inputs, params)
+    assert len(calibration.gallery_ids) == 6 == len(set(calibration.gallery_ids))
+    assert len(calibration.query_ids) == 6 * 5 - 6
+    point = calibrate_threshold(calibration.distances, calibration.query_ids,
+                                calibration.gallery_ids, 0.05)
+    assert res.threshold.value == point.threshold
+    r = res.threshold.reliability
+    assert r["calibration"]["identities"] == O.NEVER_TRAINED
+    assert r["calibration"]["impostor_pairs"] == point.impostor_pairs == 24 * 5
+    assert r["calibration"]["far"] == pytest.approx(point.far)
+    assert r["warning"] is not None and "120 on calibration_dir" in r["warning"]
+    text = res.threshold.describe_reliability()
+    assert "calibrated in this search for FAR 0.05 on 6 never-trained people" in text
+    assert "calibrated on never-trained identities: FAR" in text and "WARNING" in text
+    m = read_metrics(params.output_dir)
+    assert m["threshold"]["reliability"]["calibration"]["num_identities"] == 6
+    # a given threshold is measured on the same never-trained people, not re-chosen there
+    given = G.resolve_threshold(res.model, 0.5, None, calibration)
+    assert given.value == 0.5 and given.reliability["calibration"] is None
+    measured = given.reliability["never_trained"][0]
+    assert measured["far"] == pytest.approx(
+        far_at_threshold(calibration.distances, calibration.query_ids,
+                         calibration.gallery_ids, 0.5).far)
+    assert "chosen by you, not calibrated" in given.describe_reliability()
+
+
+def test_a_run_threshold_is_measured_on_calibration_people_and_test_identities():
+    from types import SimpleNamespace
+
+    from handclip_nb.evaluate import gallery as G
+    from handclip_nb.run_loader import RunInfo
+
+    interval = {"far": 0.0099, "false_accepts": 172, "impostor_pairs": 17400, "num_identities": 30,
+                "ci": [0.008, 0.012], "confidence": 0.95, "tar": 0.8}
+    open_set = {"threshold": 0.25, "far_target": 0.01, "calibrated_on": "fitted training "
+                "identities", "calibration": {"identities": "fitted", **interval},
+                "warning": None,
+                "test": {"pooled": {**interval, "identities": "never-trained", "far": 0.0045,
+                                    "num_identities": 30}}}
+    info = RunInfo(name="run", folder="/r", stage="stage2", params={"flip_tta": False},
+                   recorded={"open_set": open_set}, backbone_display="x")
+    model = SimpleNamespace(run=SimpleNamespace(info=info))
+    t = G.resolve_threshold(model)
+    text = t.describe_reliability()
+    assert t.value == 0.25
+    assert "calibrated on fitted identities: FAR 0.99 % (172 false accepts of 17,400" in text
+    assert "a stranger's impostor pairs lie closer" in text
+    assert ("on never-trained identities (the run's 30 test identities, never used to choose "
+            "it): FAR 0.45 %") in text
+    assert "no calibration_dir" in text
+    calibration = G.SearchCalibration(root="/c", distances=np.array([[0.1, 0.2], [0.3, 0.05]]),
+                                      query_ids=["a", "b"], gallery_ids=["a", "b"],
+                                      far_target=0.5)
+    with_dir = G.resolve_threshold(model, calibration=calibration)
+    run_on_dir = with_dir.reliability["never_trained"][0]
+    assert "the run's threshold cosine distance <= 0.2500" in run_on_dir["where"]
+    assert run_on_dir["far"] == 0.5  # 0.2 accepted, 0.3 not
+    old = G.resolve_threshold(SimpleNamespace(run=SimpleNamespace(info=RunInfo(
+        name="run", folder="/r", stage="stage2", params={}, backbone_display="x",
+        recorded={"open_set": {"threshold": 0.2, "far_target": 0.01,
+                               "calibrated_on": "x"}}))))
+    assert "predates reliability records" in old.describe_reliability()
+
+
+def test_bad_calibration_dir_fails_early_naming_the_fix(search_folders, tmp_path):
+    import shutil
+
+    from handclip_nb.evaluate import gallery as G
+
+    with pytest.raises(G.SearchError, match="calibration_dir .* does not exist"):
+        G.prepare_search(_search_params(search_folders, calibration_dir=str(tmp_path / "no")))
+    with pytest.raises(G.SearchError, match="also gallery or query images"):
+        G.prepare_search(_search_params(search_folders,
+                                        calibration_dir=str(search_folders / "queries")))
+    one = tmp_path / "one"
+    shutil.copytree(next((search_folders / "calib").iterdir()), one / "p1")
+    with pytest.raises(G.SearchError, match="holds one person"):
+        G.prepare_search(_search_params(search_folders, calibration_dir=str(one)))
+    labelled = tmp_path / "labelled"
+    shutil.copytree(search_folders / "calib", labelled)
+    people = sorted(p.name for p in labelled.iterdir())
+    rows = ["image,person,split"] + [
+        f"{p.relative_to(labelled).as_posix()},{p.parent.name},"
+        f"{'train' if people.index(p.parent.name) < 3 else 'test'}"
+        for p in sorted(labelled.rglob("*.jpg"))]
+    (labelled / "labels.csv").write_text("\n".join(rows) + "\n")
+    with pytest.raises(G.SearchError, match="every calibration person is a stranger"):
+        G.prepare_search(_search_params(search_folders, calibration_dir=str(labelled)))
+    from handclip_nb.params import ParamError
+
+    with pytest.raises(ParamError, match="open_set_far"):
+        _search_params(search_folders, open_set_far=1.5)

@@ -204,7 +204,7 @@ def identity_bootstrap_interval(counts: IdentityPairCounts, confidence: float = 
 
 def far_interval(counts: IdentityPairCounts, confidence: float = CONFIDENCE) -> dict:
     """The FAR of ``counts`` with its interval (module docstring), JSON-ready: ``far``,
-    ``false_accepts``, ``impostor_pairs``, ``people``, ``ci`` (the union of the two below),
+    ``false_accepts``, ``impostor_pairs``, ``num_identities``, ``ci`` (the union of the two below),
     ``ci_binomial`` (Clopper–Pearson over pairs), ``ci_identity_bootstrap``, ``confidence``."""
     k, n = counts.total_false_accepts, counts.total_impostor_pairs
     if n == 0:
@@ -212,7 +212,7 @@ def far_interval(counts: IdentityPairCounts, confidence: float = CONFIDENCE) -> 
     binomial = clopper_pearson(k, n, confidence)
     bootstrap = identity_bootstrap_interval(counts, confidence)
     return {"far": k / n, "false_accepts": k, "impostor_pairs": n,
-            "people": len(counts.identities),
+            "num_identities": len(counts.identities),
             "ci": [min(binomial[0], bootstrap[0]), max(binomial[1], bootstrap[1])],
             "ci_binomial": list(binomial), "ci_identity_bootstrap": list(bootstrap),
             "confidence": float(confidence)}
@@ -275,7 +275,7 @@ def _ci(interval: Sequence[float], confidence: float = CONFIDENCE) -> str:
 def measured_text(m: Mapping[str, Any]) -> str:
     """One :func:`far_interval` record (plus ``tar`` when present) in words."""
     text = (f"FAR {_pct(m['far'])} ({m['false_accepts']:,} false accepts of "
-            f"{m['impostor_pairs']:,} impostor pairs, {m['people']} people; "
+            f"{m['impostor_pairs']:,} impostor pairs, {m['num_identities']} identities; "
             f"{_ci(m['ci'], m.get('confidence', CONFIDENCE))})")
     if m.get("tar") is not None:
         text += f", TAR {_pct(m['tar'])}"
@@ -294,7 +294,7 @@ def describe_open_set(open_set: Mapping[str, Any] | None) -> str:
         return ("calibrated before reliability was recorded (no identities kind, impostor "
                 "pairs or interval): re-run the stage to record them")
     kind = calibration["identities"]
-    lines = [f"calibrated for FAR {_pct(open_set['far_target'])} on {calibration['people']} "
+    lines = [f"calibrated for FAR {_pct(open_set['far_target'])} on {calibration['num_identities']} "
              f"{kind} identities ({open_set['calibrated_on']}): {measured_text(calibration)}"]
     if kind == FITTED:
         lines.append("  the model trained on these people; a stranger's impostor pairs lie "
