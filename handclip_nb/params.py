@@ -249,9 +249,10 @@ SCHEMA: dict[str, ParamSpec] = {
               "records both either way", choices=AP_MODES),
         _spec("feature_cache", "bool", True, "cache extracted features on disk"),
         _spec("open_set_far", "float", 0.01,
-              "FAR of the open-set threshold (stored in metrics.json for the search notebook), "
-              "calibrated on training identities only", minimum=0.0,
-              stages=("stage0", "stage2", "stage3", "evaluation")),
+              "FAR of the open-set threshold, a fraction in (0, 1]: the stages calibrate it on "
+              "training identities only (stored in metrics.json for the search notebook); the "
+              "search notebook on calibration_dir's people", minimum=0.0,
+              stages=("stage0", "stage2", "stage3", "evaluation", "search")),
         _spec("show_k", "int", 5, "gallery images shown per query in retrieval grids", minimum=1),
         # --- presentation -----------------------------------------------------------------
         _spec("interactive", "bool", False,
@@ -462,9 +463,17 @@ SCHEMA: dict[str, ParamSpec] = {
         _spec("top_k", "int", 5, "gallery images ranked, shown and written per query",
               minimum=1, stages=("search",)),
         _spec("threshold", "float", None,
-              "open-set threshold (cosine distance; <= threshold = the same person); None = "
-              "the run's calibrated one (metrics.json open_set), none for a zero-shot backbone",
+              "open-set threshold (cosine distance; a gallery image at or below it is accepted "
+              "as the query's person); None = "
+              "calibrated on calibration_dir when set, else the run's calibrated one "
+              "(metrics.json open_set), none for a zero-shot backbone",
               optional=True, minimum=0.0, stages=("search",)),
+        _spec("calibration_dir", "path", None,
+              "people no model of yours trained on, to calibrate the open-set threshold at "
+              "open_set_far and measure its FAR on (one folder per person, or a labels.csv with "
+              "image,person[,split query/gallery]; none of them among the gallery or query "
+              "images); None = the run's threshold, calibrated on its training identities",
+              optional=True, stages=("search",)),
     ]
 }
 
@@ -734,6 +743,9 @@ def resolve_params(values: Mapping[str, Any] | None = None, stage: str = "stage0
     if out.get("decode_cache_max_gb") is not None and out["decode_cache_max_gb"] <= 0:
         raise _fail(SCHEMA["decode_cache_max_gb"], out["decode_cache_max_gb"],
                     "must be > 0 (None = no cap; decode_cache: false = no cache)")
+    if "open_set_far" in out and not 0.0 < out["open_set_far"] <= 1.0:
+        raise _fail(SCHEMA["open_set_far"], out["open_set_far"],
+                    "must be a fraction in (0, 1], e.g. 0.01 for FAR 1 %")
     if out["val_fraction"] >= 1.0:
         raise _fail(SCHEMA["val_fraction"], out["val_fraction"], "must be < 1")
     if "exif_orientation" in out:  # params.yaml records the policy the run really used

@@ -34,9 +34,9 @@ from .attention.explorer import (figure_png, import_ipywidgets, in_ipython, rend
 from .attention.figures import load_image, overlay, select_head, with_attention_colorbar
 from .attention.source import attention_maps
 from .evaluate.gallery import (RANKINGS_FILE, GalleryIndex, QueryResult, SearchInputs,
-                               SearchModel, Threshold, build_gallery_index, load_search_model,
-                               prepare_search, resolve_threshold, search_queries, search_record,
-                               write_rankings_csv)
+                               SearchModel, Threshold, build_gallery_index, calibrate_search,
+                               load_search_model, prepare_search, resolve_threshold,
+                               search_queries, search_record, write_rankings_csv)
 from .params import Params, resolve_params
 from .viz import match_table, search_decision, search_grid, search_match_label, search_table
 
@@ -270,7 +270,8 @@ def run_search(params: Mapping[str, Any], show: bool = False) -> SearchRun:
     inputs = prepare_search(params)
     run = runs.start_run(params)
     model = load_search_model(params, inputs)
-    threshold = resolve_threshold(model, params["threshold"], params["flip_tta"])
+    threshold = resolve_threshold(model, params["threshold"], params["flip_tta"],
+                                  calibrate_search(model, inputs, params))
     index = build_gallery_index(model, inputs, run.output_dir, params)
     results = search_queries(model, index, inputs, params)
     explorer = SearchExplorer(model, results, threshold, params, out_dir=run.figures_dir)

@@ -12,6 +12,7 @@ import pandas as pd
 from .constants import METRIC_LABELS, METRIC_NAMES
 from .data.image_files import open_image
 from .data.protocols import Protocol
+from .evaluate.open_set import describe_open_set
 from .evaluate.verification import VERIFICATION_METRIC_LABELS, VERIFICATION_METRIC_NAMES
 from .params import exif_orientation_for
 
@@ -118,15 +119,16 @@ def open_set_summary(open_set: Mapping[str, Any] | None) -> str:
         return "no open-set threshold recorded"
     threshold = open_set.get("threshold")
     text = (f"open-set threshold: cosine distance <= "
-            f"{'none (accept nothing)' if threshold is None else f'{threshold:.4f}'} = same "
-            f"person, calibrated for FAR {open_set['far_target']:g} on "
+            f"{'none (accept nothing)' if threshold is None else f'{threshold:.4f}'} is "
+            f"accepted as the same person, calibrated for FAR {open_set['far_target']:g} on "
             f"{open_set['calibrated_on']} ({open_set['pairs']['impostor']} impostor pairs: "
             f"FAR {open_set['far_measured']:.4f}, TAR {open_set['tar_measured']:.4f})")
     test = open_set.get("test")
     if test:
         text += (f"; on the test identities: FAR {test['far_mean']:.4f}, "
                  f"TAR {test['tar_mean']:.4f} (mean over splits)")
-    return text
+    # how far to trust it: identities, pairs, intervals, the too-few-pairs warning
+    return text + "\n" + describe_open_set(open_set)
 
 
 def plot_cmc(curves: Mapping[str, np.ndarray], max_rank: int = 20, title: str = "CMC"):

@@ -636,3 +636,9 @@ def test_search_notebook_with_a_stage0_run(folders, workbench_home):
     assert len(images) == len(m["figures"]) >= 3
     text = json.dumps(nb)
     assert "open-set threshold" in text and "not decided" in text  # the text query
+    # how far to trust it: a zero-shot stage 0 calibrated on its never-trained training
+    # identities (4 people here: too few impostor pairs), and its FAR on the test identities
+    assert "calibrated on never-trained identities: FAR" in text
+    assert "WARNING: too few impostor pairs for FAR 1 %" in text
+    assert re.search(r"on never-trained identities \(the run's \d+ test identities", text)
+    assert m["threshold"]["reliability"]["calibration"]["identities"] == "never-trained"

@@ -53,8 +53,8 @@ from typing import Any, Mapping, Sequence
 import numpy as np
 import torch
 
-from ..data.custom import CUSTOM_IMAGE_SUFFIXES
-from ..data.handinfo import HandImage
+from ..data.custom import CUSTOM_IMAGE_SUFFIXES, read_custom
+from ..data.handinfo import DataError, HandImage
 from ..data.images import ImageSource
 from ..data.protocols import find_image_problems
 from ..models.backbones import backbone_fingerprint
@@ -62,11 +62,14 @@ from ..run_loader import LoadedRun, load_run, zero_shot_run
 from ..runs import atomic_torch_save, atomic_write_text, resolve_path
 from .compare import RUN_STAGES, check_evaluable
 from .features import cosine_distance, extract_features
+from .open_set import (FITTED, NEVER_TRAINED, far_interval, identity_pair_counts,
+                       measured_text, query_gallery_split, too_few_pairs_warning)
 from .probes import _embed_texts
+from .verification import calibrate_threshold, far_at_threshold
 
 __all__ = ["SearchError", "GalleryImage", "SearchInputs", "list_images", "gallery_person",
-           "prepare_search", "SearchModel", "load_search_model", "model_key", "Threshold",
-           "resolve_threshold",
+           "prepare_search", "SearchModel", "load_search_model", "model_key", "SearchCalibration",
+           "calibrate_search", "Threshold", "resolve_threshold",
            "GalleryIndex", "INDEX_FILE", "INDEX_FORMAT", "gallery_files_key",
            "build_gallery_index", "RankedImage", "QueryResult", "rank_features",
            "search_queries", "RANKINGS_FILE", "RANKINGS_COLUMNS", "rankings_rows",
@@ -129,6 +132,10 @@ class SearchInputs:
     queries: list[GalleryImage]
     texts: list[str]
     run_dir: Path | None
+    #: ``calibration_dir`` and its images (paths relative to it; ``split`` None, or query /
+    #: gallery as its labels.csv names them); None without one
+    calibration_root: Path | None = None
+    calibration: list[HandImage] | None = None
 
     @property
     def gallery_people(self) -> list[str]:
@@ -142,6 +149,10 @@ class SearchInputs:
             text += f"; {len(self.queries)} query image(s) from {self.query_root}"
         if self.texts:
             text += f"; {len(self.texts)} text quer{'y' if len(self.texts) == 1 else 'ies'}"
+        if self.calibration:
+            people = len({r.person for r in self.calibration})
+            text += (f"; calibration: {len(self.calibration)} images of {people} people from "
+                     f"{self.calibration_root}")
         return text + (f"; model: run {self.run_dir}" if self.run_dir else "; model: zero-shot")
 
 
@@ -235,8 +246,48 @@ def prepare_search(params: Mapping[str, Any]) -> SearchInputs:
         # a finished stage-0/2/3 run, or the loader's error naming the folder and the fix
         check_evaluable(params["run_dir"])
         run_dir = resolve_path(params["run_dir"])
+    calibration_root, calibration = None, None
+    if params.get("calibration_dir") is not None:
+        calibration_root, calibration = _check_calibration(params["calibration_dir"],
+                                                           [*gallery, *queries])
     return SearchInputs(gallery_root=gallery_root, gallery=gallery, query_root=query_root,
-                        queries=queries, texts=texts, run_dir=run_dir)
+                        queries=queries, texts=texts, run_dir=run_dir,
+                        calibration_root=calibration_root, calibration=calibration)
+
+
+def _check_calibration(value: Any, searched: Sequence[GalleryImage]
+                       ) -> tuple[Path, list[HandImage]]:
+    """``calibration_dir``'s images: a custom-dataset layout (one folder per person, or a
+    labels.csv) of at least two people, none of its files among the gallery or the queries."""
+    root = _folder(value, "calibration_dir", "a folder of people no model of yours trained on "
+                   "(<folder>/<person>/<image>, or a labels.csv)")
+    if not root.is_dir():
+        raise SearchError(f"calibration_dir {root} is a file, not a folder. Fix: give the folder "
+                          f"that holds one folder per person (or a labels.csv)")
+    try:
+        records = read_custom(root)
+    except (DataError, FileNotFoundError) as exc:
+        raise SearchError(f"calibration_dir {root} cannot be read as one folder per person or a "
+                          f"labels.csv (docs/protocols.md#custom-datasets): {exc}") from None
+    roles = {r.split for r in records} - {None}
+    if roles - {"query", "gallery"}:
+        raise SearchError(f"calibration_dir {root}: labels.csv names split(s) "
+                          f"{sorted(roles - {'query', 'gallery'})}, but every calibration person "
+                          f"is a stranger to the model: leave the split column out (one gallery "
+                          f"image per person is drawn by split_seed) or name only query and "
+                          f"gallery")
+    if len({r.person for r in records}) < 2:
+        raise SearchError(f"calibration_dir {root} holds one person: a false accept rate needs "
+                          f"pairs of two different people. Fix: add people (the more, the "
+                          f"tighter the FAR's interval)")
+    searched_files = {os.path.realpath(g.path) for g in searched}
+    shared = sorted(r.path for r in records
+                    if os.path.realpath(root / r.path) in searched_files)
+    if shared:  # a threshold chosen on the searched people would flatter the search's results
+        raise SearchError(f"{len(shared)} image(s) of calibration_dir are also gallery or query "
+                          f"images ({', '.join(shared[:5])}{' ...' if len(shared) > 5 else ''}). "
+                          f"Fix: calibrate on other people than the ones you search")
+    return root, records
 
 
 # ----------------------------------------------------------------------------- model
@@ -299,15 +350,77 @@ def load_search_model(params: Mapping[str, Any], inputs: SearchInputs) -> Search
 # ----------------------------------------------------------------------------- open set
 
 
+@dataclass
+class SearchCalibration:
+    """The search model's distances on ``calibration_dir``'s people (never trained on by any
+    model of the user's): one query/gallery split of them, built like a test split."""
+
+    root: Path
+    distances: np.ndarray
+    query_ids: list[str]
+    gallery_ids: list[str]
+    far_target: float
+
+    @property
+    def where(self) -> str:
+        return f"{len(set(self.query_ids) | set(self.gallery_ids))} never-trained people of " \
+               f"calibration_dir {self.root}"
+
+    def measure(self, threshold: float | None) -> dict:
+        """FAR (with its interval, :func:`.open_set.far_interval`) and TAR of ``threshold``
+        (None or -inf: accept nothing) on these people."""
+        value = None if threshold is None or math.isinf(threshold) else float(threshold)
+        point = far_at_threshold(self.distances, self.query_ids, self.gallery_ids, value)
+        counts = identity_pair_counts(self.distances, self.query_ids, self.gallery_ids, value)
+        return {"identities": NEVER_TRAINED, **far_interval(counts), "tar": float(point.tar)}
+
+    def calibrate(self) -> tuple[float, dict]:
+        """The threshold at ``far_target`` on these people (-inf: none within it) and its
+        measurement there."""
+        point = calibrate_threshold(self.distances, self.query_ids, self.gallery_ids,
+                                    self.far_target)
+        return float(point.threshold), self.measure(point.threshold)
+
+
+def calibrate_search(model: SearchModel, inputs: SearchInputs,
+                     params: Mapping[str, Any]) -> SearchCalibration | None:
+    """Encode ``calibration_dir``'s images with the search model (None without one) and split
+    them as a test split: the roles its labels.csv names, else one gallery image per person
+    drawn by ``split_seed`` (:func:`.open_set.query_gallery_split`)."""
+    if not inputs.calibration:
+        return None
+    records = inputs.calibration
+    person = [r.person for r in records]
+    if any(r.split for r in records):
+        query = [i for i, r in enumerate(records) if r.split == "query"]
+        gallery = [i for i, r in enumerate(records) if r.split == "gallery"]
+    else:
+        query, gallery = query_gallery_split(range(len(records)), person, params["split_seed"])
+    if not query or not gallery:
+        raise SearchError(f"calibration_dir {inputs.calibration_root}: no query or no gallery "
+                          f"image (every person needs two images). Fix: add images")
+    feats = _encode(model, [str(inputs.calibration_root / r.path) for r in records], params,
+                    False, "encode calibration people")
+    q, g = feats[list(query)], feats[list(gallery)]
+    return SearchCalibration(root=inputs.calibration_root,
+                             distances=cosine_distance(q.float(), g.float()).numpy()
+                             .astype(np.float64),
+                             query_ids=[person[i] for i in query],
+                             gallery_ids=[person[i] for i in gallery],
+                             far_target=float(params["open_set_far"]))
+
+
 @dataclass(frozen=True)
 class Threshold:
     """The open-set decision: accept a gallery image as the query's person when its distance is
     <= ``value``. ``value`` None: no threshold, nothing is decided; ``-inf``: the calibration
-    found no threshold within its FAR target, so nothing is accepted."""
+    found no threshold within its FAR target, so nothing is accepted. ``reliability``: how far
+    to trust it (:func:`resolve_threshold`)."""
 
     value: float | None
     source: str
     open_set: Mapping[str, Any] | None = None
+    reliability: Mapping[str, Any] | None = None
 
     def accepts(self, distance: float | None) -> bool | None:
         if self.value is None or distance is None:
@@ -319,41 +432,132 @@ class Threshold:
             return f"no open-set threshold: {self.source}"
         if math.isinf(self.value):
             return f"open-set threshold: accept nothing ({self.source})"
-        return (f"open-set threshold: cosine distance <= {self.value:.4f} = same person "
-                f"({self.source})")
+        return (f"open-set threshold: cosine distance <= {self.value:.4f} is accepted as the "
+                f"query's person ({self.source})")
+
+    def describe_reliability(self) -> str:
+        """Lines saying how far to trust the threshold: what chose it (fitted or never-trained
+        identities, impostor pairs, the FAR's interval), the FAR it measured on never-trained
+        identities, and the too-few-pairs warning."""
+        return _reliability_text(self.reliability or {})
 
     def record(self) -> dict:
         finite = self.value is not None and not math.isinf(self.value)
         return {"value": float(self.value) if finite else None,
                 "accept_nothing": bool(self.value is not None and math.isinf(self.value)),
                 "source": self.source,
-                "open_set": dict(self.open_set) if self.open_set else None}
+                "open_set": dict(self.open_set) if self.open_set else None,
+                "reliability": dict(self.reliability) if self.reliability else None}
+
+
+def _reliability_text(r: Mapping[str, Any]) -> str:
+    lines = [r.get("chosen", "no threshold: nothing is decided")]
+    if r.get("calibration"):
+        c = r["calibration"]
+        lines.append(f"  calibrated on {c['identities']} identities: {measured_text(c)}")
+        if c["identities"] == FITTED:
+            lines.append("  the model trained on these people; a stranger's impostor pairs lie "
+                         "closer, so on new people the FAR is typically above the target")
+    for m in r.get("never_trained", []):
+        lines.append(f"  on never-trained identities ({m['where']}): {measured_text(m)}")
+    if r.get("warning"):
+        lines.append(f"  WARNING: {r['warning']}")
+    if r.get("note"):
+        lines.append(f"  {r['note']}")
+    return "\n".join(lines)
+
+
+_NO_CALIBRATION_DIR = ("no calibration_dir: set it to a folder of people no model of yours "
+                       "trained on (<folder>/<person>/<image>) to calibrate the threshold on "
+                       "them and measure its FAR there")
 
 
 def resolve_threshold(model: SearchModel, override: float | None = None,
-                      flip_tta: bool | None = None) -> Threshold:
-    """``override`` (the ``threshold`` parameter) when given; else the run's calibrated
-    ``metrics.json["open_set"]["threshold"]``; else none (a zero-shot backbone, or a run
-    finished before open-set calibration existed)."""
-    if override is not None:
-        return Threshold(float(override), "the threshold parameter")
+                      flip_tta: bool | None = None,
+                      calibration: SearchCalibration | None = None) -> Threshold:
+    """``override`` (the ``threshold`` parameter) when given; else, with ``calibration``
+    (``calibration_dir``), the threshold calibrated there at ``open_set_far``; else the run's
+    calibrated ``metrics.json["open_set"]["threshold"]``; else none (a zero-shot backbone, or a
+    run finished before open-set calibration existed).
+
+    ``reliability`` states how far to trust it: ``chosen`` (what chose it), ``calibration``
+    (the FAR at its calibration, with the identities kind, impostor pairs, identities and 95 %
+    interval; None for a given threshold), ``never_trained`` (its FAR measured on never-trained
+    identities: the calibration_dir's people, and the run's test identities when the run's
+    threshold is applied; each names ``where``), ``warning`` (too few calibration pairs for
+    the target), ``note``."""
     info = model.run.info
+    open_set = (info.recorded or {}).get("open_set") if info.folder is not None else None
+    run_value = None
+    if open_set:
+        run_value = -math.inf if open_set.get("threshold") is None \
+            else float(open_set["threshold"])
+    never_trained: list[dict] = []
+    reliability: dict[str, Any] = {"calibration": None, "never_trained": never_trained,
+                                   "warning": None, "note": None}
+    if calibration is not None and run_value is not None and override is None:
+        # the run's own threshold on strangers: what the recorded one would have done
+        never_trained.append({"where": f"{calibration.where}, the run's threshold "
+                                       f"{_value_text(run_value)}",
+                              **calibration.measure(run_value)})
+    if override is not None:
+        value = float(override)
+        reliability["chosen"] = (f"applied: {_value_text(value)}, the threshold parameter "
+                                 f"(chosen by you, not calibrated)")
+        if calibration is not None:
+            never_trained.append({"where": calibration.where, **calibration.measure(value)})
+        else:
+            reliability["note"] = _NO_CALIBRATION_DIR
+        return Threshold(value, "the threshold parameter", reliability=reliability)
+    if calibration is not None:
+        value, measured = calibration.calibrate()
+        source = (f"calibrated in this search for FAR {calibration.far_target:g} on "
+                  f"{calibration.where}")
+        reliability["chosen"] = f"applied: {_value_text(value)}, {source}"
+        reliability["calibration"] = {**measured, "where": calibration.where}
+        reliability["warning"] = too_few_pairs_warning(measured["impostor_pairs"],
+                                                       calibration.far_target,
+                                                       "calibration_dir")
+        return Threshold(value, source, reliability=reliability)
     if info.folder is None:
+        reliability["chosen"] = "no threshold: a zero-shot backbone has none; nothing is decided"
+        reliability["note"] = _NO_CALIBRATION_DIR
         return Threshold(None, "a zero-shot backbone has no calibrated threshold; set "
-                               "threshold (a cosine distance) to decide matches")
-    open_set = (info.recorded or {}).get("open_set")
+                               "threshold (a cosine distance) or calibration_dir to decide "
+                               "matches", reliability=reliability)
     if not open_set:
+        reliability["chosen"] = "no threshold: the run recorded none; nothing is decided"
         return Threshold(None, f"{info.folder}/metrics.json has no open_set (the run finished "
                                f"before open-set calibration was recorded): re-run it, or set "
-                               f"threshold")
-    value = open_set.get("threshold")
+                               f"threshold or calibration_dir", reliability=reliability)
     source = (f"calibrated in {info.name} for FAR {open_set.get('far_target')} on "
               f"{open_set.get('calibrated_on')}")
     run_flip = bool(info.params.get("flip_tta", False))
     if flip_tta is not None and bool(flip_tta) != run_flip:
         source += (f"; note: calibrated with flip_tta={run_flip}, this search uses "
                    f"flip_tta={bool(flip_tta)}")
-    return Threshold(-math.inf if value is None else float(value), source, dict(open_set))
+    reliability["chosen"] = f"applied: {_value_text(run_value)}, {source}"
+    recorded = open_set.get("calibration")
+    if recorded:
+        reliability["calibration"] = dict(recorded)
+        reliability["warning"] = open_set.get("warning")
+        pooled = (open_set.get("test") or {}).get("pooled")
+        if pooled:
+            never_trained.append({"where": f"the run's {pooled['num_identities']} test identities, "
+                                           f"never used to choose it", **pooled})
+    else:
+        reliability["warning"] = (f"{info.folder}/metrics.json predates reliability records "
+                                  f"(no identities kind, impostor pairs or interval): re-run "
+                                  f"the run, or set calibration_dir")
+    if calibration is None:
+        reliability["note"] = _NO_CALIBRATION_DIR
+    return Threshold(run_value, source, dict(open_set), reliability)
+
+
+def _value_text(value: float) -> str:
+    if math.isinf(value):
+        return "accept nothing"
+    return f"cosine distance <= {value:.4f}"
 
 
 # ----------------------------------------------------------------------------- the index

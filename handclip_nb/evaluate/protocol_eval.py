@@ -13,6 +13,7 @@ from that split's queries and gallery only.
 """
 from __future__ import annotations
 
+import warnings
 from dataclasses import dataclass, field
 from typing import Mapping, Sequence
 
@@ -25,13 +26,16 @@ from ..data.images import image_source
 from ..data.provenance import is_synthetic_dataset
 from .features import cosine_distance, extract_features
 from .metrics import rank_metrics
+from .open_set import (FITTED, NEVER_TRAINED, far_interval, identity_pair_counts,
+                       query_gallery_split, too_few_pairs_warning)
 from .reranking import rerank_features
 from .verification import (VerificationResult, calibrate_threshold, evaluate_verification,
                            far_at_threshold)
 
 __all__ = ["SplitResult", "EvalResult", "evaluate_split", "evaluate_splits", "summarise",
            "evaluate_backbone", "metrics_record", "needed_indices", "rerank_settings",
-           "split_distances", "calibration_split", "calibrate_open_set"]
+           "split_distances", "calibration_split", "calibration_identities",
+           "calibrate_open_set"]
 
 
 @dataclass
@@ -227,30 +231,33 @@ def metrics_record(stage: str, params: Mapping, protocol: Protocol,
 OPEN_SET_FAR = 0.01
 
 
+def calibration_identities(protocol: Protocol, fitted: bool = True) -> str:
+    """``"fitted"`` when :func:`calibration_split` holds identities the model trained on (a
+    trained model and no held-out identities: the literature's ``selection: last``), else
+    ``"never-trained"`` (:mod:`.open_set`)."""
+    return FITTED if fitted and protocol.selection is None else NEVER_TRAINED
+
+
 def calibration_split(protocol: Protocol, fitted: bool = True) -> tuple[Split, str]:
     """The training-identity pairs an open-set threshold is calibrated on, never test ones.
 
     A model that never trained on the training identities (zero-shot, ``fitted=False``) sees
     them as it sees new people: all of them are used, as a query/gallery split built like a
-    test split (one gallery image per identity, chosen by ``split_seed``). A trained model:
-    the model-selection split when the protocol holds identities out (nobody trained on them),
-    else such a split of the fitted identities, whose distances are smaller than new people's
-    would be, so the threshold's FAR on new people comes out above its target (the run records
-    both). Returns (split, what it holds)."""
+    test split (one gallery image per identity, chosen by ``split_seed``;
+    :func:`.open_set.query_gallery_split`). A trained model: the model-selection split when the
+    protocol holds identities out (nobody trained on them), else such a split of the fitted
+    identities, whose distances are smaller than new people's would be, so the threshold's FAR
+    on new people comes out above its target (the run records both, and
+    :func:`calibration_identities` says which). Returns (split, what it holds)."""
     if fitted and protocol.selection is not None:
         return protocol.selection, "held-out training identities (never fitted)"
     pool = list(protocol.fit)
     if not fitted and protocol.selection is not None:
         pool += [*protocol.selection.query, *protocol.selection.gallery]
-    rng = np.random.default_rng([int(protocol.seed), 7])
-    by_label: dict[int, list[int]] = {}
-    for index in sorted(set(pool)):
-        by_label.setdefault(protocol.identities[index], []).append(index)
-    gallery = sorted(int(rng.choice(v)) for v in by_label.values() if len(v) > 1)
-    query = sorted(set(pool) - set(gallery))
+    query, gallery = query_gallery_split(pool, protocol.identities, protocol.seed)
     source = ("training identities (the model never trained on them)" if not fitted
               else "fitted training identities")
-    return Split(query=tuple(query), gallery=tuple(gallery)), source
+    return Split(query=query, gallery=gallery), source
 
 
 def calibrate_open_set(features_of, protocol: Protocol, far: float,
@@ -260,23 +267,50 @@ def calibrate_open_set(features_of, protocol: Protocol, far: float,
     """The open-set threshold at FAR ``far`` on training identities (:func:`calibration_split`),
     ``features_of(indices) -> L2-normalised features``; with the test features, also the FAR
     and TAR that threshold gives on every test split (mean and per split), to report how far
-    calibration on training identities carries to new people. The ``open_set.json`` body."""
+    calibration on training identities carries to new people. The ``open_set.json`` body.
+
+    How far to trust it (:mod:`.open_set`): ``calibration`` holds whose identities chose it
+    (``identities``: fitted or never-trained), its false accepts among how many impostor pairs
+    of how many people, and a 95 % interval of its FAR there; ``test.pooled`` the same on the
+    test identities, every split's pairs together (measured with the threshold, which never
+    sees them); ``warning`` is set (and warned) when the calibration pairs are too few for
+    ``far`` (:func:`.open_set.too_few_pairs_warning`)."""
     split, source = calibration_split(protocol, fitted)
+    test_ids = {i for s in protocol.test for i in protocol.ids_of([*s.query, *s.gallery])}
+    shared = test_ids & set(protocol.ids_of([*split.query, *split.gallery]))
+    if shared:  # a threshold chosen on test identities would flatter every test FAR
+        raise ValueError(f"the calibration split holds {len(shared)} test identities; the "
+                         f"open-set threshold must be chosen on training identities only")
     indices = sorted({*split.query, *split.gallery})
     feats = features_of(indices)
     row_of = {i: r for r, i in enumerate(indices)}
     dist = split_distances(feats, row_of, split)
-    point = calibrate_threshold(dist, protocol.ids_of(split.query),
-                                protocol.ids_of(split.gallery), far)
-    record = {"far_target": float(far), "calibrated_on": source, **point.to_dict()}
+    q_ids, g_ids = protocol.ids_of(split.query), protocol.ids_of(split.gallery)
+    point = calibrate_threshold(dist, q_ids, g_ids, far)
+    threshold = point.threshold if np.isfinite(point.threshold) else None
+    calibration = {"identities": calibration_identities(protocol, fitted),
+                   **far_interval(identity_pair_counts(dist, q_ids, g_ids, threshold)),
+                   "tar": float(point.tar)}
+    warning = too_few_pairs_warning(point.impostor_pairs, far, source)
+    record = {"far_target": float(far), "calibrated_on": source, **point.to_dict(),
+              "calibration": calibration, "enough_pairs": warning is None,
+              "warning": warning}
+    if warning is not None:
+        warnings.warn(f"open-set threshold: {warning}", stacklevel=2)
     if test is not None and test_features is not None:
-        measured = [far_at_threshold(split_distances(test_features, test_row_of, s.split),
-                                     protocol.ids_of(s.split.query),
-                                     protocol.ids_of(s.split.gallery), point.threshold
-                                     if np.isfinite(point.threshold) else None)
-                    for s in test.splits]
+        measured, counts = [], None
+        for s in test.splits:
+            dist = split_distances(test_features, test_row_of, s.split)
+            q_ids, g_ids = protocol.ids_of(s.split.query), protocol.ids_of(s.split.gallery)
+            measured.append(far_at_threshold(dist, q_ids, g_ids, threshold))
+            here = identity_pair_counts(dist, q_ids, g_ids, threshold)
+            counts = here if counts is None else counts + here
+        genuine = sum(m.genuine_pairs for m in measured)
         record["test"] = {"far_mean": float(np.mean([m.far for m in measured])),
                           "tar_mean": float(np.mean([m.tar for m in measured])),
                           "far_per_split": [float(m.far) for m in measured],
-                          "tar_per_split": [float(m.tar) for m in measured]}
+                          "tar_per_split": [float(m.tar) for m in measured],
+                          "pooled": {"identities": NEVER_TRAINED, **far_interval(counts),
+                                     "tar": sum(m.tar * m.genuine_pairs
+                                                for m in measured) / genuine}}
     return record
