@@ -1,7 +1,7 @@
 """The decoded-image pipeline (``data/images.py``) and the speed settings around it.
 
 Decoding each photo once (``decode_cache``), decoding JPEGs at reduced scale
-(``reduced_jpeg_decode``), per-item augmentation seeds, loader workers, mixed precision and
+(``reduced_jpeg_decode``), per-draw augmentation seeds, loader workers, mixed precision and
 channels-last exist to make runs faster. Each test checks that one of them leaves the numbers
 of a run as they were (bit for bit, or within a measured tolerance), never serves stale or torn
 pixels, or stays off where it does not apply (CPU runs).
@@ -22,9 +22,10 @@ from PIL import Image
 from torch import nn
 
 from handclip_nb.backbone_specs import PreprocessConfig, get_backbone_spec
-from handclip_nb.data.datasets import ImageListDataset, make_loader
+from handclip_nb.data.datasets import ImageListDataset, augmentation_seed, make_loader
 from handclip_nb.data.images import (DecodeCache, DecodeGeometry, ImageSource, decode_resized,
                                      image_source)
+from handclip_nb.data.sampler import Draw, PKSampler, number_draws
 from handclip_nb.data.synthetic import generate_dataset
 from handclip_nb.data.transforms import AugmentConfig
 from handclip_nb.device import AMP_DTYPES, Precision, default_num_workers
@@ -323,38 +324,100 @@ def test_an_image_source_refuses_an_image_at_another_size(train):
     assert source.transform(Image.new("RGB", (128, 96))).shape == (3, *TINY_INPUT)
 
 
-# --- 6. per-item augmentation seeds -------------------------------------------------------------
+# --- 6. per-draw augmentation seeds -------------------------------------------------------------
 
 
 @pytest.fixture()
 def augmented_hands(small_jpegs, tmp_path) -> ImageListDataset:
-    """8 small photos through a training ImageSource (crop, jitter, erasing), seed 3."""
+    """8 small photos through a training ImageSource (crop, jitter, erasing), seed 3; labels
+    0, 0, 0, 1, 1, 2, 2, 2: every identity has fewer than K = 4 images."""
     source = ImageSource(PreprocessConfig(image_size=TINY_INPUT), train=True,
                          augment=AugmentConfig(), cache=True, cache_root=tmp_path)
     paths = [str(p) for p in small_jpegs[:8]]
     source.prepare(paths, progress=False)
-    return ImageListDataset(paths, list(range(8)), source, seed=3)
+    return ImageListDataset(paths, [0, 0, 0, 1, 1, 2, 2, 2], source, seed=3)
 
 
-def _augmented_items(dataset, workers, epoch, global_seed):
-    """The images of one epoch in a fixed order (item 3 drawn twice, as P×K sampling can)."""
+#: One epoch's draws in a fixed order: item 3 drawn twice, as P×K sampling can.
+FIXED_DRAWS = number_draws([[3, 0, 5, 3, 1, 7, 2, 6]])[0]
+
+
+def _augmented_items(dataset, workers, epoch, global_seed, draws=FIXED_DRAWS):
+    """The images of one epoch's ``draws`` (in order)."""
     dataset.set_epoch(epoch)
     torch.manual_seed(global_seed)
-    loader = make_loader(dataset, "cpu", num_workers=workers, batch_size=4,
-                         sampler=[3, 0, 5, 3, 1, 7, 2, 6])
+    loader = make_loader(dataset, "cpu", num_workers=workers, batch_size=4, sampler=draws)
     return [image for images, _, _ in loader for image in images]
 
 
-def test_augmentation_depends_on_seed_epoch_and_item_only(augmented_hands):
+def test_augmentation_depends_on_seed_epoch_item_and_draw_only(augmented_hands):
     """Guards against augmentation drawn from the worker's or the caller's generator: the same
     epoch must give the same images with 0 and 2 loader workers (and any global seed), another
-    epoch other images, and an item drawn twice the same image both times."""
+    epoch other images; an item's second draw gets an augmentation of its own, and a plain
+    index is its first draw."""
     in_process = _augmented_items(augmented_hands, workers=0, epoch=0, global_seed=0)
     two_workers = _augmented_items(augmented_hands, workers=2, epoch=0, global_seed=1)
     next_epoch = _augmented_items(augmented_hands, workers=0, epoch=1, global_seed=0)
     assert all(torch.equal(a, b) for a, b in zip(in_process, two_workers, strict=True))
     assert not any(torch.equal(a, b) for a, b in zip(in_process, next_epoch, strict=True))
-    assert torch.equal(in_process[0], in_process[3])
+    assert FIXED_DRAWS[3] == Draw(3, 1)
+    assert not torch.equal(in_process[0], in_process[3])
+    plain = _augmented_items(augmented_hands, workers=0, epoch=0, global_seed=0,
+                             draws=[d.index for d in FIXED_DRAWS])
+    assert torch.equal(plain[0], in_process[0]) and torch.equal(plain[3], in_process[0])
+
+
+def test_first_draws_keep_the_seed_of_seed_epoch_and_image():
+    """An epoch that draws no image twice augments exactly as before draws were numbered (the
+    seed of (seed, epoch, image)); each later draw of an image has a seed of its own."""
+    def before(seed, epoch, index):  # the rule every draw followed before
+        state = np.random.SeedSequence([seed, epoch, index]).generate_state(2)
+        return int(state[0]) << 32 | int(state[1])
+
+    for seed, epoch, index in [(0, 0, 0), (3, 7, 5), (1, 29, 1234)]:
+        assert augmentation_seed(seed, epoch, index) == before(seed, epoch, index)
+        assert augmentation_seed(seed, epoch, index, occurrence=0) == before(seed, epoch, index)
+    seeds = {augmentation_seed(3, e, i, k) for e in range(3) for i in range(8) for k in range(4)}
+    assert len(seeds) == 3 * 8 * 4
+    with pytest.raises(ValueError, match="occurrence counts the earlier draws"):
+        augmentation_seed(0, 0, 0, occurrence=-1)
+    with pytest.raises(TypeError, match=r"integer indices or sampler.Draw"):
+        ImageListDataset(["a.jpg"], [0], np.asarray, seed=0)[0.0]
+
+
+def _pk_epoch(dataset, sampler, epoch, workers):
+    """One epoch of P×K batches: [(images, item indices)]."""
+    sampler.set_epoch(epoch)
+    dataset.set_epoch(epoch)
+    loader = make_loader(dataset, "cpu", num_workers=workers, batch_sampler=sampler)
+    return [(images, indices.tolist()) for images, _, indices in loader]
+
+
+def _same_batches(a, b):
+    return len(a) == len(b) and all(ia == ib and torch.equal(xa, xb)
+                                    for (xa, ia), (xb, ib) in zip(a, b))
+
+
+def test_pk_batches_augment_each_repeated_draw_on_its_own(augmented_hands):
+    """Issue 19, item 9: an identity with fewer than K images is drawn with replacement, and
+    its repeated images were augmented identically (seeded by (seed, epoch, image) only): a
+    positive pair at distance 0. Every draw of a batch must be a distinct tensor, and the
+    batches must still be the same with 0 and 2 workers, on a second run, and for an epoch
+    run fresh (as after a resume) and after the epochs before it."""
+    dataset, sampler = augmented_hands, PKSampler(augmented_hands.labels, p=2, k=4, seed=3)
+    first = _pk_epoch(dataset, sampler, epoch=1, workers=0)
+    repeats = 0
+    for images, indices in first:
+        repeats += len(indices) - len(set(indices))
+        for a in range(len(indices)):
+            for b in range(a + 1, len(indices)):
+                assert not torch.equal(images[a], images[b]), (indices[a], indices[b])
+    assert repeats > 0  # the draws above include repeated images
+    fresh_sampler = PKSampler(dataset.labels, p=2, k=4, seed=3)
+    assert _same_batches(first, _pk_epoch(dataset, fresh_sampler, epoch=1, workers=2))
+    _pk_epoch(dataset, fresh_sampler, epoch=0, workers=0)  # an uninterrupted run's epoch 0
+    assert _same_batches(first, _pk_epoch(dataset, fresh_sampler, epoch=1, workers=0))
+    assert not _same_batches(first, _pk_epoch(dataset, sampler, epoch=2, workers=0))
 
 
 def test_augmentation_seeds_leave_the_global_generator_untouched(augmented_hands):

@@ -7,7 +7,7 @@ from torchvision import transforms as T
 
 from handclip_nb.backbone_specs import PreprocessConfig
 from handclip_nb.constants import CLIP_MEAN, CLIP_STD
-from handclip_nb.data.sampler import PKSampler
+from handclip_nb.data.sampler import Draw, PKSampler, number_draws
 from handclip_nb.data.transforms import AugmentConfig, LetterboxResize, build_transform
 
 
@@ -86,7 +86,7 @@ def test_every_batch_is_p_identities_times_k_images():
     assert len(batches) == len(sampler) > 0
     for b in batches:
         assert len(b) == 16
-        labs = [labels[i] for i in b]
+        labs = [labels[d.index] for d in b]
         assert len(set(labs)) == 4
         assert all(labs.count(x) == 4 for x in set(labs))  # every anchor has K-1 positives
 
@@ -94,7 +94,7 @@ def test_every_batch_is_p_identities_times_k_images():
 def test_sampler_covers_the_data_and_is_seeded_per_epoch():
     labels = _labels()
     s = PKSampler(labels, p=4, k=2, seed=1)
-    seen = {i for b in s for i in b}
+    seen = {d.index for b in s for d in b}
     assert len(seen) > 0.8 * len(labels)
     first = list(s)
     assert first == list(PKSampler(labels, p=4, k=2, seed=1))  # same seed, same epoch
@@ -107,3 +107,39 @@ def test_sampler_rejects_impossible_settings():
         PKSampler([0, 0, 1, 1, 2, 2], p=4, k=2)
     with pytest.raises(ValueError, match="k >= 2"):
         PKSampler([0, 0, 1, 1], p=2, k=1)
+
+
+def _numbered_slowly(batches):
+    """The obvious reference: a draw's occurrence is how often its index appears earlier in the
+    flattened epoch."""
+    flat = [i for b in batches for i in b]
+    numbered, position = [], 0
+    for b in batches:
+        numbered.append([Draw(i, flat[:position + j].count(i)) for j, i in enumerate(b)])
+        position += len(b)
+    return numbered
+
+
+def test_draws_are_numbered_per_index_across_the_epoch():
+    batches = [[3, 0, 3, 5], [5, 3, 1, 1], [], [0, 7]]
+    assert number_draws(batches) == _numbered_slowly(batches)
+    assert number_draws(batches)[1] == [Draw(5, 1), Draw(3, 2), Draw(1, 0), Draw(1, 1)]
+    rng = np.random.default_rng(4)
+    batches = [rng.integers(0, 12, size=8).tolist() for _ in range(10)]
+    assert number_draws(batches) == _numbered_slowly(batches)
+
+
+def test_sampler_numbers_the_repeated_draws_of_small_identities():
+    """Guards the P×K half of independent augmentation for repeated draws: an identity with
+    fewer than K images is drawn with replacement, and its repeated images must reach the
+    dataset as distinct draws (the old sampler yielded bare indices, so a repeated image was
+    augmented identically: a positive pair at distance 0)."""
+    labels = _labels()
+    sampler = PKSampler(labels, p=4, k=4, seed=0)
+    batches = list(sampler)
+    assert all(isinstance(d, Draw) for b in batches for d in b)
+    assert batches == _numbered_slowly([[d.index for d in b] for b in batches])
+    repeated = [d for b in batches for d in b if d.occurrence > 0]
+    assert repeated  # identities with 2 or 3 images and K = 4
+    for b in batches:
+        assert len(set(b)) == len(b)  # no two draws of a batch are the same draw

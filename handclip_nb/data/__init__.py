@@ -8,7 +8,7 @@ CSV readers do not pay for importing torch and CLIP.
 from importlib import import_module
 
 _EXPORTS = {
-    "ImageListDataset": "datasets", "build_protocol": "datasets",
+    "ImageListDataset": "datasets", "augmentation_seed": "datasets", "build_protocol": "datasets",
     "default_synthetic_root": "datasets", "ensure_synthetic": "datasets",
     "read_custom": "custom", "build_custom_protocol": "custom",
     "DataError": "handinfo", "HandImage": "handinfo", "read_handinfo": "handinfo",
@@ -16,7 +16,7 @@ _EXPORTS = {
     "Protocol": "protocols", "Split": "protocols", "build_11k_protocol": "protocols",
     "build_hd_protocol": "protocols", "build_aspect_protocol": "protocols",
     "build_fixed_split_protocol": "protocols", "verify_images": "protocols",
-    "PKSampler": "sampler",
+    "PKSampler": "sampler", "Draw": "sampler", "number_draws": "sampler",
     "AugmentConfig": "transforms", "LetterboxResize": "transforms",
     "build_transform": "transforms",
     "generate_dataset": "synthetic",

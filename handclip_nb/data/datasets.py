@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import hashlib
+import operator
 import os
 import shutil
 from pathlib import Path
@@ -20,10 +21,24 @@ from .images import ImageSource
 from .custom import build_custom_protocol, custom_source_hash, read_custom
 from .handinfo import DataError, read_handinfo, read_hd
 from .protocols import Protocol, build_11k_protocol, build_hd_protocol, verify_images
+from .sampler import Draw
 from .synthetic import generate_dataset
 
-__all__ = ["ImageListDataset", "make_loader", "build_protocol", "default_synthetic_root",
-           "ensure_synthetic"]
+__all__ = ["ImageListDataset", "augmentation_seed", "make_loader", "build_protocol",
+           "default_synthetic_root", "ensure_synthetic"]
+
+
+def augmentation_seed(seed: int, epoch: int, index: int, occurrence: int = 0) -> int:
+    """The 64-bit seed of the augmentation of the ``occurrence``-th repeat (0: the first draw)
+    of item ``index`` in ``epoch`` of a run seeded ``seed``: a function of these four numbers
+    alone. A first draw keeps the seed of (seed, epoch, index) that every draw had before
+    repeated draws were numbered, so an epoch without repeats augments as it did then."""
+    if occurrence < 0:
+        raise ValueError(f"occurrence counts the earlier draws of an item, so it is >= 0; got "
+                         f"{occurrence}")
+    entropy = [int(seed), int(epoch), int(index)] + ([int(occurrence)] if occurrence else [])
+    state = np.random.SeedSequence(entropy).generate_state(2)
+    return int(state[0]) << 32 | int(state[1])
 
 
 class ImageListDataset(Dataset):
@@ -34,13 +49,18 @@ class ImageListDataset(Dataset):
     a plain transform of a PIL image, which gets the fully decoded file, turned as
     ``orientation`` says (:func:`~handclip_nb.data.image_files.open_image`).
 
-    With ``seed`` set, the random draws of the transform (crop, erasing, jitter, flip) for item
-    ``i`` in epoch ``e`` come from a generator seeded by (seed, e, i) alone, so a training run
-    sees the same augmented images whatever the number of loader workers (which item lands in
-    which worker process no longer matters) and after a resume. Call :meth:`set_epoch` before
-    each epoch's iteration (worker processes receive a copy of the dataset when an epoch's
-    iteration starts, so the loader must not keep persistent workers). An item drawn twice in
-    one epoch (P×K sampling with replacement) gets the same augmentation both times.
+    Items are indices, or :class:`~handclip_nb.data.sampler.Draw` (index, occurrence) pairs
+    from a sampler that can draw an index more than once per epoch
+    (:class:`~handclip_nb.data.sampler.PKSampler`). With ``seed`` set, the random draws of the
+    transform (crop, erasing, jitter, flip) for the ``k``-th draw of item ``i`` in epoch ``e``
+    come from a generator seeded by :func:`augmentation_seed` (seed, e, i, k) alone, so a
+    training run sees the same augmented images whatever the number of loader workers (which
+    item lands in which worker process no longer matters) and after a resume, and an item drawn
+    twice in one epoch (P×K sampling with replacement) gets two independent augmentations. A
+    plain index is a first draw: a sampler that repeats plain indices repeats their
+    augmentation. Call :meth:`set_epoch` before each epoch's iteration (worker processes receive
+    a copy of the dataset when an epoch's iteration starts, so the loader must not keep
+    persistent workers).
     """
 
     def __init__(self, paths: Sequence[str], labels: Sequence[int],
@@ -63,14 +83,26 @@ class ImageListDataset(Dataset):
             return self.transform(self.paths[i])
         return self.transform(open_image(self.paths[i], self.orientation))
 
-    def __getitem__(self, i: int):
+    def __getitem__(self, item: int | Draw):
+        index, occurrence = _index_and_occurrence(item)
         if self.seed is None:
-            return self._load(i), int(self.labels[i]), i
-        state = np.random.SeedSequence([int(self.seed), self.epoch, int(i)]).generate_state(2)
+            return self._load(index), int(self.labels[index]), index
         with torch.random.fork_rng(devices=[]):  # leave the caller's generator untouched
             # the CPU generator only: torch.manual_seed would also reseed (and initialise) CUDA
-            torch.default_generator.manual_seed(int(state[0]) << 32 | int(state[1]))
-            return self._load(i), int(self.labels[i]), i
+            torch.default_generator.manual_seed(
+                augmentation_seed(self.seed, self.epoch, index, occurrence))
+            return self._load(index), int(self.labels[index]), index
+
+
+def _index_and_occurrence(item) -> tuple[int, int]:
+    """(index, occurrence) of a dataset item: a :class:`Draw`, or a plain index (a first draw)."""
+    if isinstance(item, Draw):
+        return int(item.index), int(item.occurrence)
+    try:
+        return operator.index(item), 0
+    except TypeError:
+        raise TypeError(f"ImageListDataset items are integer indices or sampler.Draw(index, "
+                        f"occurrence); got {type(item).__name__} {item!r}") from None
 
 
 def make_loader(dataset: Dataset, device: str | torch.device, num_workers: int | None = None,

@@ -4,20 +4,52 @@ Without it most anchors of a batch-hard triplet loss have no positive in the bat
 (docs/mistakes.md #7).  Identities with fewer than K images are sampled with replacement.  An epoch
 visits every identity's images in chunks of K (torchreid's RandomIdentitySampler design), and
 the order depends only on (seed, epoch), so a resumed run draws the same batches.
+
+The batches hold :class:`Draw` items, each image index numbered by how often the epoch drew it
+before (:func:`number_draws`): an image drawn twice into one batch is two draws, and
+:class:`~handclip_nb.data.datasets.ImageListDataset` augments each draw from its own seed.
+Otherwise the two copies would be the same tensor, a positive pair at distance 0 that teaches
+nothing (CLIP-ReID augments every draw independently).
 """
 from __future__ import annotations
 
 from collections import defaultdict
-from typing import Iterator, Sequence
+from typing import Iterable, Iterator, NamedTuple, Sequence
 
 import numpy as np
 from torch.utils.data import Sampler
 
-__all__ = ["PKSampler"]
+__all__ = ["PKSampler", "Draw", "number_draws"]
 
 
-class PKSampler(Sampler[list[int]]):
-    """A batch sampler (use as ``DataLoader(batch_sampler=...)``) yielding P×K index lists."""
+class Draw(NamedTuple):
+    """One draw of an epoch's sample sequence: the dataset item ``index``, and ``occurrence``,
+    how many times the epoch drew that item before (0 for its first draw)."""
+
+    index: int
+    occurrence: int
+
+
+def number_draws(batches: Iterable[Sequence[int]]) -> list[list[Draw]]:
+    """An epoch's batches of item indices as batches of :class:`Draw`: the k-th draw of an
+    index in the epoch (counted across batches, in order) gets ``occurrence`` k - 1.  The
+    numbers depend on the epoch's sequence alone, never on how the loader's workers share it."""
+    drawn: dict[int, int] = defaultdict(int)
+    numbered = []
+    for batch in batches:
+        draws = []
+        for index in batch:
+            index = int(index)
+            draws.append(Draw(index, drawn[index]))
+            drawn[index] += 1
+        numbered.append(draws)
+    return numbered
+
+
+class PKSampler(Sampler[list[Draw]]):
+    """A batch sampler (use as ``DataLoader(batch_sampler=...)``) yielding P×K lists of
+    :class:`Draw` (index, occurrence), for a dataset that seeds each draw's augmentation
+    (:class:`~handclip_nb.data.datasets.ImageListDataset`)."""
 
     def __init__(self, labels: Sequence[int], p: int, k: int, seed: int = 0):
         if p < 2:
@@ -68,8 +100,8 @@ class PKSampler(Sampler[list[int]]):
             batches.append(batch)
         return batches
 
-    def __iter__(self) -> Iterator[list[int]]:
-        return iter(self._batches())
+    def __iter__(self) -> Iterator[list[Draw]]:
+        return iter(number_draws(self._batches()))
 
     def __len__(self) -> int:
         return len(self._batches())

@@ -111,8 +111,10 @@ def train_batches(params: Mapping, protocol: Protocol, backbone, device: torch.d
     ``batches(epoch)`` for :class:`TrainLoop`.
 
     Each image is decoded and resized once (``decode_cache``: filled here, in parallel, before
-    the first epoch); every epoch augments the decoded pixels, with per-image seeds from
-    (``seed``, epoch, image), so the batches do not depend on ``num_workers``."""
+    the first epoch); every epoch augments the decoded pixels, each draw of the P×K sampler
+    from its own seed (``seed``, epoch, image, how often the epoch drew the image before), so
+    the batches do not depend on ``num_workers`` and an image drawn twice into a batch (an
+    identity with fewer than ``k_images`` images) is augmented twice, independently."""
     source = image_source(backbone.preprocess_config(), params, train=True,
                           augment=AugmentConfig(erasing_p=params["random_erasing"],
                                                 color_jitter=params["color_jitter"],
