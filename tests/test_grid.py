@@ -72,7 +72,10 @@ def test_clipfh_runs_start_from_their_backbone_and_aspect_reference_file():
     runs = expand_grid(load_grid(REPO / "params" / "grids" / "clipfh-11k.yaml"))
     run = next(r for r in runs if r.name == "stage2-palmar_l-rn50-seed2")
     reference = yaml.safe_load((REPO / "params" / "rn50-palmar_l.yaml").read_text())
-    assert run.values["stage2"] == reference["stage2"] and run.values["seed"] == 2
+    # flat values: the reference file's stage-2 section applied, no sections left
+    assert {k: run.values[k] for k in reference["stage2"]} == reference["stage2"]
+    assert not any(k in run.values for k in ("stage1", "stage2", "stage3"))
+    assert run.values["seed"] == 2 and run.values["backbone"] == "rn50"
 
 
 def test_untrained_zero_shot_depends_on_the_seed_and_order_is_by_dependency(tmp_path):
