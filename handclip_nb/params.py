@@ -200,6 +200,12 @@ SCHEMA: dict[str, ParamSpec] = {
         _spec("seed", "int", 0,
               "seed for every random number generator of training (the splits use split_seed)",
               minimum=0),
+        _spec("deterministic", "bool", True,
+              "deterministic GPU kernels (cuDNN's deterministic algorithms, no autotuning): a "
+              "re-run on the same GPU and software repeats every bit, at a cost in speed "
+              "(cuDNN's fastest convolutions are excluded; most felt by the ResNet towers). "
+              "False lets cuDNN benchmark and pick the fastest kernel per shape: runs differ in "
+              "the last bits, as a re-run on another GPU does. No effect on a CPU"),
         _spec("device", "str", "auto", "'auto' (cuda if available), 'cpu', 'cuda' or 'cuda:N'"),
         _spec("num_workers", "int", None,
               "data-loader worker processes; None = from the machine (CUDA: every core but "

@@ -28,7 +28,7 @@ from ..evaluate.features import extract_features
 from ..evaluate.metrics import rank_metrics
 from ..losses import symmetric_supcon, text_logit_form
 from ..models.prompts import PromptLearner
-from ..runs import PROMPTS_FILE, atomic_torch_save, feature_cache_dir, seed_everything
+from ..runs import PROMPTS_FILE, atomic_torch_save, feature_cache_dir, seed_run
 from .loop import FitResult, TrainLoop
 from .schedulers import stage1_scheduler
 
@@ -74,7 +74,7 @@ def _chance_map(labels: np.ndarray) -> float:
 def train_stage1(params: Mapping, output_dir: str | Path, protocol: Protocol, backbone,
                  callbacks: Iterable[Callable[[dict], None]] = (),
                  progress: bool = True) -> Stage1Result:
-    seed_everything(params["seed"])  # the head's init and the batches depend only on `seed`
+    seed_run(params)  # the head's init and the batches depend only on `seed`
     device = next(backbone.parameters()).device
     backbone.requires_grad_(False)  # both encoders frozen: only the context vectors learn
     backbone.eval()

@@ -31,7 +31,7 @@ from ..models.prompts import check_compatible
 from ..models.reid import ReIDModel
 from ..params import SELECTION_POLICIES
 from ..run_loader import RunFolderError, load_run
-from ..runs import seed_everything
+from ..runs import seed_run
 from .loop import FitResult, TrainLoop, clone_state, compiled, run_precision
 from .schedulers import image_stage_scheduler
 
@@ -156,7 +156,7 @@ def train_stage2(params: Mapping, output_dir: str | Path, protocol: Protocol, ba
                  progress: bool = True) -> Stage2Result:
     """Fine-tune the image encoder; returns the model with the state that ``params["selection"]``
     keeps (see :func:`fit_image_model`) and the protocol it was fitted on."""
-    seed_everything(params["seed"])  # the head's init and the batches depend only on `seed`
+    seed_run(params)  # the head's init and the batches depend only on `seed`
     device = next(backbone.parameters()).device
     identities = getattr(learner, "identities", None) or list(protocol.fit_people)
     with torch.no_grad():  # every identity's text feature, once; prompts stay frozen
@@ -249,7 +249,7 @@ def fit_image_model(stage: str, params: Mapping, output_dir, protocol: Protocol,
     print(f"[{stage}] selection: best epoch {epochs} of {params['epochs']} on held-out "
           f"training identities; retraining on all of them for {epochs} epochs")
     full = build_protocol({**params, "selection": "last"}, verify=False)
-    seed_everything(params["seed"])  # the retraining is a fresh run with selection='last'
+    seed_run(params)  # the retraining is a fresh run with selection='last'
     fit, model = _fit_once(stage, params, output_dir, full, build, validate=False,
                            epochs=epochs, callbacks=callbacks, progress=progress,
                            reset=backbone_start)
