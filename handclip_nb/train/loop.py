@@ -38,7 +38,7 @@ import torch
 from torch import nn
 from torch.utils.tensorboard import SummaryWriter
 
-from ..device import Precision
+from ..device import Precision, run_precision
 from ..progress import tqdm
 from ..runs import BEST_CHECKPOINT, LAST_CHECKPOINT
 from ..checkpoint import (CheckpointError, check_meta, load_checkpoint, restore_rng_state,
@@ -67,11 +67,6 @@ def compiled(module: nn.Module, enabled: bool) -> nn.Module:
     The compiled wrapper shares the module's parameters, so optimisers, checkpoints and
     evaluation keep using the module itself."""
     return torch.compile(module) if enabled else module
-
-
-def run_precision(params: Mapping[str, Any], device) -> Precision:
-    """The mixed precision of a training run's ``amp`` / ``amp_dtype`` on ``device``."""
-    return Precision.resolve(params.get("amp", False), params.get("amp_dtype", "float16"), device)
 
 
 class TensorBoardWriter:

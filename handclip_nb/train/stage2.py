@@ -144,7 +144,8 @@ def validate_selection(model, protocol: Protocol, params: Mapping, device,
     indices = sorted({*split.query, *split.gallery})
     feats = extract_features(model.backbone, protocol.paths(indices), transform,
                              batch_size=params["batch_size"], device=device,
-                             encode=encode or model.embed, desc="validate")
+                             encode=encode or model.embed, desc="validate",
+                             precision=run_precision(params, device))
     res = evaluate_splits(feats, {i: r for r, i in enumerate(indices)}, protocol, [split],
                           "val", max_rank=params["max_rank"], ap_mode=params["ap_mode"],
                           verification=False)  # epochs are chosen by re-ID metrics alone
