@@ -10,7 +10,7 @@ from typing import Union
 import torch
 
 __all__ = ["resolve_device", "available_cpus", "CPU_SHARE_ENV", "default_num_workers", "Precision",
-           "AMP_DTYPES", "configure_cuda"]
+           "AMP_DTYPES", "configure_cuda", "run_precision"]
 
 #: Values of the ``amp_dtype`` parameter -> the autocast dtype.
 AMP_DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16}
@@ -97,6 +97,13 @@ class Precision:
         return cls(device_type=dev.type, enabled=enabled, dtype=dtype)
 
     @property
+    def name(self) -> str:
+        """``fp32``, ``fp16`` or ``bf16``: the precision of the autocast matrix products."""
+        if not self.enabled:
+            return "fp32"
+        return "bf16" if self.dtype == torch.bfloat16 else "fp16"
+
+    @property
     def needs_scaler(self) -> bool:
         return self.enabled and self.dtype == torch.float16
 
@@ -107,6 +114,13 @@ class Precision:
         if not self.enabled:
             return "fp32"
         return "bf16 autocast" if self.dtype == torch.bfloat16 else "fp16 autocast + GradScaler"
+
+
+def run_precision(params, device) -> Precision:
+    """The mixed precision of a run's ``amp`` / ``amp_dtype`` on ``device`` (fp32 where the
+    run has no ``amp``): one place decides it for training and for the features every stage,
+    evaluation and search encode with that run."""
+    return Precision.resolve(params.get("amp", False), params.get("amp_dtype", "float16"), device)
 
 
 def configure_cuda(tf32: bool) -> None:

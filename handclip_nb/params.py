@@ -200,6 +200,12 @@ SCHEMA: dict[str, ParamSpec] = {
         _spec("seed", "int", 0,
               "seed for every random number generator of training (the splits use split_seed)",
               minimum=0),
+        _spec("deterministic", "bool", True,
+              "deterministic GPU kernels (cuDNN's deterministic algorithms, no autotuning): a "
+              "re-run on the same GPU and software repeats every bit, at a cost in speed "
+              "(cuDNN's fastest convolutions are excluded; most felt by the ResNet towers). "
+              "False lets cuDNN benchmark and pick the fastest kernel per shape: runs differ in "
+              "the last bits, as a re-run on another GPU does. No effect on a CPU"),
         _spec("device", "str", "auto", "'auto' (cuda if available), 'cpu', 'cuda' or 'cuda:N'"),
         _spec("num_workers", "int", None,
               "data-loader worker processes; None = from the machine (CUDA: every core but "
@@ -273,11 +279,14 @@ SCHEMA: dict[str, ParamSpec] = {
         _spec("resume", "bool", False,
               "continue an interrupted run from output_dir/checkpoints/last.pt",
               stages=TRAINING),
-        _spec("amp", "bool", True, "mixed precision on CUDA (never on CPU)", stages=TRAINING),
+        _spec("amp", "bool", True,
+              "mixed precision on CUDA (never on CPU): the autocast of training and of every "
+              "feature the run encodes (validation, test, the evaluation and search notebooks "
+              "that load the run); False = fp32", stages=(*TRAINING, "stage0")),
         _spec("amp_dtype", "str", "float16",
               "mixed-precision type on CUDA: 'float16' with a gradient scaler (CLIP-ReID's) or "
               "'bfloat16' (Ampere/Hopper; fp32's range, no scaler)", choices=AMP_DTYPE_NAMES,
-              stages=TRAINING),
+              stages=(*TRAINING, "stage0")),
         _spec("compile", "bool", False,
               "torch.compile the model for training (opt-in: minutes of compilation first, "
               "then faster steps on a GPU)", stages=("stage2", "stage3")),

@@ -32,7 +32,7 @@ import yaml
 from .checkpoint import CheckpointError, check_meta, load_checkpoint
 from .constants import HD_ASPECT
 from .data.images import ImageSource, image_source
-from .device import resolve_device
+from .device import Precision, resolve_device, run_precision
 from .models.backbones import backbone_from_params
 from .models.prompts import PromptLearner
 from .models.promptsg import PromptSG
@@ -88,6 +88,12 @@ class LoadedRun:
     @property
     def device(self) -> torch.device:
         return next(self.backbone.parameters()).device
+
+    @property
+    def precision(self) -> Precision:
+        """The autocast the run's features are encoded in: its own ``amp`` / ``amp_dtype`` on
+        the device it is loaded on (fp32 on a CPU)."""
+        return run_precision(self.params, self.device)
 
     def image_source(self, params: Mapping[str, Any] | None = None) -> ImageSource:
         """The evaluation images of the run's backbone (its image size, resize mode and

@@ -46,6 +46,7 @@ __all__ = [
     "atomic_write_json",
     "atomic_torch_save",
     "seed_everything",
+    "seed_run",
     "environment_info",
     "git_commit",
     "project_root",
@@ -129,8 +130,12 @@ def atomic_torch_save(obj: Any, path: str | os.PathLike) -> Path:
     return atomic_write_bytes(path, buf.getvalue())
 
 
-def seed_everything(seed: int) -> None:
-    """Seed Python, NumPy and torch (CPU and CUDA) and ask for deterministic kernels."""
+def seed_everything(seed: int, deterministic: bool = True) -> None:
+    """Seed Python, NumPy and torch (CPU and CUDA); ``deterministic`` (the parameter of that
+    name) asks cuDNN for deterministic kernels without autotuning (bit-repeatable GPU runs,
+    slower convolutions), else lets it benchmark and pick the fastest kernel per shape. Both
+    settings are set either way, so a notebook kernel that ran one run does not pass its choice
+    on to the next."""
     import torch  # here, not at the top: the pipeline's command line imports runs without torch
 
     random.seed(seed)
@@ -139,8 +144,13 @@ def seed_everything(seed: int) -> None:
     if torch.cuda.is_available():
         torch.cuda.manual_seed_all(seed)
     os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
-    torch.backends.cudnn.benchmark = False
-    torch.backends.cudnn.deterministic = True
+    torch.backends.cudnn.benchmark = not deterministic
+    torch.backends.cudnn.deterministic = bool(deterministic)
+
+
+def seed_run(params: Mapping[str, Any]) -> None:
+    """:func:`seed_everything` with a run's ``seed`` and ``deterministic`` parameters."""
+    seed_everything(int(params["seed"]), deterministic=bool(params.get("deterministic", True)))
 
 
 def project_root() -> Path:
@@ -256,7 +266,7 @@ def start_run(params: Mapping[str, Any]) -> Run:
     folder never looks finished while this run is in progress.
     """
     set_interactive(bool(params.get("interactive", False)))
-    seed_everything(int(params["seed"]))
+    seed_run(params)
     out = resolve_path(params["output_dir"])
     out.mkdir(parents=True, exist_ok=True)
     stale = out / METRICS_FILE

@@ -63,7 +63,7 @@ def attention_figure(model: SearchModel, result: QueryResult, params: Mapping[st
     mode = model.run.info.prompt_mode or "simplified"
     matches = result.matches[:max(1, int(k))]
     paths = [result.path] + [m.path for m in matches]
-    maps = attention_maps(promptsg, paths, params, mode).numpy()
+    maps = attention_maps(promptsg, paths, params, mode, precision=model.run.precision).numpy()
     gh, gw = promptsg.backbone.grid
     grids = [select_head(m.reshape(-1, gh, gw), "mean") for m in maps]
     size = tuple(promptsg.backbone.image_size)

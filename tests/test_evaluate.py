@@ -7,7 +7,9 @@ import torch
 
 from handclip_nb.backbone_specs import PreprocessConfig
 from handclip_nb.data import build_transform
+from handclip_nb.device import Precision, run_precision
 from handclip_nb.evaluate import extract_features, summarise
+from handclip_nb.evaluate.features import feature_cache_key
 from handclip_nb.evaluate.protocol_eval import evaluate_splits
 from handclip_nb.models import build_backbone
 
@@ -99,6 +101,86 @@ def test_cache_notices_a_changed_image_and_survives_corruption(backbone, images,
     for entry in cache.iterdir():
         entry.write_bytes(b"garbage")
     assert torch.allclose(extract_features(backbone, local, tf, cache_dir=cache), after)
+
+
+def test_the_cache_key_holds_the_device_type_and_the_precision(images):
+    """A CPU fp32 run, a GPU fp32 run, a GPU fp16 run and a GPU bf16 run (amp_dtype) never
+    share features (Precision objects stand in for the GPU: the key needs no CUDA)."""
+    keys = {feature_cache_key("fp", images, "tf", False, precision)
+            for precision in (Precision("cpu"), Precision("cuda"),
+                              Precision("cuda", enabled=True, dtype=torch.float16),
+                              Precision("cuda", enabled=True, dtype=torch.bfloat16),
+                              Precision("cpu", enabled=True, dtype=torch.bfloat16))}
+    assert len(keys) == 5
+    assert feature_cache_key("fp", images, "tf", False, Precision("cpu")) == \
+        feature_cache_key("fp", images, "tf", False, Precision("cpu", dtype=torch.bfloat16))
+    cpu_run = run_precision({"amp": True, "amp_dtype": "bfloat16"}, "cpu")  # CPU: fp32
+    assert not cpu_run.enabled and cpu_run.name == "fp32"
+
+
+def test_features_are_encoded_in_the_precision_passed_and_cached_apart(backbone, images,
+                                                                       tmp_path):
+    """bf16 autocast (CPU autocast stands in for a GPU's) gives the autocast forward's
+    features, not fp32's; the fp32 entry of the same images is not returned for it."""
+    tf = build_transform(PreprocessConfig((96, 128)))
+    bf16 = Precision("cpu", enabled=True, dtype=torch.bfloat16)
+    cache = tmp_path / "cache"
+    fp32 = extract_features(backbone, images[:4], tf, cache_dir=cache)
+    got = extract_features(backbone, images[:4], tf, cache_dir=cache, precision=bf16)
+    from PIL import Image
+
+    x = torch.stack([tf(Image.open(p)) for p in images[:4]])
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+        ref = torch.nn.functional.normalize(backbone.encode_image(x).global_embedding.float(),
+                                            dim=1)
+    assert torch.allclose(got, ref, atol=1e-6)
+    assert not torch.allclose(got, fp32, atol=1e-4)  # bf16 products: a visibly other result
+    assert len(os.listdir(cache)) == 2
+    assert torch.equal(extract_features(backbone, images[:4], tf, cache_dir=cache,
+                                        precision=bf16), got)
+
+
+def test_a_precision_of_another_device_is_refused(backbone, images):
+    tf = build_transform(PreprocessConfig((96, 128)))
+    with pytest.raises(ValueError, match=r"extract_features on cpu with a precision for 'cuda' "
+                                         r"\(fp16 autocast \+ GradScaler\); pass the precision "
+                                         r"of this device: run_precision\(params, 'cpu'\)"):
+        extract_features(backbone, images[:2], tf,
+                         precision=Precision("cuda", enabled=True, dtype=torch.float16))
+
+
+def test_evaluation_encodes_in_the_run_precision(monkeypatch):
+    """evaluate_backbone (every stage's test) passes the precision of the run's parameters."""
+    from handclip_nb.evaluate import protocol_eval
+
+    seen = {}
+
+    def spy(*args, precision=None, **kwargs):
+        seen["precision"] = precision
+        raise RuntimeError("stop after the call")
+
+    monkeypatch.setattr(protocol_eval, "extract_features", spy)
+    monkeypatch.setattr(protocol_eval, "run_precision",
+                        lambda params, device: ("precision of", params["amp_dtype"], device))
+    monkeypatch.setattr(protocol_eval, "image_source", lambda config, params: None)
+    monkeypatch.setattr(protocol_eval, "calibration_split", lambda protocol, fitted: (None, None))
+    monkeypatch.setattr(protocol_eval, "needed_indices", lambda splits: [])
+
+    class _Protocol:
+        test, selection = [], None
+
+        def paths(self, indices):
+            return []
+
+    class _Backbone:
+        def preprocess_config(self):
+            return None
+
+    params = {"stage": "stage2", "amp": True, "amp_dtype": "bfloat16", "device": "cpu",
+              "batch_size": 4, "flip_tta": False, "num_workers": 0}
+    with pytest.raises(RuntimeError, match="stop after the call"):
+        protocol_eval.evaluate_backbone(_Backbone(), _Protocol(), params)
+    assert seen["precision"] == ("precision of", "bfloat16", "cpu")
 
 
 def test_summarise_mean_std_per_split():

@@ -112,7 +112,8 @@ def test_channels_last_resnet_forward_equals_the_contiguous_one(full_fp32, preci
 
 def test_extract_features_on_cuda_equals_the_cpu(synthetic_11k, workbench_home, full_fp32):
     """``extract_features`` of the same photos and weights: on CUDA in fp32 (TF32 off) within
-    1e-4 of the CPU; with its CUDA default (fp16 autocast) every row's cosine above 0.999."""
+    1e-4 of the CPU; in fp16 autocast (a run's amp default on CUDA) every row's cosine above
+    0.999."""
     paths = [str(p) for p in sorted((synthetic_11k / "Hands").glob("*.jpg"))[:24]]
     cpu_backbone = build_backbone("tiny-vit", image_size=SIZE, seed=0)
     gpu_backbone = copy.deepcopy(cpu_backbone).to("cuda")
@@ -120,7 +121,8 @@ def test_extract_features_on_cuda_equals_the_cpu(synthetic_11k, workbench_home, 
     on_cpu = extract_features(cpu_backbone, paths, source, batch_size=8, device="cpu")
     fp32 = extract_features(gpu_backbone, paths, source, batch_size=8, device="cuda",
                             precision=Precision("cuda", enabled=False))
-    default = extract_features(gpu_backbone, paths, source, batch_size=8, device="cuda")
+    default = extract_features(gpu_backbone, paths, source, batch_size=8, device="cuda",
+                               precision=Precision("cuda", enabled=True, dtype=torch.float16))
     assert on_cpu.shape == fp32.shape == default.shape == (len(paths), cpu_backbone.embed_dim)
     assert fp32.device.type == "cpu" and fp32.dtype == torch.float32
     torch.testing.assert_close(fp32, on_cpu, atol=1e-4, rtol=1e-4)

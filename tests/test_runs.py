@@ -92,3 +92,42 @@ def test_atomic_write_uses_normal_file_permissions(tmp_path):
     finally:
         os.umask(mask)
     assert (p.stat().st_mode & 0o777) == 0o644  # not mkstemp's 0600
+
+
+@pytest.fixture
+def cudnn_flags():
+    """Restore cuDNN's global flags after a test that sets them."""
+    import torch
+
+    saved = torch.backends.cudnn.benchmark, torch.backends.cudnn.deterministic
+    yield torch.backends.cudnn
+    torch.backends.cudnn.benchmark, torch.backends.cudnn.deterministic = saved
+
+
+@pytest.mark.parametrize("deterministic", [True, False])
+def test_the_deterministic_parameter_sets_the_cudnn_kernels(workbench_home, cudnn_flags,
+                                                            deterministic):
+    """deterministic=True (the default): cuDNN's deterministic kernels, no autotuning;
+    False: benchmark mode (the fastest kernel per shape). Recorded in params.yaml, part of the
+    run's identity (it changes a GPU run's bits)."""
+    from handclip_nb.params import SCHEMA, run_identity
+
+    cudnn_flags.benchmark, cudnn_flags.deterministic = deterministic, not deterministic
+    params = resolve_params(stage="stage2", deterministic=deterministic)
+    run = runs.start_run(params)
+    assert cudnn_flags.deterministic is deterministic
+    assert cudnn_flags.benchmark is (not deterministic)
+    record = yaml.safe_load((run.output_dir / "params.yaml").read_text())
+    assert record["params"]["deterministic"] is deterministic
+    assert run_identity(params)["deterministic"] is deterministic
+    assert SCHEMA["deterministic"].default_for("stage2") is True
+
+
+def test_the_training_stages_seed_with_the_deterministic_parameter(cudnn_flags):
+    """A stage re-seeds at its start (seed_run): the run's choice holds even when an earlier
+    run in the same kernel chose otherwise."""
+    cudnn_flags.benchmark, cudnn_flags.deterministic = False, True
+    runs.seed_run({"seed": 3, "deterministic": False})
+    assert cudnn_flags.benchmark and not cudnn_flags.deterministic
+    runs.seed_run({"seed": 3})  # a mapping without it: the default, deterministic
+    assert not cudnn_flags.benchmark and cudnn_flags.deterministic

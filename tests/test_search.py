@@ -642,3 +642,18 @@ def test_search_notebook_with_a_stage0_run(folders, workbench_home):
     assert "WARNING: too few impostor pairs for FAR 1 %" in text
     assert re.search(r"on never-trained identities \(the run's \d+ test identities", text)
     assert m["threshold"]["reliability"]["calibration"]["identities"] == "never-trained"
+
+
+def test_the_index_key_holds_the_device_type_and_the_precision(folders, tmp_path, monkeypatch):
+    """A gallery index encoded in one precision (a GPU run's fp16 or bf16, the run's amp /
+    amp_dtype) is never reused by a search in another (a CPU's fp32)."""
+    from handclip_nb.device import Precision
+    from handclip_nb.run_loader import LoadedRun
+
+    _, _, model = prepared(tmp_path / "o", folders)
+    keys = [G.model_key(model.run, model.source, model.flip)]
+    for dtype in (torch.float16, torch.bfloat16):
+        monkeypatch.setattr(LoadedRun, "precision",
+                            property(lambda self, d=dtype: Precision("cuda", True, d)))
+        keys.append(G.model_key(model.run, model.source, model.flip))
+    assert len(set(keys)) == 3

@@ -7,6 +7,7 @@ from torch import nn
 
 from handclip_nb.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
 from handclip_nb.train import TrainLoop
+from handclip_nb.train.loop import LOSS_READ_EVERY
 from handclip_nb.train.schedulers import (warmup_cosine, warmup_cosine_factor, warmup_multistep,
                                           warmup_multistep_factor)
 
@@ -262,3 +263,111 @@ def test_tensorboard_can_be_switched_off(tmp_path):
     loop.fit(1)
     assert not (tmp_path / "tensorboard").exists()
     assert TrainLoop.__init__.__kwdefaults__["tensorboard"] is True
+
+
+#: The Tensor methods that copy a value to the host: on CUDA each one waits for the device.
+_HOST_READS = ("item", "tolist", "__float__", "__int__", "__index__", "__bool__", "cpu", "numpy")
+
+
+def _counting_host_reads(monkeypatch) -> dict:
+    """Count every call of :data:`_HOST_READS` made from Python (the loop's, the optimiser's)."""
+    counts = {"reads": 0}
+    for name in _HOST_READS:
+        original = getattr(torch.Tensor, name)
+
+        def counting(self, *args, _original=original, **kwargs):
+            counts["reads"] += 1
+            return _original(self, *args, **kwargs)
+
+        monkeypatch.setattr(torch.Tensor, name, counting)
+    return counts
+
+
+def _steps_loop(tmp_path, steps_per_epoch, read_every=LOSS_READ_EVERY, nan_at=None,
+                losses=None):
+    """One linear model trained on ``steps_per_epoch`` fixed batches per epoch; three loss parts
+    (as the stages return). ``nan_at=(epoch, step)`` (1-based) makes that step's loss NaN;
+    ``losses`` collects each step's parts (detached clones)."""
+    torch.manual_seed(0)
+    model = nn.Linear(4, 3)
+    x, y = torch.randn(8, 4), torch.arange(8) % 3
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    epoch_of = {"epoch": 0}
+
+    def batches(epoch):
+        epoch_of["epoch"] = epoch + 1
+        for _ in range(steps_per_epoch):
+            yield x, y
+
+    step_of = {"step": 0}
+
+    def step(batch):
+        step_of["step"] += 1
+        logits = model(batch[0])
+        ce = nn.functional.cross_entropy(logits, batch[1])
+        reg = 1e-3 * logits.pow(2).mean()
+        total = ce + reg
+        if nan_at == (epoch_of["epoch"], (step_of["step"] - 1) % steps_per_epoch + 1):
+            total = total * float("nan")
+        parts = {"loss": total, "ce": ce.detach(), "reg": reg.detach()}
+        if losses is not None:
+            losses.append({k: v.detach().clone() for k, v in parts.items()})
+        return parts
+
+    return TrainLoop(stage="toy", output_dir=tmp_path, modules={"model": model}, optimizer=opt,
+                     scheduler=None, step=step, batches=batches, meta={"arch": "lin"},
+                     progress=False, tensorboard=False, read_every=read_every)
+
+
+def _host_reads(tmp_path, monkeypatch, steps_per_epoch, read_every=LOSS_READ_EVERY):
+    loop = _steps_loop(tmp_path / f"s{steps_per_epoch}-r{read_every}", steps_per_epoch,
+                       read_every)
+    with monkeypatch.context() as patch:
+        counts = _counting_host_reads(patch)
+        loop.fit(1)
+    return counts["reads"]
+
+
+def test_the_loop_never_waits_on_the_device_inside_an_epoch(tmp_path, monkeypatch):
+    """No host read per training step: an epoch of 16 steps reads the device as often as one of
+    4 (the epoch's single read of the loss sums, the checkpoint's copies); with ``read_every=4``
+    exactly one more read per 4 steps (the progress bar's running loss). The per-step reads of
+    the old loop (``if not isfinite(loss)``, ``float(part)`` per part: 4 here) fail it."""
+    short, long_ = _host_reads(tmp_path, monkeypatch, 4), _host_reads(tmp_path, monkeypatch, 16)
+    per_step = (long_ - short) / 12
+    assert per_step == 0, f"{per_step} host reads per training step (4 steps: {short}, 16: {long_})"
+    every4 = [_host_reads(tmp_path, monkeypatch, n, read_every=4) for n in (4, 16)]
+    assert every4[1] - every4[0] == 3  # steps 8, 12 and 16 of 16 each read once more
+
+
+def test_the_epoch_losses_are_the_python_float_means_of_the_steps(tmp_path):
+    """The device-side sums record what per-step ``float(part)`` reads added up, bit for bit."""
+    losses = []
+    result = _steps_loop(tmp_path, 7, read_every=3, losses=losses).fit(2)
+    for epoch, record in enumerate(result.history):
+        steps = losses[7 * epoch:7 * (epoch + 1)]
+        for name in ("loss", "ce", "reg"):
+            total = 0.0
+            for parts in steps:
+                total = total + float(parts[name])
+            assert record["loss"][name] == total / 7  # exact: same additions, same order
+
+
+@pytest.mark.parametrize("read_every, where", [(4, "steps 5 and 8"), (50, "steps 1 and 10"),
+                                               (1, "step 7")])
+def test_a_non_finite_loss_stops_the_run_naming_its_steps(tmp_path, read_every, where):
+    """The NaN of epoch 2, step 7 is found at the next read; nothing of epoch 2 is saved."""
+    loop = _steps_loop(tmp_path, 10, read_every=read_every, nan_at=(2, 7))
+    with pytest.raises(FloatingPointError,
+                       match=f"toy epoch 2: a non-finite loss between {where} "
+                             r"\(non-finite parts: loss[a-z, ]*\); lower lr"):
+        loop.fit(3)
+    saved = load_checkpoint(loop.last_path, stage="toy")
+    assert saved["epoch"] == 1 and len(saved["history"]) == 1
+    assert all(torch.isfinite(v).all() for v in saved["model"]["model"].values())
+    assert not loop.best_path.exists()
+
+
+def test_read_every_must_be_positive(tmp_path):
+    with pytest.raises(ValueError, match="read_every must be a number of steps >= 1, got 0"):
+        _steps_loop(tmp_path, 2, read_every=0)

@@ -16,6 +16,7 @@ from ..data.images import image_source, orientation_of
 from ..data.transforms import LetterboxResize
 from ..evaluate.features import extract_features
 from ..models.promptsg import PromptSG, attention_entropy, prompt_sensitivity
+from ..device import Precision, run_precision
 from ..runs import read_metrics, resolve_path
 from .figures import Match
 
@@ -24,11 +25,15 @@ __all__ = ["attention_maps", "attention_summary", "attention_record", "gallery_r
 
 
 @torch.no_grad()
-def attention_maps(model: PromptSG, paths, params, mode: str) -> torch.Tensor:
-    """[N, heads, patches] cross-attention of ``mode`` for the images at ``paths``."""
+def attention_maps(model: PromptSG, paths, params, mode: str,
+                   precision: Precision | None = None) -> torch.Tensor:
+    """[N, heads, patches] cross-attention of ``mode`` for the images at ``paths``, in
+    ``precision`` (default: that of ``params``' ``amp`` / ``amp_dtype``)."""
     transform = image_source(model.backbone.preprocess_config(), params)
+    device = next(model.parameters()).device
     maps = extract_features(model.backbone, paths, transform, batch_size=params["batch_size"],
-                            device=next(model.parameters()).device, normalize=False,
+                            device=device, normalize=False,
+                            precision=precision or run_precision(params, device),
                             encode=lambda x: model(x, prompt_mode=mode).attention.flatten(1),
                             desc=f"attention ({mode})")
     return maps.view(len(paths), -1, model.backbone.grid[0] * model.backbone.grid[1])
@@ -119,9 +124,10 @@ class ModelAttentionSource:
         if key not in self._cache:
             transform = image_source(self.model.backbone.preprocess_config(), self.params)
             idx = [*self.split.query, *self.split.gallery]
+            device = next(self.model.parameters()).device
             feats = extract_features(self.model.backbone, self.protocol.paths(idx), transform,
-                                     batch_size=self.params["batch_size"],
-                                     device=next(self.model.parameters()).device,
+                                     batch_size=self.params["batch_size"], device=device,
+                                     precision=run_precision(self.params, device),
                                      encode=lambda x: self.model.embed(x, prompt_mode),
                                      desc="rank")
             q, g = feats[:len(self.split.query)], feats[len(self.split.query):]

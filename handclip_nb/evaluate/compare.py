@@ -142,7 +142,8 @@ def evaluate_run(run: LoadedRun, params: Mapping, protocol: Protocol | None = No
                                 batch_size=params["batch_size"], device=run.device,
                                 flip=params["flip_tta"], cache_dir=cache_dir,
                                 num_workers=params["num_workers"], desc=f"encode {run.info.name}",
-                                encode=run.encode, cache_tag=run.cache_tag)
+                                encode=run.encode, cache_tag=run.cache_tag,
+                                precision=run.precision)
     row_of = {idx: r for r, idx in enumerate(indices)}
     rerank = rerank_settings(params)
     test = evaluate_splits(features, row_of, protocol, splits, "test",

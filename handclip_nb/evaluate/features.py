@@ -3,8 +3,10 @@
 Features are the backbone's global embedding, L2-normalised, so ranking by cosine distance
 (``1 - q·g``) equals ranking by Euclidean distance on the unit sphere.  The cache key covers
 everything that changes the numbers: the backbone fingerprint (name + weights hash), the image
-list with each file's size and mtime, the transform's description and the flip flag — so a
-re-evaluation never re-encodes, and a changed image or transform never reuses stale features.
+list with each file's size and mtime, the transform's description, the flip flag, and the
+device type and precision the features were computed in (fp32, fp16 or bf16 autocast) — so a
+re-evaluation never re-encodes, a changed image or transform never reuses stale features, and a
+CPU run never reads a GPU run's fp16 features (nor the other way round).
 """
 from __future__ import annotations
 
@@ -26,9 +28,12 @@ __all__ = ["extract_features", "feature_cache_key", "cosine_distance"]
 
 
 def feature_cache_key(fingerprint: str, paths: Sequence[str], transform_desc: str,
-                      flip: bool) -> str:
+                      flip: bool, precision: Precision) -> str:
+    """The cache file name of features of ``paths``: ``precision`` is the autocast they are
+    computed under (its device type and fp32 / fp16 / bf16)."""
     h = hashlib.sha256()
-    h.update(f"{fingerprint}\n{transform_desc}\nflip={flip}\n".encode())
+    h.update(f"{fingerprint}\n{transform_desc}\nflip={flip}\n"
+             f"device={precision.device_type}\nprecision={precision.name}\n".encode())
     for p in paths:
         st = os.stat(p)
         h.update(f"{os.path.abspath(p)}\t{st.st_size}\t{st.st_mtime_ns}\n".encode())
@@ -51,7 +56,8 @@ def extract_features(backbone, paths: Sequence[str], transform: Callable, batch_
 
     ``transform`` is an :class:`~handclip_nb.data.images.ImageSource` (the stages' path:
     decoded once through its cache, which is filled in parallel first) or a transform of PIL
-    images. ``precision`` defaults to fp16 autocast on CUDA and fp32 on a CPU;
+    images. ``precision`` is the autocast of the forward passes, the run's own (its ``amp`` /
+    ``amp_dtype``: :func:`~handclip_nb.device.run_precision`); default fp32.
     ``num_workers=None`` derives the loader's workers from the machine.
 
     ``encode`` maps an image batch to features (default: the backbone's global embedding), so
@@ -60,13 +66,18 @@ def extract_features(backbone, paths: Sequence[str], transform: Callable, batch_
     fingerprint alone cannot tell two heads apart.
     """
     device = resolve_device(device)
+    precision = precision or Precision(device.type)
+    if precision.device_type != device.type:
+        raise ValueError(f"extract_features on {device} with a precision for "
+                         f"{precision.device_type!r} ({precision.describe()}); pass the precision "
+                         f"of this device: run_precision(params, {str(device)!r})")
     cache_path = None
     if encode is not None and cache_tag is None:
         cache_dir = None
     if cache_dir is not None:
         key = feature_cache_key(f"{backbone_fingerprint(backbone)}|{cache_tag or 'global'}"
                                 f"|norm={normalize}",
-                                paths, repr(transform), flip)
+                                paths, repr(transform), flip, precision)
         cache_path = Path(cache_dir) / f"{key}.pt"
         if cache_path.is_file():
             try:
@@ -79,7 +90,6 @@ def extract_features(backbone, paths: Sequence[str], transform: Callable, batch_
     encode = encode or (lambda x: backbone.encode_image(x).global_embedding)
     if isinstance(transform, ImageSource):
         transform.prepare(paths)  # decode the missing images once, on every core
-    precision = precision or Precision(device.type, enabled=device.type == "cuda")
     loader = make_loader(ImageListDataset(paths, [0] * len(paths), transform), device,
                          num_workers, batch_size=batch_size, shuffle=False)
     was_training = backbone.training

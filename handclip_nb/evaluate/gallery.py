@@ -295,9 +295,12 @@ def _check_calibration(value: Any, searched: Sequence[GalleryImage]
 
 def model_key(run: LoadedRun, source: ImageSource, flip: bool) -> str:
     """What decides a gallery feature: every backbone weight (fine-tuned ones included), the
-    ranking head (the run's cache tag), the image pipeline and flip TTA."""
+    ranking head (the run's cache tag), the image pipeline, flip TTA, and the device type and
+    precision it is encoded in (the run's ``amp`` / ``amp_dtype``: a GPU's fp16 index is not
+    a CPU's fp32 one)."""
+    precision = run.precision
     text = (f"{INDEX_FORMAT}|{backbone_fingerprint(run.backbone)}|{run.cache_tag or 'global'}|"
-            f"{source!r}|flip={bool(flip)}")
+            f"{source!r}|flip={bool(flip)}|{precision.device_type}|{precision.name}")
     return hashlib.sha256(text.encode()).hexdigest()[:32]
 
 
@@ -612,7 +615,8 @@ def _encode(model: SearchModel, paths: Sequence[str], params: Mapping, text_spac
                             flip=False if text_space else model.flip, cache_dir=None,
                             num_workers=params.get("num_workers"), desc=desc,
                             encode=None if text_space else run.encode,
-                            cache_tag=None if text_space else run.cache_tag)
+                            cache_tag=None if text_space else run.cache_tag,
+                            precision=run.precision)
 
 
 def build_gallery_index(model: SearchModel, inputs: SearchInputs, folder: str | os.PathLike,

@@ -24,6 +24,7 @@ from ..data.protocols import Protocol, Split
 from ..constants import AP_METRIC, METRIC_NAMES
 from ..data.images import image_source
 from ..data.provenance import is_synthetic_dataset
+from ..device import run_precision
 from .features import cosine_distance, extract_features
 from .metrics import rank_metrics
 from .open_set import (FITTED, NEVER_TRAINED, far_interval, identity_pair_counts,
@@ -177,7 +178,8 @@ def evaluate_backbone(backbone, protocol: Protocol, params: Mapping, cache_dir=N
                              batch_size=params["batch_size"], device=params["device"],
                              flip=params["flip_tta"], cache_dir=cache_dir,
                              num_workers=params["num_workers"], desc="encode images",
-                             encode=encode, cache_tag=cache_tag)
+                             encode=encode, cache_tag=cache_tag,
+                             precision=run_precision(params, params["device"]))
     row_of = {idx: r for r, idx in enumerate(indices)}
     results = {name: evaluate_splits(feats, row_of, protocol, splits, name,
                                      max_rank=params["max_rank"], ap_mode=params["ap_mode"],

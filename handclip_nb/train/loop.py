@@ -13,12 +13,22 @@ A stage supplies three callables (torchreid's engine design: only ``forward_back
 between stages): ``batches(epoch)`` yields batches, ``step(batch)`` returns a dict of loss tensors
 with the total under ``"loss"``, and ``validate()`` returns a dict of metrics (percent).
 
+The loop never waits on the device inside an epoch: each step's loss parts are added to
+device-side float64 sums (no ``float(loss)``, no ``if isfinite``), read in one transfer every
+``read_every`` steps (the progress bar's running loss) and at the end of the epoch. A
+non-finite loss is found at that read and stops the run naming the steps it happened between;
+the weights may have taken that step (a fp16 run's gradient scaler skips it, a fp32 run's weights
+turn NaN), but the read comes before anything is saved, so ``last.pt`` and ``best.pt`` still
+hold the previous epoch. The float64 sums add the same values in the same order as the Python
+floats of the per-step reads did, so the recorded epoch losses are bit-identical.
+
 Every epoch's record is also written as TensorBoard scalars to ``<output_dir>/tensorboard/``
 (:class:`TensorBoardWriter`, on by default: ``tensorboard=False`` turns it off), the epoch as
 the step, so ``tensorboard --logdir DIR`` compares every run under ``DIR`` (a whole grid).
 """
 from __future__ import annotations
 
+import math
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -28,17 +38,22 @@ import torch
 from torch import nn
 from torch.utils.tensorboard import SummaryWriter
 
-from ..device import Precision
+from ..device import Precision, run_precision
 from ..progress import tqdm
 from ..runs import BEST_CHECKPOINT, LAST_CHECKPOINT
 from ..checkpoint import (CheckpointError, check_meta, load_checkpoint, restore_rng_state,
                          save_checkpoint)
 
 __all__ = ["TrainLoop", "FitResult", "clone_state", "compiled", "run_precision",
-           "TensorBoardWriter", "TENSORBOARD_DIR"]
+           "TensorBoardWriter", "TENSORBOARD_DIR", "LOSS_READ_EVERY"]
 
 #: The run folder's TensorBoard event files (one file per process that trained the run).
 TENSORBOARD_DIR = "tensorboard"
+
+#: Steps between two reads of the running loss sums (the progress bar's loss, the non-finite
+#: check); each read waits for the device once, so the queue of launched kernels drains at most
+#: once per this many steps.
+LOSS_READ_EVERY = 50
 
 
 def clone_state(modules: Mapping[str, nn.Module]) -> dict[str, dict[str, torch.Tensor]]:
@@ -52,11 +67,6 @@ def compiled(module: nn.Module, enabled: bool) -> nn.Module:
     The compiled wrapper shares the module's parameters, so optimisers, checkpoints and
     evaluation keep using the module itself."""
     return torch.compile(module) if enabled else module
-
-
-def run_precision(params: Mapping[str, Any], device) -> Precision:
-    """The mixed precision of a training run's ``amp`` / ``amp_dtype`` on ``device``."""
-    return Precision.resolve(params.get("amp", False), params.get("amp_dtype", "float16"), device)
 
 
 class TensorBoardWriter:
@@ -172,7 +182,9 @@ class TrainLoop:
                  params: Mapping[str, Any] | None = None,
                  meta: Mapping[str, Any] | None = None,
                  callbacks: Iterable[Callable[[dict], None]] = (), progress: bool = True,
-                 tensorboard: bool = True):
+                 tensorboard: bool = True, read_every: int = LOSS_READ_EVERY):
+        if int(read_every) < 1:
+            raise ValueError(f"read_every must be a number of steps >= 1, got {read_every!r}")
         self.stage = stage
         self.output_dir = Path(output_dir)
         self.ckpt_dir = self.output_dir / Path(LAST_CHECKPOINT).parent
@@ -194,6 +206,7 @@ class TrainLoop:
         self.callbacks = list(callbacks)
         self.progress = progress
         self.tensorboard = tensorboard  # write <output_dir>/tensorboard/ (TensorBoardWriter)
+        self.read_every = int(read_every)  # steps between two reads of the loss sums
 
     @property
     def last_path(self) -> Path:
@@ -282,34 +295,35 @@ class TrainLoop:
             started = time.time()
             for m in self.modules.values():
                 m.train()
-            sums: dict[str, float] = {}
+            sums = _LossSums(self.stage, epoch + 1, self.last_path)
             n_batches = n_items = 0
             lr = self.optimizer.param_groups[0]["lr"]
             lr_groups = _lr_groups(self.optimizer)
-            for batch in tqdm(self.batches(epoch), desc=f"epoch {epoch + 1}", leave=False,
-                              disable=not self.progress):
+            steps = tqdm(self.batches(epoch), desc=f"epoch {epoch + 1}", leave=False,
+                         disable=not self.progress)
+            for batch in steps:
                 self.optimizer.zero_grad(set_to_none=True)
                 with self.precision.autocast():
                     parts = self.step(batch)
                 loss = parts["loss"]
-                if not torch.isfinite(loss):
-                    raise FloatingPointError(
-                        f"{self.stage} epoch {epoch + 1}: loss is {loss.item()} "
-                        f"(parts: { {k: float(v) for k, v in parts.items()} }); lower lr")
                 self.scaler.scale(loss).backward()
                 if self.grad_clip:
                     self.scaler.unscale_(self.optimizer)
                     nn.utils.clip_grad_norm_(params, self.grad_clip)
                 self.scaler.step(self.optimizer)
                 self.scaler.update()
-                for k, v in parts.items():
-                    sums[k] = sums.get(k, 0.0) + float(v.detach())
+                sums.add(parts)
                 n_batches += 1
                 n_items += _batch_size(batch)
+                if n_batches % self.read_every == 0:
+                    running = sums.read()  # the one wait on the device in read_every steps
+                    steps.set_postfix(loss=f"{running['loss'] / n_batches:.4f}", refresh=False)
+            steps.close()
+            totals = sums.read()  # before the scheduler, validation and every save
             if self.scheduler is not None:
                 self.scheduler.step()  # once per epoch
             record = {"epoch": epoch + 1, "lr": lr, "images": n_items,
-                      "loss": {k: v / max(1, n_batches) for k, v in sums.items()}}
+                      "loss": {k: v / max(1, n_batches) for k, v in totals.items()}}
             if self.validate is not None and ((epoch + 1) % self.eval_every == 0
                                               or epoch + 1 == epochs):
                 for m in self.modules.values():
@@ -344,6 +358,47 @@ class TrainLoop:
                          resumed_from=resumed_from, best_metric=self.select_metric,
                          seconds_per_epoch=(sum(epoch_times) / len(epoch_times)
                                             if epoch_times else 0.0))
+
+
+class _LossSums:
+    """An epoch's running sums of the loss parts, kept on the device until read.
+
+    ``add`` launches one addition per part and never waits; ``read`` copies every sum to the host
+    in one transfer (one wait) and raises :class:`FloatingPointError` when the total ``loss``
+    became non-finite since the previous read (a NaN or inf stays in a sum once added), naming
+    those steps. float64 on CUDA and CPU: the same additions, in the same order, as the Python
+    floats of a per-step read (MPS has no float64: float32 there)."""
+
+    def __init__(self, stage: str, epoch: int, last_path: Path):
+        self.stage, self.epoch, self.last_path = stage, epoch, last_path
+        self._sums: dict[str, torch.Tensor] = {}
+        self.steps = 0  # steps added
+        self._read_through = 0  # steps covered by the last read
+
+    def add(self, parts: Mapping[str, torch.Tensor]) -> None:
+        for name, value in parts.items():
+            value = value.detach()
+            value = value.to(torch.float32 if value.device.type == "mps" else torch.float64)
+            self._sums[name] = self._sums[name] + value if name in self._sums else value
+        self.steps += 1
+
+    def read(self) -> dict[str, float]:
+        """``{part: sum over the epoch's steps so far}`` as Python floats."""
+        if not self._sums:
+            return {}
+        names = list(self._sums)
+        values = dict(zip(names, torch.stack([self._sums[n] for n in names]).tolist()))
+        first, last = self._read_through + 1, self.steps
+        self._read_through = self.steps
+        if not math.isfinite(values.get("loss", 0.0)):
+            bad = ", ".join(n for n in names if not math.isfinite(values[n]))
+            where = f"step {last}" if first == last else f"steps {first} and {last}"
+            raise FloatingPointError(
+                f"{self.stage} epoch {self.epoch}: a non-finite loss between {where} "
+                f"(non-finite parts: {bad}); lower lr (or grad_clip). The run stopped before "
+                f"saving anything of this epoch: {self.last_path}, if any, holds only the "
+                f"epochs before it")
+        return values
 
 
 def _changed_params(saved, current: Mapping[str, Any]) -> str:

@@ -28,8 +28,8 @@ from ..evaluate.features import extract_features
 from ..evaluate.metrics import rank_metrics
 from ..losses import symmetric_supcon, text_logit_form
 from ..models.prompts import PromptLearner
-from ..runs import PROMPTS_FILE, atomic_torch_save, feature_cache_dir, seed_everything
-from .loop import FitResult, TrainLoop
+from ..runs import PROMPTS_FILE, atomic_torch_save, feature_cache_dir, seed_run
+from .loop import FitResult, TrainLoop, run_precision
 from .schedulers import stage1_scheduler
 
 __all__ = ["Stage1Result", "image_space", "prompt_retrieval", "train_stage1"]
@@ -74,7 +74,7 @@ def _chance_map(labels: np.ndarray) -> float:
 def train_stage1(params: Mapping, output_dir: str | Path, protocol: Protocol, backbone,
                  callbacks: Iterable[Callable[[dict], None]] = (),
                  progress: bool = True) -> Stage1Result:
-    seed_everything(params["seed"])  # the head's init and the batches depend only on `seed`
+    seed_run(params)  # the head's init and the batches depend only on `seed`
     device = next(backbone.parameters()).device
     backbone.requires_grad_(False)  # both encoders frozen: only the context vectors learn
     backbone.eval()
@@ -83,7 +83,7 @@ def train_stage1(params: Mapping, output_dir: str | Path, protocol: Protocol, ba
                            batch_size=params["batch_size"], device=device,
                            cache_dir=feature_cache_dir() if params["feature_cache"] else None,
                            num_workers=params["num_workers"], desc="cache training features",
-                           normalize=False)
+                           normalize=False, precision=run_precision(params, device))
     image_mean = raw.mean(dim=0) if params["center_features"] else None
     feats = image_space(raw, image_mean)  # what retrieval ranks (and the cosine loss sees)
     normalize, scale = text_logit_form(params["text_logits"], backbone.logit_scale.exp().detach())

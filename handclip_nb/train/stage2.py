@@ -31,7 +31,7 @@ from ..models.prompts import check_compatible
 from ..models.reid import ReIDModel
 from ..params import SELECTION_POLICIES
 from ..run_loader import RunFolderError, load_run
-from ..runs import seed_everything
+from ..runs import seed_run
 from .loop import FitResult, TrainLoop, clone_state, compiled, run_precision
 from .schedulers import image_stage_scheduler
 
@@ -146,7 +146,8 @@ def validate_selection(model, protocol: Protocol, params: Mapping, device,
     indices = sorted({*split.query, *split.gallery})
     feats = extract_features(model.backbone, protocol.paths(indices), transform,
                              batch_size=params["batch_size"], device=device,
-                             encode=encode or model.embed, desc="validate")
+                             encode=encode or model.embed, desc="validate",
+                             precision=run_precision(params, device))
     res = evaluate_splits(feats, {i: r for r, i in enumerate(indices)}, protocol, [split],
                           "val", max_rank=params["max_rank"], ap_mode=params["ap_mode"],
                           verification=False)  # epochs are chosen by re-ID metrics alone
@@ -158,7 +159,7 @@ def train_stage2(params: Mapping, output_dir: str | Path, protocol: Protocol, ba
                  progress: bool = True) -> Stage2Result:
     """Fine-tune the image encoder; returns the model with the state that ``params["selection"]``
     keeps (see :func:`fit_image_model`) and the protocol it was fitted on."""
-    seed_everything(params["seed"])  # the head's init and the batches depend only on `seed`
+    seed_run(params)  # the head's init and the batches depend only on `seed`
     device = next(backbone.parameters()).device
     identities = getattr(learner, "identities", None) or list(protocol.fit_people)
     with torch.no_grad():  # every identity's text feature, once; prompts stay frozen
@@ -251,7 +252,7 @@ def fit_image_model(stage: str, params: Mapping, output_dir, protocol: Protocol,
     print(f"[{stage}] selection: best epoch {epochs} of {params['epochs']} on held-out "
           f"training identities; retraining on all of them for {epochs} epochs")
     full = build_protocol({**params, "selection": "last"}, verify=False)
-    seed_everything(params["seed"])  # the retraining is a fresh run with selection='last'
+    seed_run(params)  # the retraining is a fresh run with selection='last'
     fit, model = _fit_once(stage, params, output_dir, full, build, validate=False,
                            epochs=epochs, callbacks=callbacks, progress=progress,
                            reset=backbone_start)

@@ -20,7 +20,7 @@ from ..data.protocols import Protocol
 from ..losses import batch_hard_triplet, cross_entropy_label_smooth, symmetric_supcon
 from ..models.promptsg import PromptSG, PromptSGOutput
 from ..run_loader import RunFolderError, load_run
-from ..runs import BEST_CHECKPOINT, seed_everything
+from ..runs import BEST_CHECKPOINT, seed_run
 from .loop import FitResult, compiled
 from .stage2 import ImageModelParts, evaluate_model, fit_image_model
 
@@ -60,7 +60,7 @@ def train_stage3(params: Mapping, output_dir: str | Path, protocol: Protocol, ba
                  progress: bool = True) -> Stage3Result:
     """Train PromptSG; returns the model with the state ``params["selection"]`` keeps (see
     :func:`~handclip_nb.train.stage2.fit_image_model`) and the protocol it was fitted on."""
-    seed_everything(params["seed"])
+    seed_run(params)
     device = next(backbone.parameters()).device
     warm = _warm_start(backbone, params["init_from"], protocol) if params["init_from"] else None
     logit_scale = backbone.logit_scale.exp().detach()
