@@ -4,6 +4,7 @@
 #                 a rerun skips finished steps whose inputs did not change and resumes
 #                 an interrupted one
 #   make test   - creates .venv, installs the workbench with its test extras, runs the tests
+#                 (printing the 15 slowest, so a change that adds minutes shows in its CI log)
 #                 and then the nbval golden notebooks (tests/golden/)
 PYTHON ?= python3
 VENV ?= .venv
@@ -25,7 +26,7 @@ demo: install
 	$(PY) -m handclip_nb.pipeline --output outputs/demo
 
 test: install
-	$(PY) -m pytest
+	$(PY) -m pytest --durations=15
 	$(MAKE) goldens
 
 # nbval: re-execute the golden notebooks and compare every cell's output (not --nbval-lax)
