@@ -932,14 +932,13 @@ def load_params_file(path: str | os.PathLike) -> dict[str, Any]:
     unknown = sorted((k for k in data if k not in SCHEMA and k not in STAGES), key=str)
     if unknown:
         raise ParamError(f"parameter file {path}: unknown parameter(s) {unknown}")
-    for stage in STAGES:
-        section = data.get(stage, {})
-        if not isinstance(section, dict):
-            raise ParamError(f"parameter file {path}: section {stage!r} must be a mapping")
-        bad = sorted((k for k in section if k not in SCHEMA), key=str)
-        if bad:
-            raise ParamError(f"parameter file {path}: unknown parameter(s) {bad} in {stage!r}")
-    twice = set_twice(data)
+    empty = [stage for stage in STAGES if stage in data and data[stage] is None]
+    if empty:  # a notebook declares its sections None; a file's section holds values
+        raise ParamError(f"parameter file {path}: section {empty[0]!r} must be a mapping")
+    try:
+        twice = set_twice(data)  # checks every section's form and names first
+    except ParamError as exc:
+        raise ParamError(f"parameter file {path}: {exc}") from None
     if twice:
         raise ParamError(f"parameter file {path}: {twice[0]}")
     return data
