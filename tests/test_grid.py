@@ -100,6 +100,21 @@ def test_untrained_zero_shot_depends_on_the_seed_and_order_is_by_dependency(tmp_
     ({"slurm": {"dependency": "afterok:1"}}, "'dependency' is set by the grid itself"),
     ({"slurm": {"bad key": 1}}, "'bad key' is not an sbatch option name"),
     ({"slurm": ["gpu"]}, "slurm must be a mapping of sbatch option"),
+    # base as a mapping: one recipe per stage (method)
+    ({"base": ["params/smoke.yaml"]}, "base must be a params file path or a mapping of stage"),
+    ({"base": {"stage9": "params/smoke.yaml", "default": None}},
+     "base: unknown key(s) ['stage9']; its keys are the stages of the grid"),
+    ({"base": {"default": None, "stage3": "params/smoke.yaml"}},
+     "base gives a file for ['stage3'], which the grid does not run: add it to stages or "
+     "remove base.stage3"),
+    ({"base": {"stage2": "params/smoke.yaml"}},
+     "base gives no file for ['stage0', 'stage1']: add stage0: <file>, stage1: <file> or "
+     "default: <file> to base (null: no base file)"),
+    ({"base": {"default": 3}}, "base.default must be a params file path or null"),
+    ({"base": {"default": None, "stage2": "params/{backbone}.yaml"}},
+     "base.stage2 'params/{backbone}.yaml' names ['backbone'], which are not axes"),
+    ({"base": {"default": None, "stage2": "params/nothere.yaml"}},
+     "base params/nothere.yaml (for stage2) does not exist (looked in"),
 ])
 def test_bad_grid_files_are_refused_before_anything_runs(tmp_path, change, message):
     body = {**TINY, **change}
@@ -124,6 +139,66 @@ def test_grid_values_beat_the_base_files_sections_and_reach_the_notebook_flat(tm
     assert (values["triplet_weight"], values["epochs"], values["lr"]) == (1.0, 2, 0.2)
     assert not any(k.startswith("stage") and isinstance(v, dict) for k, v in values.items())
     assert runs["stage1"].values["epochs"] == 2
+
+
+def _recipes(tmp_path: Path) -> tuple[Path, Path]:
+    """Two recipe files: ``a.yaml`` for every stage, ``b-<aspect>.yaml`` another method's
+    (stage 3's) recipe per aspect, whose stage2 section must not reach a stage-2 run."""
+    common = {"backbone": "tiny-vit", "synthetic_subjects": 12, "synthetic_images": 4,
+              "image_size": [64, 96], "num_splits": 2}
+    a = tmp_path / "a.yaml"
+    a.write_text(yaml.safe_dump({**common, "stage2": {"lr": 0.1, "epochs": 3},
+                                 "stage3": {"lr": 0.5, "epochs": 3}}))
+    for aspect, lr in (("dorsal_r", 0.7), ("dorsal_l", 0.9)):
+        (tmp_path / f"b-{aspect}.yaml").write_text(yaml.safe_dump(
+            {**common, "stage2": {"lr": 123.0}, "stage3": {"lr": lr, "epochs": 5}}))
+    return a, tmp_path / "b-{aspect}.yaml"
+
+
+def test_each_stage_starts_from_its_own_base_file(tmp_path):
+    """A grid holds several methods with their own recipes: stage 3 reads its own file (per
+    aspect), the other stages the default file; identities and names stay unique, and the
+    stages whose recipe did not change keep their identity."""
+    a, b = _recipes(tmp_path)
+    axes = {"aspect": ["dorsal_r", "dorsal_l"], "seed": [0, 1]}
+    stages = ["stage0", "stage1", "stage2", "stage3"]
+    body = {"base": {"default": str(a), "stage3": str(b)}, "axes": axes, "stages": stages}
+    grid = load_grid(_grid(tmp_path, body, "methods"))
+    assert grid.base == {"stage0": str(a), "stage1": str(a), "stage2": str(a), "stage3": str(b)}
+    runs = {r.name: r for r in expand_grid(grid)}
+    assert len(runs) == 4 * 4  # untrained tiny-vit: every stage depends on aspect and seed
+    for aspect, lr in (("dorsal_r", 0.7), ("dorsal_l", 0.9)):
+        for seed in (0, 1):
+            stage3 = runs[f"stage3-{aspect}-seed{seed}"].values
+            assert (stage3["lr"], stage3["epochs"]) == (lr, 5)
+            stage2 = runs[f"stage2-{aspect}-seed{seed}"].values
+            assert (stage2["lr"], stage2["epochs"]) == (0.1, 3)  # not b's stage2 section
+    keys = [r.key for r in runs.values()]
+    assert len(set(keys)) == len(keys) and len(set(runs)) == len(runs)
+
+    one = {r.name: r for r in expand_grid(load_grid(_grid(
+        tmp_path, {"base": str(a), "axes": axes, "stages": stages}, "one")))}
+    assert one.keys() == runs.keys()
+    for name, run in one.items():
+        assert (run.key == runs[name].key) == (run.stage != "stage3"), name
+    assert one["stage3-dorsal_r-seed0"].values["lr"] == 0.5
+
+
+def test_a_null_base_entry_means_no_base_file_for_that_stage(tmp_path):
+    a, _ = _recipes(tmp_path)
+    body = {**TINY, "base": {"default": str(a), "stage1": None}}
+    runs = {r.name: r for r in expand_grid(load_grid(_grid(tmp_path, body)))}
+    assert runs["stage2-seed0"].values["lr"] == TINY["params"]["stage2"]["lr"]  # params beat a
+    assert runs["stage0-seed0"].values["synthetic_subjects"] == 12  # from a.yaml
+    assert runs["stage1-seed0"].values["synthetic_subjects"] == 12  # TINY's params, no base
+    body["params"] = {k: v for k, v in TINY["params"].items() if k != "synthetic_subjects"}
+    with pytest.raises(GridError) as info:
+        expand_grid(load_grid(_grid(tmp_path, body)))
+    # stage 1 has no base file now: its synthetic_subjects is the default, a.yaml's is 12
+    assert ("stage2 (" + str(a) + ") has synthetic_subjects=12 but the stage1 run it reads "
+            "(stage1_dir, from no base file) has synthetic_subjects=") in str(info.value)
+    assert "tiny.yaml" in str(info.value) and "give both stages' base files the same" in str(
+        info.value)
 
 
 def test_an_axis_the_grids_own_section_also_sets_is_refused(tmp_path):

@@ -4,6 +4,9 @@ A grid file (``params/grids/<name>.yaml``)::
 
     base: params/smoke.yaml        # optional: the params file every run starts from; it may
                                    # name axes, e.g. params/{backbone}-{aspect}.yaml
+    # or one recipe per method (stage), each stage's runs starting from their own file:
+    # base: {default: params/{backbone}-{aspect}.yaml,
+    #        stage3: params/other-{backbone}-{aspect}.yaml}
     params: {num_splits: 10}       # optional: overrides for every run
     axes:                          # every combination is one set of linked runs
       aspect: [dorsal_r, dorsal_l]
@@ -21,6 +24,15 @@ run are one run: a parameter that does not apply to a stage (``lr`` for zero-sho
 change its result (``seed`` for the zero-shot ranking of a pretrained backbone) is left out of
 its identity (``params.run_identity``). Every run is validated against the parameter schema
 before anything starts.
+
+A ``base`` mapping gives each stage of ``stages`` its recipe: the file of its own key, else
+the file of ``default``; ``null`` means no base file for that stage. Every stage the grid runs
+must be covered, and every key must be a stage the grid runs (or ``default``), so a recipe is
+never silently dropped. A run takes its values from its own stage's file only (that file's
+common values and its own stage's section): the stage-2 recipe's ``stage1`` section does not
+reach a stage-1 run whose recipe is another file. Runs that read each other (a stage 2 and its
+stage 1) must agree on the data and the backbone (``LINK_MUST_AGREE``); the grid refuses a
+mismatch before anything runs.
 
 Values the grid names beat the base file's stage sections, as ``-p`` beats a ``-f`` file's:
 an axis value and a common value of ``params`` apply to every stage, and ``params``' own
@@ -45,13 +57,23 @@ from ..params import (SCHEMA, STAGES, ParamError, load_params_file, resolve_para
 from ..runs import resolve_path
 from .steps import Step
 
-__all__ = ["GRID_STAGES", "STAGE_NOTEBOOKS", "SLURM_KEYS", "Grid", "GridRun", "GridError",
-           "load_grid", "expand_grid", "slurm_settings", "check_slurm_options"]
+__all__ = ["GRID_STAGES", "STAGE_NOTEBOOKS", "SLURM_KEYS", "BASE_DEFAULT", "LINK_MUST_AGREE",
+           "Grid", "GridRun", "GridError", "load_grid", "expand_grid", "slurm_settings",
+           "check_slurm_options"]
 
 #: Stages a grid may run, in dependency order, and their notebooks.
 GRID_STAGES = ("stage0", "stage1", "stage2", "stage3")
 STAGE_NOTEBOOKS = {"stage0": "stage0_zeroshot.ipynb", "stage1": "stage1_prompt.ipynb",
                    "stage2": "stage2_image.ipynb", "stage3": "stage3.ipynb"}
+
+#: The key of a ``base:`` mapping whose file serves every stage without an entry of its own.
+BASE_DEFAULT = "default"
+#: Parameters a run and the run it reads (``stage1_dir``) must share: the data and its split
+#: (stage 2 needs prompts for its own training identities, learned on the same data file) and
+#: the backbone and its weights. Stage 2 refuses a mismatch too, but only once it runs.
+LINK_MUST_AGREE = ("dataset", "data_root", "aspect", "split_seed", "synthetic_subjects",
+                   "synthetic_images", "synthetic_difficulty", "synthetic_photo_size",
+                   "synthetic_seed", "backbone", "weights")
 
 #: Slurm settings with a command-line option of their own; any other key of a grid file's
 #: ``slurm:`` mapping (account, qos, constraint, reservation, ...) is passed to sbatch as it is
@@ -70,7 +92,8 @@ class GridError(ValueError):
 @dataclass(frozen=True)
 class Grid:
     path: Path
-    base: str | None  # the base params file, possibly with {axis} fields
+    #: each stage's base params file (possibly with {axis} fields), None: no base file
+    base: dict[str, str | None]
     params: dict
     axes: dict[str, list]
     stages: tuple[str, ...]
@@ -127,8 +150,10 @@ def load_grid(path: str | Path) -> Grid:
     if unknown:
         raise _fail(path, f"unknown key(s) {unknown}; valid: base, params, axes, stages, slurm")
     base = data.get("base")
-    if base is not None and not isinstance(base, str):
-        raise _fail(path, f"base must be a params file path, got {base!r}")
+    if base is not None and not isinstance(base, (str, dict)):
+        raise _fail(path, f"base must be a params file path or a mapping of stage: params "
+                          f"file path (e.g. {{default: params/smoke.yaml, stage3: "
+                          f"params/other.yaml}}), got {base!r}")
     params = data.get("params") or {}
     if not isinstance(params, dict):
         raise _fail(path, "params must be a mapping of name: value")
@@ -170,15 +195,51 @@ def load_grid(path: str | Path) -> Grid:
     except ValueError as exc:
         raise _fail(path, f"slurm: {exc}") from None
     ordered = tuple(s for s in GRID_STAGES if s in stages)
-    grid = Grid(path=path, base=base, params=dict(params), axes=dict(axes), stages=ordered,
-                slurm=dict(slurm))
-    if base is not None:
-        fields = set(re.findall(r"{(\w+)}", base))
-        if fields - set(axes):
-            raise _fail(path, f"base {base!r} names {sorted(fields - set(axes))}, which are not "
-                              f"axes")
+    grid = Grid(path=path, base=_stage_bases(path, base, ordered, axes), params=dict(params),
+                axes=dict(axes), stages=ordered, slurm=dict(slurm))
     _shadowed_axes(grid)
     return grid
+
+
+def _stage_bases(path: Path, base: str | dict | None, stages: tuple[str, ...],
+                 axes: Mapping[str, Any]) -> dict[str, str | None]:
+    """Each stage's base file pattern from a grid file's ``base:`` (one path for every stage,
+    or a mapping of stage or ``default``: path or null), its ``{axis}`` fields checked."""
+    if not isinstance(base, dict):
+        bases = {stage: base for stage in stages}
+        where = {base: "base"}
+    else:
+        keys = [k for k in base if k != BASE_DEFAULT]
+        wrong = [k for k in keys if k not in GRID_STAGES]
+        if wrong:
+            raise _fail(path, f"base: unknown key(s) {wrong}; its keys are the stages of the "
+                              f"grid ({', '.join(GRID_STAGES)}) or {BASE_DEFAULT!r}")
+        idle = [k for k in keys if k not in stages]
+        if idle:
+            raise _fail(path, f"base gives a file for {idle}, which the grid does not run: add "
+                              f"{'it' if len(idle) == 1 else 'them'} to stages or remove "
+                              f"{', '.join(f'base.{k}' for k in idle)}")
+        for key, pattern in base.items():
+            if pattern is not None and not isinstance(pattern, str):
+                raise _fail(path, f"base.{key} must be a params file path or null (no base file "
+                                  f"for that stage), got {pattern!r}")
+        uncovered = [s for s in stages if s not in base and BASE_DEFAULT not in base]
+        if uncovered:
+            raise _fail(path, f"base gives no file for {uncovered}: add "
+                              f"{', '.join(f'{s}: <file>' for s in uncovered)} or "
+                              f"{BASE_DEFAULT}: <file> to base (null: no base file)")
+        bases = {stage: base.get(stage, base.get(BASE_DEFAULT)) for stage in stages}
+        where = {}
+        for key, pattern in base.items():
+            where.setdefault(pattern, f"base.{key}")
+    for pattern in dict.fromkeys(bases.values()):
+        if pattern is None:
+            continue
+        fields = set(re.findall(r"{(\w+)}", pattern))
+        if fields - set(axes):
+            raise _fail(path, f"{where[pattern]} {pattern!r} names {sorted(fields - set(axes))}, "
+                              f"which are not axes")
+    return bases
 
 
 def check_slurm_options(options: Mapping[str, Any]) -> None:
@@ -219,19 +280,22 @@ def _grid_values(base: Mapping[str, Any], grid: Grid, combo: Mapping[str, Any]) 
     return given, set(own) | set(combo)
 
 
-def _base_values(grid: Grid, combo: Mapping[str, Any], loaded: dict) -> dict:
-    """The base params file of one combination (its ``{axis}`` fields filled), read once."""
-    if grid.base is None:
+def _base_values(grid: Grid, stage: str, combo: Mapping[str, Any], loaded: dict) -> dict:
+    """The base params file of one stage and combination (its ``{axis}`` fields filled), each
+    file read once."""
+    pattern = grid.base[stage]
+    if pattern is None:
         return {}
-    name = grid.base.format(**combo)
+    name = pattern.format(**combo)
     if name not in loaded:
         found = _find(name)
         if found is None:
-            raise _fail(grid.path, f"base {name} does not exist (looked in {_places(name)})")
+            raise _fail(grid.path, f"base {name} (for {stage}) does not exist (looked in "
+                                   f"{_places(name)})")
         try:
             loaded[name] = load_params_file(found)
         except ParamError as exc:
-            raise _fail(grid.path, f"base {name}: {exc}") from None
+            raise _fail(grid.path, f"base {name} (for {stage}): {exc}") from None
     return loaded[name]
 
 
@@ -281,9 +345,9 @@ def expand_grid(grid: Grid) -> list[GridRun]:
     loaded: dict[str, dict] = {}
     for values in itertools.product(*(grid.axes[n] for n in names)):
         combo = dict(zip(names, values))
-        given, explicit = _grid_values(_base_values(grid, combo, loaded), grid, combo)
         by_stage: dict[str, str] = {}
         for stage in grid.stages:
+            given, explicit = _grid_values(_base_values(grid, stage, combo, loaded), grid, combo)
             try:
                 resolved = resolve_params(given, stage=stage, explicit=explicit)
                 flat = stage_values(given, stage, explicit)
@@ -291,6 +355,8 @@ def expand_grid(grid: Grid) -> list[GridRun]:
                 raise _fail(grid.path, f"combination {combo} for {stage}: {exc}") from None
             identity = run_identity(resolved)
             links = {"stage1_dir": by_stage["stage1"]} if stage == "stage2" else {}
+            for link, upstream in links.items():
+                _check_link(grid, stage, flat, runs[upstream], link, combo)
             depends = {axis: value for axis, value in combo.items() if axis in identity}
             name = "-".join([stage, *(_slug(a, v) for a, v in depends.items())])
             record = json.dumps({"stage": stage, "identity": identity,
@@ -307,6 +373,22 @@ def expand_grid(grid: Grid) -> list[GridRun]:
             by_stage[stage] = name
     order = {s: i for i, s in enumerate(GRID_STAGES)}
     return sorted(runs.values(), key=lambda r: order[r.stage])
+
+
+def _check_link(grid: Grid, stage: str, flat: Mapping[str, Any], upstream: GridRun, link: str,
+                combo: Mapping[str, Any]) -> None:
+    """Refuse a run whose recipe and the recipe of the run it reads disagree on the data or
+    the backbone (``LINK_MUST_AGREE``): with a base file per stage they can."""
+    for name in LINK_MUST_AGREE:
+        mine, theirs = flat.get(name), upstream.values.get(name)
+        if mine != theirs:
+            mine_from = grid.base[stage] or "no base file"
+            theirs_from = grid.base[upstream.stage] or "no base file"
+            raise _fail(grid.path, f"combination {combo}: {stage} ({mine_from}) has "
+                                   f"{name}={mine!r} but the {upstream.stage} run it reads "
+                                   f"({link}, from {theirs_from}) has "
+                                   f"{name}={theirs!r}; give both stages' base files the same "
+                                   f"{name}, or set it in the grid's params or axes")
 
 
 def slurm_settings(grid: Grid, overrides: Mapping[str, Any]) -> dict:
