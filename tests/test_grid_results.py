@@ -218,16 +218,80 @@ def test_published_table_is_cited_and_filtered():
     everything = grid_results.published_table()
     assert len(everything) > 0 and everything.index.name == grid_results.PUBLISHED_LABEL
     for column in ("paper", "venue_year", "table", "method", "backbone", "dataset", "aspect",
-                   "metric", "metric_definition", "value", "source_url"):
+                   "trained_on", "metric", "metric_definition", "value", "source_kind",
+                   "source_url", "note"):
         assert everything[column].notna().all(), column
     assert everything["source_url"].str.startswith("https://").all()
     assert set(everything["metric"]) <= {"rank1", "mAP", "mAP_mbanet"}
     assert everything["value"].between(0, 100).all()
+    # every definition says which mAP it is: the trapezoid one only under mAP_mbanet
+    trapezoid = everything["metric_definition"].str.contains("trapezoid")
+    assert (trapezoid == (everything["metric"] == "mAP_mbanet")).all()
+    # protocols in the grid's naming; a secondary source names its primary source
+    assert everything["protocol"].isin(grid_results.PROTOCOL_ORDER).all()
+    assert everything["trained_on"].isin(grid_results.PROTOCOL_ORDER).all()
+    assert set(everything["source_kind"]) == {"primary", "secondary"}
+    secondary = everything[everything["source_kind"] == "secondary"]
+    assert secondary["note"].str.contains("primary source").all()
     dorsal = grid_results.published_table(["11k/dorsal_r"])
     assert set(dorsal["protocol"]) == {"11k/dorsal_r"}
     assert grid_results.published_table(["11k/palmar_l", "hd"])["protocol"].isin(
         ["11k/palmar_l", "hd"]).all()
     assert grid_results.published_table([]).empty
+    # a cross-domain number sits under the protocol it was tested on, saying where it trained
+    hd = grid_results.published_table(["hd"])
+    cross = hd[hd["trained_on"] != hd["protocol"]]
+    assert set(cross["trained_on"]) == {"11k/dorsal_r"} and len(cross) == 8
+    assert cross["note"].str.startswith("cross-domain: trained on 11k dorsal right").all()
+
+
+_MBANET_NOTEBOOK = ("notebooks/references/01_MBA-Net_ Multi-Branch_with_Attention_Network_for_"
+                    "Hand-Based_Person_Recognition.ipynb, cell 14")
+#: MBA-Net's table as read in babupallam/CLIP-FH@d0f5b4b4's reference notebook (cell 14, the
+#: markdown cell 'Section III: Experimental Results'): method -> (line of the same-domain
+#: table's row in the cell's source, rank-1 / mAP per column 11k dorsal_r, dorsal_l, palmar_r,
+#: palmar_l, HD; line of the cross-domain table's row, rank-1 / mAP trained on 11k dorsal_r and
+#: tested on HD). The dorsal_r pairs are also the thesis report's Table 6.1 (page 60).
+_MBANET_TABLE = {
+    "GPA-Net": (84, [(94.80, 95.72), (94.87, 95.93), (95.83, 96.31), (95.72, 96.20),
+                     (94.64, 95.08)], 100, (83.02, 84.65)),
+    "RGA-Net": (85, [(94.77, 95.67), (95.30, 95.98), (92.66, 93.58), (94.95, 95.67),
+                     (95.06, 95.39)], 101, (77.80, 80.07)),
+    "ABD-Net": (86, [(95.89, 96.76), (94.26, 95.34), (96.21, 96.91), (95.54, 96.01),
+                     (94.93, 95.38)], 102, (71.22, 73.86)),
+    "MBA-Net": (87, [(97.45, 97.98), (96.71, 97.41), (98.05, 98.42), (97.42, 97.84),
+                     (95.12, 95.54)], 103, (84.41, 85.98)),
+}
+
+
+def test_mbanet_table_values_are_pinned_to_where_they_were_read():
+    table = grid_results.published_table()
+    rows = table[table["paper"].str.startswith("Multi-Branch with Attention Network")]
+    assert len(rows) == 4 * (5 + 1) * 2  # 4 methods x (5 columns + cross-domain) x 2 metrics
+    assert (rows["source_kind"] == "secondary").all()
+    assert rows["source_url"].str.contains("babupallam/CLIP-FH/blob/d0f5b4b47bca11014155e958ace0bcd6"
+                                           "74c7b4de/notebooks/references/01_MBA-Net").all()
+    assert rows["note"].str.contains("Baisa et al., 'Multi-Branch with Attention Network for "
+                                     "Hand-Based Person Recognition', ICPR 2022").all()
+    seen = 0
+    for method, (line, columns, cross_line, cross) in _MBANET_TABLE.items():
+        cells = list(zip(grid_results.PROTOCOL_ORDER, columns, [line] * 5)) + [
+            ("hd", cross, cross_line)]
+        for k, (protocol, (rank1, mean_ap), where) in enumerate(cells):
+            trained_on = "11k/dorsal_r" if k == 5 else protocol
+            got = rows[(rows["method"] == method) & (rows["protocol"] == protocol)
+                       & (rows["trained_on"] == trained_on)].set_index("metric")
+            assert sorted(got.index) == ["mAP_mbanet", "rank1"], (method, protocol)
+            assert got.loc["rank1", "value"] == pytest.approx(rank1)
+            assert got.loc["mAP_mbanet", "value"] == pytest.approx(mean_ap)
+            for metric in ("rank1", "mAP_mbanet"):
+                source = got.loc[metric, "table"]
+                assert source.startswith(_MBANET_NOTEBOOK), source
+                assert source.count(f"cell source line {where}") == 1, source
+                assert ("Cross-Domain" in source) == (k == 5), source
+                assert ("Table 6.1" in source) == (protocol == "11k/dorsal_r" and k < 5)
+            seen += 2
+    assert seen == len(rows)
 
 
 def test_published_results_only_for_real_data(grid, tmp_path):
@@ -287,6 +351,7 @@ def test_results_notebook_on_a_synthetic_grid(grid, tmp_path):
     assert images == 4  # two paper tables, the seed spread, the gain
     assert "93.00 ± 2.83" in text and "font-weight: bold" in text
     assert grid_results.SYNTHETIC_NOTE in text and grid_results.PUBLISHED_LABEL not in text
+    assert "MBA-Net" not in text.replace("mAP (MBA-Net)", "")  # no published number
     # the self-contained HTML copy the grid runner writes beside it
     import nbformat
     from nbconvert import HTMLExporter
@@ -304,6 +369,14 @@ def test_results_notebook_on_real_data_shows_published_results(tmp_path):
     text, _ = _outputs(_run_results_notebook(root, tmp_path / "executed.ipynb"))
     assert grid_results.PUBLISHED_LABEL in text and grid_results.SYNTHETIC_NOTE not in text
     assert "CLIP-FH" in text
+    # MBA-Net's table beside the grid's columns (11k dorsal_r, HD), the cross-domain rows
+    # under HD, each with its full source location and definition (no truncated cell)
+    for value in ("97.45", "97.98", "95.12", "95.54", "84.41", "85.98"):
+        assert value in text, value
+    assert "97.41" not in text  # MBA-Net's dorsal_l mAP: not a column of this grid
+    assert "cell source line 103" in text and "Table 6.1" in text
+    assert "MBA-Net&#x27;s trapezoid mAP" in text or "MBA-Net's trapezoid mAP" in text
+    assert "secondary" in text
 
 
 # ------------------------------------------------------------ a cell pools only seeds

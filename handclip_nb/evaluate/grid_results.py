@@ -562,8 +562,12 @@ def real_protocols(df: pd.DataFrame) -> list[str]:
 
 def published_table(real_protocols: Sequence[str] | None = None) -> pd.DataFrame:
     """The cited published numbers shipped with the package (``published_results.csv``:
-    paper, venue/year, table, method, backbone, dataset, aspect, gallery mode, metric, its
-    definition, value in percent, source URL, note), restricted to ``real_protocols``
+    paper, venue/year, table (where the number was read), method, backbone, dataset, aspect,
+    gallery mode, ``trained_on`` (the protocol whose training data it was trained on: another
+    protocol than its own for a cross-domain number), metric, its definition, value in percent,
+    ``source_kind`` (``primary``: the authors' own report; ``secondary``: a copy of it, the note
+    naming the primary source), source URL, note), with ``protocol`` (the protocol it was
+    tested on) after ``aspect``, restricted to rows tested on ``real_protocols``
     (``11k/dorsal_r`` ... ``hd``; None = all). They were *published, not measured here*:
     show them beside a grid on real data only, never mixed into its numbers."""
     with resources.files(__package__).joinpath(_PUBLISHED_FILE).open("r") as fh:
