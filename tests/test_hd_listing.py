@@ -105,6 +105,22 @@ def test_hd_protocol_reproduces_the_published_counts(placeholder_hd, real_hd_lis
         assert all(g_ids.count(q) == 1 for q in q_ids)
 
 
+def test_training_images_follow_mbanet_train_all_not_the_scripts_default_train(placeholder_hd):
+    """MBA-Net's and CLIP-HandID's HD split scripts are the same (docs/protocols.md#hd-polyu-
+    hand-dorsal), and so are their training scripts' defaults: train on ``train`` (each training
+    identity's images less its one random ``val`` image: 2,156) and keep the epoch with the best
+    classification accuracy on ``val`` (MBA-Net train.py:164, CLIP-HandID train_handID.py). The
+    workbench's selection ``last`` trains on ``train_all`` (2,407, the scripts' ``--train_all``):
+    the val image stays in the training data, and no epoch is chosen."""
+    p = build_protocol(run_params("stage2", data_root=placeholder_hd, dataset="hd",
+                                  num_splits=1, selection="last"))
+    assert p.selection is None and p.selection_people == []
+    assert len(p.fit) == PUBLISHED_HD["train_images"] == 2407  # train_all
+    assert set(p.val_images) <= set(p.fit)
+    assert len(set(p.fit) - set(p.val_images)) == 2156  # the scripts' default `train`
+    assert len({p.items[i].person for i in p.val_images}) == 251  # one per training identity
+
+
 @pytest.mark.slow
 @pytest.mark.notebook
 def test_stage0_notebook_on_placeholder_hd(placeholder_hd, workbench_home):
