@@ -68,12 +68,12 @@ STAGE_NOTEBOOKS = {"stage0": "stage0_zeroshot.ipynb", "stage1": "stage1_prompt.i
 
 #: The key of a ``base:`` mapping whose file serves every stage without an entry of its own.
 BASE_DEFAULT = "default"
-#: Parameters a run and the run it reads (``stage1_dir``) must share: the data and its split
-#: (stage 2 needs prompts for its own training identities, learned on the same data file) and
-#: the backbone and its weights. Stage 2 refuses a mismatch too, but only once it runs.
-LINK_MUST_AGREE = ("dataset", "data_root", "aspect", "split_seed", "synthetic_subjects",
-                   "synthetic_images", "synthetic_difficulty", "synthetic_photo_size",
-                   "synthetic_seed", "backbone", "weights")
+#: Parameters a run and the run it reads (``stage1_dir``) must share: the data file and the
+#: aspect (stage 2 needs prompts learned on the same data, for its own training identities)
+#: and the backbone. Stage 2 refuses such a mismatch too (``load_stage1_prompts``), but only
+#: once it runs; settings it accepts (another ``weights`` file, ``split_seed``) pass here.
+LINK_MUST_AGREE = ("dataset", "data_root", "synthetic_subjects", "synthetic_images",
+                   "synthetic_seed", "aspect", "backbone")
 
 #: Slurm settings with a command-line option of their own; any other key of a grid file's
 #: ``slurm:`` mapping (account, qos, constraint, reservation, ...) is passed to sbatch as it is
