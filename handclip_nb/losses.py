@@ -90,8 +90,24 @@ def _check_labels(name: str, labels: torch.Tensor, n: int, what: str) -> None:
         raise TypeError(f"{name} must be an integer tensor of identity labels, got {labels.dtype}")
 
 
+def _reads_on_host(x: torch.Tensor) -> bool:
+    """Whether a check may read ``x``'s values in Python: only on the CPU. Reading a GPU
+    tensor's value (``int``, ``float``, ``bool``) waits for every kernel queued before it, and a
+    loss checked at every training step would make the loop wait on the device at every step;
+    there the checks run on the device instead (``torch._assert_async``): a violation stops the
+    run with the same message at the next synchronisation, as a device-side assertion."""
+    return x.device.type == "cpu"
+
+
 def _check_class_range(name: str, labels: torch.Tensor, num_classes: int) -> None:
-    if labels.numel() and (int(labels.min()) < 0 or int(labels.max()) >= num_classes):
+    if not labels.numel():
+        return
+    if not _reads_on_host(labels):
+        torch._assert_async(((labels >= 0) & (labels < num_classes)).all(),
+                            f"{name} must lie in [0, {num_classes}) (a label outside it on the "
+                            f"device)")
+        return
+    if int(labels.min()) < 0 or int(labels.max()) >= num_classes:
         raise ValueError(
             f"{name} must lie in [0, {num_classes}), got values in "
             f"[{int(labels.min())}, {int(labels.max())}]")
@@ -111,6 +127,11 @@ def _check_scale(logit_scale: Scale) -> None:
     if isinstance(logit_scale, torch.Tensor):
         if logit_scale.numel() != 1:
             raise ValueError(f"logit_scale must be a scalar, got shape {tuple(logit_scale.shape)}")
+        if not _reads_on_host(logit_scale):
+            scale = logit_scale.detach().reshape(())
+            torch._assert_async((scale > 0) & torch.isfinite(scale),
+                                "logit_scale must be a finite positive number (on the device)")
+            return
         value = float(logit_scale.detach())
     else:
         value = float(logit_scale)
@@ -195,9 +216,16 @@ def supcon_loss(
     mask = (labels_a.view(-1, 1) == labels_b.view(1, -1)).to(log_prob.dtype)
     num_pos = mask.sum(1)
     has_pos = num_pos > 0
+    no_positive = ("supcon_loss: no anchor in features_a has a positive (same label) in "
+                   "features_b; check the labels / batch composition")
+    if not _reads_on_host(has_pos):
+        # no host read: the anchors without a positive weigh 0 in a masked mean (boolean
+        # indexing would wait for the device to count them)
+        torch._assert_async(has_pos.any(), no_positive)
+        per_anchor = (mask * log_prob).sum(1) / num_pos.clamp_min(1)
+        return -torch.where(has_pos, per_anchor, 0.0).sum() / has_pos.sum()
     if not bool(has_pos.any()):
-        raise ValueError("supcon_loss: no anchor in features_a has a positive (same label) in "
-                         "features_b; check the labels / batch composition")
+        raise ValueError(no_positive)
     mean_log_prob_pos = (mask * log_prob).sum(1)[has_pos] / num_pos[has_pos]
     return -mean_log_prob_pos.mean()
 
