@@ -213,28 +213,43 @@ def _run_metrics(runs_dir: Path) -> dict:
             for path in sorted(runs_dir.glob("*/metrics.json"))}
 
 
+@pytest.fixture(scope="module")
+def alone(tmp_path_factory):
+    """The two runs one after the other, one thread each: the reference."""
+    home = _home(tmp_path_factory.mktemp("alone"))
+    grid = home / "pair.yaml"
+    grid.write_text(yaml.safe_dump(PAIR))
+    patch = pytest.MonkeyPatch()
+    patch.setenv("HANDCLIP_HOME", str(home))
+    try:
+        started = time.time()
+        summary = run_grid(grid, home / "alone", jobs=1, threads=1, progress=False,
+                           results=False)
+        seconds = time.time() - started
+    finally:
+        patch.undo()
+    assert summary.ok, summary.describe()
+    return {"home": home, "grid": grid, "seconds": seconds,
+            "metrics": _run_metrics(home / "alone" / "runs")}
+
+
 @pytest.mark.notebook
-def test_two_runs_side_by_side_give_the_metrics_of_each_run_alone(tmp_path, monkeypatch):
+def test_two_runs_side_by_side_give_the_metrics_of_each_run_alone(alone, tmp_path, monkeypatch):
     """--runs-per-gpu 2 on this CPU (one thread each, as two runs on 2 cores get) against the
     same two runs one after the other with one thread: metrics.json equal, every figure;
     then the same two runs as one Slurm job's group (GridJobGroup, called here), and a
     requeued group: the finished run is skipped, the interrupted one resumes."""
-    home = _home(tmp_path)
+    home, grid, alone_s = alone["home"], alone["grid"], alone["seconds"]
     monkeypatch.setenv("HANDCLIP_HOME", str(home))
-    grid = tmp_path / "pair.yaml"
-    grid.write_text(yaml.safe_dump(PAIR))
-    started = time.time()
-    alone = run_grid(grid, home / "alone", jobs=1, threads=1, progress=False, results=False)
-    alone_s = time.time() - started
     started = time.time()
     side = run_grid(grid, home / "side", runs_per_gpu=2, threads=1, progress=False,
                     results=False)
     side_s = time.time() - started
-    assert alone.ok and side.ok, side.describe()
+    assert side.ok, side.describe()
     assert sorted(side.finished) == ["stage1-seed0", "stage1-seed1"]
     assert side.layout == ["CPU: 2 run(s) at a time (slot(s) 0, 1), 1 core(s) each"]
     assert set(side.placement.values()) == {"slot 0, CPU, 1 core(s)", "slot 1, CPU, 1 core(s)"}
-    reference = _run_metrics(home / "alone" / "runs")
+    reference = alone["metrics"]
     assert len(reference) == 2 and _run_metrics(home / "side" / "runs") == reference
     print(f"\n[runs-per-gpu] 2 runs alone {alone_s:.1f} s, side by side {side_s:.1f} s "
           f"(ratio {side_s / alone_s:.2f})")
@@ -257,3 +272,25 @@ def test_two_runs_side_by_side_give_the_metrics_of_each_run_alone(tmp_path, monk
     assert "stage1-seed0: skipped" in (logs / "stage1-seed0.log").read_text()
     assert "stage1-seed1: resumed" in (logs / "stage1-seed1.log").read_text()
     assert _run_metrics(plan.runs_dir) == reference
+
+
+@pytest.mark.slurm
+@pytest.mark.notebook
+def test_one_slurm_job_runs_both_runs_with_their_own_logs_and_results(slurm_cluster, alone,
+                                                                      monkeypatch):
+    """--slurm-runs-per-job 2 on the one-node cluster: one job (one submission), two runs
+    side by side in it on its 2 CPUs, each with its own log and the metrics of the run alone."""
+    home = alone["home"]
+    monkeypatch.setenv("HANDCLIP_HOME", str(home))
+    out = home / "slurm-pair"
+    summary = run_grid(alone["grid"], out, executor="slurm", slurm={"time": 10, "cpus": 2},
+                       slurm_runs_per_job=2, progress=False, results=False)
+    assert summary.ok, summary.describe()
+    assert sorted(summary.finished) == ["stage1-seed0", "stage1-seed1"]
+    assert len(list((out / "slurm").glob("*_submitted.pkl"))) == 1
+    jobs = {where.split(",")[0] for where in summary.placement.values()}
+    assert len(jobs) == 1 and next(iter(jobs)).startswith("Slurm job ")
+    assert "Slurm: up to 2 runs per job" in summary.describe()
+    for name in ("stage1-seed0", "stage1-seed1"):
+        assert f"[grid] {name}: finished" in (out / "logs" / f"{name}.log").read_text()
+    assert _run_metrics(out / "runs") == alone["metrics"]
