@@ -397,7 +397,8 @@ def batch_hard_triplet(
     labels: torch.Tensor,
     margin: Optional[float] = 0.3,
     normalize: bool = False,
-) -> tuple[torch.Tensor, TripletStats]:
+    stats: bool = True,
+) -> tuple[torch.Tensor, Optional[TripletStats]]:
     """Batch-hard triplet loss (Hermans, Beyer & Leibe 2017), as used by CLIP-ReID / TransReID.
 
     For each anchor ``i``: hardest positive = the *farthest* sample ``j != i`` with the same label,
@@ -418,9 +419,13 @@ def batch_hard_triplet(
         labels: [B] integer identities.
         margin: margin (CLIP-ReID 0.3); ``None`` or 0 selects the soft-margin variant.
         normalize: L2-normalise the features first.
+        stats: compute the :class:`TripletStats` (they read the device: a training step that
+            only needs the loss passes False, and off the CPU the loss then reads no device
+            value at all: a masked mean over the valid anchors instead of boolean indexing).
 
     Returns:
-        ``(loss, stats)``: scalar loss tensor and a :class:`TripletStats`.
+        ``(loss, stats)``: scalar loss tensor and a :class:`TripletStats` (None with
+        ``stats=False``).
     """
     _check_features("features", features)
     _check_labels("labels", labels, features.shape[0], "features")
@@ -447,6 +452,13 @@ def batch_hard_triplet(
     pos_inf = torch.tensor(float("inf"), dtype=dist.dtype, device=dist.device)
     d_ap_all, p_idx = torch.where(is_pos, dist, neg_inf).max(1)
     d_an_all, n_idx = torch.where(is_neg, dist, pos_inf).min(1)
+    if not stats and not _reads_on_host(features):
+        # skipped anchors hold -inf or +inf distances: their per-anchor loss is 0 either way,
+        # and the mask keeps them out of the mean and of the gradient
+        gap = d_ap_all - d_an_all
+        per_anchor_all = F.softplus(gap) if soft else F.relu(gap + float(margin))
+        masked = torch.where(valid, per_anchor_all, torch.zeros_like(per_anchor_all))
+        return masked.sum() / valid.sum().clamp_min(1).to(masked.dtype), None
     d_ap = d_ap_all[valid]
     d_an = d_an_all[valid]
     if soft:
@@ -460,6 +472,8 @@ def batch_hard_triplet(
         loss = per_anchor.mean()
     else:
         loss = features.sum() * 0.0
+    if not stats:
+        return loss, None
 
     nan = float("nan")
     minus_one = torch.full_like(p_idx, -1)

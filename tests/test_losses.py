@@ -564,3 +564,48 @@ def test_the_cpu_keeps_its_clear_errors_with_the_values():
         supcon_loss(a, b, la, lb, logit_scale=torch.tensor(-1.0))
     with pytest.raises(ValueError, match="no anchor"):
         supcon_loss(a, b, torch.full((6,), 9), lb)
+
+
+@pytest.mark.parametrize("margin", [0.3, None])
+def test_the_triplet_loss_of_a_training_step_reads_no_device_value(monkeypatch, margin):
+    """``stats=False`` (what stages 2 and 3 ask for): off the CPU no host read, not even the
+    valid-anchor count (a masked mean replaces boolean indexing), with the CPU path's loss and
+    gradient, skipped anchors included; on ``meta`` it runs without values."""
+    from handclip_nb import losses
+
+    g = _gen(12)
+    x = torch.randn(8, 5, generator=g, dtype=DT)
+    labels = torch.tensor([0, 0, 0, 1, 1, 2, 3, 3])  # anchor 5 has no positive: skipped
+    meta_loss, meta_stats = batch_hard_triplet(x.to("meta"), labels.to("meta"), margin=margin,
+                                               stats=False)
+    assert meta_loss.device.type == "meta" and meta_stats is None
+    cpu_x = x.clone().requires_grad_(True)
+    cpu_loss, cpu_stats = batch_hard_triplet(cpu_x, labels, margin=margin)
+    assert cpu_stats.num_skipped_no_positive == 1
+    cpu_loss.backward()
+    monkeypatch.setattr(losses, "_reads_on_host", lambda t: False)
+    device_x = x.clone().requires_grad_(True)
+    with monkeypatch.context() as patch:
+        counts = _count_host_reads(patch)
+        device_loss, device_stats = batch_hard_triplet(device_x, labels, margin=margin,
+                                                       stats=False)
+        device_loss.backward()
+        assert counts["reads"] == 0, f"{counts['reads']} host reads in the device path"
+    assert device_stats is None
+    assert device_loss.item() == pytest.approx(cpu_loss.item(), rel=1e-12)
+    assert torch.allclose(device_x.grad, cpu_x.grad, rtol=1e-12, atol=0)
+    # no valid anchor at all: a zero that still belongs to the graph, as on the CPU
+    lonely = x.clone().requires_grad_(True)
+    zero, _ = batch_hard_triplet(lonely, torch.arange(8), margin=margin, stats=False)
+    assert zero.item() == 0.0 and zero.requires_grad
+    zero.backward()
+    assert torch.equal(lonely.grad, torch.zeros_like(x))
+
+
+def test_the_cpu_triplet_loss_is_the_same_without_its_stats():
+    g = _gen(13)
+    x = torch.randn(8, 5, generator=g)
+    labels = torch.tensor([0, 0, 1, 1, 2, 2, 3, 3])
+    with_stats, stats = batch_hard_triplet(x, labels)
+    without, none = batch_hard_triplet(x, labels, stats=False)
+    assert none is None and stats is not None and torch.equal(with_stats, without)
