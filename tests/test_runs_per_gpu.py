@@ -294,3 +294,37 @@ def test_one_slurm_job_runs_both_runs_with_their_own_logs_and_results(slurm_clus
     for name in ("stage1-seed0", "stage1-seed1"):
         assert f"[grid] {name}: finished" in (out / "logs" / f"{name}.log").read_text()
     assert _run_metrics(out / "runs") == alone["metrics"]
+
+
+def test_at_submitits_signal_the_job_passes_it_to_its_runs_then_requeues(tmp_path):
+    """GridJobGroup.checkpoint: every worker still running gets the signal (a worker that
+    catches it, as a run saving its checkpoint would, writes a mark and ends), the job waits
+    for it, and the same group is resubmitted (submitit's DelayedSubmission)."""
+    import pickle
+    import signal
+    import subprocess
+    import sys
+
+    import submitit
+
+    mark = tmp_path / "signalled"
+    worker = subprocess.Popen([sys.executable, "-c", (
+        "import signal, sys, time, pathlib\n"
+        f"def stop(*_): pathlib.Path({str(mark)!r}).write_text('saved'); sys.exit(0)\n"
+        f"signal.signal(signal.{submitit.JobEnvironment._usr_sig().name}, stop)\n"
+        f"pathlib.Path({str(mark)!r} + '.ready').write_text('')\n"
+        "time.sleep(60)\n")])
+    deadline = time.time() + 30
+    while not Path(f"{mark}.ready").exists() and time.time() < deadline:
+        time.sleep(0.05)
+    group = GridJobGroup([{"name": "a"}, {"name": "b"}])
+    group._workers = [worker]
+    started = time.time()
+    resubmission = group.checkpoint()
+    assert worker.poll() == 0 and mark.read_text() == "saved"
+    assert time.time() - started < GridJobGroup.FORWARD_WAIT_S
+    assert isinstance(resubmission, submitit.helpers.DelayedSubmission)
+    assert resubmission.function.names == ["a", "b"]
+    # what submitit pickles for the requeued job holds no processes of this attempt
+    assert pickle.loads(pickle.dumps(resubmission.function))._workers == []
+    assert signal.SIGUSR2 == submitit.JobEnvironment._usr_sig()

@@ -30,7 +30,7 @@ it ran.
   puts K runs that can start together into one job (:class:`GridJobGroup`), which runs them
   side by side on its GPU as K worker processes, each with its own lease, log
   (``DIR/logs/<run>.log``), result and share of the job's cores and GPU memory, exactly as
-  K local slots (docs/architecture.md, "Several runs on one GPU").
+  K local slots (docs/contracts.md, "Several runs on one GPU").
 """
 from __future__ import annotations
 

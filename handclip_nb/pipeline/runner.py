@@ -205,7 +205,7 @@ def run_grid(grid_file: str | Path, output: str | Path, executor: str = "local",
     """Run every run of ``grid_file`` into ``output``; see the module docstring.
     ``runs_per_gpu`` (local) and ``slurm_runs_per_job`` (slurm): K runs side by side on one
     GPU, each with its share of the GPU's memory and of the cores; ``run_memory_gib``: what
-    one run needs on the GPU, to refuse a K that cannot fit (docs/architecture.md, "Several
+    one run needs on the GPU, to refuse a K that cannot fit (docs/contracts.md, "Several
     runs on one GPU")."""
     started = time.time()
     plan = _plan(grid_file, output)
