@@ -328,3 +328,42 @@ def test_at_submitits_signal_the_job_passes_it_to_its_runs_then_requeues(tmp_pat
     # what submitit pickles for the requeued job holds no processes of this attempt
     assert pickle.loads(pickle.dumps(resubmission.function))._workers == []
     assert signal.SIGUSR2 == submitit.JobEnvironment._usr_sig()
+
+
+def test_detach_puts_k_runs_in_a_job_and_each_job_waits_for_what_its_runs_read(tmp_path,
+                                                                               monkeypatch):
+    """--detach with --slurm-runs-per-job 2 (submission faked): jobs of at most 2 runs, a run
+    never in its stage 1's job, every job after the jobs of what its runs read, and every
+    lease naming its job."""
+    from handclip_nb.pipeline import runner
+    from handclip_nb.pipeline.leases import lease_path, read_lease
+
+    body = {**PAIR, "axes": {"seed": [0, 1, 2]}, "stages": ["stage1", "stage2"],
+            "params": {**PAIR["params"], "stage2": {"epochs": 1, "p_ids": 4, "k_images": 2}}}
+    grid = tmp_path / "six.yaml"
+    grid.write_text(yaml.safe_dump(body))
+    plan = _plan(grid, tmp_path / "out")
+    plan.runs_dir.mkdir(parents=True)
+    engine = SlurmExecutor(tmp_path / "out", {"cpus": 2}, runs_per_job=2)
+    submitted = []
+
+    class Handle:
+        def __init__(self, name, job_id):
+            self.name, self.job_id, self.where = name, job_id, ""
+
+    def start_group(specs, after=()):
+        submitted.append(([s["name"] for s in specs], list(after)))
+        return [Handle(s["name"], str(len(submitted))) for s in specs]
+
+    monkeypatch.setattr(engine, "start_group", start_group)
+    monkeypatch.setattr(engine, "start", lambda spec, after=(): start_group([spec], after)[0])
+    summary = GridSummary(output=plan.out)
+    runner._submit_all(plan, engine, summary)
+    assert submitted == [(["stage1-seed0", "stage1-seed1"], []),
+                         (["stage1-seed2", "stage2-seed0"], ["1"]),
+                         (["stage2-seed1", "stage2-seed2"], ["1", "2"])]
+    assert summary.submitted == {"stage1-seed0": "1", "stage1-seed1": "1", "stage1-seed2": "2",
+                                 "stage2-seed0": "2", "stage2-seed1": "3", "stage2-seed2": "3"}
+    for name, job in summary.submitted.items():
+        record = read_lease(lease_path(plan.runs_dir, name))
+        assert record["job_id"] == job and record["job_name"].endswith("-and-1")
