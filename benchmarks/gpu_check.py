@@ -20,10 +20,19 @@ Sections, in this order (each prints its elapsed time; a section that would star
               ``tf32`` default), fp16 autocast (with a GradScaler) and bf16 autocast; random
               batches already on the GPU, so the data loader is not what is timed; images/s over
               the timed iterations after warm-up, and the peak of ``max_memory_allocated``.
+  checkpoint  seconds and bytes of one ``save_checkpoint`` of a stage-2 model (its trainable
+              modules and Adam's state after a step), the median of 3.
+  concurrency 1, 2, 4 and 8 ViT-B/16 stage-2 training runs at once on the one GPU (bf16,
+              224 x 288, batch 64), each a process of its own capped at 1/K of the GPU's memory
+              as ``--runs-per-gpu K`` caps it: aggregate images/s, the speed-up over one run,
+              each run's peak memory, its start-up seconds; a K that runs out of memory says so.
   stages      stage 1 -> stage 2 -> stage 3 through ``train_stage1/2/3`` on synthetic 11k-layout
               photos of the real size (1600 x 1200), decode cache on, bf16, a few epochs: every
               epoch's loss finite and the last epoch's below the first; rank-1 / mAP of the
               stage-2 and stage-3 models on the test splits.
+  projection  the wall time of clipfh-11k + clipfh-hd on this GPU for each measured K, from the
+              figures above (``campaign.project``; benchmarks/README.md gives the formula and
+              every assumption).
 
 **Every model is untrained (random init)**: no CLIP weights exist offline.  ViT-B/16 and RN50
 are OpenAI's architectures (``clip.model.CLIP`` with their constructor arguments, the ones
@@ -74,12 +83,15 @@ except ImportError as exc:  # pragma: no cover - only where the wheels were not 
 import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 
+import campaign  # noqa: E402
 from bench_architectures import ARCHS  # noqa: E402
 from bench_training import throughput as steady_throughput  # noqa: E402
 from handclip_nb.backbone_specs import (REAL_CLIP_IMAGE_SIZE, SMALL_IMAGE_SIZE,  # noqa: E402
                                         TINY_RN_ARCH, TINY_VIT_ARCH, get_backbone_spec)
+from handclip_nb.checkpoint import save_checkpoint  # noqa: E402
 from handclip_nb.data import build_protocol  # noqa: E402
-from handclip_nb.device import Precision, configure_cuda  # noqa: E402
+from handclip_nb.device import (CPU_SHARE_ENV, GPU_SHARE_ENV, Precision,  # noqa: E402
+                                configure_cuda, resolve_device)
 from handclip_nb.models.backbones import ClipBackbone  # noqa: E402
 from handclip_nb.models.clip_arch import build_arch  # noqa: E402
 from handclip_nb.models.reid import ReIDModel  # noqa: E402
@@ -100,10 +112,10 @@ PARITY_MAX_RELATIVE = 1e-3
 PARITY_MIN_COSINE = 0.99999
 #: The marker the CUDA tests carry (pyproject.toml registers it).
 CUDA_MARKER = "cuda"
-SECTIONS = ("tests", "parity", "throughput", "stages")
+SECTIONS = ("tests", "parity", "throughput", "checkpoint", "concurrency", "stages", "projection")
 PRECISIONS = ("fp32", "fp16", "bf16")
 MODES = ("extract", "train")
-DEFAULT_BUDGET_S = 420.0
+DEFAULT_BUDGET_S = 450.0
 DEFAULT_OUT = REPO / "outputs" / "gpu_check.json"
 JSON_SCHEMA = "handclip gpu_check/1"
 
@@ -145,6 +157,7 @@ class Plan:
     p_ids: int = 8
     k_images: int = 4
     num_classes: int = 100  # identities of the throughput runs' classifier
+    concurrency: tuple = (1, 2, 4, 8)  # runs at once on the one GPU
     # rough seconds per section, for the budget (measured figures replace them in the JSON)
     estimates: dict = field(default_factory=dict)
 
@@ -156,7 +169,8 @@ def full_plan() -> Plan:
                 batch=64, warmup_iters=5, timed_iters=20, parity_batch=4, stage_model=vit,
                 subjects=48, images_per_subject=4, photo_size=(1600, 1200),
                 stage_epochs={"stage1": 10, "stage2": 5, "stage3": 5}, stage_lr=1e-4,
-                estimates={"tests": 60, "parity": 20, "throughput": 90, "stages": 150})
+                estimates={"tests": 60, "parity": 20, "throughput": 90, "checkpoint": 10,
+                           "concurrency": 80, "stages": 150, "projection": 1})
 
 
 def smoke_plan() -> Plan:
@@ -166,8 +180,9 @@ def smoke_plan() -> Plan:
                 batch=8, warmup_iters=1, timed_iters=2, parity_batch=2, stage_model=vit,
                 subjects=12, images_per_subject=4, photo_size=(160, 120),
                 stage_epochs={"stage1": 3, "stage2": 3, "stage3": 3}, stage_lr=1e-3,
-                p_ids=4, k_images=2, num_classes=10,
-                estimates={"tests": 20, "parity": 2, "throughput": 10, "stages": 20})
+                p_ids=4, k_images=2, num_classes=10, concurrency=(1, 2),
+                estimates={"tests": 20, "parity": 2, "throughput": 10, "checkpoint": 2,
+                           "concurrency": 40, "stages": 20, "projection": 1})
 
 
 class Budget:
@@ -349,11 +364,14 @@ def measure_extraction(backbone, images, precision: Precision, plan: Plan,
 
 
 def measure_training(backbone, images, labels, precision: Precision, plan: Plan, model: Model,
-                     device: torch.device, workdir: Path) -> tuple[float, float]:
+                     device: torch.device, workdir: Path, barrier=None,
+                     clock: dict | None = None) -> tuple[float, float]:
     """(seconds of ``plan.timed_iters`` stage-2 training steps after warm-up, the epoch's mean
     loss) through the package's :class:`TrainLoop`: zero_grad, autocast forward of ``ReIDModel``
     and ``reid_loss`` (ID + triplet + image-to-text CE against random text features), scaled
-    backward for fp16, gradient clipping, Adam step."""
+    backward for fp16, gradient clipping, Adam step. ``barrier``: called after the warm-up,
+    before the clock starts (the concurrency section's runs start their timed steps
+    together); ``clock`` gets the wall-clock stamps ``start_wall`` / ``end_wall``."""
     params = stage2_params(model, device)
     backbone.requires_grad_(False)
     backbone.visual.requires_grad_(True)
@@ -365,16 +383,18 @@ def measure_training(backbone, images, labels, precision: Precision, plan: Plan,
     text_all = F.normalize(torch.randn(plan.num_classes, backbone.embed_dim, generator=generator),
                            dim=-1).to(device)
     logit_scale = backbone.logit_scale.exp().detach()
-    clock: dict[str, float] = {}
+    clock = {} if clock is None else clock
 
     def batches(epoch: int):
         for index in range(plan.warmup_iters + plan.timed_iters):
             if index == plan.warmup_iters:
                 synchronize(device)
-                clock["start"] = time.perf_counter()
+                if barrier is not None:
+                    barrier()
+                clock["start"], clock["start_wall"] = time.perf_counter(), time.time()
             yield images, labels
         synchronize(device)
-        clock["end"] = time.perf_counter()
+        clock["end"], clock["end_wall"] = time.perf_counter(), time.time()
 
     def step(batch):
         batch_images, targets = batch
@@ -430,6 +450,269 @@ def measure_throughput(model: Model, template: ClipBackbone, mode: str, precisio
     del backbone, images, labels
     free_memory(device)
     return row
+
+
+# --------------------------------------------------------------------------- section: checkpoint
+
+
+def measure_checkpoint(plan: Plan, device: torch.device, workdir: Path, repeats: int = 3) -> dict:
+    """Seconds and bytes of ``save_checkpoint`` of a stage-2 model as the training loop saves
+    it: the trainable modules' state dicts and Adam's state after one step (both moments),
+    written to ``workdir`` (this machine's local disk); the median of ``repeats``."""
+    model = plan.stage_model
+    params = stage2_params(model, device)
+    backbone = as_runs_use_it(random_backbone(model, plan.image_size, device), device)
+    backbone.requires_grad_(False)
+    backbone.visual.requires_grad_(True)
+    reid = ReIDModel(backbone, plan.num_classes, params["classifier"],
+                     triplet_features=params["triplet_features"]).to(device)
+    modules = reid.trainable_modules()
+    optimizer = torch.optim.Adam(image_param_groups(modules, params))
+    for group in optimizer.param_groups:  # one step: Adam's two moments exist, as in a run
+        for parameter in group["params"]:
+            parameter.grad = torch.zeros_like(parameter)
+    optimizer.step()
+    trainable = sum(p.numel() for g in optimizer.param_groups for p in g["params"])
+    workdir.mkdir(parents=True, exist_ok=True)
+    seconds, size = [], 0
+    for index in range(repeats):
+        path = workdir / f"checkpoint-{index}.pt"
+        synchronize(device)
+        started = time.perf_counter()
+        save_checkpoint(path, stage="stage2", epoch=1,
+                        model={name: module.state_dict() for name, module in modules.items()},
+                        optimizer=optimizer, params=dict(params))
+        seconds.append(time.perf_counter() - started)
+        size = path.stat().st_size
+        path.unlink()
+    del reid, backbone, optimizer, modules
+    free_memory(device)
+    return {"model": model.described, "arch": model.name, "trainable_parameters": trainable,
+            "bytes": size, "seconds": sorted(seconds)[len(seconds) // 2], "all_seconds": seconds,
+            "repeats": repeats, "mb_per_s": size / 1e6 / max(1e-9, sorted(seconds)[len(seconds) // 2])}
+
+
+# --------------------------------------------------------------------------- section: concurrency
+
+
+#: How long a concurrency worker waits for the others to be ready before it gives up.
+BARRIER_TIMEOUT_S = 240.0
+
+
+def concurrency_worker(spec_path: Path) -> int:
+    """One of K concurrent runs (``--concurrency-worker SPEC``): build the stage-2 ViT-B/16 on
+    the GPU (capped at its memory share by ``resolve_device``), warm up, wait until every run
+    is warm, then time ``plan.timed_iters`` bf16 training steps; its figures go to
+    ``spec["out"]`` (an error too: an out-of-memory run must not hang the others)."""
+    imported = time.time()
+    spec = json.loads(Path(spec_path).read_text())
+    ready_dir = Path(spec["ready_dir"])
+    record = {"index": spec["index"], "k": spec["k"], "launched": spec["launched"],
+              "imported_s": imported - spec["launched"]}
+
+    def arrive(tag: str) -> None:
+        (ready_dir / f"{spec['index']}.{tag}").write_text("")
+
+    def barrier() -> None:
+        record["ready_s"] = time.time() - spec["launched"]
+        arrive("ready")
+        deadline = time.monotonic() + BARRIER_TIMEOUT_S
+        while len(list(ready_dir.iterdir())) < spec["k"]:
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"the other runs were not ready in {BARRIER_TIMEOUT_S:.0f} s")
+            time.sleep(0.02)
+
+    try:
+        plan = smoke_plan() if spec["smoke"] else full_plan()
+        device = resolve_device(plan.device)  # applies HANDCLIP_GPU_MEMORY_FRACTION
+        seed_everything(0, deterministic=False)  # as the campaign grids run (deterministic false)
+        if device.type == "cuda":
+            configure_cuda(True)
+            torch.cuda.reset_peak_memory_stats(device)
+        model = plan.stage_model
+        backbone = as_runs_use_it(random_backbone(model, plan.image_size, device), device)
+        generator = torch.Generator().manual_seed(spec["index"])
+        images = torch.randn(plan.batch, 3, *plan.image_size, generator=generator).to(device)
+        identities = torch.randperm(plan.num_classes, generator=generator)[
+            :plan.batch // plan.k_images]
+        labels = identities.repeat_interleave(plan.k_images).to(device)
+        record["built_s"] = time.time() - spec["launched"]
+        clock: dict = {}
+        seconds, loss = measure_training(backbone, images, labels, precision_of("bf16", device),
+                                         plan, model, device, Path(spec["workdir"]),
+                                         barrier=barrier, clock=clock)
+        record.update(seconds=seconds, start_wall=clock["start_wall"],
+                      end_wall=clock["end_wall"], images=plan.batch * plan.timed_iters,
+                      images_per_s=plan.batch * plan.timed_iters / seconds, loss=loss,
+                      memory_fraction=os.environ.get(GPU_SHARE_ENV) or None)
+        if device.type == "cuda":
+            record["peak_gib"] = torch.cuda.max_memory_allocated(device) / 2**30
+    except Exception as exc:  # noqa: BLE001 - recorded; the parent reports it
+        out_of_memory = isinstance(exc, torch.cuda.OutOfMemoryError) or "out of memory" in str(exc)
+        record.update(error=repr(exc)[:500], out_of_memory=bool(out_of_memory))
+        if "ready_s" not in record:
+            arrive("failed")  # counted as arrived: the others time without this run
+    Path(spec["out"]).write_text(json.dumps(record, default=str))
+    return 0 if "error" not in record else 1
+
+
+def measure_concurrency(k: int, plan: Plan, workdir: Path, timeout_s: float) -> dict:
+    """K :func:`concurrency_worker` processes at once, each with its share of the GPU's memory
+    (1/K, as ``--runs-per-gpu K`` gives it) and of the cores; the aggregate images/s of their
+    timed steps (all images over the span from the first start to the last end)."""
+    folder = workdir / f"k{k}"
+    ready_dir = folder / "ready"
+    ready_dir.mkdir(parents=True, exist_ok=True)
+    cores = max(1, (os.cpu_count() or 1) // k)
+    env = {**os.environ, "OMP_NUM_THREADS": str(cores), CPU_SHARE_ENV: str(cores),
+           "PYTHONUNBUFFERED": "1"}
+    env.pop(GPU_SHARE_ENV, None)
+    if k > 1 and not plan.smoke:
+        env[GPU_SHARE_ENV] = repr(1.0 / k)
+    env["PYTHONPATH"] = os.pathsep.join(p for p in (str(REPO), env.get("PYTHONPATH")) if p)
+    workers = []
+    for index in range(k):
+        spec = {"index": index, "k": k, "smoke": plan.smoke, "ready_dir": str(ready_dir),
+                "workdir": str(folder / f"run{index}"), "out": str(folder / f"{index}.json"),
+                "launched": time.time()}
+        spec_path = folder / f"{index}.spec.json"
+        spec_path.write_text(json.dumps(spec))
+        log = open(folder / f"{index}.log", "w")
+        workers.append((subprocess.Popen([sys.executable, str(Path(__file__).resolve()),
+                                          "--concurrency-worker", str(spec_path)],
+                                         cwd=REPO, env=env, stdout=log, stderr=subprocess.STDOUT),
+                        log, index))
+    deadline = time.monotonic() + max(10.0, timeout_s)
+    for process, log, _ in workers:
+        try:
+            process.wait(timeout=max(1.0, deadline - time.monotonic()))
+        except subprocess.TimeoutExpired:
+            process.kill()
+            process.wait()
+        log.close()
+    runs = []
+    for _, _, index in workers:
+        out = folder / f"{index}.json"
+        if out.is_file():
+            runs.append(json.loads(out.read_text()))
+        else:
+            tail = (folder / f"{index}.log").read_text()[-500:]
+            runs.append({"index": index, "error": f"no result (killed at the time limit?): "
+                                                  f"{tail}"})
+    done = [r for r in runs if "error" not in r]
+    row = {"k": k, "model": plan.stage_model.described, "precision": "bf16",
+           "batch": plan.batch, "image_size": list(plan.image_size),
+           "timed_iters": plan.timed_iters, "memory_fraction": env.get(GPU_SHARE_ENV),
+           "cores_per_run": cores, "runs": runs, "completed": len(done),
+           "out_of_memory": sum(bool(r.get("out_of_memory")) for r in runs)}
+    if done:
+        span = max(r["end_wall"] for r in done) - min(r["start_wall"] for r in done)
+        row.update(aggregate_images_per_s=sum(r["images"] for r in done) / span,
+                   per_run_images_per_s=sum(r["images_per_s"] for r in done) / len(done),
+                   start_up_s=sum(r["ready_s"] for r in done) / len(done))
+        peaks = [r["peak_gib"] for r in done if "peak_gib" in r]
+        if peaks:
+            row.update(peak_gib_per_run=max(peaks), peak_gib_total=sum(peaks))
+    return row
+
+
+# --------------------------------------------------------------------------- section: projection
+
+
+#: A run's fixed cost outside the worker's own start-up: the papermill kernel's start, the
+#: notebook's imports and parameters cell, the protocol and the loaders. Assumed from this
+#: CPU: a tiny-vit stage-1 grid run of 2 epochs takes 18-20 s end to end here
+#: (tests/test_runs_per_gpu.py), nearly all of it that fixed cost.
+NOTEBOOK_OVERHEAD_S = 20.0
+#: Photos decoded per CPU-second into the decoded-image cache (benchmarks/README.md, "Decoded-
+#: image cache on real-size photos", part 2: ~95 on this CPU), times 8 loader workers.
+DECODE_PHOTOS_PER_S = 95.0 * 8
+#: Photos the campaign decodes once: every 11k photo and every HD photo.
+CAMPAIGN_PHOTOS = sum(campaign.DATASET_PHOTOS.values())
+
+
+def projection_inputs(sections: dict, plan: Plan) -> campaign.Measurements:
+    """:class:`campaign.Measurements` from the sections that ran: each figure from its row,
+    each missing one named in ``assumed``. The smoke run's tiny-vit / tiny-rn stand for
+    ViT-B/16 / RN50 (its figures mean nothing for the GPU)."""
+    names = {plan.models[0].name: "vitb16", plan.models[1].name: "rn50"}
+    m = campaign.Measurements()
+    rows = [r for r in sections.get("throughput", {}).get("rows", [])
+            if r.get("precision") == "bf16" and "images_per_s" in r]
+    for row in rows:
+        backbone = names.get(row["arch"])
+        if row["mode"] == "extract":
+            m.extract_images_s[backbone] = row["images_per_s"]
+        else:
+            m.train_images_s[("stage2", backbone)] = row["images_per_s"]
+    missing = [b for b in ("vitb16", "rn50") if b not in m.extract_images_s
+               or ("stage2", b) not in m.train_images_s]
+    if missing:
+        raise ValueError(f"no bf16 throughput rows for {', '.join(missing)}: the projection "
+                         f"needs the throughput section")
+    stages = {r["stage"]: r for r in sections.get("stages", {}).get("runs", [])}
+    if "stage1" in stages:
+        m.train_images_s[("stage1", "vitb16")] = stages["stage1"]["images_per_s"]
+    else:
+        m.train_images_s[("stage1", "vitb16")] = m.extract_images_s["vitb16"]
+        m.assumed.append("stage 1 (prompt learning on cached features) at the ViT-B/16 "
+                         "extraction rate: the stages section did not run")
+    # both CLIP models have the same text transformer (width 512, 12 layers), which is what
+    # stage 1 trains through
+    m.train_images_s[("stage1", "rn50")] = m.train_images_s[("stage1", "vitb16")]
+    m.assumed.append("stage 1 of RN50 at ViT-B/16's rate (the same text encoder does the work)")
+    if "stage3" in stages and "stage2" in stages:
+        ratio = stages["stage3"]["images_per_s"] / stages["stage2"]["images_per_s"]
+    else:
+        ratio = 1.0
+        m.assumed.append("stage 3 at stage 2's rate: the stages section did not measure both")
+    for backbone in ("vitb16", "rn50"):
+        m.train_images_s[("stage3", backbone)] = m.train_images_s[("stage2", backbone)] * ratio
+    m.assumed.append(f"stage 3 / stage 2 speed {ratio:.2f} (ViT-B/16, stages section) for RN50 "
+                     f"too")
+    base = None
+    for row in sections.get("concurrency", {}).get("rows", []):
+        if row.get("completed") == row["k"] and not row.get("out_of_memory"):
+            if row["k"] == 1:
+                base = row["aggregate_images_per_s"]
+                m.start_up_s = row["start_up_s"] + NOTEBOOK_OVERHEAD_S
+            if base:
+                m.speedup[row["k"]] = row["aggregate_images_per_s"] / base
+    if base is None:
+        m.start_up_s = NOTEBOOK_OVERHEAD_S
+        m.assumed.append("no concurrency row for one run: start-up without the model's build "
+                         "and warm-up")
+    m.speedup[1] = 1.0
+    m.assumed.append(f"every run's speed-up with K runs per GPU is ViT-B/16 stage 2's "
+                     f"(concurrency section); plus {NOTEBOOK_OVERHEAD_S:.0f} s of notebook "
+                     f"start per run (assumed from this CPU)")
+    checkpoint = sections.get("checkpoint", {})
+    if "seconds" in checkpoint.get("result", {}):
+        m.checkpoint_s = checkpoint["result"]["seconds"]
+    else:
+        m.assumed.append("checkpoints free: the checkpoint section did not run")
+    m.assumed.append("stage 3's checkpoint costs stage 2's (the ViT-B/16 one measured) and "
+                     "RN50's too; one per epoch")
+    m.decode_once_s = CAMPAIGN_PHOTOS / DECODE_PHOTOS_PER_S
+    m.assumed.append(f"the decoded-image cache filled once, {CAMPAIGN_PHOTOS} photos at "
+                     f"{DECODE_PHOTOS_PER_S:.0f}/s (8 workers at this CPU's rate)")
+    m.compile_s = 0.0
+    m.assumed.append("no torch.compile (the grids leave compile false)")
+    return m
+
+
+def project_campaign(sections: dict, plan: Plan) -> dict:
+    """The campaign's projected wall time for every K the concurrency section measured."""
+    m = projection_inputs(sections, plan)
+    runs = campaign.campaign_runs()
+    rows = [campaign.project(runs, m, k) for k in sorted(m.speedup)]
+    return {"measurements": {"train_images_s": {f"{s}/{b}": v for (s, b), v
+                                                in m.train_images_s.items()},
+                             "extract_images_s": m.extract_images_s, "speedup": m.speedup,
+                             "start_up_s": m.start_up_s, "checkpoint_s": m.checkpoint_s,
+                             "decode_once_s": m.decode_once_s, "compile_s": m.compile_s},
+            "assumed": m.assumed, "rows": rows,
+            "best": min(rows, key=lambda r: r["wall_s"]) if rows else None}
 
 
 # --------------------------------------------------------------------------- section: stages
@@ -615,6 +898,39 @@ def table_rows(result: dict) -> list[list[str]]:
         if row.get("channels_last"):
             notes.append("channels_last")
         rows.append(["throughput", item, f"{row['images_per_s']:.1f} images/s", "; ".join(notes)])
+    checkpoint = sections.get("checkpoint", {}).get("result")
+    if checkpoint:
+        rows.append(["checkpoint", f"{checkpoint['model']} stage 2 save_checkpoint",
+                     f"{checkpoint['seconds']:.2f} s",
+                     f"{checkpoint['bytes'] / 1e6:.0f} MB, {checkpoint['mb_per_s']:.0f} MB/s; "
+                     f"{checkpoint['trainable_parameters'] / 1e6:.1f} M trainable + Adam; "
+                     f"median of {checkpoint['repeats']}"])
+    for row in sections.get("concurrency", {}).get("rows", []):
+        item = f"{row['k']} stage-2 run(s) at once"
+        if "aggregate_images_per_s" not in row:
+            errors = [r.get("error") for r in row.get("runs", []) if r.get("error")]
+            rows.append(["concurrency", item, row.get("skipped") and "skipped" or "failed",
+                         row.get("skipped") or row.get("error") or (errors[0][:200] if errors
+                                                                     else "")])
+            continue
+        notes = [f"{row['completed']} of {row['k']} completed",
+                 f"{row['per_run_images_per_s']:.1f} images/s per run",
+                 f"start-up {row['start_up_s']:.1f} s"]
+        if "peak_gib_per_run" in row:
+            notes.append(f"peak {row['peak_gib_per_run']:.2f} GiB per run, "
+                         f"{row['peak_gib_total']:.2f} in all")
+        if row.get("out_of_memory"):
+            notes.append(f"{row['out_of_memory']} out of memory")
+        rows.append(["concurrency", item, f"{row['aggregate_images_per_s']:.1f} images/s",
+                     "; ".join(notes)])
+    for row in sections.get("projection", {}).get("rows", []):
+        grids = ", ".join(f"{name} {g['wall_s'] / 3600:.2f} h"
+                          for name, g in row["grids"].items())
+        rows.append(["projection", f"clipfh-11k + clipfh-hd, {row['runs_per_gpu']} per GPU",
+                     f"{row['wall_s'] / 3600:.2f} h",
+                     f"{row['runs']} runs; GPU {row['gpu_s'] / 3600:.2f} h / speed-up "
+                     f"{row['speedup']:.2f}; host {row['host_s'] / 3600:.2f} h / "
+                     f"{row['runs_per_gpu']}; {grids}"])
     stages = sections.get("stages", {})
     if "dataset" in stages:
         data = stages["dataset"]
@@ -664,6 +980,14 @@ def checks_of(result: dict) -> list[dict]:
         if "loss" in row:
             checks.append({"name": f"throughput {row['arch']} train {row['precision']} loss finite",
                            "ok": row["loss_finite"], "detail": f"{row['loss']}"})
+    for row in sections.get("concurrency", {}).get("rows", []):
+        if "skipped" in row:
+            continue
+        # running out of memory at a K is a finding (that K does not fit), not a failure
+        failed = [r for r in row.get("runs", []) if r.get("error") and not r.get("out_of_memory")]
+        checks.append({"name": f"concurrency {row['k']} ran", "ok": not failed and "error" not in row,
+                       "detail": row.get("error") or (failed[0]["error"] if failed else
+                                                      f"{row.get('completed')} of {row['k']}")})
     for run in sections.get("stages", {}).get("runs", []):
         checks.append({"name": f"{run['stage']} losses finite and falling",
                        "ok": run["finite"] and run["falling"], "detail": _losses(run)})
@@ -775,6 +1099,46 @@ def run_check(plan: Plan, budget: Budget, workdir: Path, skip=(), log=print,
         free_memory(device)
         finish("throughput", started)
 
+    if section("checkpoint"):
+        started = time.perf_counter()
+        try:
+            sections["checkpoint"]["result"] = measure_checkpoint(plan, device,
+                                                                  workdir / "checkpoint")
+            done = sections["checkpoint"]["result"]
+            log(f"  {done['model']}: {done['bytes'] / 1e6:.0f} MB in {done['seconds']:.2f} s "
+                f"({done['mb_per_s']:.0f} MB/s)")
+        except Exception as exc:  # noqa: BLE001 - recorded; the JSON must still be written
+            sections["checkpoint"]["error"] = repr(exc)
+            log(f"  error: {exc!r}")
+            free_memory(device)
+        finish("checkpoint", started)
+
+    if section("concurrency"):
+        started = time.perf_counter()
+        sections["concurrency"]["rows"] = []
+        for k in plan.concurrency:
+            # a K's estimate: start-up plus K runs' steps; the whole section's share each
+            if not budget.allows(plan.estimates["concurrency"] / len(plan.concurrency)):
+                sections["concurrency"]["rows"].append({"k": k, "skipped": "budget"})
+                log(f"  {k} at once: skipped (budget)")
+                continue
+            try:
+                row = measure_concurrency(k, plan, workdir / "concurrency",
+                                          timeout_s=min(180.0, budget.remaining()))
+            except Exception as exc:  # noqa: BLE001 - recorded as a failed row
+                row = {"k": k, "error": repr(exc)}
+            sections["concurrency"]["rows"].append(row)
+            if "aggregate_images_per_s" in row:
+                peak = (f", peak {row['peak_gib_per_run']:.2f} GiB per run "
+                        f"({row['peak_gib_total']:.2f} in all)" if "peak_gib_per_run" in row
+                        else "")
+                log(f"  {k} at once: {row['aggregate_images_per_s']:.1f} images/s in all, "
+                    f"{row['completed']} of {k} completed{peak}")
+            else:
+                errors = [r.get("error") for r in row.get("runs", []) if r.get("error")]
+                log(f"  {k} at once: {row.get('error') or (errors[0] if errors else '?')}")
+        finish("concurrency", started)
+
     if section("stages"):
         started = time.perf_counter()
         sections["stages"]["model"] = plan.stage_model.described
@@ -799,6 +1163,20 @@ def run_check(plan: Plan, budget: Budget, workdir: Path, skip=(), log=print,
         dataset_process.kill()
         dataset_process.wait()
         dataset_process.log_file.close()
+
+    if section("projection"):
+        started = time.perf_counter()
+        try:
+            sections["projection"].update(project_campaign(sections, plan))
+            for row in sections["projection"]["rows"]:
+                log(f"  {row['runs_per_gpu']} run(s) per GPU: {row['wall_s'] / 3600:.2f} h "
+                    f"(GPU {row['gpu_s'] / 3600:.2f} h / speed-up {row['speedup']:.2f}, host "
+                    f"{row['host_s'] / 3600:.2f} h / {row['runs_per_gpu']}, decode "
+                    f"{row['decode_once_s']:.0f} s)")
+        except Exception as exc:  # noqa: BLE001 - recorded; the JSON must still be written
+            sections["projection"]["error"] = repr(exc)
+            log(f"  error: {exc!r}")
+        finish("projection", started)
     return summarise(result, budget)
 
 
@@ -831,7 +1209,10 @@ def main(argv=None) -> int:
     parser.add_argument("--workdir", default=None,
                         help="work folder (default: a temporary one, removed at the end)")
     parser.add_argument("--keep", action="store_true", help="keep the work folder")
+    parser.add_argument("--concurrency-worker", metavar="SPEC", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
+    if args.concurrency_worker:  # one of the concurrency section's K runs
+        return concurrency_worker(Path(args.concurrency_worker))
 
     plan = smoke_plan() if args.smoke else full_plan()
     if not plan.smoke and not torch.cuda.is_available():

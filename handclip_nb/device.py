@@ -1,6 +1,7 @@
 """Where tensors go and how: ``device="auto"`` and friends, resolved once for every layer;
-the machine's usable cores and the data-loader workers derived from them; mixed precision
-(fp16 with a gradient scaler, or bf16 without) and TF32."""
+the machine's usable cores and the data-loader workers derived from them; a run's share of a
+GPU that several runs use at once; mixed precision (fp16 with a gradient scaler, or bf16
+without) and TF32."""
 from __future__ import annotations
 
 import os
@@ -9,8 +10,9 @@ from typing import Union
 
 import torch
 
-__all__ = ["resolve_device", "available_cpus", "CPU_SHARE_ENV", "default_num_workers", "Precision",
-           "AMP_DTYPES", "configure_cuda", "run_precision"]
+__all__ = ["resolve_device", "available_cpus", "CPU_SHARE_ENV", "GPU_SHARE_ENV",
+           "gpu_memory_share", "default_num_workers", "Precision", "AMP_DTYPES",
+           "configure_cuda", "run_precision"]
 
 #: Values of the ``amp_dtype`` parameter -> the autocast dtype.
 AMP_DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16}
@@ -34,7 +36,48 @@ def resolve_device(device: Union[str, torch.device, None] = "auto") -> torch.dev
         raise ValueError(f"unsupported device {device!r}; valid: 'auto', 'cpu', 'cuda', 'cuda:N'")
     if dev.type == "cuda" and not torch.cuda.is_available():
         raise ValueError(f"device {device!r} requested but CUDA is not available; use device='auto' or 'cpu'")
+    if dev.type == "cuda":
+        _apply_gpu_memory_share(dev)
     return dev
+
+
+#: Environment variable with this process's share of its GPU's memory (a fraction in (0, 1]),
+#: set by the grid's executors for each of K runs that share one GPU (``--runs-per-gpu K``,
+#: ``--slurm-runs-per-job K``: ``1/K``). Every CUDA device this process resolves is capped at
+#: that fraction (``torch.cuda.set_per_process_memory_fraction``), so one run that grows
+#: (a larger batch, an evaluation) fails with an out-of-memory error of its own instead of
+#: taking the memory its neighbours were promised.
+GPU_SHARE_ENV = "HANDCLIP_GPU_MEMORY_FRACTION"
+
+_SHARED_DEVICES: set[int] = set()  # CUDA device indices already capped by this process
+
+
+def gpu_memory_share() -> float | None:
+    """This process's share of its GPU's memory (``HANDCLIP_GPU_MEMORY_FRACTION``), or None
+    when it has the whole GPU (unset or empty)."""
+    text = os.environ.get(GPU_SHARE_ENV, "").strip()
+    if not text:
+        return None
+    try:
+        share = float(text)
+    except ValueError:
+        share = float("nan")
+    if not 0.0 < share <= 1.0:
+        raise ValueError(f"{GPU_SHARE_ENV}={text!r}: expected this process's share of its "
+                         f"GPU's memory, a number in (0, 1] (1/K for K runs on one GPU); unset "
+                         f"it to give the process the whole GPU")
+    return share
+
+
+def _apply_gpu_memory_share(dev: torch.device) -> None:
+    share = gpu_memory_share()
+    if share is None:
+        return
+    index = dev.index if dev.index is not None else torch.cuda.current_device()
+    if index in _SHARED_DEVICES:
+        return
+    torch.cuda.set_per_process_memory_fraction(share, index)
+    _SHARED_DEVICES.add(index)
 
 
 #: Environment variable with this process's share of the cores, set by the grid's local

@@ -90,8 +90,24 @@ def _check_labels(name: str, labels: torch.Tensor, n: int, what: str) -> None:
         raise TypeError(f"{name} must be an integer tensor of identity labels, got {labels.dtype}")
 
 
+def _reads_on_host(x: torch.Tensor) -> bool:
+    """Whether a check may read ``x``'s values in Python: only on the CPU. Reading a GPU
+    tensor's value (``int``, ``float``, ``bool``) waits for every kernel queued before it, and a
+    loss checked at every training step would make the loop wait on the device at every step;
+    there the checks run on the device instead (``torch._assert_async``): a violation stops the
+    run with the same message at the next synchronisation, as a device-side assertion."""
+    return x.device.type == "cpu"
+
+
 def _check_class_range(name: str, labels: torch.Tensor, num_classes: int) -> None:
-    if labels.numel() and (int(labels.min()) < 0 or int(labels.max()) >= num_classes):
+    if not labels.numel():
+        return
+    if not _reads_on_host(labels):
+        torch._assert_async(((labels >= 0) & (labels < num_classes)).all(),
+                            f"{name} must lie in [0, {num_classes}) (a label outside it on the "
+                            f"device)")
+        return
+    if int(labels.min()) < 0 or int(labels.max()) >= num_classes:
         raise ValueError(
             f"{name} must lie in [0, {num_classes}), got values in "
             f"[{int(labels.min())}, {int(labels.max())}]")
@@ -111,6 +127,11 @@ def _check_scale(logit_scale: Scale) -> None:
     if isinstance(logit_scale, torch.Tensor):
         if logit_scale.numel() != 1:
             raise ValueError(f"logit_scale must be a scalar, got shape {tuple(logit_scale.shape)}")
+        if not _reads_on_host(logit_scale):
+            scale = logit_scale.detach().reshape(())
+            torch._assert_async((scale > 0) & torch.isfinite(scale),
+                                "logit_scale must be a finite positive number (on the device)")
+            return
         value = float(logit_scale.detach())
     else:
         value = float(logit_scale)
@@ -195,9 +216,16 @@ def supcon_loss(
     mask = (labels_a.view(-1, 1) == labels_b.view(1, -1)).to(log_prob.dtype)
     num_pos = mask.sum(1)
     has_pos = num_pos > 0
+    no_positive = ("supcon_loss: no anchor in features_a has a positive (same label) in "
+                   "features_b; check the labels / batch composition")
+    if not _reads_on_host(has_pos):
+        # no host read: the anchors without a positive weigh 0 in a masked mean (boolean
+        # indexing would wait for the device to count them)
+        torch._assert_async(has_pos.any(), no_positive)
+        per_anchor = (mask * log_prob).sum(1) / num_pos.clamp_min(1)
+        return -torch.where(has_pos, per_anchor, 0.0).sum() / has_pos.sum()
     if not bool(has_pos.any()):
-        raise ValueError("supcon_loss: no anchor in features_a has a positive (same label) in "
-                         "features_b; check the labels / batch composition")
+        raise ValueError(no_positive)
     mean_log_prob_pos = (mask * log_prob).sum(1)[has_pos] / num_pos[has_pos]
     return -mean_log_prob_pos.mean()
 
@@ -369,7 +397,8 @@ def batch_hard_triplet(
     labels: torch.Tensor,
     margin: Optional[float] = 0.3,
     normalize: bool = False,
-) -> tuple[torch.Tensor, TripletStats]:
+    stats: bool = True,
+) -> tuple[torch.Tensor, Optional[TripletStats]]:
     """Batch-hard triplet loss (Hermans, Beyer & Leibe 2017), as used by CLIP-ReID / TransReID.
 
     For each anchor ``i``: hardest positive = the *farthest* sample ``j != i`` with the same label,
@@ -390,9 +419,13 @@ def batch_hard_triplet(
         labels: [B] integer identities.
         margin: margin (CLIP-ReID 0.3); ``None`` or 0 selects the soft-margin variant.
         normalize: L2-normalise the features first.
+        stats: compute the :class:`TripletStats` (they read the device: a training step that
+            only needs the loss passes False, and off the CPU the loss then reads no device
+            value at all: a masked mean over the valid anchors instead of boolean indexing).
 
     Returns:
-        ``(loss, stats)``: scalar loss tensor and a :class:`TripletStats`.
+        ``(loss, stats)``: scalar loss tensor and a :class:`TripletStats` (None with
+        ``stats=False``).
     """
     _check_features("features", features)
     _check_labels("labels", labels, features.shape[0], "features")
@@ -419,6 +452,13 @@ def batch_hard_triplet(
     pos_inf = torch.tensor(float("inf"), dtype=dist.dtype, device=dist.device)
     d_ap_all, p_idx = torch.where(is_pos, dist, neg_inf).max(1)
     d_an_all, n_idx = torch.where(is_neg, dist, pos_inf).min(1)
+    if not stats and not _reads_on_host(features):
+        # skipped anchors hold -inf or +inf distances: their per-anchor loss is 0 either way,
+        # and the mask keeps them out of the mean and of the gradient
+        gap = d_ap_all - d_an_all
+        per_anchor_all = F.softplus(gap) if soft else F.relu(gap + float(margin))
+        masked = torch.where(valid, per_anchor_all, torch.zeros_like(per_anchor_all))
+        return masked.sum() / valid.sum().clamp_min(1).to(masked.dtype), None
     d_ap = d_ap_all[valid]
     d_an = d_an_all[valid]
     if soft:
@@ -432,6 +472,8 @@ def batch_hard_triplet(
         loss = per_anchor.mean()
     else:
         loss = features.sum() * 0.0
+    if not stats:
+        return loss, None
 
     nan = float("nan")
     minus_one = torch.full_like(p_idx, -1)

@@ -10,8 +10,10 @@ import sys
 from pathlib import Path
 
 import pytest
+import yaml
 
-BENCH = Path(__file__).resolve().parents[1] / "benchmarks"
+REPO = Path(__file__).resolve().parents[1]
+BENCH = REPO / "benchmarks"
 
 
 def _load(name):
@@ -266,6 +268,19 @@ def test_gpu_check_smoke_runs_every_section_on_the_cpu(gpu_check, tmp_path, caps
     assert set(stages["evaluation"]) == {"stage2", "stage3"}
     assert all({"rank1", "mAP"} <= set(m) for m in stages["evaluation"].values())
 
+    checkpoint = sections["checkpoint"]["result"]
+    assert checkpoint["bytes"] > 0 and checkpoint["seconds"] > 0
+    concurrency = sections["concurrency"]["rows"]
+    assert [r["k"] for r in concurrency] == [1, 2]
+    for row in concurrency:  # every run of a K trained, and their steps overlapped
+        assert row["completed"] == row["k"] and row["aggregate_images_per_s"] > 0
+        assert len({r["index"] for r in row["runs"]}) == row["k"]
+        assert max(r["start_wall"] for r in row["runs"]) < min(r["end_wall"] for r in row["runs"])
+    projection = sections["projection"]
+    assert [r["runs_per_gpu"] for r in projection["rows"]] == [1, 2]
+    assert all(r["runs"] == 100 and r["wall_s"] > 0 for r in projection["rows"])
+    assert projection["assumed"] and projection["measurements"]["checkpoint_s"] > 0
+
     assert all(len(row) == 4 for row in result["table"])
     assert all(gpu_check.UNTRAINED in row[1] for row in result["table"]
                if row[0] in ("parity", "throughput") and row[1] != "elapsed")
@@ -290,6 +305,8 @@ def test_gpu_check_full_plan_measures_the_real_architectures_untrained(gpu_check
     assert [m.name for m in plan.models] == ["vitb16", "rn50"]
     assert plan.image_size == (224, 288) and plan.batch == 64 and plan.photo_size == (1600, 1200)
     assert plan.stage_model.name == "vitb16"
+    assert plan.concurrency == (1, 2, 4, 8)
+    assert set(plan.estimates) == set(gpu_check.SECTIONS)
     assert sum(plan.estimates.values()) < gpu_check.DEFAULT_BUDGET_S < 8 * 60
     backbone = gpu_check.random_backbone(plan.stage_model, plan.image_size)
     assert backbone.pretrained is False and "untrained" in backbone.display_name
@@ -334,3 +351,77 @@ def test_verification_benchmark_measures_and_compares_on_a_small_split():
     assert row["identical"] is True
     assert {"all_pairs_mb", "streamed_mb", "ranking_mb", "rerank_need_gb"} <= set(row)
     assert row["pairs"] == 3600 and row["streamed_mb"] > 0 and row["all_pairs_mb"] > 0
+
+
+# --------------------------------------------------------------------------- campaign projection
+
+
+@pytest.fixture(scope="module")
+def campaign():
+    return _load("campaign")
+
+
+def test_the_campaigns_protocol_sizes_are_the_real_protocols(campaign, real_handinfo,
+                                                             real_hd_listing, tmp_path):
+    """PROTOCOL_IMAGES and DATASET_PHOTOS as the protocols of the real metadata give them
+    (HD: the listing's names behind empty files, which is all read_hd looks at)."""
+    import csv
+
+    from handclip_nb.data.handinfo import read_handinfo, read_hd
+
+    records = read_handinfo(real_handinfo)
+    for aspect in ("dorsal_r", "dorsal_l", "palmar_r", "palmar_l"):
+        assert campaign.protocol_images("11k", aspect, records) == \
+            campaign.PROTOCOL_IMAGES[("11k", aspect)], aspect
+    with open(real_hd_listing) as f:
+        rows = list(csv.DictReader(f))
+    for row in rows:
+        folder = tmp_path / "Original Images" / row["folder"]
+        folder.mkdir(parents=True, exist_ok=True)
+        (folder / row["filename"]).touch()
+    assert campaign.protocol_images("hd", "dorsal", read_hd(tmp_path)) == \
+        campaign.PROTOCOL_IMAGES[("hd", "dorsal")]
+    assert campaign.DATASET_PHOTOS == {"11k": len(records), "hd": len(rows)}
+
+
+def test_the_campaign_runs_are_the_grids_runs_with_their_reference_epochs(campaign):
+    runs = campaign.campaign_runs()
+    assert len(runs) == 100 and sum(r.grid == "clipfh-11k" for r in runs) == 80
+    for run in runs:
+        reference = yaml.safe_load((REPO / "params" / f"{run.backbone}-"
+                                    f"{run.aspect if run.dataset == '11k' else 'hd'}.yaml")
+                                   .read_text())
+        if run.stage == "stage0":
+            assert run.epochs == 0
+            continue
+        assert run.epochs == reference[run.stage]["epochs"], run.name
+        if run.stage != "stage1":
+            assert (run.p_ids, run.k_images) == (16, 4)
+    # 3 seeds x (4 aspects x 2 backbones + 2 backbones) of each trained stage
+    assert sum(r.stage == "stage2" for r in runs) == 30
+
+
+def test_the_projection_formula_on_a_hand_computed_case(campaign):
+    """Three runs on one protocol: zero-shot, stage 1 (2 epochs), stage 2 (3 epochs).
+
+    GPU s: stage0 300/100 = 3; stage1 100/100 + 2 x 100/50 + 300/100 = 8; stage2 3 x 64/32 +
+    200/100 = 8; sum 19. Host s: 10 each, stage 2 plus 3 checkpoints x 2 s: 36 (every 2
+    epochs: ceil(3/2) = 2 checkpoints, 34). Decode 5 s.
+    K = 1: 19 + 36 + 5 = 60; K = 2 at speed-up 1.6: 19/1.6 + 36/2 + 5 = 34.875."""
+    images = {("11k", "dorsal_r"): {"train": 100, "pk_epoch": 64, "eval_fitted": 200,
+                                    "eval_zero_shot": 300}}
+    runs = [campaign.CampaignRun("g", "s0", "stage0", "vitb16", "11k", "dorsal_r", 0),
+            campaign.CampaignRun("g", "s1", "stage1", "vitb16", "11k", "dorsal_r", 2),
+            campaign.CampaignRun("g", "s2", "stage2", "vitb16", "11k", "dorsal_r", 3, 16, 4)]
+    m = campaign.Measurements(train_images_s={("stage1", "vitb16"): 50.0,
+                                              ("stage2", "vitb16"): 32.0},
+                              extract_images_s={"vitb16": 100.0}, speedup={1: 1.0, 2: 1.6},
+                              start_up_s=10.0, checkpoint_s=2.0, decode_once_s=5.0)
+    one = campaign.project(runs, m, 1, images=images)
+    assert (one["gpu_s"], one["host_s"], one["wall_s"]) == (19.0, 36.0, 60.0)
+    assert one["grids"]["g"]["runs"] == 3
+    assert campaign.project(runs, m, 2, images=images)["wall_s"] == pytest.approx(34.875)
+    m.checkpoint_every = 2
+    assert campaign.project(runs, m, 1, images=images)["host_s"] == 34.0
+    with pytest.raises(ValueError, match="no measured speed-up for 4 runs per GPU"):
+        campaign.project(runs, m, 4, images=images)

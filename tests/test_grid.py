@@ -68,6 +68,15 @@ def test_shipped_grids_expand_and_validate(name, runs, stage0):
             assert linked.stage == "stage1" and linked.axes.items() <= run.axes.items()
 
 
+@pytest.mark.parametrize("name", ["clipfh-11k", "clipfh-hd"])
+def test_the_clipfh_grids_let_cudnn_pick_its_fastest_kernels(name):
+    """The campaign grids trade bit-repeatability on the GPU for cuDNN's autotuned kernels
+    (docs/methods.md, "deterministic"): every trained run gets deterministic false."""
+    for run in expand_grid(load_grid(REPO / "params" / "grids" / f"{name}.yaml")):
+        if run.stage != "stage0":
+            assert run.values["deterministic"] is False, run.name
+
+
 def test_clipfh_runs_start_from_their_backbone_and_aspect_reference_file():
     runs = expand_grid(load_grid(REPO / "params" / "grids" / "clipfh-11k.yaml"))
     run = next(r for r in runs if r.name == "stage2-palmar_l-rn50-seed2")

@@ -474,3 +474,138 @@ def test_raw_text_logits_are_clipreids_supcon_and_i2t():
     assert cos.item() == pytest.approx(ref_supcon(img, txt, labels, labels, 100.0, True)
                                        + ref_supcon(txt, img, labels, labels, 100.0, True),
                                        rel=1e-10)
+
+
+# --------------------------------------------------------------------------- no host syncs on a GPU
+
+#: The Tensor methods that copy a value to the host: on CUDA each one waits for the device.
+_HOST_READS = ("item", "tolist", "__float__", "__int__", "__index__", "__bool__", "cpu", "numpy")
+
+
+def _count_host_reads(monkeypatch) -> dict:
+    counts = {"reads": 0}
+    for name in _HOST_READS:
+        original = getattr(torch.Tensor, name)
+
+        def counting(self, *args, _original=original, **kwargs):
+            counts["reads"] += 1
+            return _original(self, *args, **kwargs)
+
+        monkeypatch.setattr(torch.Tensor, name, counting)
+    return counts
+
+
+def _checked_losses(a, b, la, lb, targets, scale):
+    """Every loss whose checks read label or scale values, as a training step calls them."""
+    with torch.random.fork_rng():
+        torch.manual_seed(0)
+        center = CenterLoss(b.shape[0], a.shape[1]).to(a.device, a.dtype)
+    return [supcon_loss(a, b, la, lb, logit_scale=scale, normalize=True),
+            image_to_text_ce(a, b, la, scale, normalize=True),
+            cross_entropy_label_smooth(a @ b.t(), targets, 0.1), center(a, la)]
+
+
+def _loss_inputs(dtype=DT, device="cpu"):
+    g = _gen(11)
+    a = torch.randn(6, 4, generator=g, dtype=dtype).to(device)
+    b = torch.randn(5, 4, generator=g, dtype=dtype).to(device)
+    la = torch.tensor([0, 0, 1, 1, 2, 4], device=device)
+    lb = torch.arange(5, device=device)
+    return a, b, la, lb, la.clone(), torch.tensor(10.0, dtype=dtype, device=device)
+
+
+def test_the_loss_checks_read_no_device_value_off_the_cpu(monkeypatch):
+    """On a GPU the label-range, scale and positive checks must not wait for the device at
+    every step. Two proofs without a GPU: on the ``meta`` device (no values at all: any read
+    raises) every checked loss runs; and with the CPU treated as a device, computing them
+    makes no host read from Python while the values equal the CPU path's (the old checks:
+    ``int(labels.min())``, ``float(scale)``, ``bool(has_pos.any())`` fail both)."""
+    a, b, la, lb, targets, scale = _loss_inputs(device="meta")
+    for loss in _checked_losses(a, b, la, lb, targets, scale):
+        assert loss.device.type == "meta" and loss.shape == ()
+    reference = [x.item() for x in _checked_losses(*_loss_inputs())]
+    from handclip_nb import losses
+
+    monkeypatch.setattr(losses, "_reads_on_host", lambda x: False)
+    with monkeypatch.context() as patch:
+        counts = _count_host_reads(patch)
+        values = _checked_losses(*_loss_inputs())
+        assert counts["reads"] == 0, f"{counts['reads']} host reads in the device path"
+    assert [v.item() for v in values] == pytest.approx(reference, rel=1e-12)
+
+
+def test_the_device_path_still_stops_on_bad_labels_and_scales(monkeypatch):
+    """The device-side assertions carry the CPU errors' message (on a CPU tensor
+    ``torch._assert_async`` raises at once; on a GPU at the next synchronisation)."""
+    from handclip_nb import losses
+
+    monkeypatch.setattr(losses, "_reads_on_host", lambda x: False)
+    a, b, la, lb, targets, scale = _loss_inputs()
+    with pytest.raises(RuntimeError, match=r"targets must lie in \[0, 5\)"):
+        cross_entropy_label_smooth(a @ b.t(), torch.tensor([0, 1, 2, 3, 4, 5]), 0.1)
+    with pytest.raises(RuntimeError, match=r"labels must lie in \[0, 5\)"):
+        image_to_text_ce(a, b, torch.tensor([0, 1, 2, 3, 4, -1]), scale)
+    with pytest.raises(RuntimeError, match="logit_scale must be a finite positive number"):
+        supcon_loss(a, b, la, lb, logit_scale=torch.tensor(-1.0, dtype=DT))
+    with pytest.raises(RuntimeError, match="no anchor in features_a has a positive"):
+        supcon_loss(a, b, torch.full((6,), 9), lb)
+    # anchors without a positive weigh nothing in the device path's masked mean either
+    la2 = torch.tensor([0, 7, 1, 7, 2, 4])
+    device_value = supcon_loss(a, b, la2, lb).item()
+    monkeypatch.setattr(losses, "_reads_on_host", lambda x: True)
+    assert device_value == pytest.approx(supcon_loss(a, b, la2, lb).item(), rel=1e-12)
+
+
+def test_the_cpu_keeps_its_clear_errors_with_the_values():
+    a, b, la, lb, targets, scale = _loss_inputs()
+    with pytest.raises(ValueError, match=r"targets must lie in \[0, 5\), got values in \[0, 7\]"):
+        cross_entropy_label_smooth(a @ b.t(), torch.tensor([0, 1, 2, 3, 4, 7]), 0.1)
+    with pytest.raises(ValueError, match="logit_scale must be a finite positive number, got -1"):
+        supcon_loss(a, b, la, lb, logit_scale=torch.tensor(-1.0))
+    with pytest.raises(ValueError, match="no anchor"):
+        supcon_loss(a, b, torch.full((6,), 9), lb)
+
+
+@pytest.mark.parametrize("margin", [0.3, None])
+def test_the_triplet_loss_of_a_training_step_reads_no_device_value(monkeypatch, margin):
+    """``stats=False`` (what stages 2 and 3 ask for): off the CPU no host read, not even the
+    valid-anchor count (a masked mean replaces boolean indexing), with the CPU path's loss and
+    gradient, skipped anchors included; on ``meta`` it runs without values."""
+    from handclip_nb import losses
+
+    g = _gen(12)
+    x = torch.randn(8, 5, generator=g, dtype=DT)
+    labels = torch.tensor([0, 0, 0, 1, 1, 2, 3, 3])  # anchor 5 has no positive: skipped
+    meta_loss, meta_stats = batch_hard_triplet(x.to("meta"), labels.to("meta"), margin=margin,
+                                               stats=False)
+    assert meta_loss.device.type == "meta" and meta_stats is None
+    cpu_x = x.clone().requires_grad_(True)
+    cpu_loss, cpu_stats = batch_hard_triplet(cpu_x, labels, margin=margin)
+    assert cpu_stats.num_skipped_no_positive == 1
+    cpu_loss.backward()
+    monkeypatch.setattr(losses, "_reads_on_host", lambda t: False)
+    device_x = x.clone().requires_grad_(True)
+    with monkeypatch.context() as patch:
+        counts = _count_host_reads(patch)
+        device_loss, device_stats = batch_hard_triplet(device_x, labels, margin=margin,
+                                                       stats=False)
+        device_loss.backward()
+        assert counts["reads"] == 0, f"{counts['reads']} host reads in the device path"
+    assert device_stats is None
+    assert device_loss.item() == pytest.approx(cpu_loss.item(), rel=1e-12)
+    assert torch.allclose(device_x.grad, cpu_x.grad, rtol=1e-12, atol=0)
+    # no valid anchor at all: a zero that still belongs to the graph, as on the CPU
+    lonely = x.clone().requires_grad_(True)
+    zero, _ = batch_hard_triplet(lonely, torch.arange(8), margin=margin, stats=False)
+    assert zero.item() == 0.0 and zero.requires_grad
+    zero.backward()
+    assert torch.equal(lonely.grad, torch.zeros_like(x))
+
+
+def test_the_cpu_triplet_loss_is_the_same_without_its_stats():
+    g = _gen(13)
+    x = torch.randn(8, 5, generator=g)
+    labels = torch.tensor([0, 0, 1, 1, 2, 2, 3, 3])
+    with_stats, stats = batch_hard_triplet(x, labels)
+    without, none = batch_hard_triplet(x, labels, stats=False)
+    assert none is None and stats is not None and torch.equal(with_stats, without)

@@ -7,6 +7,8 @@
         --executor slurm --slurm-partition gpu --slurm-gpus 1 --slurm-time 04:00:00
     python -m handclip_nb.pipeline --grid params/grids/clipfh-11k.yaml --output outputs/11k \\
         --executor slurm --detach --slurm-option account=myproject   # submit all, then exit
+    python -m handclip_nb.pipeline --grid params/grids/clipfh-11k.yaml --output outputs/11k \
+        --executor local --runs-per-gpu 4                  # 4 runs side by side on each GPU
     python -m handclip_nb.pipeline --grid ... --output outputs/11k --status   # each run's state
     python -m handclip_nb.pipeline --grid ... --output outputs/11k --cancel   # stop a campaign
     python -m handclip_nb.pipeline --run-step SPEC.json    # one grid run (the local worker)
@@ -24,7 +26,7 @@ from ..evaluate.tables import markdown_table
 from ..runs import atomic_write_text, resolve_path
 from .executors import EXECUTORS
 from .grid import GridError
-from .runner import cancel_grid, grid_status, run_grid
+from .runner import cancel_grid, grid_status, run_grid, running_per_device
 from .steps import demo_table, execute_spec, run_pipeline
 
 __all__ = ["main"]
@@ -51,6 +53,16 @@ def _parser() -> argparse.ArgumentParser:
                       help="local: CPU threads per run (default: the cores split between the "
                            "jobs); results depend on it in the last bits, which long training "
                            "runs amplify, so pin it to compare runs made with different --jobs")
+    grid.add_argument("--runs-per-gpu", type=int, metavar="K",
+                      help="local: K runs side by side on each visible GPU (K on the CPU "
+                           "without one), each with 1/K of the GPU's memory and of the cores; "
+                           "refused with the numbers when K cannot fit")
+    grid.add_argument("--slurm-runs-per-job", type=int, default=1, metavar="K",
+                      help="slurm: K runs in each job, side by side on its GPU, each with "
+                           "1/K of its memory and of the job's CPUs (default 1)")
+    grid.add_argument("--run-memory-gib", type=float, metavar="GIB",
+                      help="GPU memory one run needs (the GPU check measures it): K runs "
+                           "that would need more than the GPU has are refused")
     grid.add_argument("--slurm-partition", help="Slurm partition (else the grid file's)")
     grid.add_argument("--slurm-gpus", type=int, help="GPUs per job")
     grid.add_argument("--slurm-time", help="time limit per job: minutes or [D-]HH:MM[:SS]")
@@ -90,6 +102,13 @@ def main(argv=None) -> int:
             parser.error("--grid needs --output, the folder the grid writes into")
         if args.jobs < 1:
             parser.error(f"--jobs must be >= 1, got {args.jobs}")
+        if args.runs_per_gpu is not None and args.runs_per_gpu < 1:
+            parser.error(f"--runs-per-gpu must be >= 1, got {args.runs_per_gpu}")
+        if args.slurm_runs_per_job < 1:
+            parser.error(f"--slurm-runs-per-job must be >= 1, got {args.slurm_runs_per_job}")
+        if args.run_memory_gib is not None and not args.run_memory_gib > 0:
+            parser.error(f"--run-memory-gib must be > 0 (GiB one run needs on the GPU), got "
+                         f"{args.run_memory_gib}")
         slurm = {"partition": args.slurm_partition, "gpus": args.slurm_gpus,
                  "time": args.slurm_time, "mem": args.slurm_mem, "cpus": args.slurm_cpus,
                  "python": args.slurm_python, "kernel": args.slurm_kernel}
@@ -105,6 +124,9 @@ def main(argv=None) -> int:
                 width = max([len(r["run"]) for r in rows] + [3])
                 for row in rows:
                     print(f"{row['run']:<{width}}  {row['status']:<11}  {row['detail']}")
+                shared = running_per_device(rows)
+                if shared:
+                    print(f"running per GPU / job: {shared}")
                 return 0
             if args.cancel:
                 for line in cancel_grid(args.grid, args.output) or ["nothing to cancel"]:
@@ -112,7 +134,10 @@ def main(argv=None) -> int:
                 return 0
             summary = run_grid(args.grid, args.output, executor=args.executor, jobs=args.jobs,
                                slurm=slurm, force=args.force, progress=not args.no_progress,
-                               threads=args.threads, detach=args.detach)
+                               threads=args.threads, detach=args.detach,
+                               runs_per_gpu=args.runs_per_gpu,
+                               slurm_runs_per_job=args.slurm_runs_per_job,
+                               run_memory_gib=args.run_memory_gib)
         except (GridError, ValueError) as exc:  # a bad grid file or option: say what, no trace
             parser.exit(2, f"{parser.prog}: error: {exc}\n")
         print(summary.describe())

@@ -54,8 +54,8 @@ from .leases import (LeaseHeld, claim, describe_owner, job_of, lease_path, owner
 from .steps import (_read_state, _state_path, code_fingerprint, is_up_to_date, run_notebook,
                     step_fingerprint, step_parameters)
 
-__all__ = ["GridSummary", "run_grid", "grid_status", "cancel_grid", "register_grid",
-           "export_html", "RESULTS_NOTEBOOK"]
+__all__ = ["GridSummary", "run_grid", "grid_status", "running_per_device", "cancel_grid",
+           "register_grid", "export_html", "RESULTS_NOTEBOOK"]
 
 RESULTS_NOTEBOOK = "results.ipynb"
 POLL_SECONDS = 2.0
@@ -75,6 +75,8 @@ class GridSummary:
     waited: dict[str, str] = field(default_factory=dict)  # run -> the live owner waited for
     submitted: dict[str, str] = field(default_factory=dict)  # detach: run -> Slurm job id
     stale: list[dict] = field(default_factory=list)  # {"run", "folder", "reason"}
+    layout: list[str] = field(default_factory=list)  # how many runs share each GPU / slot
+    placement: dict[str, str] = field(default_factory=dict)  # run -> its slot and GPU, or job
     detached: bool = False  # --detach: submitted, not waited for
     seconds: float = 0.0
     results_csv: Path | None = None
@@ -95,6 +97,7 @@ class GridSummary:
             lines = [f"[grid] {len(self.finished)} finished ({len(self.resumed)} of them "
                      f"resumed), {len(self.skipped)} skipped (up to date), {len(self.failed)} "
                      f"failed, {len(self.not_run)} not run, in {self.seconds:.1f} s"]
+        lines += [f"[grid]   {line}" for line in self.layout]
         lines += [f"[grid]   waited for {name}: {who}" for name, who in self.waited.items()]
         lines += [f"[grid]   FAILED {name}: {why}" for name, why in self.failed.items()]
         lines += [f"[grid]   not run {name}: it reads {up}, which failed"
@@ -107,12 +110,21 @@ class GridSummary:
 
 
 def _executor(kind: str, output: Path, jobs: int, slurm: Mapping[str, Any],
-              threads: int | None = None):
+              threads: int | None = None, runs_per_gpu: int | None = None,
+              slurm_runs_per_job: int = 1, run_memory_gib: float | None = None):
     if kind == "local":
+        if slurm_runs_per_job != 1:
+            raise ValueError("--slurm-runs-per-job is for --executor slurm; here it is "
+                             "--runs-per-gpu K")
         return LocalExecutor(output, jobs=jobs, threads=threads,
-                             kernel=slurm.get("kernel") if slurm else None)
+                             kernel=slurm.get("kernel") if slurm else None,
+                             runs_per_gpu=runs_per_gpu, run_memory_gib=run_memory_gib)
     if kind == "slurm":
-        return SlurmExecutor(output, slurm, jobs=jobs if jobs > 1 else None)
+        if runs_per_gpu is not None:
+            raise ValueError("--runs-per-gpu is for --executor local; a Slurm job runs K "
+                             "runs on its GPU with --slurm-runs-per-job K")
+        return SlurmExecutor(output, slurm, jobs=jobs if jobs > 1 else None,
+                             runs_per_job=slurm_runs_per_job, run_memory_gib=run_memory_gib)
     raise ValueError(f"unknown executor {kind!r}; valid: {', '.join(EXECUTORS)}")
 
 
@@ -187,18 +199,26 @@ def register_grid(plan: _Plan) -> Path:
 def run_grid(grid_file: str | Path, output: str | Path, executor: str = "local", jobs: int = 1,
              slurm: Mapping[str, Any] | None = None, force: bool = False,
              progress: bool = True, results: bool = True,
-             threads: int | None = None, detach: bool = False) -> GridSummary:
-    """Run every run of ``grid_file`` into ``output``; see the module docstring."""
+             threads: int | None = None, detach: bool = False,
+             runs_per_gpu: int | None = None, slurm_runs_per_job: int = 1,
+             run_memory_gib: float | None = None) -> GridSummary:
+    """Run every run of ``grid_file`` into ``output``; see the module docstring.
+    ``runs_per_gpu`` (local) and ``slurm_runs_per_job`` (slurm): K runs side by side on one
+    GPU, each with its share of the GPU's memory and of the cores; ``run_memory_gib``: what
+    one run needs on the GPU, to refuse a K that cannot fit (docs/contracts.md, "Several
+    runs on one GPU")."""
     started = time.time()
     plan = _plan(grid_file, output)
     grid, runs, out, runs_dir = plan.grid, plan.runs, plan.out, plan.runs_dir
     if detach and executor != "slurm":
         raise ValueError("--detach submits the grid to Slurm with dependencies: it needs "
                          "--executor slurm (a local grid runs as long as its driver)")
+    # the executor first: a K that cannot fit is refused before the output folder is touched
+    engine = _executor(executor, out, max(1, int(jobs)), slurm_settings(grid, slurm or {}),
+                       threads, runs_per_gpu=runs_per_gpu,
+                       slurm_runs_per_job=int(slurm_runs_per_job), run_memory_gib=run_memory_gib)
     runs_dir.mkdir(parents=True, exist_ok=True)
     register_grid(plan)
-    engine = _executor(executor, out, max(1, int(jobs)), slurm_settings(grid, slurm or {}),
-                       threads)
     print(f"[grid] {grid.path.name}: {len(runs)} runs "
           f"({len(grid.stages)} stages x {_combinations(grid)} combinations) -> {out}; "
           f"executor {engine.describe()}")
@@ -212,7 +232,9 @@ def run_grid(grid_file: str | Path, output: str | Path, executor: str = "local",
         for run in runs:
             shutil.rmtree(runs_dir / run.name, ignore_errors=True)
             _state_path(runs_dir, run.step()).unlink(missing_ok=True)
-    summary = GridSummary(output=out)
+    summary = GridSummary(output=out, layout=engine.layout())
+    for line in summary.layout:
+        print(f"[grid]   {line}")
     if detach:
         summary.detached = True
         _submit_all(plan, engine, summary)
@@ -251,6 +273,7 @@ def _schedule(plan: _Plan, engine, summary: GridSummary, progress: bool) -> None
     running: dict[str, Any] = {}
     finished: set[str] = set()
     taken_over: set[str] = set()
+    starting: list[tuple[GridRun, Any, dict]] = []  # claimed this pass: (run, lease, spec)
     bar = tqdm(total=len(runs), desc="grid runs", disable=not progress)
     try:
         while pending or running:
@@ -272,7 +295,7 @@ def _schedule(plan: _Plan, engine, summary: GridSummary, progress: bool) -> None
                     print(f"[grid] {run.name}: up to date, skipped")
                     continue
                 if sum(not isinstance(h, WatchHandle)
-                       for h, _ in running.values()) >= engine.capacity:
+                       for h, _ in running.values()) + len(starting) >= engine.capacity:
                     continue
                 outcome = _claim_or_watch(plan, run, engine, summary)
                 pending.remove(run)
@@ -285,19 +308,10 @@ def _schedule(plan: _Plan, engine, summary: GridSummary, progress: bool) -> None
                     running[run.name] = (value, time.time())
                     print(f"[grid] {run.name}: run by {summary.waited[run.name]}; waiting for it")
                     continue
-                spec = {**plan.specs[run.name], "lease": value.token}
-                if isinstance(engine, SlurmExecutor):
-                    value.update(job_name=engine.job_name(spec))
-                try:
-                    handle = engine.start(spec)
-                except Exception:
-                    value.release()
-                    raise
-                if handle.job_id:
-                    value.update(job_id=handle.job_id)
-                running[run.name] = (handle, time.time())
-                job = f" (Slurm job {handle.job_id})" if handle.job_id else ""
-                print(f"[grid] start {run.name}{job}")
+                starting.append((run, value, {**plan.specs[run.name], "lease": value.token}))
+            for handle in _start(engine, starting, summary):
+                running[handle.name] = (handle, time.time())
+            starting.clear()
             for name, (handle, since) in list(running.items()):
                 if not handle.done():
                     continue
@@ -333,12 +347,92 @@ def _schedule(plan: _Plan, engine, summary: GridSummary, progress: bool) -> None
         bar.close()
 
 
+def _groups(engine, starting: list) -> list[list]:
+    """The claimed runs of one pass, as the executor starts them: one by one, or K to a Slurm
+    job (``--slurm-runs-per-job K``), never a run in the same job as a run it reads."""
+    size = getattr(engine, "runs_per_job", 1)
+    groups: list[list] = []
+    for item in starting:
+        current = groups[-1] if groups else None
+        if (current is None or len(current) >= size
+                or set(item[0].upstream()) & {r.name for r, _, _ in current}):
+            groups.append([item])
+        else:
+            current.append(item)
+    return groups
+
+
+def _start(engine, starting: list, summary: GridSummary, after_of=None) -> list:
+    """Start the claimed runs ``starting`` ((run, lease, spec), in dependency order) on
+    ``engine``; record each run's job and place in its lease and the summary. ``after_of``:
+    run -> the Slurm job ids it must wait for (``--detach``). Returns the handles."""
+    handles = []
+    for group in _groups(engine, starting):
+        leases = [lease for _, lease, _ in group]
+        specs = [spec for _, _, spec in group]
+        after = sorted({job for run, _, _ in group for job in (after_of(run) if after_of else [])})
+        if isinstance(engine, SlurmExecutor):
+            job_name = engine.job_name(specs[0]) if len(specs) == 1 else engine.group_name(specs)
+            for lease in leases:
+                lease.update(job_name=job_name)
+        try:
+            if len(group) > 1:
+                started = engine.start_group(specs, after=after)
+            else:
+                started = [engine.start(specs[0], after=after) if after
+                           else engine.start(specs[0])]
+        except Exception:
+            for lease in leases:
+                lease.release()
+            raise
+        for lease, handle in zip(leases, started):
+            where = getattr(handle, "where", "")
+            fields = {"job_id": handle.job_id} if handle.job_id else {}
+            if where:  # grid_status counts the runs on each GPU and in each job from these
+                fields.update(where=where, share=_share_of(engine, handle))
+            if fields:
+                lease.update(**fields)
+            job = f"Slurm job {handle.job_id}" if handle.job_id else ""
+            shown = ", ".join(x for x in (job, where) if x)
+            summary.placement[handle.name] = shown
+            waits = f", after {', '.join(after)}" if after else ""
+            print(f"[grid] start {handle.name}" + (f" ({shown}{waits})" if shown else ""))
+        handles.extend(started)
+    return handles
+
+
+def _share_of(engine, handle) -> str:
+    """What a run shares with others: its GPU (``GPU 3``), the CPU, or its Slurm job."""
+    if isinstance(engine, LocalExecutor):
+        device = engine.device_of(handle.slot)
+        return "CPU" if device is None else f"GPU {device}"
+    return f"Slurm job {handle.job_id}"
+
+
+def running_per_device(rows: list[dict]) -> str:
+    """``GPU 2: 2 runs, GPU 3: 1 run`` of the running runs in :func:`grid_status`' rows."""
+    counts: dict[str, int] = {}
+    for row in rows:
+        if row["status"] == "running" and row.get("share"):
+            counts[row["share"]] = counts.get(row["share"], 0) + 1
+    return ", ".join(f"{share}: {n} run{'s' if n > 1 else ''}"
+                     for share, n in sorted(counts.items()))
+
+
 def _submit_all(plan: _Plan, engine: SlurmExecutor, summary: GridSummary) -> None:
     """``--detach``: every run that is not up to date is submitted at once, in dependency
     order, each job waiting for the jobs of the runs it reads (``afterok``); a run already
     queued or running (a live lease with the same inputs) is not submitted again, and its job
     is what its dependents wait for."""
     job_ids: dict[str, str] = {}
+    batch: list[tuple[GridRun, Any, dict]] = []  # claimed runs for the next job(s)
+
+    def flush() -> None:
+        for handle in _start(engine, batch, summary, after_of=lambda run: [
+                job_ids[u] for u in run.upstream() if u in job_ids]):
+            job_ids[handle.name] = summary.submitted[handle.name] = handle.job_id
+        batch.clear()
+
     for run in plan.runs:
         failed_up = [u for u in run.upstream() if u in summary.failed or u in summary.not_run]
         if failed_up:
@@ -359,18 +453,12 @@ def _submit_all(plan: _Plan, engine: SlurmExecutor, summary: GridSummary) -> Non
                 summary.failed[run.name] = (f"run by {summary.waited.pop(run.name)} outside "
                                             f"Slurm; wait for it, then run --detach again")
             continue
-        after = [job_ids[u] for u in run.upstream() if u in job_ids]
-        spec = {**plan.specs[run.name], "lease": value.token}
-        value.update(job_name=engine.job_name(spec))
-        try:
-            handle = engine.start(spec, after=after)
-        except Exception:
-            value.release()
-            raise
-        value.update(job_id=handle.job_id)
-        job_ids[run.name] = summary.submitted[run.name] = handle.job_id
-        waits = f", after {', '.join(after)}" if after else ""
-        print(f"[grid] submitted {run.name}: Slurm job {handle.job_id}{waits}")
+        if any(u in {r.name for r, _, _ in batch} for u in run.upstream()):
+            flush()  # a run never shares a job with a run it reads: that one goes first
+        batch.append((run, value, {**plan.specs[run.name], "lease": value.token}))
+        if len(batch) >= engine.runs_per_job:
+            flush()
+    flush()
 
 
 def _combinations(grid) -> int:
@@ -472,7 +560,8 @@ def grid_status(grid_file: str | Path, output: str | Path,
         elif record and owner_alive(record):
             slurm_state = states.get(job, "")
             status = "pending" if slurm_state.startswith("PENDING") else "running"
-            detail = describe_owner(record) + (f", {slurm_state}" if slurm_state else "")
+            detail = describe_owner(record) + (f", {slurm_state}" if slurm_state else "") \
+                + (f", {record['where']}" if record.get("where") else "")
         elif state.get("status") == "cancelled":
             status, detail = "cancelled", log
         elif job and not state:  # a job that never started the run
@@ -487,7 +576,8 @@ def grid_status(grid_file: str | Path, output: str | Path,
             status, detail = "failed", f"stopped before it finished; log: {log}"
         else:
             status, detail = "not started", ""
-        rows.append({"run": run.name, "status": status, "detail": detail})
+        rows.append({"run": run.name, "status": status, "detail": detail,
+                     "share": record.get("share", "") if record else ""})
     names = {run.name for run in plan.runs}  # (the grid's own outdated runs are listed above)
     rows += [{"run": s["run"], "status": "stale", "detail": s["reason"]}
              for s in stale_runs(plan) if s["run"] not in names]

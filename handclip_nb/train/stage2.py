@@ -65,7 +65,7 @@ def reid_loss(out, feats, targets, params: Mapping, text_all=None, logit_scale=N
     parts["id"] = sum(cross_entropy_label_smooth(lg, targets, params["label_smoothing"])
                       for lg in out.logits)
     margin = params["triplet_margin"]
-    parts["triplet"] = sum(batch_hard_triplet(f, targets, margin=margin)[0]
+    parts["triplet"] = sum(batch_hard_triplet(f, targets, margin=margin, stats=False)[0]
                            for f in out.features_for_triplet)
     total = params["id_weight"] * parts["id"] + params["triplet_weight"] * parts["triplet"]
     if text_all is not None and params.get("i2t_weight", 0) > 0:

@@ -133,7 +133,7 @@ def promptsg_loss(out: PromptSGOutput, targets: torch.Tensor, *, id_weight: floa
         if out.features.intermediate is None:
             raise ValueError("triplet_features='clipreid' needs ImageFeatures.intermediate")
         triplet_inputs.insert(0, out.features.intermediate)
-    parts["triplet"] = sum(batch_hard_triplet(f, targets, margin=triplet_margin)[0]
+    parts["triplet"] = sum(batch_hard_triplet(f, targets, margin=triplet_margin, stats=False)[0]
                            for f in triplet_inputs)
     total = id_weight * parts["id"] + triplet_weight * parts["triplet"]
     composed = out.pseudo_words is not None
