@@ -284,7 +284,7 @@ SCHEMA: dict[str, ParamSpec] = {
               "also written at the end of training, every checkpoint_minutes, and when the job "
               "is told to stop (SIGUSR2, submitit's pre-emption/time-limit signal, or SIGTERM): "
               "a requeued job resumes at the step it stopped", minimum=0, stages=TRAINING),
-        _spec("checkpoint_minutes", "float", 30.0,
+        _spec("checkpoint_minutes", "float", 10.0,
               "write checkpoints/last.pt when this many minutes passed since the last write, "
               "checked after every step (0 = not by time); bounds the work a crash without "
               "warning (a node failure, an out-of-memory kill) can lose", minimum=0.0,

@@ -6,7 +6,8 @@ Layout of ``output_dir``::
     splits.json        the protocol's index manifest (seed + content hash), no image copies
     metrics.json       written last, atomically: its presence means the run finished
     figures/*.png      figures shown in the notebook
-    checkpoints/       last.pt (every epoch) and best.pt (every validation gain), training stages
+    checkpoints/       last.pt (the resume point: see train/loop.py for when it is written) and
+                       best.pt (the kept state), training stages
     prompts.pt         stage 1's learned prompts
 
 Every file is written to a temporary name in the same folder and renamed into place, so an

@@ -9,6 +9,7 @@ import signal
 import subprocess
 import sys
 import textwrap
+import threading
 import time
 import tracemalloc
 from pathlib import Path
@@ -236,25 +237,33 @@ TOY_RUN = textwrap.dedent("""
 
 
 def _toy_run(out: Path, pause=None, resume=False, signum=None):
-    """Run TOY_RUN; with ``signum``, send it when the run pauses, then let the run go on."""
+    """Run TOY_RUN; with ``signum``, this process plays the grid job's: when the run pauses it
+    passes the signal on with ``forward_stop_signal`` (in a thread: it waits for the
+    checkpoint), then lets the run go on. Returns (exit code, output, what the job saw)."""
+    from handclip_nb.pipeline.kernel_stop import forward_stop_signal
+
     out.mkdir(parents=True, exist_ok=True)
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
     proc = subprocess.Popen([sys.executable, "-c", TOY_RUN, str(out), json.dumps(pause),
                              str(int(resume))], stdout=subprocess.PIPE,
                             stderr=subprocess.STDOUT, text=True, env=env, cwd=REPO)
-    lines = []
+    lines, seen, job = [], [], None
     try:
         for line in proc.stdout:
             lines.append(line)
             if line.strip() == "PAUSED" and signum is not None:
-                os.kill(proc.pid, signum)
+                job = threading.Thread(target=lambda: seen.append(forward_stop_signal(
+                    signum, out / "checkpoints" / "last.pt", timeout=60, kernels=[proc.pid])))
+                job.start()
                 time.sleep(0.2)  # the handler runs in the sleeping child at once
                 (out / "go").touch()
         proc.wait(timeout=120)
+        if job is not None:
+            job.join(timeout=60)
     finally:
         if proc.poll() is None:
             proc.kill()
-    return proc.returncode, "".join(lines)
+    return proc.returncode, "".join(lines), "".join(seen)
 
 
 def _result(text: str) -> dict:
@@ -272,27 +281,71 @@ def _uninterrupted(tmp_path, monkeypatch, capsys) -> dict:
     return _result(capsys.readouterr().out)
 
 
+@pytest.mark.slow
 def test_a_signal_mid_epoch_writes_last_pt_and_the_resumed_run_ends_as_an_uninterrupted_one(
         tmp_path, monkeypatch, capsys):
     """SIGUSR2 (submitit's) after step 4 of epoch 2; the resumed run is stopped again by SIGTERM
-    after step 2 of epoch 3; the run resumed from there ends bit for bit as one never stopped."""
+    after step 2 of epoch 3; the run resumed from there ends bit for bit as one never stopped.
+    The signals go through ``forward_stop_signal``, which returns once last.pt is written."""
     whole = _uninterrupted(tmp_path, monkeypatch, capsys)
     out = tmp_path / "stopped"
     last = out / "checkpoints" / "last.pt"
     for signum, (epoch, step), resume in ((signal.SIGUSR2, (2, 4), False),
                                           (signal.SIGTERM, (3, 2), True)):
         (out / "go").unlink(missing_ok=True)
-        code, text = _toy_run(out, pause=[epoch, step], resume=resume, signum=signum)
+        code, text, job = _toy_run(out, pause=[epoch, step], resume=resume, signum=signum)
         name = signal.Signals(signum).name
+        assert job.startswith(f"{name} passed to 1 process(es); {last} written"), job
         assert code == 3 and f"STOPPED {name} {epoch - 1} {step}" in text, text
         assert f"toy stopped by {name} in epoch {epoch} after step {step}: {last} written" in text
         saved = load_checkpoint(last, stage="toy")
         assert (saved["epoch"], saved["step"], saved["partial"]["batches"]) == \
             (epoch - 1, step, step)
-    code, text = _toy_run(out, resume=True)
+    code, text, _ = _toy_run(out, resume=True)
     assert code == 0, text
     assert f"resuming toy from {last} in epoch 3 after step 2" in text
     assert _result(text) == whole  # same losses, validation, best epoch and weights, bit for bit
+
+
+def test_child_processes_lists_the_kernels_a_job_started():
+    from handclip_nb.pipeline.kernel_stop import child_processes, forward_stop_signal
+
+    child = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(30)"])
+    try:
+        assert child.pid in child_processes()
+        # a child that is not training ends on SIGTERM: the job stops waiting at once
+        started = time.time()
+        seen = forward_stop_signal(signal.SIGTERM, Path("/nonexistent/last.pt"), timeout=20,
+                                   kernels=[child.pid])
+        assert seen == "SIGTERM passed to 1 process(es); they ended without a checkpoint"
+        assert time.time() - started < 10
+    finally:
+        child.kill()
+        child.wait()
+
+
+def test_a_job_passes_the_signal_to_its_kernel_before_its_own_handler_runs(tmp_path):
+    """What ``steps.execute_spec`` wraps the notebook's execution in: the signal goes to the
+    kernel (here a sleeping child, which ends on it), then to the handler that was there
+    (submitit's requeue in a Slurm job); afterwards that handler is back."""
+    from handclip_nb.pipeline.kernel_stop import stop_signals_forwarded
+
+    called = []
+    before = signal.signal(signal.SIGUSR2, lambda signum, frame: called.append(signum))
+    child = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(30)"])
+    try:
+        with stop_signals_forwarded(tmp_path / "last.pt", timeout=20):
+            os.kill(os.getpid(), signal.SIGUSR2)
+            child.wait(timeout=20)  # the kernel got it
+            assert called == [signal.SIGUSR2]  # ... and then the job's own handler
+        assert child.returncode == -signal.SIGUSR2
+        os.kill(os.getpid(), signal.SIGUSR2)
+        assert called == [signal.SIGUSR2] * 2  # restored
+    finally:
+        signal.signal(signal.SIGUSR2, before)
+        if child.poll() is None:
+            child.kill()
+            child.wait()
 
 
 def test_the_stop_handlers_are_restored_after_fit(tmp_path):
