@@ -13,6 +13,11 @@ Two parts:
            What shrinks the run and not the byte counts: the input (32 x 32, 4 patches), the
            data (8 synthetic people, 4 of them training identities, one 4 x 2 P x K batch per
            epoch); the checkpoints hold every ViT-B/16 weight whatever the input size.
+``write``  seconds and Python-heap peak (tracemalloc: the serialised bytes held in memory) of
+           writing one stage-2 ViT-B/16 ``last.pt`` payload (the image encoder, a 4-identity
+           head and Adam's two moments: the run's file), ``--repeats`` times each, alternating:
+           the streamed ``runs.atomic_torch_save`` against the former save (``torch.save`` into
+           a ``BytesIO``, then its bytes written, fsynced and renamed), re-created here.
 ``sizes``  last.pt / best.pt per stage (1, 2, 3) and backbone (vitb16, rn50) from the tensors
            of the real architectures (random weights, CPU): the trained modules' state (the
            stage's ``TrainLoop`` modules), Adam's two moments per trained parameter, for
@@ -21,7 +26,7 @@ Two parts:
 
 Re-run (from the repository root):
 
-    .venv/bin/python benchmarks/bench_checkpoints.py                 # both parts, this checkout
+    .venv/bin/python benchmarks/bench_checkpoints.py                 # every part, this checkout
     .venv/bin/python benchmarks/bench_checkpoints.py --part run --repo /tmp/before   # "before"
     .venv/bin/python benchmarks/bench_checkpoints.py --quick         # smoke: 2 epochs, sizes
 """
@@ -117,6 +122,46 @@ def measure_run(repo: Path, epochs: int, work: Path) -> dict:
             "best_pt": (ckpt / "best.pt").stat().st_size}
 
 
+def measure_write(repeats: int, work: Path) -> dict:
+    """Seconds and heap peak per last.pt write: streamed (now) against in-memory (before)."""
+    _import_package(REPO)
+    import io
+    import tracemalloc
+
+    import torch
+
+    from handclip_nb.models.clip_arch import build_arch
+    from handclip_nb.runs import atomic_torch_save, atomic_write_bytes
+
+    visual = build_arch(ARCHS["vitb16"], seed=0).float().visual
+    head = torch.nn.Linear(768, 4)
+    params = [*visual.parameters(), *head.parameters()]
+    state = {i: {"step": torch.tensor(1.0), "exp_avg": torch.randn_like(p),
+                 "exp_avg_sq": torch.rand_like(p)} for i, p in enumerate(params)}
+    payload = {"model": {"visual": visual.state_dict(), "head": head.state_dict()},
+               "optimizer": {"state": state, "param_groups": [{"params": list(state)}]}}
+
+    def before(obj, path):
+        buf = io.BytesIO()
+        torch.save(obj, buf)
+        return atomic_write_bytes(path, buf.getvalue())
+
+    times: dict[str, list[float]] = {"streamed": [], "in memory": []}
+    peaks: dict[str, int] = {}
+    for _ in range(repeats):
+        for name, save in (("streamed", atomic_torch_save), ("in memory", before)):
+            path = work / f"{name.replace(' ', '-')}.pt"
+            tracemalloc.start()
+            started = time.perf_counter()
+            save(payload, path)
+            times[name].append(time.perf_counter() - started)
+            peaks[name] = max(peaks.get(name, 0), tracemalloc.get_traced_memory()[1])
+            tracemalloc.stop()
+            size = path.stat().st_size
+            path.unlink()
+    return {"bytes": size, "seconds": times, "heap_peak": peaks}
+
+
 def _tensor_bytes(state) -> int:
     return sum(t.numel() * t.element_size() for t in state.values())
 
@@ -172,7 +217,8 @@ def _mb(n: float) -> str:
 
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--part", choices=("run", "sizes", "both"), default="both")
+    ap.add_argument("--part", choices=("run", "write", "sizes", "all"), default="all")
+    ap.add_argument("--repeats", type=int, default=3, help="writes per method (write part)")
     ap.add_argument("--repo", type=Path, default=REPO,
                     help="checkout whose handclip_nb the run part measures (default: this one)")
     ap.add_argument("--epochs", type=int, default=10)
@@ -185,7 +231,17 @@ def main(argv=None) -> int:
 
     torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
     out: dict = {}
-    if args.part in ("sizes", "both"):
+    if args.part in ("write", "all"):
+        with tempfile.TemporaryDirectory(prefix="bench-ckpt-", dir=REPO / "outputs") as tmp:
+            write = measure_write(1 if args.quick else args.repeats, Path(tmp))
+        out["write"] = write
+        print(f"one stage-2 ViT-B/16 last.pt ({_mb(write['bytes'])} MB), written to "
+              f"{REPO / 'outputs'}:")
+        for name, secs in write["seconds"].items():
+            print(f"  {name:9s}: seconds {' '.join(f'{s:.2f}' for s in secs)} (median "
+                  f"{sorted(secs)[len(secs) // 2]:.2f}); heap peak "
+                  f"{_mb(write['heap_peak'][name])} MB")
+    if args.part in ("sizes", "all"):
         rows = measure_sizes(args.classes)
         out["sizes"] = rows
         print(f"sizes for {args.classes} training identities (MB = 10^6 bytes; tensors only):")
@@ -196,7 +252,7 @@ def main(argv=None) -> int:
             print(f"| {r['backbone']} | {r['stage']} | {r['trained_params']:,} | "
                   f"{_mb(r['last_pt'])} | {_mb(r['best_pt_before'])} -> {_mb(r['best_pt'])} | "
                   f"{_mb(r['frozen_bytes_not_saved'])} |")
-    if args.part in ("run", "both"):
+    if args.part in ("run", "all"):
         epochs = 2 if args.quick else args.epochs
         with tempfile.TemporaryDirectory(prefix="bench-ckpt-") as tmp:
             run = measure_run(args.repo.resolve(), epochs, Path(tmp))
