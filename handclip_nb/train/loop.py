@@ -21,8 +21,10 @@ skips the ones already trained on, restores the RNG of the stop and carries the 
 on, so the resumed run ends with the numbers of one that was never stopped. The handlers are
 installed by ``fit`` in the main thread (a notebook kernel runs cells there), so the kernel that
 trains must receive the signal itself: Slurm delivers a job's signals to every process of the
-job step (the papermill kernel included); the previous handlers are restored when ``fit``
-returns.
+job step (the papermill kernel included; ``pipeline/kernel_stop.py`` makes the grid job pass it
+on and wait for the checkpoint); the previous handlers are restored when ``fit`` returns. The
+data loader's worker processes are forked inside ``fit`` and inherit the handlers, so a signal
+sent to every process of the job does not end them before the step in progress finishes.
 
 A stage supplies three callables (torchreid's engine design: only ``forward_backward`` differs
 between stages): ``batches(epoch)`` yields batches, ``step(batch)`` returns a dict of loss tensors
@@ -608,11 +610,13 @@ class _LossSums:
 
 
 def _changed_params(saved, current: Mapping[str, Any]) -> str:
-    """The parameters (besides ``resume``/``epochs``) whose value differs from a checkpoint's."""
+    """The parameters (besides ``resume``, ``epochs`` and when to checkpoint) whose value
+    differs from a checkpoint's."""
     if not isinstance(saved, Mapping):
         return ""
     changed = sorted(k for k in set(saved) & set(current)
-                     if k not in ("resume", "epochs") and saved[k] != current[k])
+                     if k not in ("resume", "epochs", "checkpoint_every", "checkpoint_minutes")
+                     and saved[k] != current[k])
     return (f"; parameters that differ from the checkpoint's: "
             f"{', '.join(f'{k} ({saved[k]!r} -> {current[k]!r})' for k in changed)}"
             if changed else "")
