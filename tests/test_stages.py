@@ -172,7 +172,7 @@ def test_retrain_equals_a_last_run_of_the_chosen_length(hands, tmp_path):
 
 def _run_stage2(hands, root, prompts_dir, callbacks=(), resume=False, epochs=4):
     p2 = _params("stage2", hands, root, epochs=epochs, milestones=[3], resume=resume,
-                 stage1_dir=str(prompts_dir))
+                 stage1_dir=str(prompts_dir), checkpoint_every=1)  # a kill loses no epoch
     protocol = build_protocol(p2)
     bb = build_backbone("tiny-vit", image_size=p2.image_size, seed=0)
     # scramble every global generator differently in each call: equal results then prove
