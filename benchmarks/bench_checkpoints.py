@@ -232,6 +232,7 @@ def main(argv=None) -> int:
     torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
     out: dict = {}
     if args.part in ("write", "all"):
+        (REPO / "outputs").mkdir(exist_ok=True)  # the project's disk, not a RAM-backed /tmp
         with tempfile.TemporaryDirectory(prefix="bench-ckpt-", dir=REPO / "outputs") as tmp:
             write = measure_write(1 if args.quick else args.repeats, Path(tmp))
         out["write"] = write
