@@ -279,6 +279,16 @@ SCHEMA: dict[str, ParamSpec] = {
         _spec("resume", "bool", False,
               "continue an interrupted run from output_dir/checkpoints/last.pt",
               stages=TRAINING),
+        _spec("checkpoint_every", "int", 0,
+              "write checkpoints/last.pt every N epochs (0 = not by epoch count). last.pt is "
+              "also written at the end of training, every checkpoint_minutes, and when the job "
+              "is told to stop (SIGUSR2, submitit's pre-emption/time-limit signal, or SIGTERM): "
+              "a requeued job resumes at the step it stopped", minimum=0, stages=TRAINING),
+        _spec("checkpoint_minutes", "float", 10.0,
+              "write checkpoints/last.pt when this many minutes passed since the last write, "
+              "checked after every step (0 = not by time); bounds the work a crash without "
+              "warning (a node failure, an out-of-memory kill) can lose", minimum=0.0,
+              stages=TRAINING),
         _spec("amp", "bool", True,
               "mixed precision on CUDA (never on CPU): the autocast of training and of every "
               "feature the run encodes (validation, test, the evaluation and search notebooks "
@@ -784,10 +794,12 @@ def exif_orientation_for(value: str, dataset: str | None, stage: str | None) -> 
     return "exif" if dataset == "custom" or stage == "search" else "ignore"
 
 
-#: Parameters that never change a run's numbers (where it writes, how many loader workers,
+#: Parameters that never change a run's numbers (where it writes, when it checkpoints (a
+#: resumed run continues bit-exactly), how many loader workers,
 #: caches, whether a missing checkpoint may be downloaded (a file has one SHA-256), widgets, links to other run folders, whose own identity counts instead); they are
 #: left out of a run's identity (:func:`run_identity`).
-NOT_RESULTS = frozenset({"output_dir", "resume", "num_workers", "decode_cache", "download",
+NOT_RESULTS = frozenset({"output_dir", "resume", "checkpoint_every", "checkpoint_minutes",
+                         "num_workers", "decode_cache", "download",
                          "decode_cache_max_gb", "feature_cache",
                          "interactive", "show_k", "stage1_dir", "init_from", "stage3_dir",
                          "runs", "run_dir"})

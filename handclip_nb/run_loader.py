@@ -29,7 +29,8 @@ from typing import Any, Callable, Mapping
 import torch
 import yaml
 
-from .checkpoint import CheckpointError, check_meta, load_checkpoint
+from .checkpoint import (CheckpointError, check_frozen, check_meta, frozen_sha256,
+                         frozen_tensors, load_checkpoint)
 from .constants import HD_ASPECT
 from .data.images import ImageSource, image_source
 from .device import Precision, resolve_device, run_precision
@@ -260,8 +261,15 @@ def _best_checkpoint(folder: Path, stage: str, backbone) -> dict:
 
 
 def _load_trained(folder: Path, ckpt: Mapping, model: torch.nn.Module) -> None:
-    """Load the checkpoint's state into ``model``'s trainable modules; eval mode."""
-    for key, module in model.trainable_modules().items():
+    """Load the checkpoint's state into ``model``'s trainable modules; eval mode. The frozen
+    weights (the text tower) are not in the checkpoint: they come from the backbone the model
+    was built on, checked against the SHA-256 the run recorded (``meta["frozen"]``)."""
+    trainable = model.trainable_modules()
+    if ckpt["meta"].get("frozen"):
+        tensors = frozen_tensors({"clip": model.backbone.clip}, trainable)
+        check_frozen(folder / BEST_CHECKPOINT, ckpt["meta"],
+                     {"sha256": frozen_sha256(tensors), "tensors": len(tensors)})
+    for key, module in trainable.items():
         try:
             module.load_state_dict(ckpt["model"][key])
         except (KeyError, RuntimeError) as exc:

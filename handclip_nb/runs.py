@@ -6,7 +6,8 @@ Layout of ``output_dir``::
     splits.json        the protocol's index manifest (seed + content hash), no image copies
     metrics.json       written last, atomically: its presence means the run finished
     figures/*.png      figures shown in the notebook
-    checkpoints/       last.pt (every epoch) and best.pt (every validation gain), training stages
+    checkpoints/       last.pt (the resume point: see train/loop.py for when it is written) and
+                       best.pt (the kept state), training stages
     prompts.pt         stage 1's learned prompts
 
 Every file is written to a temporary name in the same folder and renamed into place, so an
@@ -122,12 +123,27 @@ def atomic_write_json(path: str | os.PathLike, obj: Any) -> Path:
 
 
 def atomic_torch_save(obj: Any, path: str | os.PathLike) -> Path:
-    """``torch.save`` to a temp file then rename (a killed run keeps the previous file)."""
+    """``torch.save`` streamed into a temp file in ``path``'s folder, fsynced, then renamed
+    into place: a run killed while saving keeps the previous file, and no second in-memory
+    copy of the serialised bytes is made (a ViT-B/16 ``last.pt`` is ~1 GB). The temp file is
+    removed when the save fails."""
     import torch  # here, not at the top: the pipeline's command line imports runs without torch
 
-    buf = io.BytesIO()
-    torch.save(obj, buf)
-    return atomic_write_bytes(path, buf.getvalue())
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        os.fchmod(fd, 0o666 & ~_umask())  # mkstemp's 0600 -> what open() would give
+        with os.fdopen(fd, "wb") as fh:
+            torch.save(obj, fh)
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+    return path
 
 
 def seed_everything(seed: int, deterministic: bool = True) -> None:

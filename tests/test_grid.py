@@ -375,7 +375,8 @@ def test_a_job_requeued_by_the_scheduler_resumes_from_its_checkpoint(slurm_clust
     (home / "notebooks").mkdir()
     monkeypatch.setenv("HANDCLIP_HOME", str(home))
     body = {**TINY, "axes": {"seed": [0]},
-            "params": {**TINY["params"], "stage2": {**TINY["params"]["stage2"], "epochs": 40}}}
+            "params": {**TINY["params"], "stage2": {**TINY["params"]["stage2"], "epochs": 40,
+                                                    "checkpoint_every": 1}}}
     path = _grid(tmp_path, body)
     out = home / "grid"
     proc = subprocess.Popen([sys.executable, "-m", "handclip_nb.pipeline", "--grid", str(path),

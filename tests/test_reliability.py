@@ -132,7 +132,7 @@ def test_sigkill_mid_epoch_then_same_command_resumes_losing_at_most_one_epoch(ti
     values = dict(data_root=str(tiny_hands), num_splits=2, output_dir=str(out),
                   feature_cache=False, warmup_epochs=1, backbone="tiny-vit", epochs=epochs,
                   p_ids=4, k_images=4, milestones=[8], random_erasing=0.0,
-                  stage1_dir=str(tmp_path / "s1"), resume=True)
+                  stage1_dir=str(tmp_path / "s1"), resume=True, checkpoint_every=1)
     command = [sys.executable, "-c", STAGE2_COMMAND, json.dumps(values)]
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1",
            "HANDCLIP_HOME": str(tmp_path)}

@@ -12,7 +12,7 @@ import pytest
 import torch
 from builders import run_params
 
-from handclip_nb.checkpoint import CheckpointError, load_checkpoint
+from handclip_nb.checkpoint import CheckpointError, frozen_sha256, load_checkpoint
 from handclip_nb.data import build_protocol
 from handclip_nb.evaluate import evaluate_backbone
 from handclip_nb.models import build_backbone
@@ -172,7 +172,7 @@ def test_retrain_equals_a_last_run_of_the_chosen_length(hands, tmp_path):
 
 def _run_stage2(hands, root, prompts_dir, callbacks=(), resume=False, epochs=4):
     p2 = _params("stage2", hands, root, epochs=epochs, milestones=[3], resume=resume,
-                 stage1_dir=str(prompts_dir))
+                 stage1_dir=str(prompts_dir), checkpoint_every=1)  # a kill loses no epoch
     protocol = build_protocol(p2)
     bb = build_backbone("tiny-vit", image_size=p2.image_size, seed=0)
     # scramble every global generator differently in each call: equal results then prove
@@ -255,6 +255,7 @@ def test_stage2_with_arcface_and_center_loss_runs(hands, tmp_path):
     p1, protocol, _, _ = _stage1(hands, tmp_path, epochs=1)
     p2 = _params("stage2", hands, tmp_path / "s2", epochs=2, classifier="arcface",
                  center_weight=0.0005)
+    start_run(p2)  # params.yaml: the run loader below rebuilds the run from it
     bb = build_backbone("tiny-vit", image_size=p2.image_size, seed=0)
     result = train_stage2(p2, p2.output_dir, protocol, bb,
                           load_stage1_prompts(p1.output_dir, bb, protocol), progress=False)
@@ -262,6 +263,29 @@ def test_stage2_with_arcface_and_center_loss_runs(hands, tmp_path):
     ckpt = load_checkpoint(tmp_path / "s2" / "checkpoints" / "last.pt", stage="stage2")
     assert set(ckpt["model"]) == {"visual", "head", "center"}
     assert ckpt["meta"]["classifier"] == "arcface"
+    # the frozen text tower is named by its SHA-256, not copied; Adam holds moments for the
+    # trained parameters only
+    text_tower = {f"clip.{k}": v for k, v in bb.clip.state_dict().items()
+                  if not k.startswith("visual.")}
+    assert ckpt["meta"]["frozen"] == {"sha256": frozen_sha256(text_tower),
+                                      "tensors": len(text_tower)}
+    modules = {**result.model.trainable_modules(), "center": None}
+    trained = [p for name in ("visual", "head") for p in modules[name].parameters()
+               if p.requires_grad]
+    state = ckpt["optimizer"]["state"]
+    assert len(state) == len(trained) + 1  # + the center loss's centres
+    assert sum(v["exp_avg"].numel() for v in state.values()) == \
+        sum(p.numel() for p in trained) + sum(t.numel() for t in ckpt["model"]["center"].values())
+    kept = load_checkpoint(tmp_path / "s2" / "checkpoints" / "best.pt", stage="stage2")
+    assert kept["optimizer"] is None and set(kept["model"]) == {"visual", "head", "center"}
+    # a reader rebuilds the text tower from the backbone and checks it against the SHA-256
+    from handclip_nb.run_loader import load_run
+
+    loaded = load_run(tmp_path / "s2", require_finished=False, device="cpu")
+    assert torch.equal(loaded.backbone.clip.token_embedding.weight, bb.clip.token_embedding.weight)
+    other = build_backbone("tiny-vit", image_size=p2.image_size, seed=1)
+    with pytest.raises(CheckpointError, match="best.pt was trained beside other frozen weights"):
+        load_run(tmp_path / "s2", backbone=other, require_finished=False)
 
 
 def test_every_loader_the_stages_use_normalises_like_the_backbone(hands, tmp_path, monkeypatch):

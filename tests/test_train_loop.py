@@ -37,7 +37,7 @@ def _toy(seed=0):
 
 
 def _loop(tmp_path, model, x, y, epochs, grad_clip=None, validate=None, callbacks=(),
-          scheduler="cosine", lr=0.05, meta=None):
+          scheduler="cosine", lr=0.05, meta=None, checkpoint_every=1, checkpoint_minutes=0.0):
     opt = torch.optim.SGD(model.parameters(), lr=lr, momentum=0.9)
     sched = (warmup_cosine(opt, epochs, warmup_epochs=1) if scheduler == "cosine"
              else warmup_multistep(opt, [2], warmup_epochs=1))
@@ -57,7 +57,8 @@ def _loop(tmp_path, model, x, y, epochs, grad_clip=None, validate=None, callback
     return TrainLoop(stage="toy", output_dir=tmp_path, modules={"model": model}, optimizer=opt,
                      scheduler=sched, step=step, batches=batches, validate=validate,
                      grad_clip=grad_clip, meta=meta or {"arch": "toy"}, callbacks=callbacks,
-                     progress=False)
+                     progress=False, checkpoint_every=checkpoint_every,
+                     checkpoint_minutes=checkpoint_minutes)
 
 
 def test_loss_falls_and_scheduler_steps_once_per_epoch(tmp_path):
@@ -316,7 +317,8 @@ def _steps_loop(tmp_path, steps_per_epoch, read_every=LOSS_READ_EVERY, nan_at=No
 
     return TrainLoop(stage="toy", output_dir=tmp_path, modules={"model": model}, optimizer=opt,
                      scheduler=None, step=step, batches=batches, meta={"arch": "lin"},
-                     progress=False, tensorboard=False, read_every=read_every)
+                     progress=False, tensorboard=False, read_every=read_every,
+                     checkpoint_every=1)
 
 
 def _host_reads(tmp_path, monkeypatch, steps_per_epoch, read_every=LOSS_READ_EVERY):

@@ -11,8 +11,9 @@ Resumable and incremental (``make``-like): every step has a fingerprint of its i
 notebook, its parameter file and overrides, the package's source and shipped weights, and the
 fingerprints of the steps it reads. ``<output>/.pipeline/<step>.json`` records the fingerprint
 and whether the step finished. A rerun skips a finished step whose fingerprint is unchanged,
-resumes an interrupted training step from its ``checkpoints/last.pt`` (losing at most the
-epoch in progress), and starts over any step whose inputs changed (its old folder is removed
+resumes an interrupted training step from its ``checkpoints/last.pt`` (a step stopped by a
+signal loses nothing; one killed without warning at most ``checkpoint_minutes`` of training, or
+the epochs since its last ``checkpoint_every`` write), and starts over any step whose inputs changed (its old folder is removed
 first, so no stale checkpoint is resumed).
 """
 from __future__ import annotations
@@ -31,6 +32,7 @@ from typing import Mapping, Sequence
 from ..evaluate.tables import comparison_table, format_table
 from ..params import TRAINING, load_params_file, stage_values
 from ..runs import atomic_write_json, project_root, read_metrics, resolve_path
+from .kernel_stop import run_checkpoint, stop_signals_forwarded
 from .leases import adopt
 
 __all__ = ["Step", "DEMO_STEPS", "GOLDEN_STEPS", "NOTEBOOK_STAGES", "OTHER_NOTEBOOKS",
@@ -294,9 +296,13 @@ def execute_spec(spec: Mapping, attempt: int = 0) -> dict:
     check_kernel(kernel)
     if attempt:
         print(f"[grid] {step.name}: attempt {attempt + 1} (requeued by the scheduler)")
-    result = execute_step(Path(spec["out"]), step, dict(spec["params"]), spec["fingerprint"],
-                          progress=False, lease_token=spec.get("lease"), grid=spec.get("grid"),
-                          kernel=kernel)
+    # a scheduler's stop signal reaches the kernel that trains, and the job waits for its
+    # last.pt before it requeues or ends (pipeline/kernel_stop.py says why)
+    with stop_signals_forwarded(run_checkpoint(spec)):
+        result = execute_step(Path(spec["out"]), step, dict(spec["params"]),
+                              spec["fingerprint"], progress=False,
+                              lease_token=spec.get("lease"), grid=spec.get("grid"),
+                              kernel=kernel)
     print(f"[grid] {step.name}: {result['status']} in {result['seconds']:.1f} s")
     return {**result, "attempt": attempt}
 

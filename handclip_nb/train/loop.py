@@ -6,8 +6,25 @@ CPU precision explicitly, as the tests do) → ``backward`` (scaled for fp16) �
 gradient norm → ``optimizer.step()`` (docs/mistakes.md #8: clipping after ``step`` did nothing).
 Per epoch: ``scheduler.step()`` once → validation every ``eval_every`` epochs on the
 model-selection split (training identities only, docs/mistakes.md #1) → the best state is *copied*
-(cloned tensors, docs/mistakes.md #3) and saved → ``last.pt`` written atomically with optimiser,
-scheduler and RNG states, so ``resume=True`` continues exactly where a killed run stopped.
+(cloned tensors, docs/mistakes.md #3) and saved as ``best.pt`` (no optimiser state: readers load
+it, resuming never does).
+
+When ``last.pt`` is written (the resume point: the trained modules, optimiser, scheduler, scaler,
+RNG, history; never the frozen weights, which ``meta["frozen"]`` names by SHA-256 and a resume
+checks): every ``checkpoint_every`` epochs, after any step once ``checkpoint_minutes`` passed
+since the last write, at the end of training (last epoch or early stop), and when the process
+receives a stop signal (:data:`STOP_SIGNALS`: SIGUSR2, submitit's pre-emption and time-limit
+signal, and SIGTERM). A signal is only recorded by its handler; the loop finishes the step it is
+in, writes a mid-epoch ``last.pt`` and raises :class:`TrainingStopped`. ``resume=True`` then
+continues at that step: it rebuilds the epoch's batches from the RNG state of the epoch's start,
+skips the ones already trained on, restores the RNG of the stop and carries the epoch's loss sums
+on, so the resumed run ends with the numbers of one that was never stopped. The handlers are
+installed by ``fit`` in the main thread (a notebook kernel runs cells there), so the kernel that
+trains must receive the signal itself: Slurm delivers a job's signals to every process of the
+job step (the papermill kernel included; ``pipeline/kernel_stop.py`` makes the grid job pass it
+on and wait for the checkpoint); the previous handlers are restored when ``fit`` returns. The
+data loader's worker processes are forked inside ``fit`` and inherit the handlers, so a signal
+sent to every process of the job does not end them before the step in progress finishes.
 
 A stage supplies three callables (torchreid's engine design: only ``forward_backward`` differs
 between stages): ``batches(epoch)`` yields batches, ``step(batch)`` returns a dict of loss tensors
@@ -29,6 +46,8 @@ the step, so ``tensorboard --logdir DIR`` compares every run under ``DIR`` (a wh
 from __future__ import annotations
 
 import math
+import signal
+import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -41,11 +60,20 @@ from torch.utils.tensorboard import SummaryWriter
 from ..device import Precision, run_precision
 from ..progress import tqdm
 from ..runs import BEST_CHECKPOINT, LAST_CHECKPOINT
-from ..checkpoint import (CheckpointError, check_meta, load_checkpoint, restore_rng_state,
-                         save_checkpoint)
+from ..checkpoint import (FORMAT, CheckpointError, check_frozen, check_meta, frozen_sha256,
+                          frozen_tensors, load_checkpoint, restore_rng_state, rng_state,
+                          save_checkpoint)
+from ..params import SCHEMA
 
 __all__ = ["TrainLoop", "FitResult", "clone_state", "compiled", "run_precision",
-           "TensorBoardWriter", "TENSORBOARD_DIR", "LOSS_READ_EVERY"]
+           "TensorBoardWriter", "TENSORBOARD_DIR", "LOSS_READ_EVERY", "STOP_SIGNALS",
+           "TrainingStopped"]
+
+#: Signals after which ``fit`` finishes its step, writes ``last.pt`` and stops: submitit's
+#: pre-emption/time-limit signal (Slurm sends it ``slurm_signal_delay_s`` before the limit) and
+#: the polite kill of Slurm (``scancel``, requeue; SIGKILL follows after KillWait, 30 s by
+#: default) and of the local executor.
+STOP_SIGNALS = ("SIGUSR2", "SIGTERM")
 
 #: The run folder's TensorBoard event files (one file per process that trained the run).
 TENSORBOARD_DIR = "tensorboard"
@@ -138,6 +166,67 @@ def _lr_groups(optimizer: torch.optim.Optimizer) -> dict[str, float]:
             for i, group in enumerate(optimizer.param_groups)}
 
 
+class TrainingStopped(RuntimeError):
+    """``fit`` stopped on a signal after writing ``last.pt``; ``resume=True`` continues there."""
+
+    def __init__(self, message: str, signal_name: str, epoch: int, step: int):
+        super().__init__(message)
+        self.signal_name, self.epoch, self.step = signal_name, epoch, step
+
+
+class _StopSignals:
+    """While entered (in the main thread), :data:`STOP_SIGNALS` only set ``received``; the
+    handlers that were there before come back on exit. Outside the main thread Python cannot
+    install handlers and nothing is changed (``installed`` is False)."""
+
+    def __init__(self):
+        self.received: str | None = None
+        self._previous: dict[int, Any] = {}
+
+    @property
+    def installed(self) -> bool:
+        return bool(self._previous)
+
+    def _record(self, signum, frame) -> None:
+        self.received = signal.Signals(signum).name
+
+    def __enter__(self) -> "_StopSignals":
+        if threading.current_thread() is threading.main_thread():
+            for name in STOP_SIGNALS:
+                signum = getattr(signal, name, None)  # Windows has no SIGUSR2
+                if signum is not None:
+                    self._previous[signum] = signal.signal(signum, self._record)
+        return self
+
+    def __exit__(self, *exc) -> None:
+        for signum, handler in self._previous.items():
+            signal.signal(signum, handler)
+        self._previous = {}
+
+
+@dataclass
+class _CheckpointClock:
+    """When ``last.pt`` is due besides the end of training and a stop signal."""
+
+    every: int  # epochs; 0 = not by epoch count
+    minutes: float  # since the last write; 0 = not by time
+    last_write: float = field(default_factory=lambda: _now())
+
+    def epoch_due(self, completed: int) -> bool:
+        return bool(self.every) and completed % self.every == 0
+
+    def time_due(self) -> bool:
+        return bool(self.minutes) and _now() - self.last_write >= 60.0 * self.minutes
+
+    def written(self) -> None:
+        self.last_write = _now()
+
+
+def _now() -> float:
+    """Seconds on a clock that only moves forward (the checkpoint clock's; tests replace it)."""
+    return time.monotonic()
+
+
 @dataclass
 class FitResult:
     history: list[dict]
@@ -182,9 +271,15 @@ class TrainLoop:
                  params: Mapping[str, Any] | None = None,
                  meta: Mapping[str, Any] | None = None,
                  callbacks: Iterable[Callable[[dict], None]] = (), progress: bool = True,
-                 tensorboard: bool = True, read_every: int = LOSS_READ_EVERY):
+                 tensorboard: bool = True, read_every: int = LOSS_READ_EVERY,
+                 checkpoint_every: int = SCHEMA["checkpoint_every"].default,
+                 checkpoint_minutes: float = SCHEMA["checkpoint_minutes"].default,
+                 frozen: Mapping[str, nn.Module] | None = None):
         if int(read_every) < 1:
             raise ValueError(f"read_every must be a number of steps >= 1, got {read_every!r}")
+        if int(checkpoint_every) < 0 or float(checkpoint_minutes) < 0:
+            raise ValueError(f"checkpoint_every (epochs) and checkpoint_minutes must be >= 0 "
+                             f"(0 = off), got {checkpoint_every!r} and {checkpoint_minutes!r}")
         self.stage = stage
         self.output_dir = Path(output_dir)
         self.ckpt_dir = self.output_dir / Path(LAST_CHECKPOINT).parent
@@ -207,6 +302,14 @@ class TrainLoop:
         self.progress = progress
         self.tensorboard = tensorboard  # write <output_dir>/tensorboard/ (TensorBoardWriter)
         self.read_every = int(read_every)  # steps between two reads of the loss sums
+        self.checkpoint_every, self.checkpoint_minutes = int(checkpoint_every), \
+            float(checkpoint_minutes)
+        # modules the run trains beside but never changes (a CLIP's text tower): named in
+        # meta["frozen"] by SHA-256, not copied into any checkpoint
+        self.frozen = dict(frozen or {})
+        #: every checkpoint this loop wrote: {"kind", "epoch", "step", "reason", "bytes",
+        #: "seconds"} (the benchmark's and the tests' record)
+        self.writes: list[dict] = []
 
     @property
     def last_path(self) -> Path:
@@ -230,11 +333,22 @@ class TrainLoop:
         return [p for group in self.optimizer.param_groups for p in group["params"]
                 if p.requires_grad]
 
-    def _save(self, path: Path, epoch: int, history, best, state=None) -> None:
+    def _frozen_meta(self) -> dict | None:
+        """``{"sha256", "tensors"}`` of the frozen tensors (None when nothing is frozen)."""
+        tensors = frozen_tensors(self.frozen, self.modules)
+        return {"sha256": frozen_sha256(tensors), "tensors": len(tensors)} if tensors else None
+
+    def _save(self, path: Path, epoch: int, history, best, state=None, *, kind: str = "last",
+              step: int = 0, partial: dict | None = None, reason: str = "") -> None:
+        started = time.perf_counter()
         save_checkpoint(path, stage=self.stage, epoch=epoch,
                         model=state if state is not None else clone_state(self.modules),
                         optimizer=self.optimizer, scheduler=self.scheduler, scaler=self.scaler,
-                        history=history, best=best, params=self.params, meta=self.meta)
+                        history=history, best=best, params=self.params, meta=self.meta,
+                        kind=kind, step=step, partial=partial)
+        self.writes.append({"kind": kind, "epoch": epoch, "step": step, "reason": reason,
+                            "bytes": path.stat().st_size,
+                            "seconds": time.perf_counter() - started})
 
     def save_kept(self, fit: "FitResult") -> None:
         """Write the modules' current state (the last epoch) as ``best.pt``, the kept state
@@ -244,13 +358,24 @@ class TrainLoop:
             return
         epoch = fit.history[-1]["epoch"]
         self._save(self.best_path, epoch, fit.history,
-                   {"epoch": epoch, "score": None, "metric": "last epoch"})
+                   {"epoch": epoch, "score": None, "metric": "last epoch"}, kind="best",
+                   reason="kept")
 
-    def _resume(self) -> tuple[int, list, dict, dict | None]:
+    def _resume(self) -> tuple[int, list, dict, dict | None, dict | None]:
+        """(completed epochs, history, best, best state, the running epoch's ``partial``)."""
         if not self.last_path.is_file():
-            return 0, [], {}, None
+            return 0, [], {}, None, None
         ckpt = load_checkpoint(self.last_path, stage=self.stage)
         check_meta(self.last_path, ckpt.get("meta") or {}, self.meta)
+        check_frozen(self.last_path, ckpt.get("meta") or {}, self.meta.get("frozen"))
+        if ckpt["format"] != FORMAT:
+            print(f"{self.last_path} is a checkpoint of an earlier workbench ({ckpt['format']}): "
+                  f"resuming from it after epoch {ckpt['epoch']}; it did not record its frozen "
+                  f"weights, so they are not checked (the next write is in {FORMAT})")
+        if ckpt.get("kind", "last") != "last" or ckpt.get("optimizer") is None:
+            raise CheckpointError(f"{self.last_path} holds no optimizer state (a kept best.pt "
+                                  f"copied over last.pt?); delete it to start over, or run "
+                                  f"without resume in a new output_dir")
         try:
             for name, module in self.modules.items():
                 if name not in ckpt["model"]:
@@ -265,7 +390,10 @@ class TrainLoop:
             best_state = None
             if ckpt["best"] and self.best_path.is_file():
                 best_state = load_checkpoint(self.best_path, stage=self.stage)["model"]
-            return ckpt["epoch"], ckpt["history"], ckpt["best"], best_state
+            partial = ckpt.get("partial")
+            if partial is not None:  # the stop's RNG comes back after the replayed batches
+                partial = {**partial, "rng": ckpt["rng"], "step": int(ckpt["step"])}
+            return ckpt["epoch"], ckpt["history"], ckpt["best"], best_state, partial
         except CheckpointError:
             raise
         except (KeyError, TypeError, ValueError, RuntimeError, IndexError) as exc:
@@ -281,13 +409,26 @@ class TrainLoop:
     def fit(self, epochs: int, resume: bool = False) -> FitResult:
         if epochs < 0:
             raise ValueError(f"epochs must be >= 0, got {epochs}")
-        start, history, best, best_state = self._resume() if resume else (0, [], {}, None)
-        resumed_from = start if resume and start > 0 else None
-        if resumed_from:
-            print(f"resuming {self.stage} from {self.last_path} after epoch {start}")
+        frozen = self._frozen_meta()
+        if frozen is not None:
+            self.meta["frozen"] = frozen
+        start, history, best, best_state, partial = \
+            self._resume() if resume else (0, [], {}, None, None)
+        resumed_from = start if resume and (start > 0 or partial is not None) else None
+        if resumed_from is not None:
+            where = f"in epoch {start + 1} after step {partial['step']}" if partial else \
+                f"after epoch {start}"
+            print(f"resuming {self.stage} from {self.last_path} {where}")
+        with _StopSignals() as stop:
+            return self._fit(epochs, start, history, best, best_state, partial, resumed_from,
+                             stop)
+
+    def _fit(self, epochs, start, history, best, best_state, partial, resumed_from,
+             stop: "_StopSignals") -> FitResult:
         stopped_early = False
         epoch_times = []
         params = self._trainable()
+        clock = _CheckpointClock(self.checkpoint_every, self.checkpoint_minutes)
         board = self._tensorboard_writer(start) if self.tensorboard and start < epochs else None
         bar = tqdm(range(start, epochs), desc=f"{self.stage} epochs", disable=not self.progress,
                    initial=start, total=epochs)
@@ -299,8 +440,18 @@ class TrainLoop:
             n_batches = n_items = 0
             lr = self.optimizer.param_groups[0]["lr"]
             lr_groups = _lr_groups(self.optimizer)
-            steps = tqdm(self.batches(epoch), desc=f"epoch {epoch + 1}", leave=False,
-                         disable=not self.progress)
+            if partial is not None:  # the epoch a stop signal interrupted: replay its start
+                restore_rng_state(partial["rng_epoch_start"])
+            epoch_rng = rng_state()  # what a mid-epoch checkpoint replays the epoch from
+            batches = iter(self.batches(epoch))
+            if partial is not None:
+                n_batches, n_items = _skip_trained(batches, partial, self.last_path)
+                sums.restore(partial["loss_sums"], n_batches, self.device)
+                started -= float(partial["seconds"])
+                restore_rng_state(partial["rng"])
+                partial = None
+            steps = tqdm(batches, desc=f"epoch {epoch + 1}", leave=False,
+                         disable=not self.progress, initial=n_batches)
             for batch in steps:
                 self.optimizer.zero_grad(set_to_none=True)
                 with self.precision.autocast():
@@ -318,6 +469,17 @@ class TrainLoop:
                 if n_batches % self.read_every == 0:
                     running = sums.read()  # the one wait on the device in read_every steps
                     steps.set_postfix(loss=f"{running['loss'] / n_batches:.4f}", refresh=False)
+                if stop.received or clock.time_due():
+                    reason = stop.received or f"{self.checkpoint_minutes:g} minutes"
+                    self._save(self.last_path, epoch, history, best, step=n_batches,
+                               reason=reason, partial={
+                                   "loss_sums": sums.state(), "batches": n_batches,
+                                   "images": n_items, "seconds": time.time() - started,
+                                   "rng_epoch_start": epoch_rng})
+                    clock.written()
+                    if stop.received:
+                        steps.close()
+                        self._stopped(stop.received, epoch, n_batches)
             steps.close()
             totals = sums.read()  # before the scheduler, validation and every save
             if self.scheduler is not None:
@@ -334,20 +496,29 @@ class TrainLoop:
                 if not best or score > best["score"]:
                     best = {"epoch": epoch + 1, "score": score, "metric": self.select_metric}
                     best_state = clone_state(self.modules)
-                    self._save(self.best_path, epoch + 1, history + [record], best, best_state)
+                    self._save(self.best_path, epoch + 1, history + [record], best, best_state,
+                               kind="best", reason="validation gain")
             record["seconds"] = time.time() - started
             epoch_times.append(record["seconds"])
             history.append(record)
-            self._save(self.last_path, epoch + 1, history, best)
+            since_best = epoch + 1 - best["epoch"] if best else 0
+            stopped_early = bool(self.patience and since_best >= self.patience)
+            reason = ("last epoch" if epoch + 1 == epochs else "early stop" if stopped_early
+                      else stop.received or ("checkpoint_every" if clock.epoch_due(epoch + 1)
+                                             else "checkpoint_minutes" if clock.time_due()
+                                             else None))
+            if reason:  # before the callbacks: what they report is saved
+                self._save(self.last_path, epoch + 1, history, best, reason=reason)
+                clock.written()
             print(_summary(self.stage, record, epochs, best))
             if board is not None:
                 board(record, lr_groups)
             for cb in self.callbacks:
                 cb(record)
-            since_best = epoch + 1 - best["epoch"] if best else 0
-            if self.patience and since_best >= self.patience:
+            if stop.received and epoch + 1 < epochs and not stopped_early:
+                self._stopped(stop.received, epoch + 1, 0)
+            if stopped_early:
                 print(f"early stop: no {self.select_metric} gain for {since_best} epochs")
-                stopped_early = True
                 break
         bar.close()
         if board is not None:
@@ -357,7 +528,31 @@ class TrainLoop:
                          epochs_run=len(history), stopped_early=stopped_early,
                          resumed_from=resumed_from, best_metric=self.select_metric,
                          seconds_per_epoch=(sum(epoch_times) / len(epoch_times)
-                                            if epoch_times else 0.0))
+                                            if epoch_times else 0.0),
+                         extra={"checkpoints": list(self.writes)})
+
+    def _stopped(self, signal_name: str, epoch: int, step: int) -> None:
+        """Raise :class:`TrainingStopped` after the stop's ``last.pt`` was written."""
+        where = f"epoch {epoch + 1} after step {step}" if step else f"after epoch {epoch}"
+        write = self.writes[-1]
+        message = (f"{self.stage} stopped by {signal_name} in {where}: {self.last_path} written "
+                   f"({write['bytes'] / 1e6:.1f} MB in {write['seconds']:.2f} s); run again "
+                   f"with resume=True to continue from there")
+        print(message, flush=True)
+        raise TrainingStopped(message, signal_name, epoch, step)
+
+
+def _skip_trained(batches, partial: Mapping[str, Any], last_path: Path) -> tuple[int, int]:
+    """Draw (and drop) the batches the interrupted run already trained on; returns (batches,
+    images) of the epoch so far as the checkpoint recorded them."""
+    for done in range(int(partial["batches"])):
+        if next(batches, None) is None:
+            raise CheckpointError(
+                f"{last_path} stopped after step {partial['batches']} of its epoch, but the "
+                f"epoch now has only {done} batches (the data or batch settings changed?); "
+                f"resume with the settings it was made with, or start afresh in a new "
+                f"output_dir")
+    return int(partial["batches"]), int(partial["images"])
 
 
 class _LossSums:
@@ -382,6 +577,19 @@ class _LossSums:
             self._sums[name] = self._sums[name] + value if name in self._sums else value
         self.steps += 1
 
+    def state(self) -> dict[str, torch.Tensor]:
+        """The sums as CPU tensors (a mid-epoch checkpoint's), read through :meth:`read` first
+        so that a non-finite loss stops the run before it is saved."""
+        self.read()
+        return {name: value.detach().cpu() for name, value in self._sums.items()}
+
+    def restore(self, sums: Mapping[str, torch.Tensor], steps: int,
+                device: torch.device) -> None:
+        """Carry on the sums of a mid-epoch checkpoint (the same values, so the epoch's means
+        are those of a run that was never stopped)."""
+        self._sums = {name: value.to(device) for name, value in sums.items()}
+        self.steps = self._read_through = int(steps)
+
     def read(self) -> dict[str, float]:
         """``{part: sum over the epoch's steps so far}`` as Python floats."""
         if not self._sums:
@@ -402,11 +610,13 @@ class _LossSums:
 
 
 def _changed_params(saved, current: Mapping[str, Any]) -> str:
-    """The parameters (besides ``resume``/``epochs``) whose value differs from a checkpoint's."""
+    """The parameters (besides ``resume``, ``epochs`` and when to checkpoint) whose value
+    differs from a checkpoint's."""
     if not isinstance(saved, Mapping):
         return ""
     changed = sorted(k for k in set(saved) & set(current)
-                     if k not in ("resume", "epochs") and saved[k] != current[k])
+                     if k not in ("resume", "epochs", "checkpoint_every", "checkpoint_minutes")
+                     and saved[k] != current[k])
     return (f"; parameters that differ from the checkpoint's: "
             f"{', '.join(f'{k} ({saved[k]!r} -> {current[k]!r})' for k in changed)}"
             if changed else "")

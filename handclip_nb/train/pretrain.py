@@ -154,7 +154,9 @@ def pretrain_mini(params: Mapping, output_dir: str | os.PathLike, train: Caption
                      optimizer=optimizer, scheduler=scheduler, step=step, batches=batches,
                      validate=validate, select_metric="mAP", eval_every=params["eval_every"],
                      device=device, precision=run_precision(params, device), params=params,
-                     meta={"arch": _arch_of_params(params), "train_images": len(train)})
+                     meta={"arch": _arch_of_params(params), "train_images": len(train)},
+                     checkpoint_every=params["checkpoint_every"],
+                     checkpoint_minutes=params["checkpoint_minutes"])
     fit = loop.fit(params["epochs"], resume=params["resume"])
     if fit.best_state is not None:
         backbone.clip.load_state_dict(fit.best_state["clip"])

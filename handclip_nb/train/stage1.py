@@ -121,7 +121,10 @@ def train_stage1(params: Mapping, output_dir: str | Path, protocol: Protocol, ba
                      optimizer=optimizer, scheduler=scheduler, step=step, batches=batches,
                      validate=lambda: prompt_retrieval(learner, feats, labels),
                      eval_every=params["eval_every"], device=device, amp=False,
-                     params=params, meta=meta, callbacks=callbacks, progress=progress)
+                     params=params, meta=meta, callbacks=callbacks, progress=progress,
+                     checkpoint_every=params["checkpoint_every"],
+                     checkpoint_minutes=params["checkpoint_minutes"],
+                     frozen={"clip": backbone.clip})
     fit = loop.fit(params["epochs"], resume=params["resume"])
     after = prompt_retrieval(learner, feats, labels)
     state = learner.state_for_checkpoint(identities=protocol.fit_people)

@@ -283,7 +283,10 @@ def _fit_once(stage, params, output_dir, protocol, build, *, validate: bool, epo
                      patience=(params["patience"] or None) if validate else None,
                      grad_clip=params["grad_clip"] or None, device=device,
                      precision=run_precision(params, device),
-                     params=params, meta=meta, callbacks=callbacks, progress=progress)
+                     params=params, meta=meta, callbacks=callbacks, progress=progress,
+                     checkpoint_every=params["checkpoint_every"],
+                     checkpoint_minutes=params["checkpoint_minutes"],
+                     frozen={"clip": model.backbone.clip})
     fit = loop.fit(epochs, resume=params["resume"])
     if validate and fit.best_state is not None:
         for name, module in modules.items():
