@@ -12,6 +12,8 @@ them::
 
     gpu_s(run)  = sum over its stage's passes of images / (single-run images/s of that pass)
     host_s(run) = start_up_s + compile_s + checkpoints(run) x checkpoint_s
+    checkpoints(run) = (ceil(epochs / checkpoint_every) if checkpoint_every else 1)
+                       + floor(gpu_s(run) / (60 x checkpoint_minutes)) + 1
     wall_s(K)   = sum_runs gpu_s / speedup(K) + sum_runs host_s / K + decode_once_s
 
 with ``speedup(K)`` = aggregate images/s of K concurrent runs on the GPU over one run's.
@@ -34,7 +36,7 @@ if str(REPO) not in sys.path:
 from handclip_nb.pipeline.grid import expand_grid, load_grid  # noqa: E402
 
 __all__ = ["CAMPAIGN_GRIDS", "PROTOCOL_IMAGES", "DATASET_PHOTOS", "CampaignRun", "Measurements", "campaign_runs",
-           "protocol_images", "project", "run_seconds"]
+           "protocol_images", "project", "run_seconds", "checkpoint_count"]
 
 #: The campaign: CLIP-FH's 11k and HD tables.
 CAMPAIGN_GRIDS = ("params/grids/clipfh-11k.yaml", "params/grids/clipfh-hd.yaml")
@@ -140,8 +142,9 @@ class Measurements:
     ``speedup[K]``: aggregate images/s of K concurrent runs over one run's (1 -> 1.0);
     ``start_up_s``: one run's fixed cost (kernel, imports, model build, data, first steps);
     ``compile_s``: ``torch.compile``'s cost per run (0: the grids do not compile);
-    ``checkpoint_s``: one stage-2 ``save_checkpoint``; ``checkpoint_every``: epochs between
-    two (1: every epoch, the loop's default on main); ``decode_once_s``: filling the decoded-
+    ``checkpoint_s``: one stage-2 ``save_checkpoint``; ``checkpoint_every`` /
+    ``checkpoint_minutes``: the loop's two triggers of a ``last.pt`` (the schema's defaults: 0 =
+    off, and every 10 minutes), besides the one at the end of training; ``decode_once_s``: filling the decoded-
     image cache once for the whole campaign (every later run reads it), on the CPU."""
 
     train_images_s: dict = field(default_factory=dict)
@@ -150,7 +153,8 @@ class Measurements:
     start_up_s: float = 0.0
     compile_s: float = 0.0
     checkpoint_s: float = 0.0
-    checkpoint_every: int = 1
+    checkpoint_every: int = 0
+    checkpoint_minutes: float = 10.0
     decode_once_s: float = 0.0
     assumed: list = field(default_factory=list)
 
@@ -165,8 +169,10 @@ def run_seconds(run: CampaignRun, m: Measurements,
       cached features through prompt learning, then encode ``eval_zero_shot`` (its image
       encoder never trained);
     * stages 2 and 3: ``epochs`` x ``pk_epoch`` training images, then ``eval_fitted``;
-    * host: start-up + compile, and for stages 2 and 3 one checkpoint per ``checkpoint_every``
-      epochs (stage 1's prompt checkpoints are a few kB: 0)."""
+    * host: start-up + compile, and for stages 2 and 3 the checkpoints the loop writes: one
+      ``last.pt`` per ``checkpoint_every`` epochs (when set; else the one at the end of
+      training), one per ``checkpoint_minutes`` of the run's GPU time, and ``best.pt`` (a third
+      of the bytes, counted whole: an upper bound). Stage 1's prompt checkpoints are a few kB: 0."""
     sizes = images[(run.dataset, run.aspect)]
     extract = m.extract_images_s[run.backbone]
     host = m.start_up_s + m.compile_s
@@ -179,8 +185,17 @@ def run_seconds(run: CampaignRun, m: Measurements,
         return gpu, host
     gpu = (run.epochs * sizes["pk_epoch"] / m.train_images_s[(run.stage, run.backbone)]
            + sizes["eval_fitted"] / extract)
-    checkpoints = math.ceil(run.epochs / max(1, int(m.checkpoint_every)))
-    return gpu, host + checkpoints * m.checkpoint_s
+    return gpu, host + checkpoint_count(run.epochs, gpu, m) * m.checkpoint_s
+
+
+def checkpoint_count(epochs: int, gpu_s: float, m: Measurements) -> int:
+    """The checkpoints a stage-2/3 run of ``epochs`` epochs and ``gpu_s`` seconds writes
+    (``train/loop.py``): ``last.pt`` every ``checkpoint_every`` epochs when set, else once at
+    the end; one more per ``checkpoint_minutes`` elapsed; and ``best.pt`` once."""
+    every = int(m.checkpoint_every)
+    periodic = math.ceil(epochs / every) if every > 0 else 1
+    timed = math.floor(gpu_s / (60.0 * m.checkpoint_minutes)) if m.checkpoint_minutes > 0 else 0
+    return periodic + timed + 1
 
 
 def project(runs: Iterable[CampaignRun], m: Measurements, runs_per_gpu: int = 1,

@@ -405,9 +405,12 @@ def test_the_projection_formula_on_a_hand_computed_case(campaign):
     """Three runs on one protocol: zero-shot, stage 1 (2 epochs), stage 2 (3 epochs).
 
     GPU s: stage0 300/100 = 3; stage1 100/100 + 2 x 100/50 + 300/100 = 8; stage2 3 x 64/32 +
-    200/100 = 8; sum 19. Host s: 10 each, stage 2 plus 3 checkpoints x 2 s: 36 (every 2
-    epochs: ceil(3/2) = 2 checkpoints, 34). Decode 5 s.
-    K = 1: 19 + 36 + 5 = 60; K = 2 at speed-up 1.6: 19/1.6 + 36/2 + 5 = 34.875."""
+    200/100 = 8; sum 19. Host s: 10 each, stage 2 plus its checkpoints x 2 s. The loop's
+    defaults (checkpoint_every 0, every 10 minutes): last.pt at the end + best.pt = 2
+    checkpoints, 4 s: host 34. Every epoch: ceil(3/1) + 1 = 4, host 38; every 2 epochs:
+    ceil(3/2) + 1 = 3, host 36; every 0.05 minutes (3 s) of the 8 GPU s: 1 + floor(8/3) + 1 =
+    4, host 38. Decode 5 s.
+    K = 1: 19 + 34 + 5 = 58; K = 2 at speed-up 1.6: 19/1.6 + 34/2 + 5 = 33.875."""
     images = {("11k", "dorsal_r"): {"train": 100, "pk_epoch": 64, "eval_fitted": 200,
                                     "eval_zero_shot": 300}}
     runs = [campaign.CampaignRun("g", "s0", "stage0", "vitb16", "11k", "dorsal_r", 0),
@@ -418,10 +421,14 @@ def test_the_projection_formula_on_a_hand_computed_case(campaign):
                               extract_images_s={"vitb16": 100.0}, speedup={1: 1.0, 2: 1.6},
                               start_up_s=10.0, checkpoint_s=2.0, decode_once_s=5.0)
     one = campaign.project(runs, m, 1, images=images)
-    assert (one["gpu_s"], one["host_s"], one["wall_s"]) == (19.0, 36.0, 60.0)
+    assert (one["gpu_s"], one["host_s"], one["wall_s"]) == (19.0, 34.0, 58.0)
     assert one["grids"]["g"]["runs"] == 3
-    assert campaign.project(runs, m, 2, images=images)["wall_s"] == pytest.approx(34.875)
+    assert campaign.project(runs, m, 2, images=images)["wall_s"] == pytest.approx(33.875)
+    m.checkpoint_every = 1
+    assert campaign.project(runs, m, 1, images=images)["host_s"] == 38.0
     m.checkpoint_every = 2
-    assert campaign.project(runs, m, 1, images=images)["host_s"] == 34.0
+    assert campaign.project(runs, m, 1, images=images)["host_s"] == 36.0
+    m.checkpoint_every, m.checkpoint_minutes = 0, 0.05
+    assert campaign.project(runs, m, 1, images=images)["host_s"] == 38.0
     with pytest.raises(ValueError, match="no measured speed-up for 4 runs per GPU"):
         campaign.project(runs, m, 4, images=images)
