@@ -241,6 +241,16 @@ def test_any_sbatch_option_reaches_submitit(tmp_path, monkeypatch):
         slurm_settings(grid, {"output": "/tmp/x"})
 
 
+def test_a_slurm_time_shorter_than_the_checkpoint_lead_is_refused(tmp_path, monkeypatch):
+    """The job is signalled SLURM_SIGNAL_DELAY_S before its limit: a limit inside twice that
+    would leave it checkpointing instead of training."""
+    monkeypatch.setattr(executors.submitit.SlurmExecutor, "affinity", staticmethod(lambda: 1))
+    with pytest.raises(ValueError, match=r"slurm time 3 min: .* 120 s before .* --slurm-time 4"):
+        executors.SlurmExecutor(tmp_path, {"time": 3})
+    engine = executors.SlurmExecutor(tmp_path, {"time": 4})
+    assert engine.executor._executor.parameters["signal_delay_s"] == 120
+
+
 def test_slurm_time_limits():
     assert time_minutes(90) == 90
     assert time_minutes("04:00:00") == 240

@@ -35,6 +35,7 @@ it ran.
 from __future__ import annotations
 
 import json
+import math
 import os
 import shlex
 import signal
@@ -361,9 +362,10 @@ class GridJobGroup(submitit.helpers.Checkpointable):
     signal the job forwards it to every worker still running (which handles it as a one-run
     job does) and waits for them, within the scheduler's grace time, before it requeues."""
 
-    #: seconds the job waits for its workers after forwarding the signal (below the 20 s of
-    #: ``slurm_signal_delay_s``, so the requeue still happens before the hard kill)
-    FORWARD_WAIT_S = 15.0
+    #: seconds the job waits for its workers after forwarding the signal: above each worker's
+    #: own wait for its kernel's checkpoint (``kernel_stop.STOP_WAIT_S``, 90 s) and below the
+    #: 120 s of ``slurm_signal_delay_s``, so the requeue still happens before the time limit
+    FORWARD_WAIT_S = 100.0
 
     def __init__(self, specs: Sequence[Mapping[str, Any]], run_memory_gib: float | None = None):
         if not specs:
@@ -508,6 +510,12 @@ def python_check(python: str) -> str:
             f"the grid file's slurm: {{python: PATH}}\" >&2; exit 3; fi")
 
 
+#: How long before its time limit a job gets submitit's signal (slurmctld checks limits every
+#: 30 s, so it comes up to 30 s earlier): room for a 1 GB last.pt on a slow shared filesystem
+#: (``kernel_stop.STOP_WAIT_S``) and the requeue after it.
+SLURM_SIGNAL_DELAY_S = 120
+
+
 class SlurmExecutor:
     """Submits each run as a Slurm job through submitit (``DIR/slurm/`` holds its files)."""
 
@@ -536,9 +544,14 @@ class SlurmExecutor:
         self.executor = submitit.AutoExecutor(folder=self.output / "slurm", cluster="slurm",
                                               slurm_max_num_timeout=10,
                                               slurm_python=shlex.quote(self.python))
-        # the signal comes this long before the limit: slurmctld checks limits every 30 s
-        params: dict[str, Any] = {"timeout_min": time_minutes(self.settings.get("time", 60)),
-                                  "slurm_signal_delay_s": 20,
+        timeout_min = time_minutes(self.settings.get("time", 60))
+        if timeout_min * 60 < 2 * SLURM_SIGNAL_DELAY_S:
+            raise ValueError(f"slurm time {timeout_min} min: a job is told to checkpoint "
+                             f"{SLURM_SIGNAL_DELAY_S} s before its time limit, which leaves it "
+                             f"no time to train; give --slurm-time "
+                             f"{math.ceil(2 * SLURM_SIGNAL_DELAY_S / 60)} minutes or more")
+        params: dict[str, Any] = {"timeout_min": timeout_min,
+                                  "slurm_signal_delay_s": SLURM_SIGNAL_DELAY_S,
                                   "slurm_setup": [python_check(self.python)],
                                   "slurm_additional_parameters": dict(self.additional)}
         if self.settings.get("partition"):

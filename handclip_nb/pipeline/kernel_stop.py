@@ -35,10 +35,11 @@ __all__ = ["child_processes", "forward_stop_signal", "run_checkpoint", "stop_sig
 STOP_SIGNALS = ("SIGUSR2", "SIGTERM")
 
 #: How long the job waits for the kernel's checkpoint by default: inside submitit's
-#: ``slurm_signal_delay_s`` (the signal's lead on the time limit) with a margin; a ViT-B/16
-#: stage-2 last.pt (1.03 GB) took 6.5 s to write on a loaded 2-core CPU machine
-#: (benchmarks/bench_checkpoints.py).
-STOP_WAIT_S = 15.0
+#: ``slurm_signal_delay_s`` (the signal's lead on the time limit, 120 s in ``SlurmExecutor``)
+#: with a margin. A ViT-B/16 stage-2 last.pt (1.03 GB) took 6.5 s to write on a loaded 2-core
+#: CPU machine (benchmarks/bench_checkpoints.py); a shared cluster filesystem at 20-50 MB/s
+#: needs 20-50 s, hence the room. The wait ends as soon as the checkpoint is in place.
+STOP_WAIT_S = 90.0
 
 
 def child_processes(parent: int | None = None) -> list[int]:
