@@ -294,9 +294,10 @@ def hold_out_val_images(protocol: Protocol) -> Protocol:
                         f"identities have a single image (e.g. {people[:3]}), which "
                         f"selection='best_accuracy' holds out for validation, leaving nothing "
                         f"to train on; use selection 'last' or 'best', or add images")
+    fitted = set(protocol.fit_people)  # a 'best'/'retrain' hold-out identity validates elsewhere
     return replace(protocol, fit=[i for i, _ in kept], fit_labels=[label for _, label in kept],
                    val_images=[i for i in protocol.val_images
-                               if protocol.items[i].person in set(protocol.fit_people)],
+                               if protocol.items[i].person in fitted],
                    val_held_out=True)
 
 
