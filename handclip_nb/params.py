@@ -43,24 +43,27 @@ __all__ = [
     "run_identity",
     "EXIF_ORIENTATIONS",
     "exif_orientation_for",
+    "held_out_fraction",
+    "holds_out_val_images",
 ]
 
 #: Stages (one notebook each).  ``common`` parameters apply to all of them.
-STAGES = ("pretrain", "stage0", "stage1", "stage2", "stage3", "evaluation", "attention",
-          "search")
+STAGES = ("pretrain", "stage0", "stage1", "stage2", "stage3", "handid", "evaluation",
+          "attention", "search")
 
 GALLERY_MODES = ("aspect", "all")
 RESIZE_MODES = ("pad", "squash")
 AP_MODES = ("standard", "mbanet_trapezoid")
 
 #: Model-selection policies of the training stages (parameter ``selection``).
-SELECTION_POLICIES = ("last", "best", "retrain")
+SELECTION_POLICIES = ("last", "best", "retrain", "best_accuracy")
 
 #: Stages that train (their schema adds the optimisation parameters).
-TRAINING = ("pretrain", "stage1", "stage2", "stage3")
+TRAINING = ("pretrain", "stage1", "stage2", "stage3", "handid")
 
 #: Stages that read images of a dataset through the decoded-image pipeline (``data/images.py``).
-IMAGE_STAGES = ("stage0", "stage1", "stage2", "stage3", "evaluation", "attention", "search")
+IMAGE_STAGES = ("stage0", "stage1", "stage2", "stage3", "handid", "evaluation", "attention",
+                "search")
 
 #: ``exif_orientation`` values: ``auto`` resolves to one of the other two
 #: (:func:`exif_orientation_for`; ``data/image_files.py`` applies them).
@@ -72,11 +75,14 @@ AMP_DTYPE_NAMES = ("float16", "bfloat16")
 #: Stages that build a CLIP backbone from their own parameters (pretraining builds its own
 #: model; the attention notebook rebuilds its stage-3 run from that run's parameters; the search
 #: notebook builds its zero-shot ``backbone`` when it has no ``run_dir``).
-BACKBONE_STAGES = ("stage0", "stage1", "stage2", "stage3", "evaluation", "search")
+BACKBONE_STAGES = ("stage0", "stage1", "stage2", "stage3", "handid", "evaluation", "search")
 
 #: Values of the CLIP-ReID reference options (the code that reads them lives in ``losses``,
 #: ``models.heads`` and ``train.schedulers``; a test keeps these tuples equal to theirs).
 TEXT_LOGIT_FORMS = ("cosine", "raw")
+#: CLIP-HandID's pseudo-token in the prompt (``models.handid.TOKEN_MODES``; a test keeps them
+#: equal): ``whole`` = the paper's, ``mean`` = the released code's scalar broadcast.
+HANDID_TOKEN_MODES = ("whole", "mean")
 TRIPLET_FEATURE_SETS = ("two", "clipreid")
 LR_SCHEDULES = ("workbench", "clipreid")
 
@@ -190,13 +196,17 @@ SCHEMA: dict[str, ParamSpec] = {
               "CLIP-ReID: [0.5, 0.5, 0.5] (ViT), [0.229, 0.224, 0.225] (RN50)",
               optional=True, stages=BACKBONE_STAGES),
         # --- optimisation / run -----------------------------------------------------------
-        _spec("batch_size", "int", 64, "batch size", minimum=1),
+        _spec("batch_size", "int", 64,
+              "batch size (CLIP-HandID trains on plain batches of it: 20 by default there)",
+              minimum=1, stage_defaults={"handid": 20}),
         _spec("epochs", "int", 0, "training epochs (0 for zero-shot)", minimum=0,
-              stage_defaults={"pretrain": 30, "stage1": 30, "stage2": 30, "stage3": 60}),
+              stage_defaults={"pretrain": 30, "stage1": 30, "stage2": 30, "stage3": 60,
+                              "handid": 30}),
         # the training stages' defaults suit the small embedded models (handclip-mini and the
         # tiny ones); params/<backbone>-*.yaml hold the reference settings for real CLIP
         _spec("lr", "float", 3.5e-4, "learning rate", minimum=0.0,
-              stage_defaults={"pretrain": 1e-3, "stage1": 1e-2, "stage2": 3e-4, "stage3": 3e-4}),
+              stage_defaults={"pretrain": 1e-3, "stage1": 1e-2, "stage2": 3e-4, "stage3": 3e-4,
+                              "handid": 3e-4}),
         _spec("seed", "int", 0,
               "seed for every random number generator of training (the splits use split_seed)",
               minimum=0),
@@ -258,7 +268,7 @@ SCHEMA: dict[str, ParamSpec] = {
               "FAR of the open-set threshold, a fraction in (0, 1]: the stages calibrate it on "
               "training identities only (stored in metrics.json for the search notebook); the "
               "search notebook on calibration_dir's people", minimum=0.0,
-              stages=("stage0", "stage2", "stage3", "evaluation", "search")),
+              stages=("stage0", "stage2", "stage3", "handid", "evaluation", "search")),
         _spec("show_k", "int", 5, "gallery images shown per query in retrieval grids", minimum=1),
         # --- presentation -----------------------------------------------------------------
         _spec("interactive", "bool", False,
@@ -273,7 +283,8 @@ SCHEMA: dict[str, ParamSpec] = {
               "epoch convention of the schedule: 'workbench' (epoch 1 trains at the warmup "
               "start, milestones after m epochs, stage-1 cosine after the warmup) or "
               "'clipreid' (CLIP-ReID's: epoch e trains at the value at e, cosine on the "
-              "absolute epoch)", choices=LR_SCHEDULES, stages=("stage1", "stage2", "stage3")),
+              "absolute epoch)", choices=LR_SCHEDULES,
+              stages=("stage1", "stage2", "stage3", "handid")),
         _spec("eval_every", "int", 1, "validate on the model-selection split every N epochs",
               minimum=1, stages=TRAINING, stage_defaults={"pretrain": 2}),
         _spec("resume", "bool", False,
@@ -299,7 +310,7 @@ SCHEMA: dict[str, ParamSpec] = {
               stages=(*TRAINING, "stage0")),
         _spec("compile", "bool", False,
               "torch.compile the model for training (opt-in: minutes of compilation first, "
-              "then faster steps on a GPU)", stages=("stage2", "stage3")),
+              "then faster steps on a GPU)", stages=("stage2", "stage3", "handid")),
         # --- pretraining of handclip-mini (CLIP image-text contrastive) ------------------------
         _spec("pretrain_people", "int", 400,
               "synthetic people in the captioned pretraining set (disjoint from every evaluated "
@@ -356,14 +367,15 @@ SCHEMA: dict[str, ParamSpec] = {
         _spec("text_logits", "str", "cosine",
               "image-text logits of the stage-1 SupCon and stage-2 image-to-text CE: 'cosine' "
               "= L2-normalised features x CLIP's logit scale; 'raw' = CLIP-ReID's raw dot "
-              "products (temperature 1)", choices=TEXT_LOGIT_FORMS, stages=("stage1", "stage2")),
+              "products (temperature 1; CLIP-HandID's SupCon too)", choices=TEXT_LOGIT_FORMS,
+              stages=("stage1", "stage2", "handid")),
         # --- stage 2: image fine-tuning ------------------------------------------------------
         _spec("stage1_dir", "path", None, "the stage-1 run's output_dir (its prompts)",
               optional=True, stages=("stage2",)),
         _spec("classifier", "str", "linear", "ID classifier on the BNNeck",
-              choices=("linear", "arcface"), stages=("stage2", "stage3")),
+              choices=("linear", "arcface"), stages=("stage2", "stage3", "handid")),
         _spec("id_weight", "float", 0.25, "weight of the ID (label-smoothed CE) loss",
-              minimum=0.0, stages=("stage2", "stage3")),
+              minimum=0.0, stages=("stage2", "stage3", "handid"), stage_defaults={"handid": 1.0}),
         _spec("triplet_weight", "float", 1.0, "weight of the batch-hard triplet loss",
               minimum=0.0, stages=("stage2", "stage3")),
         _spec("i2t_weight", "float", 1.0, "weight of the image-to-text CE loss", minimum=0.0,
@@ -378,7 +390,7 @@ SCHEMA: dict[str, ParamSpec] = {
               stages=("stage2", "stage3")),
         _spec("warmup_factor", "float", 0.1,
               "the warmup starts at warmup_factor x lr (CLIP-ReID: 0.1 ViT, 0.01 RN50)",
-              minimum=0.0, stages=("stage2", "stage3")),
+              minimum=0.0, stages=("stage2", "stage3", "handid")),
         _spec("bias_lr_factor", "float", 1.0,
               "lr multiplier of bias parameters (CLIP-ReID: 2)", minimum=0.0,
               stages=("stage2",)),
@@ -387,23 +399,41 @@ SCHEMA: dict[str, ParamSpec] = {
               optional=True, minimum=0.0, stages=("stage2",)),
         _spec("horizontal_flip", "float", 0.0,
               "probability of a horizontal flip in training (CLIP-ReID: 0.5; off by default: "
-              "a mirrored right hand is a left hand)", minimum=0.0, stages=("stage2", "stage3")),
+              "a mirrored right hand is a left hand)", minimum=0.0, stages=("stage2", "stage3", "handid")),
         _spec("center_weight", "float", 0.0, "weight of the center loss (0 = off)",
               minimum=0.0, stages=("stage2", "stage3")),
         _spec("triplet_margin", "float", 0.3, "triplet margin", minimum=0.0,
               stages=("stage2", "stage3")),
         _spec("label_smoothing", "float", 0.1, "label smoothing epsilon of the ID loss",
-              minimum=0.0, stages=("stage2", "stage3")),
+              minimum=0.0, stages=("stage2", "stage3", "handid")),
         _spec("p_ids", "int", 8, "identities per P x K batch", minimum=2,
               stages=("stage2", "stage3")),
         _spec("k_images", "int", 4, "images per identity in a P x K batch", minimum=2,
               stages=("stage2", "stage3")),
         _spec("milestones", "intlist", [24], "epochs where lr is multiplied by gamma",
-              stages=("stage2", "stage3"), stage_defaults={"stage3": [48]}),
+              stages=("stage2", "stage3", "handid"), stage_defaults={"stage3": [48], "handid": [24]}),
         _spec("gamma", "float", 0.1, "lr factor at each milestone", minimum=0.0,
-              stages=("stage2", "stage3")),
+              stages=("stage2", "stage3", "handid")),
         _spec("grad_clip", "float", 5.0, "max gradient norm (0 = no clipping)", minimum=0.0,
-              stages=("stage2", "stage3")),
+              stages=("stage2", "stage3", "handid")),
+        # --- CLIP-HandID (notebooks/stage_handid.ipynb) ----------------------------------------
+        _spec("handid_inversion_grad", "bool", True,
+              "CLIP-HandID: the inversion MLP learns from the SupCon loss (the paper's method); "
+              "false = its released code's: the prompt is encoded under no_grad, so the MLP "
+              "never receives a gradient", stages=("handid",)),
+        _spec("handid_token", "str", "whole",
+              "CLIP-HandID: what replaces 'sks' in 'A photo of a sks hand': 'whole' = the "
+              "pseudo-token (the paper's); 'mean' = its released code's mean of the token, one "
+              "scalar broadcast over the embedding", choices=HANDID_TOKEN_MODES,
+              stages=("handid",)),
+        _spec("handid_supcon_weight", "float", 1.0,
+              "CLIP-HandID: weight of the image-to-text + text-to-image SupCon loss (1 in its "
+              "code)", minimum=0.0, stages=("handid",)),
+        _spec("train_resize", "size", None,
+              "training images resized (by resize_mode) to this [height, width], then randomly "
+              "cropped to image_size (CLIP-HandID: 256 x 256 -> 224 x 224); None = resized to "
+              "image_size, then padded by 10 and cropped (CLIP-ReID's)", optional=True,
+              stages=("handid",)),
         # --- stage 3: PromptSG -------------------------------------------------------------
         _spec("init_from", "path", None,
               "a stage-2 run's output_dir to warm-start the image encoder from (optional)",
@@ -413,8 +443,8 @@ SCHEMA: dict[str, ParamSpec] = {
               "for the small embedded text encoders)",
               minimum=0.0, stages=("stage3",)),
         _spec("lr_new", "float", 3e-3,
-              "learning rate of the new modules (inversion, cross-attention, head)",
-              minimum=0.0, stages=("stage3",)),
+              "learning rate of the new modules (inversion, cross-attention, head; CLIP-HandID: "
+              "10 x lr)", minimum=0.0, stages=("stage3", "handid")),
         _spec("prompt_mode", "str", "simplified",
               "inference prompt: 'simplified' (one fixed prompt) or 'composed' (each image's S*)",
               choices=("simplified", "composed"), stages=("stage3", "attention")),
@@ -424,20 +454,23 @@ SCHEMA: dict[str, ParamSpec] = {
               stages=("attention",)),
         _spec("random_erasing", "float", 0.0, "probability of random erasing in training (CLIP-ReID: 0.5; off by default because it "
               "hides the small cues of the synthetic hands)",
-              minimum=0.0, stages=("stage2", "stage3")),
+              minimum=0.0, stages=("stage2", "stage3", "handid")),
         _spec("color_jitter", "float", 0.0,
               "brightness/contrast/saturation jitter; off by default because it changes the "
               "skin tone, an identity cue",
-              minimum=0.0, stages=("stage2", "stage3")),
+              minimum=0.0, stages=("stage2", "stage3", "handid")),
         _spec("patience", "int", 0, "early stopping after N epochs without val gain (0 = off)",
-              minimum=0, stages=("stage2", "stage3")),
+              minimum=0, stages=("stage2", "stage3", "handid")),
         _spec("selection", "str", "last",
               "model selection: 'last' = train on every training identity with the fixed "
               "schedule and keep the last epoch (the literature's); 'best' = hold out "
               "val_fraction of the training identities and keep the epoch with the best held-out "
               "mAP; 'retrain' = choose the number of epochs that way, then retrain on every "
               "training identity for that many (stage 1 takes the policy of the stage 2 it "
-              "feeds)", choices=SELECTION_POLICIES, stages=("stage1", "stage2", "stage3")),
+              "feeds); 'best_accuracy' (CLIP-HandID's, handid only) = hold out one image of every "
+              "training identity and keep the epoch with the best classification accuracy on "
+              "them, a tie going to the later epoch", choices=SELECTION_POLICIES,
+              stages=("stage1", "stage2", "stage3", "handid")),
         # --- evaluation across runs (notebooks/evaluation.ipynb) -----------------------------
         # The common data parameters (dataset, aspect, gallery_mode, data_root, num_splits,
         # split_seed) give the TEST protocol; each run's own params.yaml says what it was
@@ -765,6 +798,10 @@ def resolve_params(values: Mapping[str, Any] | None = None, stage: str = "stage0
     if "open_set_far" in out and not 0.0 < out["open_set_far"] <= 1.0:
         raise _fail(SCHEMA["open_set_far"], out["open_set_far"],
                     "must be a fraction in (0, 1], e.g. 0.01 for FAR 1 %")
+    if out.get("selection") == "best_accuracy" and stage != "handid":
+        raise _fail(SCHEMA["selection"], "best_accuracy",
+                    f"'best_accuracy' is CLIP-HandID's policy (stage handid), not {stage}'s: "
+                    f"use 'best' to choose epochs by held-out mAP here")
     if out["val_fraction"] >= 1.0:
         raise _fail(SCHEMA["val_fraction"], out["val_fraction"], "must be < 1")
     if "exif_orientation" in out:  # params.yaml records the policy the run really used
@@ -846,9 +883,17 @@ def held_out_fraction(params: Mapping[str, Any]) -> float:
     reports its zero-shot ranking on the held-out identities as ``val``).
     """
     policy = params.get("selection")
-    if policy == "last" or (policy == "retrain" and params.get("stage") == "stage1"):
+    if policy in ("last", "best_accuracy") or (policy == "retrain"
+                                               and params.get("stage") == "stage1"):
         return 0.0
     return float(params["val_fraction"])
+
+
+def holds_out_val_images(params: Mapping[str, Any]) -> bool:
+    """Whether a run's protocol takes every training identity's val image out of training:
+    ``selection='best_accuracy'`` (CLIP-HandID's policy) validates on them, so they must not
+    be trained on; every other policy keeps them in the fit set."""
+    return params.get("selection") == "best_accuracy"
 
 
 def _check_sections(values: Mapping[str, Any]) -> dict[str, Mapping[str, Any]]:

@@ -1,4 +1,4 @@
-"""The one run loader: rebuild any stage-0/1/2/3 run folder from its ``params.yaml`` and its
+"""The one run loader: rebuild any stage-0/1/2/3 or CLIP-HandID run folder from its ``params.yaml`` and its
 checkpoint.
 
 :func:`load_run` reads the run's resolved parameters (what it was trained with: backbone,
@@ -9,7 +9,8 @@ loader registered for its stage (:data:`RUN_LOADERS`, :func:`register_run_loader
 * ``stage1``: the backbone + the learned prompts (``prompts.pt``) as a
   :class:`~handclip_nb.models.prompts.PromptLearner`; its images rank as zero-shot;
 * ``stage2``: backbone + CLIP-ReID head from ``checkpoints/best.pt``;
-* ``stage3``: PromptSG from ``checkpoints/best.pt``, ranked with the run's ``prompt_mode``.
+* ``stage3``: PromptSG from ``checkpoints/best.pt``, ranked with the run's ``prompt_mode``;
+* ``handid``: CLIP-HandID from ``checkpoints/best.pt``, ranked by its two BN outputs.
 
 Every caller that reads a run folder uses it: the evaluation notebook (cross-run comparison),
 stage 2 (stage 1's prompts), stage 3 (the warm start from a stage-2 run) and the attention
@@ -35,6 +36,7 @@ from .constants import HD_ASPECT
 from .data.images import ImageSource, image_source
 from .device import Precision, resolve_device, run_precision
 from .models.backbones import backbone_from_params
+from .models.handid import HandIDModel
 from .models.prompts import PromptLearner
 from .models.promptsg import PromptSG
 from .models.reid import ReIDModel
@@ -319,3 +321,17 @@ def _load_stage3(folder: Path, params: Mapping, backbone) -> dict:
     return {"model": model, "encode": encode, "cache_tag": _cache_tag("stage3", prompt_mode, ckpt),
             "meta": meta, "prompt_mode": prompt_mode,
             "display": f"{backbone.display_name} + PromptSG ({prompt_mode} prompt)"}
+
+
+@register_run_loader("handid")
+def _load_handid(folder: Path, params: Mapping, backbone) -> dict:
+    ckpt = _best_checkpoint(folder, "handid", backbone)
+    meta = ckpt["meta"]
+    # the text-side options shape no tensor of the checkpoint but are the run's model
+    model = HandIDModel(backbone, int(meta["num_classes"]),
+                        inversion_grad=params.get("handid_inversion_grad", True),
+                        token=params.get("handid_token", "whole"),
+                        classifier=meta["classifier"]).to(params["device"])
+    _load_trained(folder, ckpt, model)
+    return {"model": model, "encode": model.embed, "cache_tag": _cache_tag("handid", None, ckpt),
+            "meta": meta, "display": f"{backbone.display_name} + CLIP-HandID"}

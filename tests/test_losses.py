@@ -609,3 +609,64 @@ def test_the_cpu_triplet_loss_is_the_same_without_its_stats():
     with_stats, stats = batch_hard_triplet(x, labels)
     without, none = batch_hard_triplet(x, labels, stats=False)
     assert none is None and stats is not None and torch.equal(with_stats, without)
+
+
+# --------------------------------------------------------------------------------------------------
+# CLIP-HandID's losses (github.com/nathanlem1/CLIP-HandID): losses/supcontrast.py @ 02f3bb5c and
+# losses/softmax_loss.py @ a37bb1e5, written out slowly in their own form
+# --------------------------------------------------------------------------------------------------
+
+
+def ref_clip_handid_supcon(anchors, contrast, anchor_labels, contrast_labels):
+    """supcontrast.py:15-30: mask[i][j] = labels equal; logits = anchors · contrastᵀ / 1.0
+    (no normalisation); minus the row max; log_prob = logits - log Σ_j exp; the mean over
+    positives, then minus the mean over anchors."""
+    a, b = anchors.tolist(), contrast.tolist()
+    total = 0.0
+    for i, row in enumerate(a):
+        logits = [sum(x * y for x, y in zip(row, col)) / 1.0 for col in b]
+        top = max(logits)
+        logits = [z - top for z in logits]
+        log_norm = math.log(sum(math.exp(z) for z in logits))
+        mask = [1.0 if int(anchor_labels[i]) == int(contrast_labels[j]) else 0.0
+                for j in range(len(b))]
+        total += sum(m * (z - log_norm) for m, z in zip(mask, logits)) / sum(mask)
+    return -total / len(a)
+
+
+def ref_clip_handid_label_smoothing(logits, targets, epsilon=0.1):
+    """softmax_loss.py:36-44 (LabelSmoothingCrossEntropyLoss): (mean_i Σ_c -log p_ic) / C · ε
+    + (1 - ε) · mean_i -log p_iy."""
+    rows, c = logits.tolist(), logits.shape[1]
+    summed = nll = 0.0
+    for row, t in zip(rows, targets.tolist()):
+        lse = math.log(sum(math.exp(z) for z in row))
+        summed += sum(-(z - lse) for z in row)
+        nll += -(row[t] - lse)
+    return summed / len(rows) / c * epsilon + (1 - epsilon) * nll / len(rows)
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_supcon_is_clip_handids_supcontrast(seed):
+    """CLIP-HandID's image->text + text->image term (train_handID.py:131-133): our
+    symmetric_supcon on raw features with scale 1 (text_logits: raw) is its SupConLoss."""
+    g = _gen(seed)
+    image = torch.randn(12, 6, generator=g, dtype=DT) * 3
+    text = torch.randn(12, 6, generator=g, dtype=DT) * 3
+    labels = torch.randint(0, 4, (12,), generator=g)
+    want = (ref_clip_handid_supcon(image, text, labels, labels)
+            + ref_clip_handid_supcon(text, image, labels, labels))
+    normalize, scale = text_logit_form("raw", 100.0)
+    got = symmetric_supcon(image, text, labels, scale, normalize=normalize)
+    assert float(got) == pytest.approx(want, rel=1e-10)
+    assert float(supcon_loss(image, text, labels, labels)) == pytest.approx(
+        ref_clip_handid_supcon(image, text, labels, labels), rel=1e-10)
+
+
+@pytest.mark.parametrize("seed", [0, 1])
+def test_label_smoothing_is_clip_handids(seed):
+    g = _gen(seed)
+    logits = torch.randn(7, 5, generator=g, dtype=DT) * 4
+    targets = torch.randint(0, 5, (7,), generator=g)
+    assert float(cross_entropy_label_smooth(logits, targets, 0.1)) == pytest.approx(
+        ref_clip_handid_label_smoothing(logits, targets, 0.1), rel=1e-10)

@@ -138,3 +138,26 @@ def test_stage3_offline_vitb16_fails_fast(workbench_home, monkeypatch):
                      {**SMOKE, "backbone": "vitb16",
                       "output_dir": str(workbench_home / "outputs" / "v")}, progress=False)
     assert "WeightsNotFoundError" in str(err.value) and "ViT-B-16.pt" in str(err.value)
+
+
+def test_handid_notebook_with_smoke_params(workbench_home):
+    """The CLIP-HandID notebook runs headless with the smoke file's handid section (CLIP-HandID's
+    selection: the best held-out accuracy) and records a finished run the run loader rebuilds."""
+    from handclip_nb.params import load_params_file
+    from handclip_nb.pipeline import NOTEBOOKS_DIR
+    from handclip_nb.run_loader import load_run
+
+    smoke = load_params_file(NOTEBOOKS_DIR.parent / "params" / "smoke.yaml")
+    out = workbench_home / "outputs" / "handid"
+    run_notebook("stage_handid.ipynb", workbench_home / "handid.ipynb",
+                 {**smoke, "output_dir": str(out)}, progress=False)
+    metrics = read_metrics(out)
+    epochs = smoke["handid"]["epochs"]
+    assert metrics["stage"] == "handid" and len(metrics["history"]) == epochs
+    assert metrics["selection"]["policy"] == "best_accuracy"
+    assert metrics["selection"]["best_val_metric"] == "accuracy"
+    assert len(metrics["val_history"]) == epochs
+    assert set(metrics["test"]) == set(METRIC_NAMES)
+    for fig in ["history", "cmc", "retrieval", "roc"]:
+        assert (out / "figures" / f"{fig}.png").is_file()
+    assert load_run(out, stages=("handid",)).model.inversion_grad

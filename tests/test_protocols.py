@@ -316,3 +316,45 @@ def test_metrics_record_records_split_seed(synthetic_11k):
     assert record["split_seed"] == 2 and protocol.seed == 2
     assert record["data"]["gallery_classes_per_split"] == len(
         set(protocol.ids_of(protocol.test[0].gallery)))
+
+
+def test_best_accuracy_holds_every_training_identitys_val_image_out_of_training(synthetic_11k):
+    """CLIP-HandID's split (prepare_train_val_test_11k_r_l.py: one random image per training
+    identity into val/): the val images leave the fit set, every identity keeps its label, the
+    test splits are untouched; the other policies keep them in training."""
+    from handclip_nb.data import build_protocol
+    from handclip_nb.data.protocols import hold_out_val_images
+    from handclip_nb.params import resolve_params
+
+    base = {"data_root": str(synthetic_11k), "num_splits": 2}
+    kept = build_protocol(resolve_params({**base, "selection": "last"}, stage="handid"))
+    held = build_protocol(resolve_params({**base, "selection": "best_accuracy"}, stage="handid"))
+    assert not kept.val_held_out and set(kept.val_images) <= set(kept.fit)
+    assert held.val_held_out and held.selection is None
+    assert not set(held.val_images) & set(held.fit)
+    assert set(held.fit) | set(held.val_images) == set(kept.fit)
+    assert len(held.val_images) == len(held.train_people) == held.num_classes
+    assert {held.items[i].person for i in held.val_images} == set(held.train_people)
+    label = dict(zip(kept.fit, kept.fit_labels))
+    assert all(label[i] == k for i, k in zip(held.fit, held.fit_labels))
+    assert held.test == kept.test and held.test_hash() == kept.test_hash()
+    assert held.manifest()["content_hash"] != kept.manifest()["content_hash"]
+    assert hold_out_val_images(held) is held
+
+
+def test_best_accuracy_refuses_an_identity_with_a_single_image(synthetic_11k):
+    from dataclasses import replace
+
+    from handclip_nb.data.protocols import hold_out_val_images
+
+    records = read_handinfo(synthetic_11k / "HandInfo.csv")
+    protocol = build_11k_protocol(records, "dorsal_r", num_splits=1, val_fraction=0.0)
+    person = protocol.fit_people[0]
+    lonely = [i for i in protocol.fit if protocol.items[i].person != person
+              or i in protocol.val_images]
+    keep = set(lonely)
+    thinned = replace(protocol, fit=lonely,
+                      fit_labels=[k for i, k in zip(protocol.fit, protocol.fit_labels)
+                                  if i in keep])
+    with pytest.raises(DataError, match="single image"):
+        hold_out_val_images(thinned)

@@ -373,3 +373,14 @@ def test_a_non_finite_loss_stops_the_run_naming_its_steps(tmp_path, read_every, 
 def test_read_every_must_be_positive(tmp_path):
     with pytest.raises(ValueError, match="read_every must be a number of steps >= 1, got 0"):
         _steps_loop(tmp_path, 2, read_every=0)
+
+
+@pytest.mark.parametrize("later, kept", [(False, 1), (True, 3)])
+def test_a_tie_keeps_the_first_epoch_unless_ties_keep_later(tmp_path, later, kept):
+    """CLIP-HandID keeps the later of two epochs with the same val accuracy (train_handID.py:180
+    `epoch_acc >= best_acc`); the workbench's AP selection keeps the first."""
+    model, x, y = _toy()
+    loop = _loop(tmp_path, model, x, y, epochs=3, validate=lambda: {"mAP": 50.0})
+    loop.ties_keep_later = later
+    fit = loop.fit(3)
+    assert fit.best_epoch == kept and fit.best_score == 50.0

@@ -143,3 +143,37 @@ def test_sampler_numbers_the_repeated_draws_of_small_identities():
     assert repeated  # identities with 2 or 3 images and K = 4
     for b in batches:
         assert len(set(b)) == len(b)  # no two draws of a batch are the same draw
+
+
+def test_shuffled_batches_drop_the_last_incomplete_one_and_repeat_per_epoch():
+    """CLIP-HandID's batches (train_handID.py:355-356 shuffle=True, :97-98 the incomplete last
+    batch skipped): each epoch a permutation of (seed, epoch), full batches only."""
+    from handclip_nb.data.sampler import ShuffledBatchSampler
+
+    sampler = ShuffledBatchSampler(23, 5, seed=3)
+    assert len(sampler) == 4
+    epochs = []
+    for epoch in (0, 1, 0):
+        sampler.set_epoch(epoch)
+        batches = list(sampler)
+        assert [len(b) for b in batches] == [5] * 4
+        flat = [i for b in batches for i in b]
+        assert len(set(flat)) == 20 and set(flat) <= set(range(23))
+        epochs.append(flat)
+    assert epochs[0] == epochs[2] and epochs[0] != epochs[1]
+    with pytest.raises(ValueError, match="no complete batch"):
+        ShuffledBatchSampler(3, 5)
+
+
+def test_resize_then_random_crop_gives_the_models_input():
+    """train_resize: resize to 256 x 256, then a random 224 x 224 crop (train_handID.py:321-322),
+    no padding; the flip comes after the crop."""
+    pre = PreprocessConfig(image_size=(40, 48), resize_mode="squash", mean=CLIP_MEAN,
+                           std=CLIP_STD)
+    aug = AugmentConfig(pad=0, crop=(32, 40), erasing_p=0.0, color_jitter=0.0, hflip_p=0.5)
+    transform = build_transform(pre, train=True, augment=aug)
+    names = [type(t).__name__ for t in transform.transforms]
+    assert names.index("RandomCrop") < names.index("RandomHorizontalFlip")
+    assert "Pad" not in names
+    image = Image.fromarray(np.random.default_rng(0).integers(0, 255, (60, 80, 3), np.uint8))
+    assert transform(image).shape == (3, 32, 40)

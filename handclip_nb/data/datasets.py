@@ -14,13 +14,14 @@ from PIL import Image
 from torch.utils.data import DataLoader, Dataset
 
 from ..device import default_num_workers, resolve_device
-from ..params import ParamError, held_out_fraction
+from ..params import ParamError, held_out_fraction, holds_out_val_images
 from ..runs import project_root, resolve_path
 from .image_files import open_image
 from .images import ImageSource
 from .custom import build_custom_protocol, custom_source_hash, read_custom
 from .handinfo import DataError, read_handinfo, read_hd
-from .protocols import Protocol, build_11k_protocol, build_hd_protocol, verify_images
+from .protocols import (Protocol, build_11k_protocol, build_hd_protocol, hold_out_val_images,
+                        verify_images)
 from .sampler import Draw
 from .synthetic import generate_dataset
 
@@ -166,8 +167,14 @@ def build_protocol(params: Mapping, verify: bool = True) -> Protocol:
     ``data_root``.  Every random choice of
     the protocol comes from ``params["split_seed"]``, never from the training ``seed``.  With
     ``verify`` every image the protocol references is checked up front; all problems are
-    reported together.
+    reported together.  ``selection='best_accuracy'`` (CLIP-HandID's) takes every training
+    identity's val image out of the fit set (:func:`~.protocols.hold_out_val_images`).
     """
+    protocol = _read_protocol(params, verify)
+    return hold_out_val_images(protocol) if holds_out_val_images(params) else protocol
+
+
+def _read_protocol(params: Mapping, verify: bool) -> Protocol:
     dataset = params["dataset"]
     root = params["data_root"]
     if root is None and dataset == "custom":

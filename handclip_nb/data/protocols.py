@@ -31,7 +31,7 @@ import hashlib
 import json
 import math
 import os
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Callable, Iterable, Sequence
 
@@ -43,7 +43,7 @@ from ..runs import atomic_write_json
 from .handinfo import DataError, HandImage
 from .image_files import HeifSupportMissing, open_file
 
-__all__ = ["Split", "Protocol", "build_11k_protocol", "build_aspect_protocol",
+__all__ = ["Split", "Protocol", "build_11k_protocol", "hold_out_val_images", "build_aspect_protocol",
            "build_fixed_split_protocol", "build_hd_protocol", "sorted_halves", "person_sort_key",
            "find_image_problems", "verify_images", "load_manifest"]
 
@@ -79,12 +79,15 @@ class Protocol:
     test_people: list[str]
     fit: list[int]  # training images of the non-held-out training identities
     fit_labels: list[int]  # 0..num_classes-1, in sorted order of fit identities
-    val_images: list[int]  # MBA-Net: one image per training identity (kept in ``fit``)
+    #: MBA-Net: one image per training identity; kept in ``fit`` unless ``val_held_out``
+    val_images: list[int]
     selection: Split | None
     selection_people: list[str]
     test: list[Split]
     source_hash: str = ""
     extra: dict = field(default_factory=dict)
+    #: the val images are out of ``fit`` (:func:`hold_out_val_images`; CLIP-HandID's selection)
+    val_held_out: bool = False
 
     # ---------------------------------------------------------------- derived views
     @property
@@ -272,6 +275,30 @@ def _assemble(dataset, aspect, gallery_mode, seed, val_fraction, root, items, id
                     test_people=test_people, fit=fit, fit_labels=fit_labels,
                     val_images=val_images, selection=selection, selection_people=held,
                     test=test, source_hash=source_hash)
+
+
+def hold_out_val_images(protocol: Protocol) -> Protocol:
+    """``protocol`` with every training identity's val image taken out of ``fit``: the
+    validation set of CLIP-HandID's model selection (its ``prepare_train_val_test_11k_r_l.py``
+    moves one random image per training identity into ``val/``; ``train_handID.py`` keeps the
+    epoch with the best classification accuracy on them). Labels, identities and test splits
+    are unchanged; an identity left with no training image is refused."""
+    if protocol.val_held_out:
+        return protocol
+    val = set(protocol.val_images)
+    kept = [(i, label) for i, label in zip(protocol.fit, protocol.fit_labels) if i not in val]
+    lonely = sorted({label for label in protocol.fit_labels} - {label for _, label in kept})
+    if lonely:
+        people = [protocol.fit_people[label] for label in lonely]
+        raise DataError(f"{protocol.dataset} aspect {protocol.aspect}: {len(people)} training "
+                        f"identities have a single image (e.g. {people[:3]}), which "
+                        f"selection='best_accuracy' holds out for validation, leaving nothing "
+                        f"to train on; use selection 'last' or 'best', or add images")
+    fitted = set(protocol.fit_people)  # a 'best'/'retrain' hold-out identity validates elsewhere
+    return replace(protocol, fit=[i for i, _ in kept], fit_labels=[label for _, label in kept],
+                   val_images=[i for i in protocol.val_images
+                               if protocol.items[i].person in fitted],
+                   val_held_out=True)
 
 
 def build_11k_protocol(records: Sequence[HandImage], aspect: str, root: str | os.PathLike = "",

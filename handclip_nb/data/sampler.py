@@ -1,6 +1,7 @@
-"""P×K identity sampler: every batch holds P identities with K images each.
+"""Batch samplers: P×K (every batch holds P identities with K images each), and the plain
+shuffled batches of CLIP-HandID (:class:`ShuffledBatchSampler`).
 
-Without it most anchors of a batch-hard triplet loss have no positive in the batch
+Without P×K most anchors of a batch-hard triplet loss have no positive in the batch
 (docs/mistakes.md #7).  Identities with fewer than K images are sampled with replacement.  An epoch
 visits every identity's images in chunks of K (torchreid's RandomIdentitySampler design), and
 the order depends only on (seed, epoch), so a resumed run draws the same batches.
@@ -19,7 +20,7 @@ from typing import Iterable, Iterator, NamedTuple, Sequence
 import numpy as np
 from torch.utils.data import Sampler
 
-__all__ = ["PKSampler", "Draw", "number_draws"]
+__all__ = ["PKSampler", "ShuffledBatchSampler", "Draw", "number_draws"]
 
 
 class Draw(NamedTuple):
@@ -105,3 +106,31 @@ class PKSampler(Sampler[list[Draw]]):
 
     def __len__(self) -> int:
         return len(self._batches())
+
+
+class ShuffledBatchSampler(Sampler):
+    """Plain shuffled batches of ``batch_size`` items, the last incomplete one dropped: what
+    CLIP-HandID trains on (``train_handID.py``: ``DataLoader(shuffle=True)`` and ``if
+    now_batch_size < args.batch_size: continue``), no identity structure. The order is a
+    permutation drawn from (``seed``, epoch) alone, so a resumed run draws the same batches."""
+
+    def __init__(self, size: int, batch_size: int, seed: int = 0):
+        if int(batch_size) < 1:
+            raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+        if int(size) < int(batch_size):
+            raise ValueError(f"{size} training images make no complete batch of {batch_size} "
+                             f"(the last incomplete batch is dropped, as CLIP-HandID does); "
+                             f"lower batch_size")
+        self.size, self.batch_size, self.seed = int(size), int(batch_size), int(seed)
+        self.epoch = 0
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = int(epoch)
+
+    def __iter__(self) -> Iterator[list[int]]:
+        order = np.random.default_rng([self.seed, self.epoch]).permutation(self.size).tolist()
+        for start in range(0, len(self) * self.batch_size, self.batch_size):
+            yield order[start:start + self.batch_size]
+
+    def __len__(self) -> int:
+        return self.size // self.batch_size

@@ -64,6 +64,9 @@ class AugmentConfig:
     erasing_p: float = 0.5
     color_jitter: float = 0.2  # brightness/contrast/saturation strength; 0 disables
     hflip_p: float = 0.0  # a flipped right hand is a left hand: off unless asked for
+    #: (height, width) of a random crop taken right after the resize, from images resized
+    #: larger than the model's input (CLIP-HandID: 256 x 256 -> 224 x 224); None = no crop
+    crop: tuple[int, int] | None = None
 
 
 def resize_step(preprocess: PreprocessConfig):
@@ -123,6 +126,8 @@ def build_transform(preprocess: PreprocessConfig, train: bool = False,
         return T.Compose([to_rgb, resize, T.ToTensor(), normalize])
     aug = augment or AugmentConfig()
     steps = [to_rgb, resize]
+    if aug.crop is not None:
+        steps.append(T.RandomCrop((int(aug.crop[0]), int(aug.crop[1]))))
     if aug.hflip_p > 0:
         steps.append(T.RandomHorizontalFlip(aug.hflip_p))
     if aug.pad > 0:

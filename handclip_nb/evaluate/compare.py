@@ -41,14 +41,14 @@ __all__ = ["RUN_STAGES", "RunEvaluation", "check_evaluable", "default_run_dirs",
            "cmc_curves", "evaluation_record"]
 
 #: Stages whose run folders hold an image model worth ranking with.
-RUN_STAGES = ("stage0", "stage2", "stage3")
+RUN_STAGES = ("stage0", "stage2", "stage3", "handid")
 
 
 def default_run_dirs(params: Mapping) -> list[Path]:
-    """The finished stage-2 and stage-3 runs in these parameters' default folders (same
-    dataset, aspect, backbone and seed), for an evaluation notebook run without ``runs``."""
+    """The finished stage-2, stage-3 and CLIP-HandID runs in these parameters' default folders
+    (same dataset, aspect, backbone and seed), for an evaluation notebook run without ``runs``."""
     found = []
-    for stage in ("stage2", "stage3"):
+    for stage in ("stage2", "stage3", "handid"):
         folder = resolve_path(default_output_dir(params, stage))
         if (folder / METRICS_FILE).is_file() and (folder / BEST_CHECKPOINT).is_file():
             found.append(folder)

@@ -55,9 +55,9 @@ __all__ = ["STAGE_METHODS", "PAPER_STAGES", "PROTOCOL_ORDER", "RESULTS_FILE", "S
 
 #: How each stage is named in the tables (rows of the paper table).
 STAGE_METHODS = {"stage0": "zero-shot CLIP", "stage1": "CLIP-ReID prompts (stage 1)",
-                 "stage2": "CLIP-ReID", "stage3": "PromptSG"}
+                 "stage2": "CLIP-ReID", "stage3": "PromptSG", "handid": "CLIP-HandID"}
 #: The stages the paper table and the gains show: stage 1 would repeat zero-shot CLIP.
-PAPER_STAGES = ("stage0", "stage2", "stage3")
+PAPER_STAGES = ("stage0", "stage2", "stage3", "handid")
 #: Column order of the paper table; other protocols (``custom/...``) follow, sorted.
 PROTOCOL_ORDER = tuple(domain_name("11k", a) for a in ASPECTS) + (domain_name("hd", None),)
 #: The grid's table, in the grid folder.

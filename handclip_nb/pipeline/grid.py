@@ -62,9 +62,10 @@ __all__ = ["GRID_STAGES", "STAGE_NOTEBOOKS", "SLURM_KEYS", "BASE_DEFAULT", "LINK
            "check_slurm_options"]
 
 #: Stages a grid may run, in dependency order, and their notebooks.
-GRID_STAGES = ("stage0", "stage1", "stage2", "stage3")
+GRID_STAGES = ("stage0", "stage1", "stage2", "stage3", "handid")
 STAGE_NOTEBOOKS = {"stage0": "stage0_zeroshot.ipynb", "stage1": "stage1_prompt.ipynb",
-                   "stage2": "stage2_image.ipynb", "stage3": "stage3.ipynb"}
+                   "stage2": "stage2_image.ipynb", "stage3": "stage3.ipynb",
+                   "handid": "stage_handid.ipynb"}
 
 #: The key of a ``base:`` mapping whose file serves every stage without an entry of its own.
 BASE_DEFAULT = "default"

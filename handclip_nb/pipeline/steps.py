@@ -49,7 +49,7 @@ PARAMS_DIR = Path(__file__).resolve().parents[2] / "params"
 NOTEBOOK_STAGES = {
     "pretrain_mini.ipynb": "pretrain", "stage0_zeroshot.ipynb": "stage0",
     "stage1_prompt.ipynb": "stage1", "stage2_image.ipynb": "stage2", "stage3.ipynb": "stage3",
-    "evaluation.ipynb": "evaluation", "attention.ipynb": "attention",
+    "stage_handid.ipynb": "handid", "evaluation.ipynb": "evaluation", "attention.ipynb": "attention",
     "search.ipynb": "search",
 }
 #: Notebooks that are no stage of the parameter schema: the grid's results table reads a grid
@@ -340,6 +340,6 @@ def demo_table(run_dirs: Sequence[Path]):
     """The comparison table of the runs that rank hands (their own ``metrics.json``)."""
     ranked = [d for d in run_dirs
               if (d / "metrics.json").is_file()
-              and read_metrics(d)["stage"] in ("stage0", "stage2", "stage3")]
+              and read_metrics(d)["stage"] in ("stage0", "stage2", "stage3", "handid")]
     table = comparison_table(ranked)
     return table, format_table(table)

@@ -266,6 +266,7 @@ class TrainLoop:
                  optimizer: torch.optim.Optimizer, scheduler, step: Callable[[Any], dict],
                  batches: Callable[[int], Iterable], validate: Callable[[], dict] | None = None,
                  select_metric: str = "mAP", eval_every: int = 1, patience: int | None = None,
+                 ties_keep_later: bool = False,
                  grad_clip: float | None = None, device: torch.device | str = "cpu",
                  amp: bool = False, precision: Precision | None = None,
                  params: Mapping[str, Any] | None = None,
@@ -287,6 +288,9 @@ class TrainLoop:
         self.optimizer, self.scheduler = optimizer, scheduler
         self.step, self.batches, self.validate = step, batches, validate
         self.select_metric, self.eval_every, self.patience = select_metric, eval_every, patience
+        # a validated epoch that equals the best so far replaces it (CLIP-HandID's `>=`,
+        # train_handID.py) instead of the first one staying
+        self.ties_keep_later = bool(ties_keep_later)
         self.grad_clip = grad_clip
         self.device = torch.device(device)
         # ``amp`` alone means fp16 on CUDA; CPU trains in fp32 unless ``precision`` says
@@ -493,7 +497,8 @@ class TrainLoop:
                 with torch.no_grad():
                     record["val"] = {k: float(v) for k, v in self.validate().items()}
                 score = record["val"][self.select_metric]
-                if not best or score > best["score"]:
+                if not best or score > best["score"] or (self.ties_keep_later
+                                                         and score == best["score"]):
                     best = {"epoch": epoch + 1, "score": score, "metric": self.select_metric}
                     best_state = clone_state(self.modules)
                     self._save(self.best_path, epoch + 1, history + [record], best, best_state,
@@ -634,7 +639,7 @@ def _summary(stage: str, record: dict, epochs: int, best: dict) -> str:
             + (f" ({parts})" if parts else "") + f" · lr {record['lr']:.2e}")
     if "val" in record:
         text += " · val " + " ".join(f"{k} {record['val'][k]:.1f}"
-                                     for k in ("rank1", "mAP") if k in record["val"])
+                                     for k in ("rank1", "mAP", "accuracy") if k in record["val"])
         if best and best.get("epoch") == record["epoch"]:
             text += " *best*"
     return text + f" · {record.get('seconds', 0):.1f} s"

@@ -36,7 +36,8 @@ from .loop import FitResult, TrainLoop, clone_state, compiled, run_precision
 from .schedulers import image_stage_scheduler
 
 __all__ = ["Stage2Result", "ImageModelParts", "train_stage2", "fit_image_model", "evaluate_model",
-           "reid_loss", "train_batches", "validate_selection", "selection_record",
+           "reid_loss", "train_batches", "validate_selection", "validate_accuracy",
+           "selection_record",
            "load_stage1_prompts", "image_param_groups"]
 
 
@@ -154,6 +155,31 @@ def validate_selection(model, protocol: Protocol, params: Mapping, device,
     return {k: v["mean"] for k, v in res.summary.items()}
 
 
+def validate_accuracy(classify: Callable, protocol: Protocol, params: Mapping, device,
+                      backbone) -> dict:
+    """``{"accuracy": percent}``: top-1 accuracy of ``classify`` (images -> logits over the fit
+    identities) on the held-out val images, one per *training* identity
+    (``selection='best_accuracy'``, CLIP-HandID's ``train_handID.py`` val phase). Every val
+    image counts; no test image is read."""
+    if not protocol.val_held_out:
+        raise ValueError("validate_accuracy reads the val images, which this protocol still "
+                         "trains on: build it with selection='best_accuracy' "
+                         "(build_protocol(params))")
+    label_of = {person: label for label, person in enumerate(protocol.fit_people)}
+    images = protocol.val_images
+    labels = [label_of[protocol.items[i].person] for i in images]
+    source = image_source(backbone.preprocess_config(), params)
+    loader = make_loader(ImageListDataset(protocol.paths(images), labels, source), device,
+                         params["num_workers"], batch_size=params["batch_size"], shuffle=False)
+    precision = run_precision(params, device)
+    correct = 0
+    for batch, targets, _ in loader:
+        with precision.autocast():
+            logits = classify(batch.to(device, non_blocking=True))
+        correct += int((logits.argmax(dim=1).cpu() == targets).sum())
+    return {"accuracy": 100.0 * correct / max(1, len(images))}
+
+
 def train_stage2(params: Mapping, output_dir: str | Path, protocol: Protocol, backbone,
                  learner, callbacks: Iterable[Callable[[dict], None]] = (),
                  progress: bool = True) -> Stage2Result:
@@ -211,6 +237,10 @@ class ImageModelParts:
     optimizer: torch.optim.Optimizer
     step: Callable
     encode: Callable
+    #: ``batches(epoch)`` for the loop; None = stage 2's P×K batches (:func:`train_batches`)
+    batches: Callable | None = None
+    #: images -> identity logits, for ``selection='best_accuracy'`` (None: not offered)
+    classify: Callable | None = None
 
 
 def fit_image_model(stage: str, params: Mapping, output_dir, protocol: Protocol, backbone,
@@ -225,7 +255,11 @@ def fit_image_model(stage: str, params: Mapping, output_dir, protocol: Protocol,
       validated on them every ``eval_every`` epochs and the best epoch is kept;
     * ``retrain`` -- as ``best`` in ``output_dir/selection/`` to choose the number of epochs,
       then ``backbone``'s image encoder is reset and the model retrained from scratch on every
-      training identity for that many epochs; the last epoch is kept.
+      training identity for that many epochs; the last epoch is kept;
+    * ``best_accuracy`` -- CLIP-HandID's: every training identity is fitted except one image
+      each (``protocol.val_images``, held out by ``build_protocol``); ``classify`` is validated
+      on them and the epoch with the best top-1 accuracy is kept, a tie going to the later
+      epoch (``train_handID.py``: ``epoch_acc >= best_acc``).
 
     Test identities are touched by none of them. Returns (fit, model, the protocol the kept
     model was fitted on); ``checkpoints/best.pt`` holds the kept state in every case.
@@ -236,12 +270,17 @@ def fit_image_model(stage: str, params: Mapping, output_dir, protocol: Protocol,
     if policy in ("best", "retrain") and protocol.selection is None:
         raise ValueError(f"selection={policy!r} chooses epochs on held-out training identities: "
                          f"set val_fraction > 0 (default 0.2), or use selection='last'")
-    if policy == "last" and protocol.selection is not None:
-        raise ValueError("selection='last' fits every training identity, but the protocol holds "
+    if policy == "best_accuracy" and not protocol.val_held_out:
+        raise ValueError("selection='best_accuracy' validates on every training identity's val "
+                         "image, which this protocol still trains on; build it with the same "
+                         "parameters (build_protocol(params))")
+    if policy in ("last", "best_accuracy") and protocol.selection is not None:
+        raise ValueError(f"selection={policy!r} fits every training identity, but the protocol holds "
                          "some out; build it with the same parameters (build_protocol(params))")
     if policy != "retrain":
         fit, model = _fit_once(stage, params, output_dir, protocol, build,
-                               validate=policy == "best", epochs=params["epochs"],
+                               validate=policy in ("best", "best_accuracy"),
+                               epochs=params["epochs"],
                                callbacks=callbacks, progress=progress)
         return fit, model, protocol
     backbone_start = clone_state({"visual": backbone.visual})
@@ -273,13 +312,23 @@ def _fit_once(stage, params, output_dir, protocol, build, *, validate: bool, epo
     scheduler = image_stage_scheduler(optimizer, params)  # lr_schedule, warmup_factor
     meta = {"backbone": model.backbone.name, "num_classes": protocol.num_classes,
             "classifier": params["classifier"], "splits": protocol.source_hash}
-    check = (lambda: validate_selection(model, protocol, params, device, parts.encode)) \
-        if validate else None
+    by_accuracy = params["selection"] == "best_accuracy"
+    if by_accuracy and parts.classify is None:
+        raise ValueError(f"selection='best_accuracy' needs a classifier to validate; {stage} "
+                         f"offers none: use 'best' (held-out mAP)")
+    check = None
+    if validate and by_accuracy:
+        def check():
+            return validate_accuracy(parts.classify, protocol, params, device, model.backbone)
+    elif validate:
+        def check():
+            return validate_selection(model, protocol, params, device, parts.encode)
+    batches = parts.batches or train_batches(params, protocol, model.backbone, device)
     loop = TrainLoop(stage=stage, output_dir=output_dir, modules=modules, optimizer=optimizer,
-                     scheduler=scheduler, step=parts.step,
-                     batches=train_batches(params, protocol, model.backbone, device),
-                     validate=check, select_metric=AP_METRIC[params["ap_mode"]],
-                     eval_every=params["eval_every"],
+                     scheduler=scheduler, step=parts.step, batches=batches,
+                     validate=check,
+                     select_metric="accuracy" if by_accuracy else AP_METRIC[params["ap_mode"]],
+                     ties_keep_later=by_accuracy, eval_every=params["eval_every"],
                      patience=(params["patience"] or None) if validate else None,
                      grad_clip=params["grad_clip"] or None, device=device,
                      precision=run_precision(params, device),
