@@ -168,7 +168,7 @@ def test_checkpoint_minutes_writes_after_the_step_the_time_passed(tmp_path, monk
 
 def test_checkpoint_settings_are_training_parameters_outside_the_run_identity():
     for name in ("checkpoint_every", "checkpoint_minutes"):
-        assert set(SCHEMA[name].stages) == {"pretrain", "stage1", "stage2", "stage3"}
+        assert set(SCHEMA[name].stages) == {"pretrain", "stage1", "stage2", "stage3", "handid"}
     from handclip_nb.params import resolve_params
 
     base = resolve_params({}, stage="stage2")
