@@ -38,7 +38,7 @@ from handclip_nb.pipeline.grid import expand_grid, load_grid  # noqa: E402
 __all__ = ["CAMPAIGN_GRIDS", "PROTOCOL_IMAGES", "DATASET_PHOTOS", "CampaignRun", "Measurements", "campaign_runs",
            "protocol_images", "project", "run_seconds", "checkpoint_count"]
 
-#: The campaign: CLIP-FH's 11k and HD tables.
+#: The campaign: CLIP-FH's 11k and HD tables, with CLIP-HandID's rows (stage ``handid``).
 CAMPAIGN_GRIDS = ("params/grids/clipfh-11k.yaml", "params/grids/clipfh-hd.yaml")
 
 #: Images per protocol (dataset, aspect; P, K of stage 2/3 = 16, 4), from the real metadata
@@ -49,17 +49,19 @@ CAMPAIGN_GRIDS = ("params/grids/clipfh-11k.yaml", "params/grids/clipfh-hd.yaml")
 #: epoch draws (the sampler's epoch 0: whole chunks of K per identity, whole batches of P),
 #: ``eval_fitted`` / ``eval_zero_shot`` the images encoded once to evaluate a trained / an
 #: untrained model (every test split, the model-selection split and the open-set calibration
-#: split, each image once). tests/test_benchmarks.py recomputes them.
+#: split, each image once); ``train_ids`` the training identities (CLIP-HandID's
+#: ``selection: best_accuracy`` holds one image of each out of training and classifies them
+#: after every epoch). tests/test_benchmarks.py recomputes them.
 PROTOCOL_IMAGES: dict[tuple[str, str], dict[str, int]] = {
-    ("11k", "dorsal_r"): {"train": 962, "pk_epoch": 768, "eval_fitted": 2784,
+    ("11k", "dorsal_r"): {"train": 962, "train_ids": 72, "pk_epoch": 768, "eval_fitted": 2784,
                           "eval_zero_shot": 3508},
-    ("11k", "dorsal_l"): {"train": 808, "pk_epoch": 576, "eval_fitted": 2672,
+    ("11k", "dorsal_l"): {"train": 808, "train_ids": 73, "pk_epoch": 576, "eval_fitted": 2672,
                           "eval_zero_shot": 3344},
-    ("11k", "palmar_r"): {"train": 977, "pk_epoch": 704, "eval_fitted": 2681,
+    ("11k", "palmar_r"): {"train": 977, "train_ids": 72, "pk_epoch": 704, "eval_fitted": 2681,
                           "eval_zero_shot": 3480},
-    ("11k", "palmar_l"): {"train": 1004, "pk_epoch": 768, "eval_fitted": 2729,
+    ("11k", "palmar_l"): {"train": 1004, "train_ids": 76, "pk_epoch": 768, "eval_fitted": 2729,
                           "eval_zero_shot": 3503},
-    ("hd", "dorsal"): {"train": 2407, "pk_epoch": 1984, "eval_fitted": 4063,
+    ("hd", "dorsal"): {"train": 2407, "train_ids": 251, "pk_epoch": 1984, "eval_fitted": 4063,
                        "eval_zero_shot": 5992},
 }
 
@@ -81,6 +83,7 @@ class CampaignRun:
     epochs: int
     p_ids: int = 0
     k_images: int = 0
+    batch_size: int = 0
 
 
 def _aspect_key(values: Mapping) -> tuple[str, str]:
@@ -100,7 +103,8 @@ def campaign_runs(grids: Sequence[str | Path] = CAMPAIGN_GRIDS) -> list[Campaign
                 grid=path.stem, name=run.name, stage=run.stage, backbone=str(values["backbone"]),
                 dataset=dataset, aspect=aspect,
                 epochs=int(values.get("epochs", 0)) if run.stage != "stage0" else 0,
-                p_ids=int(values.get("p_ids", 0) or 0), k_images=int(values.get("k_images", 0) or 0)))
+                p_ids=int(values.get("p_ids", 0) or 0), k_images=int(values.get("k_images", 0) or 0),
+                batch_size=int(values.get("batch_size", 0) or 0)))
     return out
 
 
@@ -128,7 +132,8 @@ def protocol_images(dataset: str, aspect: str, records, p_ids: int = 16, k_image
     def encoded(fitted: bool) -> int:
         return len(needed_indices(splits + [calibration_split(protocol, fitted)[0]]))
 
-    return {"train": len(train_labels), "pk_epoch": len(sampler) * p_ids * k_images,
+    return {"train": len(train_labels), "train_ids": len(train_people),
+            "pk_epoch": len(sampler) * p_ids * k_images,
             "eval_fitted": encoded(True), "eval_zero_shot": encoded(False)}
 
 
@@ -169,6 +174,9 @@ def run_seconds(run: CampaignRun, m: Measurements,
       cached features through prompt learning, then encode ``eval_zero_shot`` (its image
       encoder never trained);
     * stages 2 and 3: ``epochs`` x ``pk_epoch`` training images, then ``eval_fitted``;
+    * ``handid``: ``epochs`` x the whole batches of ``batch_size`` in ``train`` less one held-out
+      image per identity (plain shuffled batches, the last incomplete one dropped), the
+      ``train_ids`` held-out images encoded after every epoch, then ``eval_fitted``;
     * host: start-up + compile, and for stages 2 and 3 the checkpoints the loop writes: one
       ``last.pt`` per ``checkpoint_every`` epochs (when set; else the one at the end of
       training), one per ``checkpoint_minutes`` of the run's GPU time, and ``best.pt`` (a third
@@ -183,8 +191,14 @@ def run_seconds(run: CampaignRun, m: Measurements,
                + run.epochs * sizes["train"] / m.train_images_s[("stage1", run.backbone)]
                + sizes["eval_zero_shot"] / extract)
         return gpu, host
-    gpu = (run.epochs * sizes["pk_epoch"] / m.train_images_s[(run.stage, run.backbone)]
-           + sizes["eval_fitted"] / extract)
+    if run.stage == "handid":
+        fitted = sizes["train"] - sizes["train_ids"]
+        epoch_images = fitted // run.batch_size * run.batch_size
+        gpu = (run.epochs * epoch_images / m.train_images_s[("handid", run.backbone)]
+               + run.epochs * sizes["train_ids"] / extract + sizes["eval_fitted"] / extract)
+    else:
+        gpu = (run.epochs * sizes["pk_epoch"] / m.train_images_s[(run.stage, run.backbone)]
+               + sizes["eval_fitted"] / extract)
     return gpu, host + checkpoint_count(run.epochs, gpu, m) * m.checkpoint_s
 
 

@@ -670,6 +670,11 @@ def projection_inputs(sections: dict, plan: Plan) -> campaign.Measurements:
         m.train_images_s[("stage3", backbone)] = m.train_images_s[("stage2", backbone)] * ratio
     m.assumed.append(f"stage 3 / stage 2 speed {ratio:.2f} (ViT-B/16, stages section) for RN50 "
                      f"too")
+    for backbone in ("vitb16", "rn50"):
+        m.train_images_s[("handid", backbone)] = m.train_images_s[("stage2", backbone)]
+    m.assumed.append("CLIP-HandID at stage 2's rate: the same image tower forward and backward; "
+                     "its text encoder runs forward only in the reference recipe (the released "
+                     "behaviour, no gradient to the inversion MLP)")
     base = None
     for row in sections.get("concurrency", {}).get("rows", []):
         if row.get("completed") == row["k"] and not row.get("out_of_memory"):
@@ -692,7 +697,7 @@ def projection_inputs(sections: dict, plan: Plan) -> campaign.Measurements:
     else:
         m.assumed.append("checkpoints free: the checkpoint section did not run")
     m.assumed.append("stage 3's checkpoint costs stage 2's (the ViT-B/16 one measured) and "
-                     "RN50's too; one per epoch")
+                     "RN50's too, and CLIP-HandID's; the schema's checkpoint defaults")
     m.decode_once_s = CAMPAIGN_PHOTOS / DECODE_PHOTOS_PER_S
     m.assumed.append(f"the decoded-image cache filled once, {CAMPAIGN_PHOTOS} photos at "
                      f"{DECODE_PHOTOS_PER_S:.0f}/s (8 workers at this CPU's rate)")
