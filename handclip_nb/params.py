@@ -83,6 +83,8 @@ TEXT_LOGIT_FORMS = ("cosine", "raw")
 #: CLIP-HandID's pseudo-token in the prompt (``models.handid.TOKEN_MODES``; a test keeps them
 #: equal): ``whole`` = the paper's, ``mean`` = the released code's scalar broadcast.
 HANDID_TOKEN_MODES = ("whole", "mean")
+#: CLIP-HandID's BNNeck heads (``models.handid.HEAD_MODES``; the same test keeps them equal).
+HANDID_HEAD_MODES = ("two", "projected")
 TRIPLET_FEATURE_SETS = ("two", "clipreid")
 LR_SCHEDULES = ("workbench", "clipreid")
 
@@ -426,6 +428,11 @@ SCHEMA: dict[str, ParamSpec] = {
               "pseudo-token (the paper's); 'mean' = its released code's mean of the token, one "
               "scalar broadcast over the embedding", choices=HANDID_TOKEN_MODES,
               stages=("handid",)),
+        _spec("handid_heads", "str", "two",
+              "CLIP-HandID's BNNeck heads: 'two' = one on the encoder's CLS / pooled feature "
+              "and one on the projected feature, ID loss on both, the two BN outputs ranked "
+              "(its code); 'projected' = the projected feature's alone (an ablation)",
+              choices=HANDID_HEAD_MODES, stages=("handid",)),
         _spec("handid_supcon_weight", "float", 1.0,
               "CLIP-HandID: weight of the image-to-text + text-to-image SupCon loss (1 in its "
               "code)", minimum=0.0, stages=("handid",)),

@@ -331,6 +331,7 @@ def _load_handid(folder: Path, params: Mapping, backbone) -> dict:
     model = HandIDModel(backbone, int(meta["num_classes"]),
                         inversion_grad=params.get("handid_inversion_grad", True),
                         token=params.get("handid_token", "whole"),
+                        heads=params.get("handid_heads", "two"),
                         classifier=meta["classifier"]).to(params["device"])
     _load_trained(folder, ckpt, model)
     return {"model": model, "encode": model.embed, "cache_tag": _cache_tag("handid", None, ckpt),

@@ -97,6 +97,37 @@ def test_the_inversion_mlp_shape_and_layers():
         HandIDModel(build_backbone("tiny-vit", seed=0), 3, token="first")
 
 
+def test_the_one_head_ablation_keeps_the_projected_features_head_alone():
+    """``handid_heads="projected"``: one BNNeck + classifier, on the projected feature; the ID
+    loss, the validation accuracy and the ranking feature all come from it."""
+    bb = build_backbone("tiny-vit", seed=0)
+    torch.manual_seed(0)
+    two = HandIDModel(bb, 4)
+    torch.manual_seed(0)
+    one = HandIDModel(bb, 4, heads="projected")
+    assert two.head.in_dims == (bb.visual_width, bb.embed_dim)
+    assert one.head.in_dims == (bb.embed_dim,)
+    images, targets = torch.randn(8, 3, *bb.image_size), torch.arange(4).repeat(2)
+    one.train()
+    out = one(images, targets)
+    assert len(out.head.logits) == 1 and out.head.logits[0].shape == (8, 4)
+    params = {"label_smoothing": 0.1, "text_logits": "raw", "id_weight": 1.0,
+              "handid_supcon_weight": 1.0}
+    parts = handid_loss(out, targets, params, bb.logit_scale.exp())
+    parts["loss"].backward()
+    assert one.head.classifiers[0].weight.grad is not None
+    one.eval()
+    with torch.no_grad():
+        feats = bb.encode_image(images)
+        bn = one.head.necks[0](feats.global_embedding)
+        assert torch.allclose(one.embed(images), bn)
+        assert torch.allclose(one.classify(images), one.head.classifiers[0](bn))
+        assert one.embed(images).shape == (8, bb.embed_dim)
+        assert two.eval().embed(images).shape == (8, bb.visual_width + bb.embed_dim)
+    with pytest.raises(ValueError, match="handid_heads"):
+        HandIDModel(bb, 4, heads="cls")
+
+
 def test_best_accuracy_is_handids_policy_only():
     with pytest.raises(ParamError, match="CLIP-HandID"):
         resolve_params({"selection": "best_accuracy"}, stage="stage2")
@@ -182,21 +213,25 @@ def test_handid_reads_no_test_image_under_any_selection_policy(hands, tmp_path, 
 
 
 @pytest.mark.slow
-def test_a_handid_run_folder_rebuilds_its_model(hands, tmp_path):
+@pytest.mark.parametrize("heads", ["two", "projected"])
+def test_a_handid_run_folder_rebuilds_its_model(hands, tmp_path, heads):
     """The run loader rebuilds the kept model from params.yaml and best.pt: the same ranking
-    feature, the BN outputs of the two branches."""
+    feature, the BN outputs of the two branches (of the one, under ``handid_heads:
+    projected``)."""
     p = run_params("handid", tmp_path / "h", hands, epochs=1, lr=3e-3, lr_new=3e-2,
-                   batch_size=16, **RELEASED)
+                   batch_size=16, handid_heads=heads, **RELEASED)
     protocol = build_protocol(p)
     start_run(p)
     bb = build_backbone("tiny-vit", image_size=p.image_size, seed=0)
     result = train_handid(p, p.output_dir, protocol, bb, progress=False)
     loaded = load_run(p.output_dir, stages=("handid",), require_finished=False)
     assert loaded.model.token == "mean" and not loaded.model.inversion_grad
+    assert loaded.model.heads == heads
     images = torch.randn(3, 3, *bb.image_size)
     with torch.no_grad():
         want = result.model.eval().embed(images)
         got = loaded.encode(images)
-        bn = result.model.head(bb.encode_image(images)).bn_features
+        bn = result.model._head(bb.encode_image(images)).bn_features
+    assert len(bn) == (2 if heads == "two" else 1)
     assert torch.allclose(got, want, atol=1e-5)
     assert torch.allclose(want, torch.cat(bn, dim=1))

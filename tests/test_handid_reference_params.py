@@ -82,6 +82,9 @@ REFERENCE: list[Ref] = [
         "T:255 --ls True; T:432-433 LabelSmoothingCrossEntropyLoss(); L:31 epsilon 0.1"),
     Ref("handid_supcon_weight", 1.0, 1.0, "T:131-135 loss = loss_i2t + loss_t2i + loss"),
     Ref("text_logits", "raw", "raw", "S:13 temperature 1.0, S:21 raw dot products"),
+    Ref("handid_heads", "two", "two",
+        "M:100-125 bottleneck + classifier on the CLS feature, bottleneck_proj + "
+        "classifier_proj on the projected one; ID loss on both (T:121-123)"),
     Ref("classifier", "linear", "linear", "M:108-111 nn.Linear(bias=False), std 0.001 (M:34)"),
     Ref("handid_inversion_grad", False, False,
         "M:376 @torch.no_grad() on encode_text_with_placeholders (and M:426)"),
@@ -189,6 +192,7 @@ def test_fixed_parts_of_the_recipe_in_code():
     assert kinds == ["Linear", "LayerNorm", "GELU", "Dropout"] * 2 + ["Linear", "LayerNorm"]
     assert mlp.hidden == 32 and mlp[3].p == 0.5 and mlp[7].p == 0.5
     assert params_mod.HANDID_TOKEN_MODES == handid_mod.TOKEN_MODES
+    assert params_mod.HANDID_HEAD_MODES == handid_mod.HEAD_MODES
 
 
 @pytest.mark.parametrize("backbone", BACKBONES)

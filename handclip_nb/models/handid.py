@@ -36,7 +36,7 @@ from .backbones import ClipBackbone, ImageFeatures
 from .heads import ReIDHead, ReIDHeadOutput
 from .prompts import PromptComposer
 
-__all__ = ["HANDID_TEMPLATE", "HANDID_PLACEHOLDER", "TOKEN_MODES", "InversionMLP",
+__all__ = ["HANDID_TEMPLATE", "HANDID_PLACEHOLDER", "TOKEN_MODES", "HEAD_MODES", "InversionMLP",
            "HandIDOutput", "HandIDModel"]
 
 #: CLIP-HandID's prompt (``encode_text_with_placeholders``: "A photo of a sks hand", no period)
@@ -45,6 +45,8 @@ HANDID_TEMPLATE = "A photo of a {token} hand"
 HANDID_PLACEHOLDER = "sks"
 #: valid ``token`` values: the paper's whole pseudo-token, or the released code's mean
 TOKEN_MODES = ("whole", "mean")
+#: The BNNeck heads: both of CLIP-HandID's code, or (an ablation) the projected feature's alone.
+HEAD_MODES = ("two", "projected")
 
 
 class InversionMLP(nn.Sequential):
@@ -92,7 +94,7 @@ class HandIDModel(nn.Module):
     the text tower stays frozen and is rebuilt from the backbone."""
 
     def __init__(self, backbone: ClipBackbone, num_classes: int, inversion_grad: bool = True,
-                 token: str = "whole", classifier: str = "linear"):
+                 token: str = "whole", classifier: str = "linear", heads: str = "two"):
         super().__init__()
         if not isinstance(backbone, ClipBackbone):
             raise TypeError(f"expected a ClipBackbone, got {type(backbone).__name__}")
@@ -100,15 +102,19 @@ class HandIDModel(nn.Module):
             raise ValueError(f"unknown handid_token {token!r}; valid: {', '.join(TOKEN_MODES)} "
                              f"('whole' = the paper's pseudo-token, 'mean' = the released "
                              f"code's scalar mean)")
+        if heads not in HEAD_MODES:
+            raise ValueError(f"unknown handid_heads {heads!r}; valid: {', '.join(HEAD_MODES)} "
+                             f"('two' = CLIP-HandID's CLS and projected heads, 'projected' = "
+                             f"the projected feature's alone)")
         self.backbone = backbone
-        self.inversion_grad, self.token = bool(inversion_grad), token
+        self.inversion_grad, self.token, self.heads = bool(inversion_grad), token, heads
         self.composer = PromptComposer(backbone, template=HANDID_TEMPLATE, aspect=None,
                                        placeholder=HANDID_PLACEHOLDER,
                                        simplified_template="A photo of a hand")
         dim = backbone.embed_dim
         self.inversion = InversionMLP(dim, self.composer.width)
-        self.head = ReIDHead((backbone.visual_width, dim), num_classes, classifier=classifier,
-                             test_feature="post_bn")
+        in_dims = (backbone.visual_width, dim) if heads == "two" else (dim,)
+        self.head = ReIDHead(in_dims, num_classes, classifier=classifier, test_feature="post_bn")
         for m in (self.inversion, self.head):
             m.to(backbone.device)
 
@@ -150,24 +156,29 @@ class HandIDModel(nn.Module):
         with torch.set_grad_enabled(torch.is_grad_enabled() and self.inversion_grad):
             return self.composer(self.slot_embedding(tokens))
 
+    def _head(self, feats: ImageFeatures, targets: Optional[torch.Tensor] = None):
+        if self.heads == "two":
+            return self.head(feats, targets)
+        return self.head([feats.global_embedding], targets)
+
     def forward(self, images: torch.Tensor, targets: Optional[torch.Tensor] = None
                 ) -> HandIDOutput:
         feats = self.backbone.encode_image(images)
-        head = self.head(feats, targets)
+        head = self._head(feats, targets)
         tokens = self.inversion(feats.global_embedding)
         return HandIDOutput(features=feats, head=head, tokens=tokens,
                             text=self.text_features(tokens))
 
     def embed(self, images: torch.Tensor) -> torch.Tensor:
-        """Ranking feature [B, C + D]: the two BN outputs (not L2-normalised; the text side is
-        not run)."""
-        return self.head(self.backbone.encode_image(images)).embedding_for_test
+        """Ranking feature [B, C + D]: the two BN outputs ([B, D] with ``heads="projected"``;
+        not L2-normalised; the text side is not run)."""
+        return self._head(self.backbone.encode_image(images)).embedding_for_test
 
     def classify(self, images: torch.Tensor) -> torch.Tensor:
         """[B, classes] logits of the projected feature's classifier, what ``train_handID.py``
         measures its validation accuracy with (``score[1]``, "Use the score_proj")."""
-        return self.head(self.backbone.encode_image(images)).logits[1]
+        return self._head(self.backbone.encode_image(images)).logits[-1]
 
     def extra_repr(self) -> str:
         return (f"prompt={self.prompt_text!r}, inversion_grad={self.inversion_grad}, "
-                f"token={self.token!r}")
+                f"token={self.token!r}, heads={self.heads!r}")

@@ -118,7 +118,7 @@ def train_handid(params: Mapping, output_dir: str | Path, protocol: Protocol, ba
         backbone.visual.requires_grad_(True)
         model = HandIDModel(backbone, fit_protocol.num_classes,
                             inversion_grad=params["handid_inversion_grad"],
-                            token=params["handid_token"],
+                            token=params["handid_token"], heads=params["handid_heads"],
                             classifier=params["classifier"]).to(device)
         optimizer = torch.optim.Adam(model.param_groups(params["lr"], params["lr_new"],
                                                         params["weight_decay"]))
