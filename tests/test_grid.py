@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import socket
 import subprocess
@@ -50,12 +51,14 @@ def _grid(tmp_path: Path, body: dict, name: str = "tiny") -> Path:
 # --------------------------------------------------------------------------- the grid file
 
 
-@pytest.mark.parametrize("name, runs, stage0", [("smoke", 7, 1), ("demo", 14, 2),
-                                                ("clipfh-11k", 80, 8), ("clipfh-hd", 20, 2),
-                                                ("ablation", 7, 1)])
+@pytest.mark.parametrize("name, runs, stage0", [("smoke", 7, 1), ("demo", 18, 2),
+                                                ("clipfh-11k", 104, 8), ("clipfh-hd", 26, 2),
+                                                ("ablation", 7, 1),
+                                                ("clip-handid-ablation", 17, 1)])
 def test_shipped_grids_expand_and_validate(name, runs, stage0):
     """Every shipped grid validates, and a pretrained backbone's zero-shot run is shared by the
-    seeds (it does not depend on them): 11k = 4 aspects x 2 backbones zero-shot + 3 x 24."""
+    seeds (it does not depend on them): 11k = 4 aspects x 2 backbones zero-shot + 3 x 32
+    (stages 1-3 and CLIP-HandID)."""
     expanded = expand_grid(load_grid(REPO / "params" / "grids" / f"{name}.yaml"))
     assert len(expanded) == runs
     assert sum(r.stage == "stage0" for r in expanded) == stage0
@@ -408,6 +411,52 @@ def test_a_job_requeued_by_the_scheduler_resumes_from_its_checkpoint(slurm_clust
     executed = (out / "runs" / "stage2-seed0.ipynb").read_text()
     assert "resuming stage2 from" in executed
     # the interrupted run ends where an uninterrupted one does
+    local = run_grid(path, home / "local", jobs=1, progress=False)
+    pd.testing.assert_frame_equal(_metrics(out / "results.csv"), _metrics(local.results_csv))
+
+
+@pytest.mark.slurm
+@pytest.mark.notebook
+def test_a_job_sent_submitits_signal_checkpoints_requeues_and_resumes(slurm_cluster, tmp_path,
+                                                                      monkeypatch):
+    """The schema's checkpoint defaults (no periodic last.pt inside ten minutes): submitit's
+    signal (USR2, what Slurm sends before the time limit or a pre-emption) reaches the job
+    and the kernel that trains; the kernel writes last.pt after its current step, submitit
+    requeues the job, and the next attempt resumes there and ends with the metrics of a run
+    that was never interrupted."""
+    home = tmp_path / "home"
+    (home / "handclip_nb").mkdir(parents=True)
+    (home / "notebooks").mkdir()
+    monkeypatch.setenv("HANDCLIP_HOME", str(home))
+    body = {**TINY, "axes": {"seed": [0]},
+            "params": {**TINY["params"], "stage2": {**TINY["params"]["stage2"], "epochs": 40,
+                                                    "p_ids": 2, "k_images": 2}}}
+    path = _grid(tmp_path, body)
+    out = home / "grid"
+    proc = subprocess.Popen([sys.executable, "-m", "handclip_nb.pipeline", "--grid", str(path),
+                             "--output", str(out), "--executor", "slurm", "--slurm-time", "10",
+                             "--no-progress"], stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                            text=True)
+    run = out / "runs" / "stage2-seed0"
+    last = run / "checkpoints" / "last.pt"
+    deadline = time.time() + 240
+    # training has begun once TensorBoard holds an epoch
+    while (not list((run / "tensorboard").glob("events.*")) and time.time() < deadline
+           and proc.poll() is None):
+        time.sleep(0.5)
+    assert list((run / "tensorboard").glob("events.*")), "stage 2 never started training"
+    assert not last.is_file()  # no periodic checkpoint: the signal's is the first
+    job_id = _job_of(out, "stage2-seed0")
+    slurm_cluster.run("scancel", "--signal=USR2", job_id)
+    output, _ = proc.communicate(timeout=420)
+    assert proc.returncode == 0, output
+    assert "3 finished (1 of them resumed)" in output, output
+    log = "".join(p.read_text() for p in (out / "slurm").glob(f"{job_id}_0_log.*"))
+    # the job process passed it on to the kernel and waited for the kernel's checkpoint
+    assert re.search(r"SIGUSR2 passed to \d+ process\(es\); \S*last\.pt written", log), \
+        log[-3000:]
+    executed = (out / "runs" / "stage2-seed0.ipynb").read_text()
+    assert "resuming stage2 from" in executed
     local = run_grid(path, home / "local", jobs=1, progress=False)
     pd.testing.assert_frame_equal(_metrics(out / "results.csv"), _metrics(local.results_csv))
 
