@@ -23,7 +23,6 @@ from typing import Callable, Iterable, Mapping
 
 import torch
 
-from ..data.datasets import ImageListDataset, make_loader
 from ..data.images import image_source
 from ..data.protocols import Protocol
 from ..data.sampler import ShuffledBatchSampler
@@ -32,7 +31,7 @@ from ..losses import cross_entropy_label_smooth, symmetric_supcon, text_logit_fo
 from ..models.handid import HandIDModel, HandIDOutput
 from ..runs import seed_run
 from .loop import FitResult, compiled
-from .stage2 import ImageModelParts, fit_image_model
+from .stage2 import ImageModelParts, epoch_batches, fit_image_model
 
 __all__ = ["HandIDResult", "train_handid", "handid_loss", "shuffled_batches",
            "handid_train_source"]
@@ -86,22 +85,8 @@ def handid_train_source(params: Mapping, backbone):
 def shuffled_batches(params: Mapping, protocol: Protocol, backbone, device: torch.device):
     """``batches(epoch)``: plain shuffled batches of ``batch_size`` fit images, the last
     incomplete one dropped; each image's augmentation seeded by (``seed``, epoch, image)."""
-    source = handid_train_source(params, backbone)
-    paths = protocol.paths(protocol.fit)
-    report = source.prepare(paths)
-    if report is not None and report.built:
-        print(report.describe())
-    sampler = ShuffledBatchSampler(len(paths), params["batch_size"], seed=params["seed"])
-    dataset = ImageListDataset(paths, protocol.fit_labels, source, seed=params["seed"])
-    loader = make_loader(dataset, device, params["num_workers"], batch_sampler=sampler)
-
-    def batches(epoch: int):
-        sampler.set_epoch(epoch)
-        dataset.set_epoch(epoch)
-        for images, labels, _ in loader:
-            yield images.to(device, non_blocking=True), labels.to(device, non_blocking=True)
-
-    return batches
+    sampler = ShuffledBatchSampler(len(protocol.fit), params["batch_size"], seed=params["seed"])
+    return epoch_batches(params, protocol, handid_train_source(params, backbone), sampler, device)
 
 
 def train_handid(params: Mapping, output_dir: str | Path, protocol: Protocol, backbone,

@@ -36,7 +36,7 @@ from .loop import FitResult, TrainLoop, clone_state, compiled, run_precision
 from .schedulers import image_stage_scheduler
 
 __all__ = ["Stage2Result", "ImageModelParts", "train_stage2", "fit_image_model", "evaluate_model",
-           "reid_loss", "train_batches", "validate_selection", "validate_accuracy",
+           "reid_loss", "train_batches", "epoch_batches", "validate_selection", "validate_accuracy",
            "selection_record",
            "load_stage1_prompts", "image_param_groups"]
 
@@ -120,12 +120,19 @@ def train_batches(params: Mapping, protocol: Protocol, backbone, device: torch.d
                           augment=AugmentConfig(erasing_p=params["random_erasing"],
                                                 color_jitter=params["color_jitter"],
                                                 hflip_p=params.get("horizontal_flip", 0.0)))
+    sampler = PKSampler(protocol.fit_labels, p=params["p_ids"], k=params["k_images"],
+                        seed=params["seed"])
+    return epoch_batches(params, protocol, source, sampler, device)
+
+
+def epoch_batches(params: Mapping, protocol: Protocol, source, sampler, device: torch.device):
+    """``batches(epoch)`` for :class:`TrainLoop` from any batch ``sampler`` of the fit images
+    (``set_epoch`` and index batches) and their ``source`` (decoded once, filled here before
+    the first epoch; every draw augmented from its own seed)."""
     paths = protocol.paths(protocol.fit)
     report = source.prepare(paths)
     if report is not None and report.built:
         print(report.describe())
-    sampler = PKSampler(protocol.fit_labels, p=params["p_ids"], k=params["k_images"],
-                        seed=params["seed"])
     dataset = ImageListDataset(paths, protocol.fit_labels, source, seed=params["seed"])
     loader = make_loader(dataset, device, params["num_workers"], batch_sampler=sampler)
 
