@@ -84,7 +84,8 @@ class _Killed(Exception):
 
 def test_stage3_resume_matches_uninterrupted_and_run_rebuilds(hands, tmp_path, workbench_home):
     def run(out, callbacks=(), resume=False):
-        p = _p3(hands, out, epochs=3, milestones=[2], resume=resume)
+        # last.pt every epoch: the kill below gives no warning (no stop signal)
+        p = _p3(hands, out, epochs=3, milestones=[2], resume=resume, checkpoint_every=1)
         protocol = build_protocol(p)
         bb = build_backbone("tiny-vit", image_size=p.image_size, seed=0)
         r = train_stage3(p, p.output_dir, protocol, bb, callbacks=callbacks, progress=False)
