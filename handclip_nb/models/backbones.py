@@ -73,6 +73,7 @@ from .weight_files import (SAVE_FORMAT, IncompatibleWeightsError, build_openai_s
                            read_checkpoint, read_torchscript_state_dict, resolve_weights_file)
 
 __all__ = ["ImageFeatures", "ClipBackbone", "build_backbone", "backbone_from_params",
+           "encoder_and_new_param_groups",
            "backbone_fingerprint"]
 
 
@@ -553,6 +554,22 @@ def build_backbone(
         check_openai_arch(backbone.clip, spec, path)
     backbone.set_last_stride(rn_last_stride, image_size=hw)  # one resize to the final grid
     return backbone.to(dev).eval()
+
+
+def encoder_and_new_param_groups(backbone: ClipBackbone, new_modules, lr_backbone: float,
+                                 lr_new: float, weight_decay: float) -> list[dict]:
+    """The two optimizer groups of a model that fine-tunes CLIP's image encoder beside layers of
+    its own (PromptSG, CLIP-HandID): ``"backbone"`` (the image encoder, ``lr_backbone``) and
+    ``"new"`` (``new_modules``, ``lr_new``), each with only the parameters that train (a frozen
+    text tower or BNNeck bias is left out); an empty group is dropped."""
+    groups = []
+    for name, modules, lr in (("backbone", [backbone.visual], lr_backbone),
+                              ("new", list(new_modules), lr_new)):
+        params = [p for m in modules for p in m.parameters() if p.requires_grad]
+        if params:
+            groups.append({"name": name, "params": params, "lr": float(lr),
+                           "weight_decay": float(weight_decay)})
+    return groups
 
 
 def backbone_from_params(params: Mapping[str, Any], device=None) -> ClipBackbone:

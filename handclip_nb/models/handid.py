@@ -32,7 +32,7 @@ from typing import NamedTuple, Optional
 import torch
 from torch import nn
 
-from .backbones import ClipBackbone, ImageFeatures
+from .backbones import ClipBackbone, ImageFeatures, encoder_and_new_param_groups
 from .heads import ReIDHead, ReIDHeadOutput
 from .prompts import PromptComposer
 
@@ -133,14 +133,8 @@ class HandIDModel(nn.Module):
         """``train_handID.py``'s two Adam groups: the image encoder at ``lr_backbone``, every
         other trainable parameter at ``lr_new``; frozen parameters (text tower, BNNeck biases)
         left out."""
-        groups = []
-        for name, modules, lr in (("backbone", [self.backbone.visual], lr_backbone),
-                                  ("new", list(self.new_modules().values()), lr_new)):
-            params = [p for m in modules for p in m.parameters() if p.requires_grad]
-            if params:
-                groups.append({"name": name, "params": params, "lr": float(lr),
-                               "weight_decay": float(weight_decay)})
-        return groups
+        return encoder_and_new_param_groups(self.backbone, self.new_modules().values(),
+                                            lr_backbone, lr_new, weight_decay)
 
     def slot_embedding(self, tokens: torch.Tensor) -> torch.Tensor:
         """What enters the placeholder's slot [B, width]: the pseudo-token, or (``mean``) the

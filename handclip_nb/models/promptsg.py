@@ -57,7 +57,7 @@ from typing import Optional
 import torch
 from torch import nn
 
-from .backbones import ClipBackbone, ImageFeatures
+from .backbones import ClipBackbone, ImageFeatures, encoder_and_new_param_groups
 from .heads import ReIDHead, ReIDHeadOutput
 from .prompts import COMPOSER_TEMPLATE, SIMPLIFIED_TEMPLATE, PromptComposer
 
@@ -275,13 +275,8 @@ class PromptSG(nn.Module):
         """Optimizer param groups: ``"backbone"`` (image encoder, ``lr_backbone``) and ``"new"``
         (inversion, fusion, head, ``lr_new``), only parameters with ``requires_grad`` (the frozen
         text tower and the BNNeck biases are left out); an empty group is dropped."""
-        groups = []
-        for name, modules, lr in (("backbone", [self.backbone.visual], lr_backbone),
-                                  ("new", list(self.new_modules().values()), lr_new)):
-            params = [p for m in modules for p in m.parameters() if p.requires_grad]
-            if params:
-                groups.append({"name": name, "params": params, "lr": float(lr),
-                               "weight_decay": float(weight_decay)})
+        groups = encoder_and_new_param_groups(self.backbone, self.new_modules().values(),
+                                              lr_backbone, lr_new, weight_decay)
         if not groups:
             raise ValueError("PromptSG.param_groups: no trainable parameters (everything is frozen)")
         return groups
