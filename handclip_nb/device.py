@@ -4,11 +4,12 @@ GPU that several runs use at once; mixed precision (fp16 with a gradient scaler,
 without) and TF32."""
 from __future__ import annotations
 
-import os
 from dataclasses import dataclass
 from typing import Union
 
 import torch
+
+from .host import CPU_SHARE_ENV, GPU_SHARE_ENV, available_cpus, gpu_memory_share
 
 __all__ = ["resolve_device", "available_cpus", "CPU_SHARE_ENV", "GPU_SHARE_ENV",
            "gpu_memory_share", "default_num_workers", "Precision", "AMP_DTYPES",
@@ -41,32 +42,7 @@ def resolve_device(device: Union[str, torch.device, None] = "auto") -> torch.dev
     return dev
 
 
-#: Environment variable with this process's share of its GPU's memory (a fraction in (0, 1]),
-#: set by the grid's executors for each of K runs that share one GPU (``--runs-per-gpu K``,
-#: ``--slurm-runs-per-job K``: ``1/K``). Every CUDA device this process resolves is capped at
-#: that fraction (``torch.cuda.set_per_process_memory_fraction``), so one run that grows
-#: (a larger batch, an evaluation) fails with an out-of-memory error of its own instead of
-#: taking the memory its neighbours were promised.
-GPU_SHARE_ENV = "HANDCLIP_GPU_MEMORY_FRACTION"
-
 _SHARED_DEVICES: set[int] = set()  # CUDA device indices already capped by this process
-
-
-def gpu_memory_share() -> float | None:
-    """This process's share of its GPU's memory (``HANDCLIP_GPU_MEMORY_FRACTION``), or None
-    when it has the whole GPU (unset or empty)."""
-    text = os.environ.get(GPU_SHARE_ENV, "").strip()
-    if not text:
-        return None
-    try:
-        share = float(text)
-    except ValueError:
-        share = float("nan")
-    if not 0.0 < share <= 1.0:
-        raise ValueError(f"{GPU_SHARE_ENV}={text!r}: expected this process's share of its "
-                         f"GPU's memory, a number in (0, 1] (1/K for K runs on one GPU); unset "
-                         f"it to give the process the whole GPU")
-    return share
 
 
 def _apply_gpu_memory_share(dev: torch.device) -> None:
@@ -78,26 +54,6 @@ def _apply_gpu_memory_share(dev: torch.device) -> None:
         return
     torch.cuda.set_per_process_memory_fraction(share, index)
     _SHARED_DEVICES.add(index)
-
-
-#: Environment variable with this process's share of the cores, set by the grid's local
-#: executor for each of the runs it starts side by side, so that their loader workers together
-#: fit the machine instead of each taking every core.
-CPU_SHARE_ENV = "HANDCLIP_CPUS"
-
-
-def available_cpus() -> int:
-    """Cores this process may run on: its affinity mask (e.g. a Slurm or container limit),
-    not the machine's total, and at most its share (``HANDCLIP_CPUS``) when runs share the
-    machine."""
-    try:
-        cpus = max(1, len(os.sched_getaffinity(0)))
-    except AttributeError:  # macOS and Windows have no affinity mask
-        cpus = max(1, os.cpu_count() or 1)
-    share = os.environ.get(CPU_SHARE_ENV, "").strip()
-    if share.isdigit() and int(share) > 0:
-        cpus = min(cpus, int(share))
-    return cpus
 
 
 def default_num_workers(device: Union[str, torch.device, None]) -> int:

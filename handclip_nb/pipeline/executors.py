@@ -48,7 +48,7 @@ from typing import Any, Mapping, Sequence
 
 import submitit
 
-from ..device import CPU_SHARE_ENV, GPU_SHARE_ENV, available_cpus
+from ..host import CPU_SHARE_ENV, GPU_SHARE_ENV, available_cpus
 from .grid import SLURM_KEYS
 from .leases import ACTIVE_STATES, describe_owner, job_of, owner_alive, read_lease
 from .steps import execute_spec
@@ -452,6 +452,8 @@ class SlurmHandle:
     slot: int = -1
     group: int = 1  # the runs that share the job (--slurm-runs-per-job)
     where: str = ""
+    _exception: BaseException | None = field(default=None, repr=False)
+    _exception_read: bool = field(default=False, repr=False)
 
     @property
     def job_id(self) -> str:
@@ -466,13 +468,23 @@ class SlurmHandle:
         state = self.job.watcher.get_state(self.job_id, mode="force")
         return state.split(" ")[0].upper() not in ACTIVE_STATES
 
+    def exception(self) -> BaseException | None:
+        """The finished job's exception, asked of submitit once: for a job that wrote no result
+        (killed, cancelled, no Python on the node) submitit waits up to 15 s for the result
+        file on every call (a shared filesystem may show it late), and a failed run is asked
+        three times (``ok``, then ``failure`` for the summary and the log line)."""
+        if not self._exception_read:
+            self._exception = self.job.exception()
+            self._exception_read = True
+        return self._exception
+
     def ok(self) -> bool:
         # a shared job fails when any of its runs fails: each run's own state (done with its
         # inputs, which the runner checks) says whether it is one of them
-        return self.group > 1 or self.job.exception() is None
+        return self.group > 1 or self.exception() is None
 
     def failure(self) -> str:
-        exc = self.job.exception()
+        exc = self.exception()
         last = str(exc).strip().splitlines()[-1] if exc is not None and str(exc).strip() else ""
         if self.group > 1:
             return f"Slurm job {self.job_id} ({self.group} runs) {self.job.state}: {last}"[:600]
