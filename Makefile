@@ -25,8 +25,15 @@ install: $(VENV)/.installed
 demo: install
 	$(PY) -m handclip_nb.pipeline --output outputs/demo
 
+# pytest-xdist: TEST_WORKERS processes, each module on one of them (--dist loadscope keeps a
+# module's fixtures built once and its tests in order), the modules taken most expensive first
+# (tests/conftest.py orders them; xdist's own reorder by test count would put the long
+# few-test Slurm modules last); TEST_WORKERS=0 runs in this process
+TEST_WORKERS ?= 2
+PYTEST_PARALLEL := -n $(TEST_WORKERS) --dist loadscope --no-loadscope-reorder
+
 test: install
-	$(PY) -m pytest --durations=15
+	$(PY) -m pytest $(PYTEST_PARALLEL) --durations=15
 	$(MAKE) goldens
 
 # nbval: re-execute the golden notebooks and compare every cell's output (not --nbval-lax)
@@ -43,8 +50,10 @@ check-mini: install
 	$(VENV)/bin/papermill notebooks/pretrain_mini.ipynb outputs/pretrain_mini_check.ipynb \
 		-f params/pretrain_mini.yaml -p output_dir outputs/pretrain-check
 
+# the inner loop: no notebook kernels, no Slurm cluster, no browser, no slow behaviour test
+# (docs/architecture.md, "Tests and checks", says what it leaves out)
 test-fast: install
-	$(PY) -m pytest -m "not slow"
+	$(PY) -m pytest $(PYTEST_PARALLEL) -m "not slow and not notebook and not slurm and not browser"
 
 bench: install
 	$(PY) benchmarks/bench_rank_metrics.py

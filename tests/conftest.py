@@ -20,6 +20,21 @@ os.environ["HANDCLIP_OFFLINE"] = "1"
 # their inline backend (setting MPLBACKEND would leak into them and hide the figures).
 
 
+def pytest_configure(config):
+    """Under ``pytest -n N`` (make test: N=2 on the 2-core machine) every worker trains and
+    encodes in its own process at the same time as the others: each gets its share of the
+    cores as torch's intra-op threads, since two workers of two threads each on two cores
+    spend their time in barrier waits (the in-process training tests ran 3-10x slower so).
+    Only this process: the kernels and subprocesses a test starts keep their own settings (an
+    OMP_NUM_THREADS here would leak into them, into ``nproc`` and so into the Slurm test
+    cluster's CPU count, and into Slurm jobs, changing their arithmetic)."""
+    if os.environ.get("PYTEST_XDIST_WORKER"):
+        import torch  # here: only in an xdist worker, which imports it for its tests anyway
+
+        workers = max(1, int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1")))
+        torch.set_num_threads(max(1, len(os.sched_getaffinity(0)) // workers))
+
+
 @pytest.fixture(scope="session")
 def real_handinfo() -> Path:
     if not REAL_HANDINFO.is_file():
@@ -35,32 +50,62 @@ def real_hd_listing() -> Path:
     return REAL_HD_LISTING
 
 
+def shared_session_dir(tmp_path_factory) -> Path:
+    """The folder every process of this test session sees: the session's base temp folder,
+    or under ``pytest -n N`` (pytest-xdist) the folder above the workers' own ones."""
+    base = tmp_path_factory.getbasetemp()
+    return base.parent if os.environ.get("PYTEST_XDIST_WORKER") else base
+
+
+def build_once(tmp_path_factory, name: str, build) -> Path:
+    """``build(folder)`` run once per test session for all xdist workers together: the first
+    worker builds under a file lock into a temp folder and renames it into place; the others
+    wait on the lock and get the finished folder. Only for read-only inputs (datasets): a test
+    that changes what it is given must copy it first."""
+    import shutil
+
+    from filelock import FileLock
+
+    root = shared_session_dir(tmp_path_factory)
+    target = root / name
+    with FileLock(str(root / f"{name}.lock")):
+        if not target.is_dir():
+            tmp = root / f"{name}.tmp{os.getpid()}"
+            shutil.rmtree(tmp, ignore_errors=True)
+            build(tmp)
+            os.replace(tmp, target)
+    return target
+
+
 @pytest.fixture(scope="session")
 def synthetic_11k(tmp_path_factory) -> Path:
     """12 people x 4 aspects x 5 images, default difficulty."""
     from handclip_nb.data.synthetic import generate_dataset
 
-    root = tmp_path_factory.mktemp("synthetic11k")
-    return generate_dataset(root, subjects=12, images_per_subject=5, seed=0)
+    return build_once(tmp_path_factory, "synthetic11k",
+                      lambda root: generate_dataset(root, subjects=12, images_per_subject=5,
+                                                    seed=0))
 
 
 @pytest.fixture(scope="session")
 def hands(tmp_path_factory) -> Path:
     """60 people x 4 aspects x 6 images (the demo's size), default difficulty: enough training
-    identities (24 fit people of dorsal_r) for the behaviour tests' measured margins."""
+    identities (24 fit people of dorsal_r) for the behaviour tests' measured margins. Generated
+    once for all workers (14 s on the 2-core machine)."""
     from handclip_nb.data.synthetic import generate_dataset
 
-    return generate_dataset(tmp_path_factory.mktemp("hands"), subjects=60, images_per_subject=6,
-                            seed=0)
+    return build_once(tmp_path_factory, "hands",
+                      lambda root: generate_dataset(root, subjects=60, images_per_subject=6,
+                                                    seed=0))
 
 
 @pytest.fixture(scope="session")
 def synthetic_hd(tmp_path_factory) -> Path:
     from handclip_nb.data.synthetic import generate_dataset
 
-    root = tmp_path_factory.mktemp("synthetichd")
-    return generate_dataset(root, subjects=10, images_per_subject=4, seed=0, layout="hd",
-                            distractors=3)
+    return build_once(tmp_path_factory, "synthetichd",
+                      lambda root: generate_dataset(root, subjects=10, images_per_subject=4,
+                                                    seed=0, layout="hd", distractors=3))
 
 
 @pytest.fixture()
@@ -105,9 +150,34 @@ def slurm_cluster(tmp_path_factory):
     cluster.stop()
 
 
+#: A module's rough cost in seconds per test, by its most expensive marker: what orders the
+#: modules for pytest -n N (``_longest_modules_first``). Measured on the 2-core machine: a
+#: Slurm test runs a grid or requeues a job (20-170 s), a notebook test starts kernels (8-70 s),
+#: a slow test trains in this process (5-40 s), the rest take well under a second.
+MODULE_COST_S = {"slurm": 60.0, "notebook": 15.0, "browser": 20.0, "slow": 10.0}
+
+
+def _longest_modules_first(items: list) -> None:
+    """Reorder the modules (each kept whole and in file order) most expensive first. With
+    ``--dist loadscope --no-loadscope-reorder`` the workers take modules in this order, so the
+    long grid and Slurm modules start at once instead of last (xdist's own reorder sorts by
+    test count, which put the two-test, four-minute requeue module at the end alone)."""
+    modules: dict[str, list] = {}
+    for item in items:
+        modules.setdefault(item.nodeid.split("::")[0], []).append(item)
+
+    def cost(tests: list) -> float:
+        return sum(max([MODULE_COST_S[m.name] for m in item.iter_markers()
+                        if m.name in MODULE_COST_S], default=0.2) for item in tests)
+
+    ordered = sorted(modules.values(), key=cost, reverse=True)  # stable: ties keep file order
+    items[:] = [item for tests in ordered for item in tests]
+
+
 def pytest_collection_modifyitems(config, items):
-    """Tests marked ``cuda`` are skipped where torch sees no CUDA device (``make gpu-check``
-    runs them on a GPU machine)."""
+    """Modules most expensive first (``_longest_modules_first``); tests marked ``cuda`` are
+    skipped where torch sees no CUDA device (``make gpu-check`` runs them on a GPU machine)."""
+    _longest_modules_first(items)
     marked = [item for item in items if item.get_closest_marker("cuda")]
     if not marked:
         return

@@ -6,7 +6,8 @@ leftover daemon of an earlier run cannot clash), starts ``munged`` as the ``mung
 it is not already running, starts ``slurmctld`` and ``slurmd`` in the foreground as children of
 this process and waits until ``sinfo`` shows the node idle. ``Cluster.stop()`` cancels the jobs
 of this cluster and ends only the processes it started (``munged`` stays up when it was already
-running before).
+running before, and always under ``pytest -n N``, whose workers each start a cluster of their
+own on the one ``munged``).
 
 Clients (``sbatch``, ``squeue``, ``scontrol``, submitit) find the cluster through ``SLURM_CONF``:
 ``start_cluster`` sets it in ``os.environ`` (restored by ``stop()``); ``Cluster.env()`` gives an
@@ -367,8 +368,16 @@ def start_cluster(workdir: str | os.PathLike, timeout: float = START_TIMEOUT_S) 
     cluster = Cluster(workdir=workdir, conf=conf, node=node, partition=PARTITION, cpus=cpus,
                       real_memory_mb=mem_mb, controller_port=ctld_port, node_port=node_port)
     try:
-        if not munge_works():
-            cluster.munged_pid = _start_munged(workdir / "munged.out")
+        # under pytest -n N every worker starts its own cluster (own ports, state and spool)
+        # and they share the machine's one munged: the first starts it under a lock, and it
+        # stays up after that worker's session, since another worker's cluster may still
+        # authenticate through it
+        from filelock import FileLock
+
+        with FileLock("/tmp/handclip-test-munged.lock"):
+            if not munge_works():
+                pid = _start_munged(workdir / "munged.out")
+                cluster.munged_pid = None if os.environ.get("PYTEST_XDIST_WORKER") else pid
         env = cluster.env()
         for name, args in (("slurmctld", ["-D", "-c", "-f", str(conf)]),
                            ("slurmd", ["-D", "-f", str(conf), "-N", node])):

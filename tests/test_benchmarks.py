@@ -323,6 +323,7 @@ def test_gpu_check_collects_the_cuda_marked_test_files(gpu_check):
 # --------------------------------------------------------------------------- custom search demo
 
 
+@pytest.mark.slow  # every stage trained in this process: 17 s, outside make test-fast
 def test_custom_search_demo_quick_runs_every_stage_and_the_search(tmp_path, monkeypatch):
     """benchmarks/custom_search_demo.py --quick: a custom folder dataset, stages 0-3 and the
     search notebook (its cells in this process), one table of figures."""

@@ -1,12 +1,12 @@
 """The experiment grid (handclip_nb/pipeline/grid.py, executors.py, runner.py): the grid file,
 its expansion into linked runs, the local executor with --jobs 2 on an empty outputs/, reruns
-that skip, failures that are reported, and the same grid through a one-node Slurm cluster
-(tests/slurm_cluster.py) with a job requeued by the scheduler mid-training."""
+that skip, and the same grid through a one-node Slurm cluster (tests/slurm_cluster.py): one
+driver, a relaunched driver, a detached campaign. Failures are in test_grid_failures.py and
+runs interrupted on Slurm in test_grid_requeue.py (separate modules, so that pytest -n 2 runs
+them beside this one)."""
 from __future__ import annotations
 
 import json
-import os
-import re
 import shutil
 import socket
 import subprocess
@@ -14,7 +14,6 @@ import sys
 import time
 from pathlib import Path
 
-import cloudpickle
 import pandas as pd
 import pytest
 import yaml
@@ -25,27 +24,9 @@ from handclip_nb.pipeline.executors import time_minutes
 from handclip_nb.pipeline.grid import GridError, expand_grid, load_grid
 from handclip_nb.pipeline.runner import run_grid
 
+from grid_helpers import METRIC_COLUMNS, TINY, grid_metrics, slurm_home, submissions, write_grid
+
 REPO = Path(__file__).resolve().parents[1]
-METRIC_COLUMNS = ["rank1_mean", "rank5_mean", "rank10_mean", "mAP_mean", "mAP_mbanet_mean",
-                  "mINP_mean", "rank1_std", "mAP_std"]
-
-#: A grid that runs in seconds per run: untrained tiny-vit (its zero-shot ranking depends on
-#: the seed that initialises it), 12 synthetic people, stages 0-2.
-TINY = {
-    "params": {"backbone": "tiny-vit", "num_splits": 2, "batch_size": 32,
-               "synthetic_subjects": 12, "synthetic_images": 4, "image_size": [64, 96],
-               "stage1": {"epochs": 2, "lr": 1.0e-2, "warmup_epochs": 1},
-               "stage2": {"epochs": 2, "lr": 3.0e-3, "warmup_epochs": 1, "milestones": [1],
-                          "p_ids": 4, "k_images": 2}},
-    "axes": {"seed": [0, 1]},
-    "stages": ["stage0", "stage1", "stage2"],
-}
-
-
-def _grid(tmp_path: Path, body: dict, name: str = "tiny") -> Path:
-    path = tmp_path / f"{name}.yaml"
-    path.write_text(yaml.safe_dump(body))
-    return path
 
 
 # --------------------------------------------------------------------------- the grid file
@@ -91,7 +72,7 @@ def test_clipfh_runs_start_from_their_backbone_and_aspect_reference_file():
 
 
 def test_untrained_zero_shot_depends_on_the_seed_and_order_is_by_dependency(tmp_path):
-    runs = expand_grid(load_grid(_grid(tmp_path, TINY)))
+    runs = expand_grid(load_grid(write_grid(tmp_path, TINY)))
     assert [r.name for r in runs] == ["stage0-seed0", "stage0-seed1", "stage1-seed0",
                                       "stage1-seed1", "stage2-seed0", "stage2-seed1"]
 
@@ -131,7 +112,7 @@ def test_untrained_zero_shot_depends_on_the_seed_and_order_is_by_dependency(tmp_
 def test_bad_grid_files_are_refused_before_anything_runs(tmp_path, change, message):
     body = {**TINY, **change}
     with pytest.raises(GridError) as info:
-        expand_grid(load_grid(_grid(tmp_path, body)))
+        expand_grid(load_grid(write_grid(tmp_path, body)))
     assert message in str(info.value) and "tiny.yaml" in str(info.value)
 
 
@@ -144,7 +125,7 @@ def test_grid_values_beat_the_base_files_sections_and_reach_the_notebook_flat(tm
                                     "stage2": {"triplet_weight": 0.5, "epochs": 7, "lr": 0.1}}))
     body = {"base": str(base), "params": {"epochs": 2, "stage2": {"lr": 0.2}},
             "axes": {"triplet_weight": [0.0, 1.0]}, "stages": ["stage0", "stage1", "stage2"]}
-    runs = {r.name: r for r in expand_grid(load_grid(_grid(tmp_path, body)))}
+    runs = {r.name: r for r in expand_grid(load_grid(write_grid(tmp_path, body)))}
     assert sorted(n for n in runs if n.startswith("stage2")) == [
         "stage2-triplet_weight0.0", "stage2-triplet_weight1.0"]
     values = runs["stage2-triplet_weight1.0"].values
@@ -175,7 +156,7 @@ def test_each_stage_starts_from_its_own_base_file(tmp_path):
     axes = {"aspect": ["dorsal_r", "dorsal_l"], "seed": [0, 1]}
     stages = ["stage0", "stage1", "stage2", "stage3"]
     body = {"base": {"default": str(a), "stage3": str(b)}, "axes": axes, "stages": stages}
-    grid = load_grid(_grid(tmp_path, body, "methods"))
+    grid = load_grid(write_grid(tmp_path, body, "methods"))
     assert grid.base == {"stage0": str(a), "stage1": str(a), "stage2": str(a), "stage3": str(b)}
     runs = {r.name: r for r in expand_grid(grid)}
     assert len(runs) == 4 * 4  # untrained tiny-vit: every stage depends on aspect and seed
@@ -188,7 +169,7 @@ def test_each_stage_starts_from_its_own_base_file(tmp_path):
     keys = [r.key for r in runs.values()]
     assert len(set(keys)) == len(keys) and len(set(runs)) == len(runs)
 
-    one = {r.name: r for r in expand_grid(load_grid(_grid(
+    one = {r.name: r for r in expand_grid(load_grid(write_grid(
         tmp_path, {"base": str(a), "axes": axes, "stages": stages}, "one")))}
     assert one.keys() == runs.keys()
     for name, run in one.items():
@@ -199,13 +180,13 @@ def test_each_stage_starts_from_its_own_base_file(tmp_path):
 def test_a_null_base_entry_means_no_base_file_for_that_stage(tmp_path):
     a, _ = _recipes(tmp_path)
     body = {**TINY, "base": {"default": str(a), "stage1": None}}
-    runs = {r.name: r for r in expand_grid(load_grid(_grid(tmp_path, body)))}
+    runs = {r.name: r for r in expand_grid(load_grid(write_grid(tmp_path, body)))}
     assert runs["stage2-seed0"].values["lr"] == TINY["params"]["stage2"]["lr"]  # params beat a
     assert runs["stage0-seed0"].values["synthetic_subjects"] == 12  # from a.yaml
     assert runs["stage1-seed0"].values["synthetic_subjects"] == 12  # TINY's params, no base
     body["params"] = {k: v for k, v in TINY["params"].items() if k != "synthetic_subjects"}
     with pytest.raises(GridError) as info:
-        expand_grid(load_grid(_grid(tmp_path, body)))
+        expand_grid(load_grid(write_grid(tmp_path, body)))
     # stage 1 has no base file now: its synthetic_subjects is the default, a.yaml's is 12
     assert ("stage2 (" + str(a) + ") has synthetic_subjects=12 but the stage1 run it reads "
             "(stage1_dir, from no base file) has synthetic_subjects=") in str(info.value)
@@ -217,20 +198,20 @@ def test_an_axis_the_grids_own_section_also_sets_is_refused(tmp_path):
     body = {"params": {"backbone": "tiny-vit", "stage2": {"triplet_weight": 0.5}},
             "axes": {"triplet_weight": [0.0, 1.0]}, "stages": ["stage0", "stage1", "stage2"]}
     with pytest.raises(GridError) as info:
-        load_grid(_grid(tmp_path, body))
+        load_grid(write_grid(tmp_path, body))
     assert ("axis 'triplet_weight' is also set by tiny.yaml params, section 'stage2' "
             "(key stage2.triplet_weight: 0.5)") in str(info.value)
     body["params"] = {"backbone": "tiny-vit", "epochs": 3, "stage2": {"epochs": 4}}
     body["axes"] = {"seed": [0]}
     with pytest.raises(GridError, match="'epochs' is set at the top level"):
-        load_grid(_grid(tmp_path, body))
+        load_grid(write_grid(tmp_path, body))
 
 
 def test_any_sbatch_option_reaches_submitit(tmp_path, monkeypatch):
     """A grid file's slurm mapping and --slurm-option pass any sbatch option through; the
     five named ones keep their submitit names."""
     monkeypatch.setattr(executors.submitit.SlurmExecutor, "affinity", staticmethod(lambda: 1))
-    grid = load_grid(_grid(tmp_path, {**TINY, "slurm": {"account": "proj42", "qos": "high",
+    grid = load_grid(write_grid(tmp_path, {**TINY, "slurm": {"account": "proj42", "qos": "high",
                                                         "time": "01:00:00", "gpus": 1}}))
     from handclip_nb.pipeline.grid import slurm_settings
 
@@ -265,11 +246,6 @@ def test_slurm_time_limits():
 # --------------------------------------------------------------------------- running
 
 
-def _metrics(csv: Path) -> pd.DataFrame:
-    table = pd.read_csv(csv).set_index("run").sort_index()
-    return table[METRIC_COLUMNS]
-
-
 @pytest.fixture(scope="module")
 def local_grid(tmp_path_factory):
     """The tiny grid with --jobs 2 on an empty project folder: the two seeds' runs start
@@ -277,7 +253,7 @@ def local_grid(tmp_path_factory):
     home = tmp_path_factory.mktemp("grid-home")
     (home / "handclip_nb").mkdir()
     (home / "notebooks").mkdir()
-    path = _grid(home, TINY)
+    path = write_grid(home, TINY)
     mp = pytest.MonkeyPatch()
     mp.setenv("HANDCLIP_HOME", str(home))
     try:
@@ -319,7 +295,7 @@ def test_a_rerun_skips_finished_runs_and_reruns_only_what_changed(local_grid, tm
     changed = {**TINY, "params": {**TINY["params"],
                                   "stage2": {**TINY["params"]["stage2"], "epochs": 1}}}
     # another grid file with same-named runs of other settings may not share the folder ...
-    other = _grid(tmp_path, changed)
+    other = write_grid(tmp_path, changed)
     with pytest.raises(GridError, match=r"also holds grid .*tiny.yaml, whose run 'stage2-seed0' "
                                         r"\(2 clashing run\(s\) in all\) has other settings"):
         run_grid(other, home / "grid", jobs=2, progress=False, results=False)
@@ -333,28 +309,6 @@ def test_a_rerun_skips_finished_runs_and_reruns_only_what_changed(local_grid, tm
         grid_file.write_text(original)
     assert sorted(third.finished) == ["stage2-seed0", "stage2-seed1"]
     assert len(third.skipped) == 4
-
-
-@pytest.mark.notebook
-def test_a_failing_run_is_reported_with_its_log_and_stops_only_its_dependents(tmp_path,
-                                                                              monkeypatch):
-    home = tmp_path / "home"
-    (home / "handclip_nb").mkdir(parents=True)
-    (home / "notebooks").mkdir()
-    monkeypatch.setenv("HANDCLIP_HOME", str(home))
-    body = {**TINY, "axes": {"weights": [None, str(tmp_path / "missing.pt")]},
-            "stages": ["stage0", "stage1", "stage2"]}
-    path = _grid(tmp_path, body)
-    status = main(["--grid", str(path), "--output", str(home / "grid"), "--jobs", "2",
-                   "--no-progress"])
-    assert status == 1
-    summary = run_grid(path, home / "grid", jobs=1, progress=False, results=False)
-    failed = {n for n in summary.failed}
-    assert failed == {"stage0-missing.pt", "stage1-missing.pt"}, summary.describe()
-    assert summary.not_run == {"stage2-missing.pt": "stage1-missing.pt"}
-    assert len(summary.skipped) == 3  # the other combination finished the first time
-    log = Path(summary.failed["stage0-missing.pt"].split("log: ")[1])
-    assert "missing.pt" in log.read_text() and "WeightsNotFoundError" in log.read_text()
 
 
 # --------------------------------------------------------------------------- Slurm
@@ -372,108 +326,19 @@ def test_the_grid_through_slurm_gives_the_local_metrics(slurm_cluster, local_gri
     assert len(summary.finished) == 6
     jobs = sorted((home / "slurm-grid" / "slurm").glob("*_submitted.pkl"))
     assert len(jobs) == 6
-    pd.testing.assert_frame_equal(_metrics(summary.results_csv),
-                                  _metrics(local_grid["summary"].results_csv))
+    pd.testing.assert_frame_equal(grid_metrics(summary.results_csv),
+                                  grid_metrics(local_grid["summary"].results_csv))
 
 
-@pytest.mark.slurm
-@pytest.mark.notebook
-def test_a_job_requeued_by_the_scheduler_resumes_from_its_checkpoint(slurm_cluster, tmp_path,
-                                                                      monkeypatch):
-    """scontrol requeue kills the stage-2 job after its first epoch; Slurm starts it again and
-    the notebook resumes from checkpoints/last.pt, ending with the metrics of a run that was
-    never interrupted."""
-    home = tmp_path / "home"
-    (home / "handclip_nb").mkdir(parents=True)
-    (home / "notebooks").mkdir()
-    monkeypatch.setenv("HANDCLIP_HOME", str(home))
-    body = {**TINY, "axes": {"seed": [0]},
-            "params": {**TINY["params"], "stage2": {**TINY["params"]["stage2"], "epochs": 40,
-                                                    "checkpoint_every": 1}}}
-    path = _grid(tmp_path, body)
-    out = home / "grid"
-    proc = subprocess.Popen([sys.executable, "-m", "handclip_nb.pipeline", "--grid", str(path),
-                             "--output", str(out), "--executor", "slurm", "--slurm-time", "10",
-                             "--no-progress"], stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                            text=True)
-    last = out / "runs" / "stage2-seed0" / "checkpoints" / "last.pt"
-    deadline = time.time() + 240
-    while not last.is_file() and time.time() < deadline and proc.poll() is None:
-        time.sleep(0.5)
-    assert last.is_file(), "stage 2 never wrote its first checkpoint"
-    job_id = _job_of(out, "stage2-seed0")
-    slurm_cluster.run("scontrol", "requeue", job_id)
-    output, _ = proc.communicate(timeout=420)
-    assert proc.returncode == 0, output
-    assert "3 finished (1 of them resumed)" in output, output
-    log = Path(next((out / "slurm").glob(f"{job_id}_0_log.out"))).read_text()
-    assert "attempt 2 (requeued by the scheduler)" in log, log[-2000:]
-    executed = (out / "runs" / "stage2-seed0.ipynb").read_text()
-    assert "resuming stage2 from" in executed
-    # the interrupted run ends where an uninterrupted one does
-    local = run_grid(path, home / "local", jobs=1, progress=False)
-    pd.testing.assert_frame_equal(_metrics(out / "results.csv"), _metrics(local.results_csv))
-
-
-@pytest.mark.slurm
-@pytest.mark.notebook
-def test_a_job_sent_submitits_signal_checkpoints_requeues_and_resumes(slurm_cluster, tmp_path,
-                                                                      monkeypatch):
-    """The schema's checkpoint defaults (no periodic last.pt inside ten minutes): submitit's
-    signal (USR2, what Slurm sends before the time limit or a pre-emption) reaches the job
-    and the kernel that trains; the kernel writes last.pt after its current step, submitit
-    requeues the job, and the next attempt resumes there and ends with the metrics of a run
-    that was never interrupted."""
-    home = tmp_path / "home"
-    (home / "handclip_nb").mkdir(parents=True)
-    (home / "notebooks").mkdir()
-    monkeypatch.setenv("HANDCLIP_HOME", str(home))
-    body = {**TINY, "axes": {"seed": [0]},
-            "params": {**TINY["params"], "stage2": {**TINY["params"]["stage2"], "epochs": 40,
-                                                    "p_ids": 2, "k_images": 2}}}
-    path = _grid(tmp_path, body)
-    out = home / "grid"
-    proc = subprocess.Popen([sys.executable, "-m", "handclip_nb.pipeline", "--grid", str(path),
-                             "--output", str(out), "--executor", "slurm", "--slurm-time", "10",
-                             "--no-progress"], stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                            text=True)
-    run = out / "runs" / "stage2-seed0"
-    last = run / "checkpoints" / "last.pt"
-    deadline = time.time() + 240
-    # training has begun once TensorBoard holds an epoch
-    while (not list((run / "tensorboard").glob("events.*")) and time.time() < deadline
-           and proc.poll() is None):
-        time.sleep(0.5)
-    assert list((run / "tensorboard").glob("events.*")), "stage 2 never started training"
-    assert not last.is_file()  # no periodic checkpoint: the signal's is the first
-    job_id = _job_of(out, "stage2-seed0")
-    slurm_cluster.run("scancel", "--signal=USR2", job_id)
-    output, _ = proc.communicate(timeout=420)
-    assert proc.returncode == 0, output
-    assert "3 finished (1 of them resumed)" in output, output
-    log = "".join(p.read_text() for p in (out / "slurm").glob(f"{job_id}_0_log.*"))
-    # the job process passed it on to the kernel and waited for the kernel's checkpoint
-    assert re.search(r"SIGUSR2 passed to \d+ process\(es\); \S*last\.pt written", log), \
-        log[-3000:]
-    executed = (out / "runs" / "stage2-seed0.ipynb").read_text()
-    assert "resuming stage2 from" in executed
-    local = run_grid(path, home / "local", jobs=1, progress=False)
-    pd.testing.assert_frame_equal(_metrics(out / "results.csv"), _metrics(local.results_csv))
-
-
-def _job_of(out: Path, run: str) -> str:
-    """The Slurm job id of a grid run, from submitit's pickled submissions."""
-    for _ in range(100):
-        for pkl in (out / "slurm").glob("*_submitted.pkl"):
-            try:
-                with open(pkl, "rb") as f:
-                    name = cloudpickle.load(f).function.spec["name"]
-            except Exception:  # a pickle still being written: try again
-                continue
-            if name == run:
-                return pkl.name.split("_")[0]
-        time.sleep(0.2)
-    raise AssertionError(f"no Slurm job for {run}")
+def test_the_grid_driver_and_its_run_workers_start_without_importing_torch():
+    """The driver (``python -m handclip_nb.pipeline``) and each run's worker process import
+    the pipeline and papermill only; torch (2 s of every start on the 2-core machine) is the
+    notebook kernel's to import."""
+    code = ("import sys, handclip_nb.pipeline.cli, papermill; "
+            "print(sorted(m for m in sys.modules if m.split('.')[0] == 'torch')[:3])")
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                          cwd=REPO, check=True)
+    assert done.stdout.strip() == "[]", done.stdout
 
 
 def test_grid_cli_needs_an_output(capsys):
@@ -519,9 +384,9 @@ def test_local_slots_use_the_gpus_the_user_made_visible_and_split_the_cores(tmp_
 
 
 def test_a_runs_share_of_the_cores_bounds_its_loader_workers(monkeypatch):
-    from handclip_nb import device
+    from handclip_nb import device, host
 
-    monkeypatch.setattr(device.os, "sched_getaffinity", lambda _: set(range(32)))
+    monkeypatch.setattr(host.os, "sched_getaffinity", lambda _: set(range(32)))
     monkeypatch.delenv("HANDCLIP_CPUS", raising=False)
     assert device.available_cpus() == 32 and device.default_num_workers("cpu") == 8
     monkeypatch.setenv("HANDCLIP_CPUS", "4")  # one of 8 runs side by side
@@ -565,7 +430,7 @@ def test_results_table_only_current_runs_and_list_the_stale_ones(local_grid, tmp
     changed = {**TINY, "params": {**TINY["params"],
                                   "stage1": {**TINY["params"]["stage1"],
                                              "weights": str(tmp_path / "missing.pt")}}}
-    summary = run_grid(_grid(tmp_path, changed), home / "grid", jobs=1, progress=False)
+    summary = run_grid(write_grid(tmp_path, changed), home / "grid", jobs=1, progress=False)
     assert set(summary.failed) == {"stage1-seed0", "stage1-seed1"}
     assert set(summary.not_run) == {"stage2-seed0", "stage2-seed1"}
     table = pd.read_csv(summary.results_csv)
@@ -577,7 +442,7 @@ def test_results_table_only_current_runs_and_list_the_stale_ones(local_grid, tmp
     assert table["git_commit"].notna().all()
     from handclip_nb.pipeline.runner import grid_status
 
-    status = grid_status(_grid(tmp_path, changed), home / "grid")
+    status = grid_status(write_grid(tmp_path, changed), home / "grid")
     assert [r["run"] for r in status].count("stage2-seed0") == 1  # once, not again as stale
     states = {r["run"]: r["status"] for r in status}
     assert states == {"stage0-seed0": "finished", "stage0-seed1": "finished",
@@ -586,70 +451,7 @@ def test_results_table_only_current_runs_and_list_the_stale_ones(local_grid, tmp
                       "stage0-old": "stale"}, states
 
 
-def _runs_started(log_dir: Path, name: str) -> int:
-    """How many times a run's notebook was executed (its worker prints one line each)."""
-    log = log_dir / f"{name}.log"
-    return log.read_text().count(f"[grid] {name}: ") if log.is_file() else 0
-
-
-@pytest.mark.notebook
-def test_a_relaunched_local_driver_waits_for_the_runs_its_predecessor_started(tmp_path):
-    """The driver is killed (SIGKILL) while its runs train; their processes live on and keep
-    their leases. The relaunched driver starts none of them again: it waits for them, then
-    runs the rest, and every run executes exactly once."""
-    home = tmp_path / "home"
-    (home / "handclip_nb").mkdir(parents=True)
-    (home / "notebooks").mkdir()
-    body = {**TINY, "params": {**TINY["params"], "stage1": {**TINY["params"]["stage1"],
-                                                            "epochs": 12}}}
-    path = _grid(tmp_path, body)
-    out = home / "grid"
-    env = {**os.environ, "HANDCLIP_HOME": str(home)}
-    cmd = [sys.executable, "-m", "handclip_nb.pipeline", "--grid", str(path), "--output",
-           str(out), "--jobs", "2", "--no-progress"]
-    first = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                             text=True)
-    deadline = time.time() + 300
-    leases_dir = out / "runs" / ".pipeline"
-
-    def adopted() -> bool:
-        """A stage-1 run's process has taken over its lease from the driver (kill the driver
-        before that and the run never started: nobody to wait for)."""
-        for path in leases_dir.glob("stage1-seed*.lease"):
-            try:
-                if json.loads(path.read_text()).get("pid") not in (None, first.pid):
-                    return True
-            except ValueError:  # being replaced at this instant
-                pass
-        return False
-
-    while time.time() < deadline and not adopted():
-        time.sleep(0.2)
-    assert adopted(), first.communicate(timeout=5)[0]
-    first.kill()
-    first.wait()
-    second = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
-    assert second.returncode == 0, second.stdout[-3000:] + second.stderr[-3000:]
-    assert "waiting for it" in second.stdout
-    for run in expand_grid(load_grid(path)):
-        assert _runs_started(out / "logs", run.name) == 1, run.name
-    assert len(pd.read_csv(out / "results.csv")) == 6
-    assert not list(leases_dir.glob("*.lease"))  # every owner released its run
-
-
 # --------------------------------------------------------------------------- Slurm campaigns
-
-
-def _submissions(out: Path) -> int:
-    """How many jobs the grid submitted (submitit writes one pickle per submission)."""
-    return len(list((out / "slurm").glob("*_submitted.pkl")))
-
-
-def _slurm_home(tmp_path: Path) -> tuple[Path, dict]:
-    home = tmp_path / "home"
-    (home / "handclip_nb").mkdir(parents=True)
-    (home / "notebooks").mkdir()
-    return home, {**os.environ, "HANDCLIP_HOME": str(home), "PYTHONUNBUFFERED": "1"}
 
 
 @pytest.mark.slurm
@@ -659,7 +461,7 @@ def test_a_slurm_driver_killed_mid_grid_and_relaunched_submits_nothing_twice(
     """SIGKILL the driver while its jobs run; the relaunched driver finds them (their leases
     name the jobs), waits for them and submits only what was never submitted: one submission
     per run, and the results of an uninterrupted run."""
-    home, env = _slurm_home(tmp_path)
+    home, env = slurm_home(tmp_path)
     out = home / "grid"
     cmd = [sys.executable, "-m", "handclip_nb.pipeline", "--grid", str(local_grid["grid"]),
            "--output", str(out), "--executor", "slurm", "--slurm-time", "10",
@@ -677,13 +479,13 @@ def test_a_slurm_driver_killed_mid_grid_and_relaunched_submits_nothing_twice(
     first.kill()
     output = first.communicate()[0]
     assert "start stage1" in output, output
-    submitted_before = _submissions(out)
+    submitted_before = submissions(out)
     second = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
     assert second.returncode == 0, second.stdout[-3000:] + second.stderr[-2000:]
     assert "waiting for it" in second.stdout
-    assert submitted_before >= 3 and _submissions(out) == 6
-    pd.testing.assert_frame_equal(_metrics(out / "results.csv"),
-                                  _metrics(local_grid["summary"].results_csv))
+    assert submitted_before >= 3 and submissions(out) == 6
+    pd.testing.assert_frame_equal(grid_metrics(out / "results.csv"),
+                                  grid_metrics(local_grid["summary"].results_csv))
 
 
 @pytest.mark.slurm
@@ -692,7 +494,7 @@ def test_a_detached_grid_runs_without_its_driver(slurm_cluster, local_grid, tmp_
                                                  monkeypatch):
     """--detach submits all six runs at once with afterok dependencies and exits; --status
     follows them; running the command again collects the same results as a local run."""
-    home, env = _slurm_home(tmp_path)
+    home, env = slurm_home(tmp_path)
     monkeypatch.setenv("HANDCLIP_HOME", str(home))
     out = home / "grid"
     base = ["--grid", str(local_grid["grid"]), "--output", str(out), "--executor", "slurm",
@@ -703,7 +505,7 @@ def test_a_detached_grid_runs_without_its_driver(slurm_cluster, local_grid, tmp_
     assert done.returncode == 0, done.stdout + done.stderr
     assert "submitted 6 Slurm job(s) with dependencies" in done.stdout
     assert time.time() - started < 60  # it did not wait for the runs
-    assert _submissions(out) == 6
+    assert submissions(out) == 6
     from handclip_nb.pipeline.runner import grid_status
 
     statuses = {r["run"]: r["status"] for r in grid_status(local_grid["grid"], out)}
@@ -722,63 +524,8 @@ def test_a_detached_grid_runs_without_its_driver(slurm_cluster, local_grid, tmp_
     assert status.stdout.count("finished") == 6, status.stdout
     collected = run_grid(local_grid["grid"], out, executor="slurm",
                          slurm={"time": 10, "cpus": 1}, progress=False)
-    assert len(collected.skipped) == 6 and _submissions(out) == 6
-    pd.testing.assert_frame_equal(_metrics(collected.results_csv),
-                                  _metrics(local_grid["summary"].results_csv))
+    assert len(collected.skipped) == 6 and submissions(out) == 6
+    pd.testing.assert_frame_equal(grid_metrics(collected.results_csv),
+                                  grid_metrics(local_grid["summary"].results_csv))
 
 
-@pytest.mark.slurm
-@pytest.mark.notebook
-def test_detached_dependents_of_a_failed_run_are_cancelled_and_cancel_stops_a_campaign(
-        slurm_cluster, tmp_path, monkeypatch):
-    """Stage 1 fails (missing weights): Slurm cancels the stage-2 job that waits for it instead
-    of leaving it pending for ever. A second campaign is stopped with --cancel."""
-    home, _ = _slurm_home(tmp_path)
-    monkeypatch.setenv("HANDCLIP_HOME", str(home))
-    body = {**TINY, "axes": {"seed": [0]},
-            "params": {**TINY["params"], "stage1": {**TINY["params"]["stage1"],
-                                                    "weights": str(tmp_path / "missing.pt")}}}
-    path = _grid(tmp_path, body)
-    from handclip_nb.pipeline.runner import cancel_grid, grid_status
-
-    summary = run_grid(path, home / "grid", executor="slurm", slurm={"time": 10, "cpus": 1},
-                       progress=False, detach=True)
-    assert len(summary.submitted) == 3
-    deadline = time.time() + 240
-    while time.time() < deadline:
-        statuses = {r["run"]: r["status"] for r in grid_status(path, home / "grid")}
-        if not set(statuses.values()) & {"pending", "running"}:
-            break
-        time.sleep(2)
-    assert statuses == {"stage0-seed0": "finished", "stage1-seed0": "failed",
-                        "stage2-seed0": "cancelled"}, statuses
-    # a long campaign, cancelled while its jobs wait and run
-    long = {**TINY, "axes": {"seed": [0]},
-            "params": {**TINY["params"], "stage1": {**TINY["params"]["stage1"], "epochs": 60}}}
-    path = _grid(tmp_path, long, name="long")
-    run_grid(path, home / "long", executor="slurm", slurm={"time": 10, "cpus": 1},
-             progress=False, detach=True)
-    lines = cancel_grid(path, home / "long")
-    assert len(lines) == 3 and all("cancelled" in line for line in lines), lines
-    deadline = time.time() + 60
-    while time.time() < deadline:
-        statuses = {r["run"]: r["status"] for r in grid_status(path, home / "long")}
-        if set(statuses.values()) <= {"cancelled", "finished"}:
-            break
-        time.sleep(1)
-    assert set(statuses.values()) <= {"cancelled", "finished"}, statuses
-    assert "cancelled" in statuses.values()
-
-
-@pytest.mark.slurm
-@pytest.mark.notebook
-def test_a_node_without_the_grids_python_fails_at_once_with_its_name(slurm_cluster, tmp_path,
-                                                                     monkeypatch):
-    home, _ = _slurm_home(tmp_path)
-    monkeypatch.setenv("HANDCLIP_HOME", str(home))
-    path = _grid(tmp_path, {**TINY, "axes": {"seed": [0]}, "stages": ["stage0"]})
-    summary = run_grid(path, home / "grid", executor="slurm", progress=False, results=False,
-                       slurm={"time": 5, "cpus": 1, "python": "/opt/nowhere/bin/python"})
-    assert list(summary.failed) == ["stage0-seed0"]
-    log = Path(summary.failed["stage0-seed0"].split("log: ")[1]).read_text()
-    assert "has no Python at /opt/nowhere/bin/python" in log and "--slurm-python" in log
