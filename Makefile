@@ -27,7 +27,7 @@ demo: install
 
 # pytest-xdist: TEST_WORKERS processes, each module on one of them (--dist loadscope keeps a
 # module's fixtures built once and its tests in order), the modules taken most expensive first
-# (tests/conftest.py orders them; xdist's own reorder by test count would put the long
+# (tests/session_sharing.py orders them; xdist's own reorder by test count would put the long
 # few-test Slurm modules last); TEST_WORKERS=0 runs in this process
 TEST_WORKERS ?= 2
 PYTEST_PARALLEL := -n $(TEST_WORKERS) --dist loadscope --no-loadscope-reorder

@@ -6,6 +6,8 @@ from pathlib import Path
 
 import pytest
 
+from session_sharing import longest_modules_first, build_once
+
 REPO = Path(__file__).resolve().parents[1]
 SHARED = REPO.parent / "shared"
 REAL_HANDINFO = SHARED / "data" / "11k" / "HandInfo.csv"
@@ -48,33 +50,6 @@ def real_hd_listing() -> Path:
     if not REAL_HD_LISTING.is_file():
         pytest.fail(f"{REAL_HD_LISTING} is missing: CI clones the repo with ../shared beside it")
     return REAL_HD_LISTING
-
-
-def shared_session_dir(tmp_path_factory) -> Path:
-    """The folder every process of this test session sees: the session's base temp folder,
-    or under ``pytest -n N`` (pytest-xdist) the folder above the workers' own ones."""
-    base = tmp_path_factory.getbasetemp()
-    return base.parent if os.environ.get("PYTEST_XDIST_WORKER") else base
-
-
-def build_once(tmp_path_factory, name: str, build) -> Path:
-    """``build(folder)`` run once per test session for all xdist workers together: the first
-    worker builds under a file lock into a temp folder and renames it into place; the others
-    wait on the lock and get the finished folder. Only for read-only inputs (datasets): a test
-    that changes what it is given must copy it first."""
-    import shutil
-
-    from filelock import FileLock
-
-    root = shared_session_dir(tmp_path_factory)
-    target = root / name
-    with FileLock(str(root / f"{name}.lock")):
-        if not target.is_dir():
-            tmp = root / f"{name}.tmp{os.getpid()}"
-            shutil.rmtree(tmp, ignore_errors=True)
-            build(tmp)
-            os.replace(tmp, target)
-    return target
 
 
 @pytest.fixture(scope="session")
@@ -150,34 +125,10 @@ def slurm_cluster(tmp_path_factory):
     cluster.stop()
 
 
-#: A module's rough cost in seconds per test, by its most expensive marker: what orders the
-#: modules for pytest -n N (``_longest_modules_first``). Measured on the 2-core machine: a
-#: Slurm test runs a grid or requeues a job (20-170 s), a notebook test starts kernels (8-70 s),
-#: a slow test trains in this process (5-40 s), the rest take well under a second.
-MODULE_COST_S = {"slurm": 60.0, "notebook": 15.0, "browser": 20.0, "slow": 10.0}
-
-
-def _longest_modules_first(items: list) -> None:
-    """Reorder the modules (each kept whole and in file order) most expensive first. With
-    ``--dist loadscope --no-loadscope-reorder`` the workers take modules in this order, so the
-    long grid and Slurm modules start at once instead of last (xdist's own reorder sorts by
-    test count, which put the two-test, four-minute requeue module at the end alone)."""
-    modules: dict[str, list] = {}
-    for item in items:
-        modules.setdefault(item.nodeid.split("::")[0], []).append(item)
-
-    def cost(tests: list) -> float:
-        return sum(max([MODULE_COST_S[m.name] for m in item.iter_markers()
-                        if m.name in MODULE_COST_S], default=0.2) for item in tests)
-
-    ordered = sorted(modules.values(), key=cost, reverse=True)  # stable: ties keep file order
-    items[:] = [item for tests in ordered for item in tests]
-
-
 def pytest_collection_modifyitems(config, items):
-    """Modules most expensive first (``_longest_modules_first``); tests marked ``cuda`` are
+    """Modules most expensive first (``longest_modules_first``); tests marked ``cuda`` are
     skipped where torch sees no CUDA device (``make gpu-check`` runs them on a GPU machine)."""
-    _longest_modules_first(items)
+    longest_modules_first(items)
     marked = [item for item in items if item.get_closest_marker("cuda")]
     if not marked:
         return

@@ -1,5 +1,6 @@
-"""The test suite's own machinery for pytest -n N (tests/conftest.py): inputs built once for all
-workers, the modules handed out most expensive first, and each worker's share of the cores."""
+"""The test suite's own machinery for pytest -n N (tests/session_sharing.py, tests/conftest.py):
+inputs built once for all workers, the modules handed out most expensive first, and each
+worker's share of the cores."""
 from __future__ import annotations
 
 import os
@@ -10,7 +11,7 @@ from types import SimpleNamespace
 
 import pytest
 
-import conftest
+import session_sharing
 
 
 class _Factory:
@@ -32,8 +33,8 @@ def test_build_once_builds_one_folder_for_every_caller(tmp_path, monkeypatch):
         folder.mkdir()
         (folder / "data.txt").write_text("built")
 
-    first = conftest.build_once(_Factory(tmp_path), "inputs", build)
-    second = conftest.build_once(_Factory(tmp_path), "inputs", build)
+    first = session_sharing.build_once(_Factory(tmp_path), "inputs", build)
+    second = session_sharing.build_once(_Factory(tmp_path), "inputs", build)
     assert first == second == tmp_path / "inputs"
     assert len(calls) == 1 and (first / "data.txt").read_text() == "built"
     assert not list(tmp_path.glob("inputs.tmp*"))  # built aside, renamed into place
@@ -43,16 +44,16 @@ def test_xdist_workers_share_the_folder_above_their_own(tmp_path, monkeypatch):
     worker = tmp_path / "popen-gw1"
     worker.mkdir()
     monkeypatch.setenv("PYTEST_XDIST_WORKER", "gw1")
-    assert conftest.shared_session_dir(_Factory(worker)) == tmp_path
+    assert session_sharing.shared_session_dir(_Factory(worker)) == tmp_path
     monkeypatch.delenv("PYTEST_XDIST_WORKER")
-    assert conftest.shared_session_dir(_Factory(worker)) == worker
+    assert session_sharing.shared_session_dir(_Factory(worker)) == worker
 
 
 def test_two_processes_building_at_once_build_once(tmp_path):
     """Two processes ask for the same input together: one builds (slowly), the other waits
     on the lock and reads the finished folder; the builder ran once."""
     code = (
-        "import sys, time; sys.path.insert(0, sys.argv[1]); import conftest\n"
+        "import sys, time; sys.path.insert(0, sys.argv[1]); import session_sharing\n"
         "from pathlib import Path\n"
         "class F:\n"
         "    def getbasetemp(self): return Path(sys.argv[2])\n"
@@ -60,7 +61,7 @@ def test_two_processes_building_at_once_build_once(tmp_path):
         "    folder.mkdir(); time.sleep(1.0)\n"
         "    with open(Path(sys.argv[2]) / 'builds.log', 'a') as f: f.write('x')\n"
         "    (folder / 'done').write_text('ok')\n"
-        "print((conftest.build_once(F(), 'inputs', build) / 'done').read_text())\n")
+        "print((session_sharing.build_once(F(), 'inputs', build) / 'done').read_text())\n")
     env = {k: v for k, v in os.environ.items() if k != "PYTEST_XDIST_WORKER"}
     tests_dir = str(Path(__file__).parent)
     procs = [subprocess.Popen([sys.executable, "-c", code, tests_dir, str(tmp_path)], env=env,
@@ -80,7 +81,7 @@ def test_modules_are_handed_out_most_expensive_first_whole_and_in_order():
              _item("test_b", "nb", "notebook"),
              _item("test_c", "plain"), _item("test_c", "cluster", "slurm", "notebook"),
              _item("test_d", "plain")]
-    conftest._longest_modules_first(items)
+    session_sharing.longest_modules_first(items)
     assert [i.nodeid for i in items] == [
         "tests/test_c.py::plain", "tests/test_c.py::cluster",  # 60.2 s
         "tests/test_b.py::nb",                                # 15 s
