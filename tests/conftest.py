@@ -126,9 +126,12 @@ def slurm_cluster(tmp_path_factory):
 
 
 def pytest_collection_modifyitems(config, items):
-    """Modules most expensive first (``longest_modules_first``); tests marked ``cuda`` are
-    skipped where torch sees no CUDA device (``make gpu-check`` runs them on a GPU machine)."""
-    longest_modules_first(items)
+    """Under ``pytest -n N`` the modules most expensive first (``longest_modules_first``; in one
+    process the file order stays, which the nbval goldens need: each notebook reads the runs of
+    the ones before it); tests marked ``cuda`` are skipped where torch sees no CUDA device
+    (``make gpu-check`` runs them on a GPU machine)."""
+    if os.environ.get("PYTEST_XDIST_WORKER"):
+        longest_modules_first(items)
     marked = [item for item in items if item.get_closest_marker("cuda")]
     if not marked:
         return
