@@ -25,6 +25,12 @@ TINY = {
     "stages": ["stage0", "stage1", "stage2"],
 }
 
+#: The tiny grid's seed-0 runs alone. The Slurm tests that compare with the local run of
+#: ``TINY`` run this: what they check (one submission per run, a driver that finds its
+#: predecessor's jobs, Slurm's metrics equal the local ones) holds run by run, and the second
+#: seed only doubled their kernels (each about 12 s of CPU on the 2-core machine).
+ONE_SEED = {**TINY, "axes": {"seed": [0]}}
+
 
 def write_grid(tmp_path: Path, body: dict, name: str = "tiny") -> Path:
     path = tmp_path / f"{name}.yaml"
@@ -35,6 +41,12 @@ def write_grid(tmp_path: Path, body: dict, name: str = "tiny") -> Path:
 def grid_metrics(csv: Path) -> pd.DataFrame:
     table = pd.read_csv(csv).set_index("run").sort_index()
     return table[METRIC_COLUMNS]
+
+
+def seed0_metrics(csv: Path) -> pd.DataFrame:
+    """``grid_metrics`` of a grid's seed-0 runs: the reference a ``ONE_SEED`` grid must equal."""
+    table = grid_metrics(csv)
+    return table[table.index.str.endswith("-seed0")]
 
 
 def job_of(out: Path, run: str) -> str:

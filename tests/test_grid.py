@@ -24,7 +24,8 @@ from handclip_nb.pipeline.executors import time_minutes
 from handclip_nb.pipeline.grid import GridError, expand_grid, load_grid
 from handclip_nb.pipeline.runner import run_grid
 
-from grid_helpers import METRIC_COLUMNS, TINY, grid_metrics, slurm_home, submissions, write_grid
+from grid_helpers import (METRIC_COLUMNS, ONE_SEED, TINY, grid_metrics, seed0_metrics, slurm_home,
+                          submissions, write_grid)
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -249,7 +250,9 @@ def test_slurm_time_limits():
 @pytest.fixture(scope="module")
 def local_grid(tmp_path_factory):
     """The tiny grid with --jobs 2 on an empty project folder: the two seeds' runs start
-    together and share the embedded dataset, the decoded-image and feature caches."""
+    together and share the embedded dataset, the decoded-image and feature caches. Its
+    ``one_seed`` grid file (the seed-0 runs alone) is what the Slurm tests run and compare with
+    these runs' seed-0 metrics."""
     home = tmp_path_factory.mktemp("grid-home")
     (home / "handclip_nb").mkdir()
     (home / "notebooks").mkdir()
@@ -262,7 +265,8 @@ def local_grid(tmp_path_factory):
         seconds = time.time() - started
     finally:
         mp.undo()
-    return {"home": home, "grid": path, "summary": summary, "seconds": seconds}
+    return {"home": home, "grid": path, "summary": summary, "seconds": seconds,
+            "one_seed": write_grid(home, ONE_SEED, name="tiny-seed0")}
 
 
 @pytest.mark.notebook
@@ -320,14 +324,14 @@ def test_the_grid_through_slurm_gives_the_local_metrics(slurm_cluster, local_gri
                                                         monkeypatch):
     home = local_grid["home"]
     monkeypatch.setenv("HANDCLIP_HOME", str(home))
-    summary = run_grid(local_grid["grid"], home / "slurm-grid", executor="slurm",
+    summary = run_grid(local_grid["one_seed"], home / "slurm-grid", executor="slurm",
                        slurm={"time": 10, "cpus": 1}, progress=False)
     assert summary.ok, summary.describe()
-    assert len(summary.finished) == 6
+    assert len(summary.finished) == 3
     jobs = sorted((home / "slurm-grid" / "slurm").glob("*_submitted.pkl"))
-    assert len(jobs) == 6
+    assert len(jobs) == 3
     pd.testing.assert_frame_equal(grid_metrics(summary.results_csv),
-                                  grid_metrics(local_grid["summary"].results_csv))
+                                  seed0_metrics(local_grid["summary"].results_csv))
 
 
 def test_the_grid_driver_and_its_run_workers_start_without_importing_torch():
@@ -463,7 +467,7 @@ def test_a_slurm_driver_killed_mid_grid_and_relaunched_submits_nothing_twice(
     per run, and the results of an uninterrupted run."""
     home, env = slurm_home(tmp_path)
     out = home / "grid"
-    cmd = [sys.executable, "-m", "handclip_nb.pipeline", "--grid", str(local_grid["grid"]),
+    cmd = [sys.executable, "-m", "handclip_nb.pipeline", "--grid", str(local_grid["one_seed"]),
            "--output", str(out), "--executor", "slurm", "--slurm-time", "10",
            "--slurm-cpus", "1", "--no-progress"]
     first = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
@@ -483,37 +487,38 @@ def test_a_slurm_driver_killed_mid_grid_and_relaunched_submits_nothing_twice(
     second = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
     assert second.returncode == 0, second.stdout[-3000:] + second.stderr[-2000:]
     assert "waiting for it" in second.stdout
-    assert submitted_before >= 3 and submissions(out) == 6
+    assert submitted_before >= 2 and submissions(out) == 3  # stage 0 and 1 had no wait
     pd.testing.assert_frame_equal(grid_metrics(out / "results.csv"),
-                                  grid_metrics(local_grid["summary"].results_csv))
+                                  seed0_metrics(local_grid["summary"].results_csv))
 
 
 @pytest.mark.slurm
 @pytest.mark.notebook
 def test_a_detached_grid_runs_without_its_driver(slurm_cluster, local_grid, tmp_path,
                                                  monkeypatch):
-    """--detach submits all six runs at once with afterok dependencies and exits; --status
+    """--detach submits all three runs at once with afterok dependencies and exits; --status
     follows them; running the command again collects the same results as a local run."""
     home, env = slurm_home(tmp_path)
     monkeypatch.setenv("HANDCLIP_HOME", str(home))
     out = home / "grid"
-    base = ["--grid", str(local_grid["grid"]), "--output", str(out), "--executor", "slurm",
+    grid = local_grid["one_seed"]
+    base = ["--grid", str(grid), "--output", str(out), "--executor", "slurm",
             "--slurm-time", "10", "--slurm-cpus", "1", "--no-progress"]
     started = time.time()
     done = subprocess.run([sys.executable, "-m", "handclip_nb.pipeline", *base, "--detach"],
                           env=env, capture_output=True, text=True, timeout=120)
     assert done.returncode == 0, done.stdout + done.stderr
-    assert "submitted 6 Slurm job(s) with dependencies" in done.stdout
+    assert "submitted 3 Slurm job(s) with dependencies" in done.stdout
     assert time.time() - started < 60  # it did not wait for the runs
-    assert submissions(out) == 6
+    assert submissions(out) == 3
     from handclip_nb.pipeline.runner import grid_status
 
-    statuses = {r["run"]: r["status"] for r in grid_status(local_grid["grid"], out)}
+    statuses = {r["run"]: r["status"] for r in grid_status(grid, out)}
     assert set(statuses.values()) <= {"pending", "running", "finished"}, statuses
     assert statuses["stage2-seed0"] == "pending"  # waits for its stage 1
     deadline = time.time() + 420
     while time.time() < deadline:
-        statuses = {r["run"]: r["status"] for r in grid_status(local_grid["grid"], out)}
+        statuses = {r["run"]: r["status"] for r in grid_status(grid, out)}
         if set(statuses.values()) == {"finished"}:
             break
         assert not set(statuses.values()) & {"failed", "cancelled"}, statuses
@@ -521,11 +526,11 @@ def test_a_detached_grid_runs_without_its_driver(slurm_cluster, local_grid, tmp_
     assert set(statuses.values()) == {"finished"}, statuses
     status = subprocess.run([sys.executable, "-m", "handclip_nb.pipeline", *base, "--status"],
                             env=env, capture_output=True, text=True, timeout=120)
-    assert status.stdout.count("finished") == 6, status.stdout
-    collected = run_grid(local_grid["grid"], out, executor="slurm",
-                         slurm={"time": 10, "cpus": 1}, progress=False)
-    assert len(collected.skipped) == 6 and submissions(out) == 6
+    assert status.stdout.count("finished") == 3, status.stdout
+    collected = run_grid(grid, out, executor="slurm", slurm={"time": 10, "cpus": 1},
+                         progress=False)
+    assert len(collected.skipped) == 3 and submissions(out) == 3
     pd.testing.assert_frame_equal(grid_metrics(collected.results_csv),
-                                  grid_metrics(local_grid["summary"].results_csv))
+                                  seed0_metrics(local_grid["summary"].results_csv))
 
 
