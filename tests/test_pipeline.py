@@ -14,6 +14,7 @@ import io
 import json
 import os
 import re
+import time
 from pathlib import Path
 
 import pytest
@@ -347,3 +348,33 @@ def test_real_interrupted_training_step_resumes_from_its_checkpoint(real_pipelin
     metrics = json.loads((s2 / "metrics.json").read_text())
     assert [h["epoch"] for h in metrics["history"]] == [1, 2]
     assert _state(home, "s2")["status"] == "done"
+
+
+@pytest.mark.notebook
+def test_a_notebooks_kernel_is_killed_after_its_last_cell_not_torn_down(tmp_path, monkeypatch):
+    """run_notebook ends the kernel at once once its last cell is idle (steps.KERNEL_SHUTDOWN):
+    a kernel that imported torch spends about 2 s of CPU tearing its interpreter down after a
+    polite shutdown request, on every run of a grid. What the run keeps is complete when
+    run_notebook returns (every output is in the executed notebook), and nothing registered
+    for the interpreter's exit runs: this test's atexit handler writes no file."""
+    import nbformat
+
+    source = tmp_path / "notebooks"
+    source.mkdir()
+    marker = tmp_path / "teardown-ran.txt"
+    nb = nbformat.v4.new_notebook()
+    nb.metadata["kernelspec"] = {"name": "python3", "display_name": "Python 3",
+                                 "language": "python"}
+    parameters = nbformat.v4.new_code_cell('marker = ""')
+    parameters.metadata["tags"] = ["parameters"]
+    nb.cells = [parameters, nbformat.v4.new_code_cell(
+        "import atexit, pathlib\n"
+        "atexit.register(pathlib.Path(marker).write_text, 'the kernel ran its exit handlers')\n"
+        "print('last cell done')")]
+    nbformat.write(nb, source / "exit.ipynb")
+    monkeypatch.setattr(pipeline, "NOTEBOOKS_DIR", source)
+    executed = pipeline.run_notebook("exit.ipynb", tmp_path / "executed.ipynb",
+                                     {"marker": str(marker)}, progress=False)
+    assert "last cell done" in executed.read_text()
+    time.sleep(1.0)  # a kernel still exiting would write it now
+    assert not marker.exists(), marker.read_text()
