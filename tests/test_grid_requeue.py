@@ -23,17 +23,21 @@ from grid_helpers import TINY, grid_metrics, job_of, slurm_home, write_grid
 pytestmark = [pytest.mark.slurm, pytest.mark.notebook]
 
 def _uninterrupted(path: Path, home: Path) -> pd.DataFrame:
-    """The metrics of the grid run locally (one run at a time), never interrupted."""
-    summary = run_grid(path, home / "local", jobs=1, progress=False)
+    """The metrics of the grid run locally (one run at a time, one thread as each Slurm job
+    has), never interrupted."""
+    summary = run_grid(path, home / "local", jobs=1, threads=1, progress=False)
     assert summary.ok, summary.describe()
     return grid_metrics(summary.results_csv)
 
 
 def _start_slurm_grid(path: Path, out: Path, env: dict) -> subprocess.Popen:
+    """The grid's driver on the test cluster, one CPU per job: under pytest -n 2 the other
+    worker keeps a core busy, and a job training on two threads there spends its time in
+    the threads' barrier waits."""
     return subprocess.Popen([sys.executable, "-m", "handclip_nb.pipeline", "--grid", str(path),
                              "--output", str(out), "--executor", "slurm", "--slurm-time", "10",
-                             "--no-progress"], env=env, stdout=subprocess.PIPE,
-                            stderr=subprocess.STDOUT, text=True)
+                             "--slurm-cpus", "1", "--no-progress"], env=env,
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
 
 
 def test_a_job_requeued_by_the_scheduler_resumes_from_its_checkpoint(slurm_cluster, tmp_path,
