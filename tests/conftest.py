@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 
-from session_sharing import longest_modules_first, build_once
+from session_sharing import build_once, longest_modules_first, worker_core_share
 
 REPO = Path(__file__).resolve().parents[1]
 SHARED = REPO.parent / "shared"
@@ -30,11 +30,11 @@ def pytest_configure(config):
     Only this process: the kernels and subprocesses a test starts keep their own settings (an
     OMP_NUM_THREADS here would leak into them, into ``nproc`` and so into the Slurm test
     cluster's CPU count, and into Slurm jobs, changing their arithmetic)."""
-    if os.environ.get("PYTEST_XDIST_WORKER"):
+    share = worker_core_share()
+    if share is not None:
         import torch  # here: only in an xdist worker, which imports it for its tests anyway
 
-        workers = max(1, int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1")))
-        torch.set_num_threads(max(1, len(os.sched_getaffinity(0)) // workers))
+        torch.set_num_threads(share)
 
 
 @pytest.fixture(scope="session")
@@ -88,6 +88,20 @@ def workbench_home(tmp_path, monkeypatch) -> Path:
     """A private project root: outputs/, feature cache and synthetic data go under tmp_path."""
     monkeypatch.setenv("HANDCLIP_HOME", str(tmp_path))
     return tmp_path
+
+
+@pytest.fixture()
+def kernel_threads(monkeypatch):
+    """The notebook kernels this test starts itself (``run_notebook``, papermill) train on this
+    xdist worker's share of the cores (``OMP_NUM_THREADS``, which the kernels inherit, for the
+    test's duration): under ``pytest -n 2`` the other worker keeps a core busy, and a kernel
+    on two threads there spends its time in barrier waits. Not for kernels whose results a
+    test compares with runs made on other thread counts; a grid slot and a Slurm job set their
+    own. Outside xdist it changes nothing."""
+    share = worker_core_share()
+    if share is not None:
+        monkeypatch.setenv("OMP_NUM_THREADS", str(share))
+        monkeypatch.setenv("MKL_NUM_THREADS", str(share))
 
 
 @pytest.fixture()

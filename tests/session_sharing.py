@@ -8,6 +8,17 @@ import os
 from pathlib import Path
 
 
+def worker_core_share() -> int | None:
+    """This xdist worker's share of the cores (``pytest -n N``: the cores over N; 1 on the
+    2-core machine with 2 workers), or None outside xdist (one process has them all)."""
+    if not os.environ.get("PYTEST_XDIST_WORKER"):
+        return None
+    from handclip_nb.host import available_cpus
+
+    workers = max(1, int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1")))
+    return max(1, available_cpus() // workers)
+
+
 def shared_session_dir(tmp_path_factory) -> Path:
     """The folder every process of this test session sees: the session's base temp folder,
     or under ``pytest -n N`` (pytest-xdist) the folder above the workers' own ones."""

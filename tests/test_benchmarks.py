@@ -119,6 +119,7 @@ def test_direct_run_resolves_the_notebooks_own_defaults(training, tmp_path):
 
 @pytest.mark.slow
 @pytest.mark.notebook
+@pytest.mark.usefixtures("kernel_threads")
 def test_papermill_overhead_is_measured(training, tmp_path, monkeypatch):
     monkeypatch.setenv("HANDCLIP_HOME", str(tmp_path))
     data = training.make_dataset(tmp_path / "hands", 16, 4)

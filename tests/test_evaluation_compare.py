@@ -473,6 +473,7 @@ def test_evaluation_parameters_are_validated_and_scoped():
 
 
 @pytest.mark.notebook
+@pytest.mark.usefixtures("kernel_threads")
 def test_evaluation_notebook_standalone_with_smoke_parameters(workbench_home):
     """runs=None: the zero-shot backbone on the embedded synthetic hands, every figure."""
     from handclip_nb.pipeline import run_notebook
@@ -499,6 +500,7 @@ def test_evaluation_notebook_standalone_with_smoke_parameters(workbench_home):
 
 
 @pytest.mark.notebook
+@pytest.mark.usefixtures("kernel_threads")
 def test_evaluation_notebook_cross_aspect_with_rerank(runs, synthetic_11k, workbench_home):
     from handclip_nb.pipeline import run_notebook
 

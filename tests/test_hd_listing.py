@@ -123,6 +123,7 @@ def test_training_images_follow_mbanet_train_all_not_the_scripts_default_train(p
 
 @pytest.mark.slow
 @pytest.mark.notebook
+@pytest.mark.usefixtures("kernel_threads")
 def test_stage0_notebook_on_placeholder_hd(placeholder_hd, workbench_home):
     """A real papermill run of the stage-0 notebook records the published HD counts (about
     30 s on a loaded 2-core machine: ~3,600 test and selection images at 32x32)."""

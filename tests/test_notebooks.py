@@ -6,7 +6,8 @@ import pytest
 from handclip_nb.pipeline import run_notebook
 from handclip_nb.runs import METRIC_NAMES, read_metrics
 
-pytestmark = pytest.mark.notebook
+#: every test here starts its kernels itself: on this worker's share of the cores
+pytestmark = [pytest.mark.notebook, pytest.mark.usefixtures("kernel_threads")]
 
 SMOKE = {"num_splits": 2, "synthetic_subjects": 12, "synthetic_images": 4, "batch_size": 32}
 

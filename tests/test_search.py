@@ -605,6 +605,7 @@ def test_promptsg_run_adds_attention_heatmaps(folders, synthetic_11k, workbench_
 
 
 @pytest.mark.notebook
+@pytest.mark.usefixtures("kernel_threads")
 def test_search_notebook_with_a_stage0_run(folders, workbench_home):
     """Stage 0 through its notebook (tiny-vit, small synthetic data) gives a run folder with an
     open-set threshold; the search notebook ranks the gallery with it, headless."""

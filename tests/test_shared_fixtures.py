@@ -98,3 +98,15 @@ def test_an_xdist_worker_trains_on_its_share_of_the_cores():
     if workers is None:
         pytest.skip("not under pytest -n N (make test runs it there)")
     assert torch.get_num_threads() == max(1, len(os.sched_getaffinity(0)) // int(workers))
+
+
+def test_kernels_a_test_starts_get_the_workers_share_of_the_cores(kernel_threads):
+    """A kernel started under the kernel_threads fixture (a child process, as papermill's
+    kernel is) trains on the worker's share of the cores, not on every core."""
+    workers = os.environ.get("PYTEST_XDIST_WORKER_COUNT")
+    if workers is None:
+        pytest.skip("not under pytest -n N (make test runs it there)")
+    threads = subprocess.run([sys.executable, "-c",
+                              "import torch; print(torch.get_num_threads())"],
+                             capture_output=True, text=True, check=True).stdout
+    assert int(threads) == max(1, len(os.sched_getaffinity(0)) // int(workers))

@@ -421,6 +421,7 @@ def test_parts_of_killed_downloads_are_removed_under_the_lock(server, tmp_path):
 
 
 @pytest.mark.notebook
+@pytest.mark.usefixtures("kernel_threads")
 def test_stage0_notebook_downloads_vitb16_into_an_empty_download_root(
         server, online, monkeypatch, workbench_home, tiny_release):
     """``-p backbone vitb16 -p download_root <empty dir>``: the kernel downloads the checkpoint
