@@ -141,9 +141,10 @@ def _shutdown(server: LabServer) -> None:
 
 
 @pytest.fixture()
-def lab_server(workbench_home):
+def lab_server(workbench_home, kernel_threads):
     """A private JupyterLab (own token, port, config, settings and workspaces) serving
-    ``workbench_home/lab``; HANDCLIP_HOME points the kernel at ``workbench_home``."""
+    ``workbench_home/lab``; HANDCLIP_HOME points the kernel at ``workbench_home``, and under
+    pytest -n N its kernels train on the worker's share of the cores (``kernel_threads``)."""
     root = workbench_home / "lab"
     private = workbench_home / "jupyter"
     settings = private / "settings"
