@@ -42,7 +42,8 @@ import signal
 import subprocess
 import sys
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
+from functools import cached_property
 from pathlib import Path
 from typing import Any, Mapping, Sequence
 
@@ -452,8 +453,6 @@ class SlurmHandle:
     slot: int = -1
     group: int = 1  # the runs that share the job (--slurm-runs-per-job)
     where: str = ""
-    _exception: BaseException | None = field(default=None, repr=False)
-    _exception_read: bool = field(default=False, repr=False)
 
     @property
     def job_id(self) -> str:
@@ -468,15 +467,16 @@ class SlurmHandle:
         state = self.job.watcher.get_state(self.job_id, mode="force")
         return state.split(" ")[0].upper() not in ACTIVE_STATES
 
+    @cached_property
+    def _job_exception(self) -> BaseException | None:
+        return self.job.exception()
+
     def exception(self) -> BaseException | None:
         """The finished job's exception, asked of submitit once: for a job that wrote no result
         (killed, cancelled, no Python on the node) submitit waits up to 15 s for the result
         file on every call (a shared filesystem may show it late), and a failed run is asked
         three times (``ok``, then ``failure`` for the summary and the log line)."""
-        if not self._exception_read:
-            self._exception = self.job.exception()
-            self._exception_read = True
-        return self._exception
+        return self._job_exception
 
     def ok(self) -> bool:
         # a shared job fails when any of its runs fails: each run's own state (done with its
