@@ -69,8 +69,15 @@ def submissions(out: Path) -> int:
     return len(list((out / "slurm").glob("*_submitted.pkl")))
 
 
-def slurm_home(tmp_path: Path) -> tuple[Path, dict]:
-    home = tmp_path / "home"
+def project_home(parent: Path) -> Path:
+    """``parent/home`` shaped as a project root (HANDCLIP_HOME): outputs/ go under it."""
+    home = parent / "home"
     (home / "handclip_nb").mkdir(parents=True)
     (home / "notebooks").mkdir()
+    return home
+
+
+def slurm_home(tmp_path: Path) -> tuple[Path, dict]:
+    """A ``project_home`` and the environment of a driver (or its jobs) that uses it."""
+    home = project_home(tmp_path)
     return home, {**os.environ, "HANDCLIP_HOME": str(home), "PYTHONUNBUFFERED": "1"}

@@ -24,8 +24,8 @@ from handclip_nb.pipeline.executors import time_minutes
 from handclip_nb.pipeline.grid import GridError, expand_grid, load_grid
 from handclip_nb.pipeline.runner import run_grid
 
-from grid_helpers import (METRIC_COLUMNS, ONE_SEED, TINY, grid_metrics, seed0_metrics, slurm_home,
-                          submissions, write_grid)
+from grid_helpers import (METRIC_COLUMNS, ONE_SEED, TINY, grid_metrics, project_home,
+                          seed0_metrics, slurm_home, submissions, write_grid)
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -253,9 +253,7 @@ def local_grid(tmp_path_factory):
     together and share the embedded dataset, the decoded-image and feature caches. Its
     ``one_seed`` grid file (the seed-0 runs alone) is what the Slurm tests run and compare with
     these runs' seed-0 metrics."""
-    home = tmp_path_factory.mktemp("grid-home")
-    (home / "handclip_nb").mkdir()
-    (home / "notebooks").mkdir()
+    home = project_home(tmp_path_factory.mktemp("grid"))
     path = write_grid(home, TINY)
     mp = pytest.MonkeyPatch()
     mp.setenv("HANDCLIP_HOME", str(home))

@@ -19,15 +19,13 @@ from handclip_nb.pipeline.cli import main
 from handclip_nb.pipeline.grid import expand_grid, load_grid
 from handclip_nb.pipeline.runner import run_grid
 
-from grid_helpers import ONE_SEED, TINY, slurm_home, write_grid
+from grid_helpers import ONE_SEED, TINY, project_home, slurm_home, write_grid
 
 
 @pytest.mark.notebook
 def test_a_failing_run_is_reported_with_its_log_and_stops_only_its_dependents(tmp_path,
                                                                               monkeypatch):
-    home = tmp_path / "home"
-    (home / "handclip_nb").mkdir(parents=True)
-    (home / "notebooks").mkdir()
+    home = project_home(tmp_path)
     monkeypatch.setenv("HANDCLIP_HOME", str(home))
     body = {**TINY, "axes": {"weights": [None, str(tmp_path / "missing.pt")]},
             "stages": ["stage0", "stage1", "stage2"]}
@@ -56,9 +54,7 @@ def test_a_relaunched_local_driver_waits_for_the_runs_its_predecessor_started(tm
     their leases. The relaunched driver starts none of them again: it waits for them, then
     runs the rest, and every run executes exactly once. One seed: with --jobs 2 its stage 0 and
     stage 1 run side by side, and stage 2 is left for the relaunched driver."""
-    home = tmp_path / "home"
-    (home / "handclip_nb").mkdir(parents=True)
-    (home / "notebooks").mkdir()
+    home = project_home(tmp_path)
     body = {**ONE_SEED, "params": {**TINY["params"], "stage1": {**TINY["params"]["stage1"],
                                                                 "epochs": 12}}}
     path = write_grid(tmp_path, body)

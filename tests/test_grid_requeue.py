@@ -22,6 +22,7 @@ from grid_helpers import TINY, grid_metrics, job_of, slurm_home, write_grid
 
 pytestmark = [pytest.mark.slurm, pytest.mark.notebook]
 
+
 def _uninterrupted(path: Path, home: Path) -> pd.DataFrame:
     """The metrics of the grid run locally (one run at a time, one thread as each Slurm job
     has), never interrupted."""

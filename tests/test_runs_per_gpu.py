@@ -19,6 +19,8 @@ from handclip_nb.pipeline.executors import GridJobGroup, LocalExecutor, SlurmExe
 from handclip_nb.pipeline.runner import (GridSummary, _groups, _plan, run_grid,
                                          running_per_device)
 
+from grid_helpers import project_home
+
 #: Two training runs that finish in seconds: stage 1 of the untrained tiny-vit on 12
 #: synthetic people, seeds 0 and 1, bit-repeatable (deterministic, one thread each).
 PAIR = {
@@ -188,13 +190,6 @@ def test_the_memory_share_caps_every_cuda_device_once(monkeypatch):
 # --------------------------------------------------------------------------- side by side
 
 
-def _home(tmp_path: Path) -> Path:
-    home = tmp_path / "home"
-    (home / "handclip_nb").mkdir(parents=True)
-    (home / "notebooks").mkdir()
-    return home
-
-
 #: metrics.json fields that record when and how long, not what: left out of the comparison
 CLOCK_FIELDS = frozenset({"seconds", "seconds_per_epoch", "started", "finished"})
 
@@ -216,7 +211,7 @@ def _run_metrics(runs_dir: Path) -> dict:
 @pytest.fixture(scope="module")
 def alone(tmp_path_factory):
     """The two runs one after the other, one thread each: the reference."""
-    home = _home(tmp_path_factory.mktemp("alone"))
+    home = project_home(tmp_path_factory.mktemp("alone"))
     grid = home / "pair.yaml"
     grid.write_text(yaml.safe_dump(PAIR))
     patch = pytest.MonkeyPatch()
