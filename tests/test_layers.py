@@ -17,7 +17,7 @@ PACKAGE = Path(__file__).resolve().parents[1] / "handclip_nb"
 #: Units of the package (a top-level module or subpackage) and their layer, bottom to top.
 #: A unit may import its own modules and units of strictly lower layers, nothing else.
 LAYERS = {
-    "constants": 0, "progress": 0, "host": 0,
+    "constants": 0, "progress": 0, "host": 0, "locks": 0,
     "backbone_specs": 1,
     "params": 2,
     "runs": 3, "device": 3,

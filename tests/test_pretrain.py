@@ -2,7 +2,11 @@
 from __future__ import annotations
 
 import csv
+import hashlib
 import json
+import subprocess
+import sys
+import time
 
 import numpy as np
 import pytest
@@ -237,6 +241,72 @@ def test_pretraining_data_is_disjoint_and_generated_once(tiny_pretraining):
     assert again == data and (data.train_root / "HandInfo.csv").stat().st_mtime_ns == stamp
 
 
+def _files(root) -> dict:
+    return {p.relative_to(root).as_posix(): hashlib.sha256(p.read_bytes()).hexdigest()
+            for p in sorted(root.rglob("*")) if p.is_file()}
+
+
+def test_the_heldout_part_alone_is_the_heldout_part_of_the_whole(tiny_pretraining, tmp_path):
+    """Re-measuring a card builds only the held-out people: file for file the set the whole
+    population's build made, and no training part beside it."""
+    _, data, _, _ = tiny_pretraining
+    alone = build_pretraining_data(tmp_path / "alone", people=32, images_per_person=2,
+                                   heldout_people=8, seed=104729, parts=("heldout",))
+    assert not alone.train_root.exists()
+    assert _files(alone.heldout_root) == _files(data.heldout_root)
+    with pytest.raises(ValueError, match=r"unknown pretraining part\(s\) \['test'\]"):
+        build_pretraining_data(tmp_path / "x", people=32, images_per_person=2,
+                               heldout_people=8, seed=104729, parts=("test",))
+
+
+BUILD_PRETRAINING_SCRIPT = """
+import sys, time
+from pathlib import Path
+import handclip_nb.data.captioned as captioned
+root, flags, me = Path(sys.argv[1]), Path(sys.argv[2]), sys.argv[3]
+generate = captioned.generate_dataset
+def counted(folder, **kw):
+    (flags / f"generated-{me}-{kw['id_offset']}").touch()
+    return generate(folder, **kw)
+captioned.generate_dataset = counted
+(flags / f"ready{me}").touch()
+while not (flags / "go").exists():
+    time.sleep(0.001)
+captioned.build_pretraining_data(root, people=16, images_per_person=2, heldout_people=4,
+                                 seed=104729)
+"""
+
+
+def test_two_processes_building_one_population_generate_it_once(tmp_path):
+    """Guards against two runs that start together (a grid's runs, a notebook beside a test)
+    both generating into one population: they take turns on each part's lock, so each part is
+    generated once, the other process waits and finds it, and no temporary folder is left."""
+    root, flags = tmp_path / "population", tmp_path / "flags"
+    flags.mkdir()
+    children = [subprocess.Popen([sys.executable, "-c", BUILD_PRETRAINING_SCRIPT, str(root),
+                                  str(flags), str(me)], stderr=subprocess.PIPE, text=True)
+                for me in range(2)]
+    try:
+        deadline = time.monotonic() + 120
+        while len(list(flags.glob("ready*"))) < 2:  # imports take seconds: start together
+            assert all(c.poll() is None for c in children), "a child died while starting"
+            assert time.monotonic() < deadline, "children did not start"
+            time.sleep(0.01)
+        (flags / "go").touch()
+        for child in children:
+            _, err = child.communicate(timeout=120)
+            assert child.returncode == 0, err
+    finally:
+        for child in children:
+            if child.poll() is None:
+                child.kill()
+    generated = sorted(p.name.split("-", 2)[2] for p in flags.glob("generated-*"))
+    assert generated == [str(PRETRAIN_ID_OFFSET), str(PRETRAIN_ID_OFFSET + 16)], generated
+    assert sorted(p.name for p in root.iterdir()) == [".heldout.lock", ".train.lock",
+                                                     "heldout", "train"]
+    assert len(read_handinfo(root / "train" / "HandInfo.csv")) == 16 * 2 * len(ASPECTS)
+
+
 @pytest.mark.slow
 def test_pretraining_lowers_the_loss_and_improves_retrieval(tiny_pretraining, tmp_path,
                                                            one_thread):
@@ -340,7 +410,7 @@ def test_shipped_model_reproduces_its_card_probes(one_thread):
     evaluation: only fp16 storage and float rounding differ, so 2 points is ample)."""
     card = read_card()
     params = card_params(card)
-    data = pretraining_data(params)
+    data = pretraining_data(params, parts=("heldout",))  # the probes read only these people
     bb = build_backbone(HANDCLIP_MINI_NAME, image_size=params.image_size)
     heldout = CaptionedImages(data.heldout_root, bb.preprocess_config(), progress=False)
     probes = attribute_probes(bb, heldout, k=card["probe_k"])

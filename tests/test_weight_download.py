@@ -379,10 +379,10 @@ def test_the_cache_stays_correct_without_the_lock(server, tmp_path, monkeypatch)
     """On a file system without locks every job downloads, and the cache is still right."""
 
     @contextmanager
-    def no_lock(path):
+    def no_lock(path, waiting_for):
         yield False
 
-    monkeypatch.setattr(weight_download, "_turn", no_lock)
+    monkeypatch.setattr(weight_download, "take_turn", no_lock)
     body = os.urandom(1 << 21)
     url = server.serve("/ViT-B-16.pt", body, pause=0.005)
     source = DownloadSource(url, _sha(body), "ViT-B-16.pt", True)

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Mapping
@@ -20,6 +21,7 @@ import numpy as np
 import torch
 
 from ..backbone_specs import PreprocessConfig
+from ..locks import take_turn
 from ..progress import tqdm
 from ..runs import atomic_write_json, project_root, resolve_path
 from .captions import read_captions
@@ -29,8 +31,8 @@ from .synthetic import generate_dataset
 from .transforms import build_transform
 
 __all__ = ["PRETRAIN_ID_OFFSET", "EVALUATED_SEEDS", "check_disjoint", "PretrainData",
-           "build_pretraining_data", "CaptionedImages", "distinct_person_batches",
-           "pretraining_data_root", "pretraining_data"]
+           "PRETRAIN_PARTS", "build_pretraining_data", "CaptionedImages",
+           "distinct_person_batches", "pretraining_data_root", "pretraining_data"]
 
 #: First person number of the pretraining population (evaluated datasets stay far below it).
 PRETRAIN_ID_OFFSET = 5_000_000
@@ -55,34 +57,73 @@ class PretrainData:
     heldout_root: Path
 
 
+#: The two parts of the population: what :func:`build_pretraining_data` can build.
+PRETRAIN_PARTS = ("train", "heldout")
+
+
 def build_pretraining_data(root: str | os.PathLike, people: int, images_per_person: int,
                            heldout_people: int, seed: int, difficulty: float = 0.5,
-                           accessory_rate: float = 0.3) -> PretrainData:
+                           accessory_rate: float = 0.3,
+                           parts: tuple[str, ...] = PRETRAIN_PARTS) -> PretrainData:
     """Generate (once) the captioned pretraining and held-out sets under ``root``.
 
     11k layout with ``captions.csv``; train people are numbers ``PRETRAIN_ID_OFFSET + i``,
-    held-out people follow them. A ``settings.json`` marker written last makes a rerun with the
-    same settings skip generation; different settings regenerate.
+    held-out people follow them. Each part is its own folder with a ``settings.json`` marker:
+    a rerun with the same settings skips it, different settings regenerate it. ``parts``
+    builds only some of them (re-measuring a card reads only the held-out people; the two are
+    generated independently, so the held-out set is the same file for file either way).
+
+    Two processes may build the same population at once (two runs of a grid, a notebook and
+    a test): they take turns on a lock beside each part (``.<part>.lock``, :mod:`..locks`), so
+    it is generated once and the other finds it. The part is generated into a temporary
+    folder beside it and renamed into place with its marker inside, so nobody ever reads a
+    half-written part, with or without working locks.
     """
     check_disjoint(seed, people, heldout_people)
+    unknown = sorted(set(parts) - set(PRETRAIN_PARTS))
+    if unknown:
+        raise ValueError(f"unknown pretraining part(s) {unknown}; the parts are {PRETRAIN_PARTS}")
     root = resolve_path(root)
     settings = {"people": int(people), "images_per_person": int(images_per_person),
                 "heldout_people": int(heldout_people), "seed": int(seed),
                 "difficulty": float(difficulty), "accessory_rate": float(accessory_rate),
-                "id_offset": PRETRAIN_ID_OFFSET, "format": 1}
-    marker = root / "settings.json"
+                "id_offset": PRETRAIN_ID_OFFSET, "format": 2}
     data = PretrainData(root / "train", root / "heldout")
-    if marker.is_file() and json.loads(marker.read_text()) == settings:
-        return data
-    if marker.exists():
-        marker.unlink()
-    common = dict(images_per_subject=int(images_per_person), seed=int(seed),
-                  difficulty=float(difficulty), accessory_rate=float(accessory_rate))
-    generate_dataset(data.train_root, subjects=int(people), id_offset=PRETRAIN_ID_OFFSET, **common)
-    generate_dataset(data.heldout_root, subjects=int(heldout_people),
-                     id_offset=PRETRAIN_ID_OFFSET + int(people), **common)
-    atomic_write_json(marker, settings)
+    people_of = {"train": (data.train_root, int(people), PRETRAIN_ID_OFFSET),
+                 "heldout": (data.heldout_root, int(heldout_people),
+                             PRETRAIN_ID_OFFSET + int(people))}
+    for part in parts:
+        folder, subjects, id_offset = people_of[part]
+        _build_part(folder, {**settings, "part": part}, dict(
+            subjects=subjects, id_offset=id_offset, images_per_subject=int(images_per_person),
+            seed=int(seed), difficulty=float(difficulty), accessory_rate=float(accessory_rate)))
     return data
+
+
+def _build_part(folder: Path, settings: dict, generate: dict) -> None:
+    if _built_with(folder, settings):
+        return
+    folder.parent.mkdir(parents=True, exist_ok=True)
+    with take_turn(folder.with_name(f".{folder.name}.lock"), f"generating {folder}"):
+        if _built_with(folder, settings):  # by the process this one waited for
+            return
+        tmp = folder.with_name(f".{folder.name}.tmp{os.getpid()}")
+        shutil.rmtree(tmp, ignore_errors=True)  # this process's leftover from a killed build
+        generate_dataset(tmp, **generate)
+        atomic_write_json(tmp / "settings.json", settings)
+        if folder.exists():  # other settings, or a format-1 part without its own marker
+            shutil.rmtree(folder)
+        try:
+            os.replace(tmp, folder)
+        except OSError:  # no locks here, and another process renamed its identical copy first
+            shutil.rmtree(tmp, ignore_errors=True)
+
+
+def _built_with(folder: Path, settings: dict) -> bool:
+    try:
+        return json.loads((folder / "settings.json").read_text()) == settings
+    except (OSError, ValueError):  # missing, or a folder being replaced right now
+        return False
 
 
 class CaptionedImages:
@@ -168,9 +209,10 @@ def pretraining_data_root(params: Mapping) -> Path:
     return project_root() / "outputs" / "data" / name
 
 
-def pretraining_data(params: Mapping) -> PretrainData:
-    """The captioned pretraining and held-out sets the parameters describe (generated once)."""
+def pretraining_data(params: Mapping, parts: tuple[str, ...] = PRETRAIN_PARTS) -> PretrainData:
+    """The captioned pretraining and held-out sets the parameters describe (generated once;
+    ``parts``: only those, as :func:`build_pretraining_data`)."""
     return build_pretraining_data(pretraining_data_root(params), params["pretrain_people"],
                                   params["pretrain_images"], params["pretrain_heldout"],
                                   params["pretrain_seed"],
-                                  accessory_rate=params["pretrain_accessory_rate"])
+                                  accessory_rate=params["pretrain_accessory_rate"], parts=parts)

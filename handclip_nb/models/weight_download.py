@@ -35,19 +35,14 @@ import sys
 import urllib.error
 import urllib.parse
 import urllib.request
-from contextlib import contextmanager
 from dataclasses import dataclass
 from http.client import HTTPException
 from pathlib import Path
-from typing import Iterator, Optional
+from typing import Optional
 
 from ..backbone_specs import BackboneSpec
+from ..locks import take_turn
 from ..progress import tqdm
-
-try:  # POSIX; elsewhere jobs simply do not take turns (the download stays correct)
-    import fcntl
-except ImportError:  # pragma: no cover - Windows
-    fcntl = None
 
 __all__ = ["OFFLINE_ENV", "MIRROR_ENV", "URL_ENV_PREFIX", "DownloadError", "DownloadSource",
            "offline_from_env", "url_env_name", "download_source", "sha256_of_file",
@@ -146,37 +141,6 @@ def sha256_of_file(path: Path) -> str:
     return h.hexdigest()
 
 
-@contextmanager
-def _turn(lock_path: Path) -> Iterator[bool]:
-    """Hold the advisory lock of one cache file; yields whether it is held (False where the
-    file system has no locks: the caller's atomic rename keeps the cache correct anyway)."""
-    if fcntl is None:
-        yield False
-        return
-    try:
-        # read-only: flock needs no write access, so every user of a shared cache can take
-        # turns on a lock file another user created
-        fh = os.fdopen(os.open(lock_path, os.O_RDONLY | os.O_CREAT, 0o666), "rb")
-    except OSError:  # e.g. a read-only cache folder: the download fails clearly later
-        yield False
-        return
-    with fh:
-        try:
-            try:
-                fcntl.flock(fh.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
-            except BlockingIOError:
-                print(f"waiting for another job that is downloading {lock_path.name[:-5]} ...",
-                      file=sys.stderr, flush=True)
-                fcntl.flock(fh.fileno(), fcntl.LOCK_EX)
-        except OSError:  # e.g. ENOLCK on an NFS mount without a lock daemon
-            yield False
-            return
-        try:
-            yield True
-        finally:
-            fcntl.flock(fh.fileno(), fcntl.LOCK_UN)
-
-
 def _remove_abandoned_parts(final: Path) -> None:
     """Temporary files of jobs killed mid-download (each is up to the checkpoint's size).
     Called only while holding the lock: every job that locks is then outside its download."""
@@ -223,7 +187,8 @@ def download_verified(source: DownloadSource, directory: Path, *,
     except OSError as exc:
         raise DownloadError(f"cannot create the download folder {directory}: {exc}") from exc
     final = directory / source.file_name
-    with _turn(directory / f"{source.file_name}.lock") as locked:
+    with take_turn(directory / f"{source.file_name}.lock",
+                   f"downloading {source.file_name}") as locked:
         if final.is_file():  # another job finished it while this one waited for its turn
             found = sha256_of_file(final)
             if found == source.sha256:

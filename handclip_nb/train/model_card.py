@@ -211,7 +211,7 @@ def remeasure_card(weights_path: str | os.PathLike | None = None) -> dict:
     path = Path(weights_path or get_backbone_spec(HANDCLIP_MINI_NAME).weights_file)
     card = read_card(path)
     params = card_params(card)
-    data = pretraining_data(params)
+    data = pretraining_data(params, parts=("heldout",))  # the probes read only these people
     backbone = build_backbone(HANDCLIP_MINI_NAME, weights=path, image_size=params["image_size"])
     heldout = CaptionedImages(data.heldout_root, backbone.preprocess_config(), progress=False)
     card["retrieval_after"] = retrieval_metrics(backbone, heldout)
