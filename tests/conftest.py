@@ -6,7 +6,8 @@ from pathlib import Path
 
 import pytest
 
-from session_sharing import build_once, longest_modules_first, worker_core_share
+from session_sharing import (build_once, longest_modules_first, work_unit_scheduler,
+                             worker_core_share)
 
 REPO = Path(__file__).resolve().parents[1]
 SHARED = REPO.parent / "shared"
@@ -17,6 +18,10 @@ REAL_HD_LISTING = SHARED / "data" / "hd" / "hd_listing.csv"
 # (notebook kernels and subprocesses inherit it); tests/test_weight_download.py turns them on
 # against its own loopback server.
 os.environ["HANDCLIP_OFFLINE"] = "1"
+
+# No progress bars in the tests: their output is captured, and a bar's timings differ on every
+# run (the goldens' kernels get the same setting from tests/golden/kernel_env.py).
+os.environ["HANDCLIP_PROGRESS"] = "off"
 
 # Headless: no display, so matplotlib picks Agg by itself here, and the notebooks' kernels keep
 # their inline backend (setting MPLBACKEND would leak into them and hide the figures).
@@ -137,6 +142,15 @@ def slurm_cluster(tmp_path_factory):
     cluster = start_cluster(tmp_path_factory.mktemp("slurm"))
     yield cluster
     cluster.stop()
+
+
+@pytest.hookimpl(optionalhook=True)
+def pytest_xdist_make_scheduler(config, log):
+    """``--dist loadscope`` by ``work_unit``: a worker gets a whole module (xdist's own scope
+    splits a module's test classes apart), and all the nbval goldens in file order."""
+    if config.getoption("dist") != "loadscope":
+        return None
+    return work_unit_scheduler(config, log)
 
 
 def pytest_collection_modifyitems(config, items):

@@ -110,3 +110,44 @@ def test_kernels_a_test_starts_get_the_workers_share_of_the_cores(kernel_threads
                               "import torch; print(torch.get_num_threads())"],
                              capture_output=True, text=True, check=True).stdout
     assert int(threads) == max(1, len(os.sched_getaffinity(0)) // int(workers))
+
+
+def _cell(notebook: str, n: int):
+    return SimpleNamespace(nodeid=f"tests/golden/{notebook}.ipynb::Cell {n}",
+                           iter_markers=lambda: [])
+
+
+def test_the_goldens_are_one_work_unit_taken_whole_and_in_file_order():
+    """make test runs the nbval goldens in its own session: each golden notebook reads the runs
+    the ones before it wrote, so the goldens go to one worker together (one scope for xdist's
+    scheduler) and keep their file order, placed by their cost like a module."""
+    items = [_item("test_a", "one"),
+             _cell("01_stage0", 0), _cell("01_stage0", 1), _cell("02_stage1", 0),
+             _item("test_b", "nb", "notebook")]
+    session_sharing.longest_modules_first(items)
+    assert [i.nodeid for i in items] == [
+        "tests/test_b.py::nb",                                                 # 15 s
+        "tests/golden/01_stage0.ipynb::Cell 0", "tests/golden/01_stage0.ipynb::Cell 1",
+        "tests/golden/02_stage1.ipynb::Cell 0",                                # 3 x 1 s
+        "tests/test_a.py::one"]
+    two_workers = SimpleNamespace(getvalue={"tx": ["2*popen"]}.get)  # what -n 2 gives xdist
+    scheduler = session_sharing.work_unit_scheduler(two_workers)
+    assert {scheduler._split_scope(i.nodeid) for i in items[1:4]} == {"tests/golden"}
+    assert scheduler._split_scope("tests/test_x.py::TestY::test_z") == "tests/test_x.py"
+
+
+def test_make_test_runs_the_goldens_in_its_pytest_session():
+    """The goldens are not a second pytest run after the tests any more: the one pytest
+    command of make test collects them (--nbval) beside the modules."""
+    import shutil
+
+    if shutil.which("make") is None:
+        pytest.fail("make is missing: the README's commands need it")
+    repo = Path(__file__).resolve().parents[1]
+    env = {k: v for k, v in os.environ.items() if k not in ("MAKEFLAGS", "MFLAGS", "MAKELEVEL")}
+    dry = subprocess.run(["make", "-n", "test"], cwd=repo, env=env, capture_output=True,
+                         text=True, check=True).stdout
+    runs = [line for line in dry.splitlines() if "-m pytest" in line]
+    assert len(runs) == 1, runs
+    assert "--nbval" in runs[0] and "--nbval-sanitize-with tests/golden/sanitize.cfg" in runs[0]
+    assert "-n 2 --dist loadscope" in runs[0]
