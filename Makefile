@@ -4,8 +4,8 @@
 #                 a rerun skips finished steps whose inputs did not change and resumes
 #                 an interrupted one
 #   make test   - creates .venv, installs the workbench with its test extras, runs the tests
-#                 with the nbval golden notebooks (tests/golden/) in the same session,
-#                 printing the 15 slowest, so a change that adds minutes shows in its CI log
+#                 (printing the 15 slowest, so a change that adds minutes shows in its CI log)
+#                 and then the nbval golden notebooks (tests/golden/)
 PYTHON ?= python3
 VENV ?= .venv
 PY := $(VENV)/bin/python
@@ -31,18 +31,15 @@ demo: install
 # few-test Slurm modules last); TEST_WORKERS=0 runs in this process
 TEST_WORKERS ?= 2
 PYTEST_PARALLEL := -n $(TEST_WORKERS) --dist loadscope --no-loadscope-reorder
-# nbval: re-execute the golden notebooks and compare every cell's output (not --nbval-lax)
-NBVAL := --nbval --nbval-sanitize-with tests/golden/sanitize.cfg
 
-# the goldens run in the same pytest session, on one worker and in file order
-# (tests/session_sharing.py::work_unit), while the other worker runs modules
 test: install
-	rm -rf outputs/golden
-	$(PY) -m pytest $(PYTEST_PARALLEL) --durations=15 $(NBVAL)
+	$(PY) -m pytest $(PYTEST_PARALLEL) --durations=15
+	$(MAKE) goldens
 
+# nbval: re-execute the golden notebooks and compare every cell's output (not --nbval-lax)
 goldens: install
 	rm -rf outputs/golden
-	$(PY) -m pytest $(NBVAL) tests/golden -p no:cacheprovider
+	$(PY) -m pytest --nbval tests/golden --nbval-sanitize-with tests/golden/sanitize.cfg -p no:cacheprovider
 
 # after an intended change: re-run the goldens' notebooks and review the diff before committing
 regenerate-goldens: install

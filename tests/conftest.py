@@ -6,8 +6,7 @@ from pathlib import Path
 
 import pytest
 
-from session_sharing import (build_once, longest_modules_first, work_unit_scheduler,
-                             worker_core_share)
+from session_sharing import build_once, longest_modules_first, worker_core_share
 
 REPO = Path(__file__).resolve().parents[1]
 SHARED = REPO.parent / "shared"
@@ -142,15 +141,6 @@ def slurm_cluster(tmp_path_factory):
     cluster = start_cluster(tmp_path_factory.mktemp("slurm"))
     yield cluster
     cluster.stop()
-
-
-@pytest.hookimpl(optionalhook=True)
-def pytest_xdist_make_scheduler(config, log):
-    """``--dist loadscope`` by ``work_unit``: a worker gets a whole module (xdist's own scope
-    splits a module's test classes apart), and all the nbval goldens in file order."""
-    if config.getoption("dist") != "loadscope":
-        return None
-    return work_unit_scheduler(config, log)
 
 
 def pytest_collection_modifyitems(config, items):

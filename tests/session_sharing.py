@@ -53,50 +53,18 @@ def build_once(tmp_path_factory, name: str, build) -> Path:
 MODULE_COST_S = {"slurm": 60.0, "notebook": 15.0, "browser": 20.0, "slow": 10.0}
 
 
-#: An nbval golden cell (``make test`` runs them with ``--nbval`` beside the modules): the 76
-#: cells of tests/golden/ take about 57 s on the 2-core machine (one thread, kernel_env.py).
-GOLDEN_CELL_COST_S = 1.0
-GOLDEN_DIR = "tests/golden"
-
-
-def work_unit(nodeid: str) -> str:
-    """What one xdist worker runs whole and in order: a test module (its module fixtures are
-    built once), or all the nbval goldens together (each golden notebook reads the runs the
-    ones before it wrote into outputs/golden/)."""
-    path = nodeid.split("::")[0]
-    return GOLDEN_DIR if path.startswith(GOLDEN_DIR + "/") else path
-
-
-def work_unit_scheduler(config, log=None):
-    """pytest-xdist's ``--dist loadscope`` scheduler with ``work_unit`` as its scope (its own
-    splits a module's test classes apart, and each golden notebook from the others)."""
-    from xdist.scheduler import LoadScopeScheduling
-
-    class WorkUnitScheduling(LoadScopeScheduling):
-        def _split_scope(self, nodeid: str) -> str:
-            return work_unit(nodeid)
-
-    return WorkUnitScheduling(config, log)
-
-
 def longest_modules_first(items: list) -> None:
-    """Reorder the work units (``work_unit``: modules, and the goldens as one; each kept whole
-    and in file order) most expensive first. With ``--dist loadscope --no-loadscope-reorder``
-    the workers take them in this order, so the long grid and Slurm modules start at once
-    instead of last (xdist's own reorder sorts by test count, which put the two-test,
-    four-minute requeue module at the end alone)."""
+    """Reorder the modules (each kept whole and in file order) most expensive first. With
+    ``--dist loadscope --no-loadscope-reorder`` the workers take modules in this order, so the
+    long grid and Slurm modules start at once instead of last (xdist's own reorder sorts by
+    test count, which put the two-test, four-minute requeue module at the end alone)."""
     modules: dict[str, list] = {}
     for item in items:
-        modules.setdefault(work_unit(item.nodeid), []).append(item)
-
-    def item_cost(item) -> float:
-        if item.nodeid.split("::")[0].endswith(".ipynb"):
-            return GOLDEN_CELL_COST_S
-        return max([MODULE_COST_S[m.name] for m in item.iter_markers()
-                    if m.name in MODULE_COST_S], default=0.2)
+        modules.setdefault(item.nodeid.split("::")[0], []).append(item)
 
     def cost(tests: list) -> float:
-        return sum(item_cost(item) for item in tests)
+        return sum(max([MODULE_COST_S[m.name] for m in item.iter_markers()
+                        if m.name in MODULE_COST_S], default=0.2) for item in tests)
 
     ordered = sorted(modules.values(), key=cost, reverse=True)  # stable: ties keep file order
     items[:] = [item for tests in ordered for item in tests]
