@@ -32,13 +32,13 @@ demo: install
 TEST_WORKERS ?= 2
 PYTEST_PARALLEL := -n $(TEST_WORKERS) --dist loadscope --no-loadscope-reorder
 
-# Bytecode is cached for the test runs, in the venv (never in the tree), even where the
-# environment sets PYTHONDONTWRITEBYTECODE (this project's machines do): a run starts about 150
-# Python processes (notebook kernels, grid workers, Slurm jobs), and each compiled the package
-# again, about 0.5 s of CPU for a notebook kernel's imports.
-PYCACHE := $(abspath $(VENV))/pycache
+# Bytecode is cached for the test runs (__pycache__ beside the package's and the tests' sources,
+# ignored by git), also where the environment sets PYTHONDONTWRITEBYTECODE (this project's
+# machines do): a run starts about 150 Python processes (notebook kernels, grid workers, Slurm
+# jobs), and each compiled the package again, about 0.5 s of CPU for a notebook kernel's
+# imports. Not PYTHONPYCACHEPREFIX: under a prefix every installed package (torch's 1,500
+# modules) is compiled again too, into an empty cache on every fresh clone.
 test test-fast goldens: export PYTHONDONTWRITEBYTECODE =
-test test-fast goldens: export PYTHONPYCACHEPREFIX = $(PYCACHE)
 
 test: install
 	$(PY) -m pytest $(PYTEST_PARALLEL) --durations=15

@@ -9,9 +9,6 @@ pixels, or stays off where it does not apply (CPU runs).
 import dataclasses
 import json
 import os
-import subprocess
-import sys
-import time
 from pathlib import Path
 
 import numpy as np
@@ -20,6 +17,7 @@ import torch
 from builders import run_params
 from PIL import Image
 from torch import nn
+from together import run_together
 
 from handclip_nb.backbone_specs import PreprocessConfig, get_backbone_spec
 from handclip_nb.data.datasets import ImageListDataset, augmentation_seed, make_loader
@@ -52,20 +50,17 @@ REFERENCE_INPUT = (224, 288)
 DRAFT_MEAN_BOUND = 0.25
 DRAFT_MAX_BOUND = 3
 
-#: Run in a fresh interpreter by the concurrency test (argv: geometry fields, cache root, flag
-#: folder, this child's number, image paths): after a common start signal, get each image and
-#: re-read its entry for a while, when the other child may be writing the same entry.
+#: Run by the concurrency test (tests/together.py; argv: geometry fields, cache root, image
+#: paths): released with the other child, get each image and re-read its entry for a while,
+#: when the other child may be writing the same entry.
 BUILD_CACHE_SCRIPT = """
 import json, sys, time
-from pathlib import Path
 import numpy as np
 from handclip_nb.data.images import DecodeCache, DecodeGeometry
-fields, root, flags, me = json.loads(sys.argv[1]), sys.argv[2], Path(sys.argv[3]), sys.argv[4]
+fields, root = json.loads(sys.argv[1]), sys.argv[2]
 cache = DecodeCache(DecodeGeometry(**{**fields, "mean": tuple(fields["mean"])}), root)
-(flags / f"ready{me}").touch()
-while not (flags / "go").exists():
-    time.sleep(0.001)
-for path in sys.argv[5:]:
+ready_then_wait_for_go()
+for path in sys.argv[3:]:
     image = np.array(cache.get(path))
     until = time.monotonic() + 0.03
     while time.monotonic() < until:
@@ -232,27 +227,10 @@ def test_two_processes_building_one_cache_at_once(real_size_jpegs, tmp_path):
     3 runs of 3); afterwards every entry loads whole and equals a decode, no temp file left."""
     geometry = _geometry(reduced=False)  # full decodes: slower, so the two overlap longer
     paths = [str(p) for p in real_size_jpegs[:8]]
-    root, flags = tmp_path / "cache", tmp_path / "flags"
-    flags.mkdir()
-    children = [subprocess.Popen([sys.executable, "-c", BUILD_CACHE_SCRIPT,
-                                  json.dumps(dataclasses.asdict(geometry)), str(root),
-                                  str(flags), str(me), *paths],
-                                 cwd=REPO, stderr=subprocess.PIPE, text=True)
-                for me in range(2)]
-    try:
-        deadline = time.monotonic() + 120
-        while len(list(flags.glob("ready*"))) < 2:  # imports take seconds: start together
-            assert all(c.poll() is None for c in children), "a child died while starting"
-            assert time.monotonic() < deadline, "children did not start"
-            time.sleep(0.01)
-        (flags / "go").touch()
-        for child in children:
-            _, err = child.communicate(timeout=120)
-            assert child.returncode == 0, err
-    finally:
-        for child in children:
-            if child.poll() is None:
-                child.kill()
+    root = tmp_path / "cache"
+    fields = json.dumps(dataclasses.asdict(geometry))
+    run_together(BUILD_CACHE_SCRIPT, [[fields, str(root), *paths]] * 2, tmp_path / "flags",
+                 cwd=REPO)
     cache = DecodeCache(geometry, root)
     for path in paths:
         entry = np.load(cache.entry_path(path))

@@ -1,16 +1,12 @@
 """handclip-mini: captions from the generator, CLIP pretraining, the shipped weights and card."""
 from __future__ import annotations
 
-import csv
 import hashlib
-import json
-import subprocess
-import sys
-import time
 
 import numpy as np
 import pytest
 import torch
+from together import run_together
 
 from handclip_nb.backbone_specs import HANDCLIP_MINI_NAME, get_backbone_spec
 from handclip_nb.data.captioned import (EVALUATED_SEEDS, PRETRAIN_ID_OFFSET, CaptionedImages,
@@ -18,8 +14,8 @@ from handclip_nb.data.captioned import (EVALUATED_SEEDS, PRETRAIN_ID_OFFSET, Cap
                                         distinct_person_batches, pretraining_data)
 from handclip_nb.data.captions import caption_variant, read_captions
 from handclip_nb.data.handinfo import DataError, read_handinfo
-from handclip_nb.data.synthetic import (ASPECTS, caption_for, caption_phrases, generate_dataset,
-                                        image_seed, make_person, render_image, render_photo)
+from handclip_nb.data.synthetic import (ASPECTS, caption_for, caption_phrases, image_seed,
+                                        make_person, render_image, render_photo)
 from handclip_nb.evaluate.probes import PROBES, attribute_probes, retrieval_metrics
 from handclip_nb.losses import clip_contrastive_loss
 from handclip_nb.models.backbones import build_backbone
@@ -259,19 +255,20 @@ def test_the_heldout_part_alone_is_the_heldout_part_of_the_whole(tiny_pretrainin
                                heldout_people=8, seed=104729, parts=("test",))
 
 
+#: Run by the concurrency test (tests/together.py; argv: the population's root, the folder
+#: where each generate_dataset call leaves a mark): released with the other child, build the
+#: population.
 BUILD_PRETRAINING_SCRIPT = """
-import sys, time
+import os, sys
 from pathlib import Path
 import handclip_nb.data.captioned as captioned
-root, flags, me = Path(sys.argv[1]), Path(sys.argv[2]), sys.argv[3]
+root, marks, me = Path(sys.argv[1]), Path(sys.argv[2]), os.environ["TOGETHER_ME"]
 generate = captioned.generate_dataset
 def counted(folder, **kw):
-    (flags / f"generated-{me}-{kw['id_offset']}").touch()
+    (marks / f"generated-{me}-{kw['id_offset']}").touch()
     return generate(folder, **kw)
 captioned.generate_dataset = counted
-(flags / f"ready{me}").touch()
-while not (flags / "go").exists():
-    time.sleep(0.001)
+ready_then_wait_for_go()
 captioned.build_pretraining_data(root, people=16, images_per_person=2, heldout_people=4,
                                  seed=104729)
 """
@@ -281,26 +278,10 @@ def test_two_processes_building_one_population_generate_it_once(tmp_path):
     """Guards against two runs that start together (a grid's runs, a notebook beside a test)
     both generating into one population: they take turns on each part's lock, so each part is
     generated once, the other process waits and finds it, and no temporary folder is left."""
-    root, flags = tmp_path / "population", tmp_path / "flags"
-    flags.mkdir()
-    children = [subprocess.Popen([sys.executable, "-c", BUILD_PRETRAINING_SCRIPT, str(root),
-                                  str(flags), str(me)], stderr=subprocess.PIPE, text=True)
-                for me in range(2)]
-    try:
-        deadline = time.monotonic() + 120
-        while len(list(flags.glob("ready*"))) < 2:  # imports take seconds: start together
-            assert all(c.poll() is None for c in children), "a child died while starting"
-            assert time.monotonic() < deadline, "children did not start"
-            time.sleep(0.01)
-        (flags / "go").touch()
-        for child in children:
-            _, err = child.communicate(timeout=120)
-            assert child.returncode == 0, err
-    finally:
-        for child in children:
-            if child.poll() is None:
-                child.kill()
-    generated = sorted(p.name.split("-", 2)[2] for p in flags.glob("generated-*"))
+    root, marks = tmp_path / "population", tmp_path / "marks"
+    marks.mkdir()
+    run_together(BUILD_PRETRAINING_SCRIPT, [[str(root), str(marks)]] * 2, tmp_path / "flags")
+    generated = sorted(p.name.split("-", 2)[2] for p in marks.glob("generated-*"))
     assert generated == [str(PRETRAIN_ID_OFFSET), str(PRETRAIN_ID_OFFSET + 16)], generated
     assert sorted(p.name for p in root.iterdir()) == [".heldout.lock", ".train.lock",
                                                      "heldout", "train"]
