@@ -1,6 +1,8 @@
 """Project shape: dependencies agree, notebooks are clean narrations, CI calls the README."""
 import json
 import re
+import subprocess
+import sys
 import tomllib
 from pathlib import Path
 
@@ -32,6 +34,18 @@ def test_required_packages_are_declared():
                  "ipywidgets", "matplotlib", "seaborn", "papermill", "nbval", "scikit-learn",
                  "pyyaml", "tqdm", "pillow"]:
         assert name in deps, name
+
+
+def test_reading_a_notebook_does_not_build_an_iri_parser():
+    """Every grid job, papermill command line and nbval session imports nbformat, and so
+    jsonschema: from jsonschema 4.25 that import builds rfc3987-syntax's Earley parser (1.6 s of
+    CPU per process here), hence the pin in pyproject.toml. A fresh process, as a job is."""
+    code = ("import sys, papermill, jsonschema; "
+            "print(jsonschema.__version__ if 'rfc3987_syntax' in sys.modules else 'ok')")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                         check=True).stdout.strip()
+    assert out == "ok", (f"importing papermill imported rfc3987_syntax (jsonschema {out}): "
+                         f"keep jsonschema below 4.25 (pyproject.toml explains why)")
 
 
 def test_top_level_layout():
