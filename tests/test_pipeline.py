@@ -14,6 +14,7 @@ import io
 import json
 import os
 import re
+import sys
 import time
 from pathlib import Path
 
@@ -357,24 +358,102 @@ def test_a_notebooks_kernel_is_killed_after_its_last_cell_not_torn_down(tmp_path
     polite shutdown request, on every run of a grid. What the run keeps is complete when
     run_notebook returns (every output is in the executed notebook), and nothing registered
     for the interpreter's exit runs: this test's atexit handler writes no file."""
+    marker = tmp_path / "teardown-ran.txt"
+    name = _one_cell_notebook(tmp_path, (
+        "import atexit, pathlib\n"
+        "atexit.register(pathlib.Path(marker).write_text, 'the kernel ran its exit handlers')\n"
+        "print('last cell done')"), name="exit.ipynb")
+    monkeypatch.setattr(pipeline, "NOTEBOOKS_DIR", tmp_path / "notebooks")
+    executed = pipeline.run_notebook(name, tmp_path / "executed.ipynb",
+                                     {"marker": str(marker)}, progress=False)
+    assert "last cell done" in executed.read_text()
+    time.sleep(1.0)  # a kernel still exiting would write it now
+    assert not marker.exists(), marker.read_text()
+
+
+def _one_cell_notebook(folder: Path, code: str, name: str = "one.ipynb") -> str:
+    """``folder/notebooks/<name>``: a parameters cell (``marker``) and one cell of ``code``."""
     import nbformat
 
-    source = tmp_path / "notebooks"
-    source.mkdir()
-    marker = tmp_path / "teardown-ran.txt"
+    source = folder / "notebooks"
+    source.mkdir(exist_ok=True)
     nb = nbformat.v4.new_notebook()
     nb.metadata["kernelspec"] = {"name": "python3", "display_name": "Python 3",
                                  "language": "python"}
     parameters = nbformat.v4.new_code_cell('marker = ""')
     parameters.metadata["tags"] = ["parameters"]
-    nb.cells = [parameters, nbformat.v4.new_code_cell(
-        "import atexit, pathlib\n"
-        "atexit.register(pathlib.Path(marker).write_text, 'the kernel ran its exit handlers')\n"
-        "print('last cell done')")]
-    nbformat.write(nb, source / "exit.ipynb")
-    monkeypatch.setattr(pipeline, "NOTEBOOKS_DIR", source)
-    executed = pipeline.run_notebook("exit.ipynb", tmp_path / "executed.ipynb",
-                                     {"marker": str(marker)}, progress=False)
-    assert "last cell done" in executed.read_text()
-    time.sleep(1.0)  # a kernel still exiting would write it now
-    assert not marker.exists(), marker.read_text()
+    nb.cells = [parameters, nbformat.v4.new_code_cell(code)]
+    nbformat.write(nb, source / name)
+    return name
+
+
+#: A kernelspec whose launcher first lets another process take the kernel's shell port, the
+#: race of two kernels started at once (jupyter_client chose the port free, then let go of
+#: it): a child of the launcher binds the port from the connection file and holds it while
+#: ipykernel starts. It can only take TCP ports; over Unix sockets in the run's own folder
+#: there is nothing another process can take.
+PORT_TAKER = """\
+import json, os, socket, sys, time
+info = json.load(open(sys.argv[sys.argv.index("-f") + 1]))
+if info["transport"] == "tcp":
+    taker = socket.socket()
+    taker.bind((info["ip"], info["shell_port"]))
+    taker.listen()
+    if os.fork() == 0:  # the other process: holds the port past the kernel's start
+        time.sleep(15)
+        os._exit(0)
+    taker.close()
+os.execv(sys.executable, [sys.executable, "-m", "ipykernel_launcher"] + sys.argv[1:])
+"""
+
+
+@pytest.mark.notebook
+def test_a_kernel_talks_over_sockets_of_its_own_that_no_other_process_can_take(
+        tmp_path, monkeypatch):
+    """run_notebook's kernel uses Unix sockets in a fresh 0700 folder (steps.KERNEL_TRANSPORT),
+    removed after the run. Over TCP, a process that took the kernel's port between
+    jupyter_client's choice and the kernel's bind killed the kernel before its first cell
+    ("Address already in use"; one grid run of the test suite in nine failed so): here a
+    launcher stages that race on every start, and the notebook still runs."""
+    kernels = tmp_path / "jupyter" / "kernels" / "port-taker"
+    kernels.mkdir(parents=True)
+    (tmp_path / "port_taker.py").write_text(PORT_TAKER)
+    (kernels / "kernel.json").write_text(json.dumps({
+        "argv": [sys.executable, str(tmp_path / "port_taker.py"), "-f", "{connection_file}"],
+        "display_name": "port taker", "language": "python"}))
+    monkeypatch.setenv("JUPYTER_PATH", str(tmp_path / "jupyter"))
+    name = _one_cell_notebook(tmp_path, (
+        "import os, stat\n"
+        "from ipykernel.kernelapp import IPKernelApp\n"
+        "app = IPKernelApp.instance()\n"
+        "folder = os.path.dirname(app.ip)\n"
+        "print(app.transport, folder, oct(stat.S_IMODE(os.stat(folder).st_mode)))"))
+    monkeypatch.setattr(pipeline, "NOTEBOOKS_DIR", tmp_path / "notebooks")
+    executed = pipeline.run_notebook(name, tmp_path / "executed.ipynb", {}, progress=False,
+                                     kernel="port-taker")
+    printed = re.search(r"(\w+) (\S+) (0o\d+)", executed.read_text())
+    assert printed, executed.read_text()[-2000:]
+    transport, folder, mode = printed.groups()
+    assert (transport, mode) == ("ipc", "0o700")
+    assert not Path(folder).exists(), "the kernel's socket folder was left behind"
+
+
+def test_kernel_sockets_leave_a_temp_folder_too_long_for_a_unix_socket(tmp_path, monkeypatch):
+    """A Unix socket's path holds at most 107 bytes: a cluster's long $TMPDIR gives way to /tmp
+    for the kernel's socket folder; a short one is used."""
+    import tempfile
+
+    short = tmp_path / "t"
+    short.mkdir()
+    monkeypatch.setattr(tempfile, "gettempdir", lambda: str(short))
+    folder = pipeline._kernel_socket_folder()
+    assert folder.parent == short and oct(folder.stat().st_mode & 0o777) == "0o700"
+    long = tmp_path / ("scratch-" * 12)
+    long.mkdir()
+    monkeypatch.setattr(tempfile, "gettempdir", lambda: str(long))
+    folder = pipeline._kernel_socket_folder()
+    try:
+        assert folder.parent == Path("/tmp")
+        assert len(str(folder / "kernel-5")) <= pipeline._SOCKET_PATH_MAX
+    finally:
+        folder.rmdir()

@@ -24,6 +24,7 @@ import os
 import shutil
 import socket
 import sys
+import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -117,20 +118,50 @@ GOLDEN_STEPS = (
 KERNEL_SHUTDOWN = "immediate"
 
 
+#: How papermill and the kernel talk: Unix sockets in a folder of the run's own, not TCP ports.
+#: jupyter_client picks free TCP ports by binding port 0 and letting go, and the kernel binds
+#: them a moment later; a process starting at the same moment (the other run of
+#: ``--runs-per-gpu 2``, another grid's job on the node, anybody's kernel) can take one in
+#: between, and the kernel dies ("Address already in use", then papermill's "Kernel died
+#: before replying to kernel_info") before its first cell: it failed a grid run of the test
+#: suite once in nine. Socket files in a fresh 0700 folder cannot be taken by another process,
+#: and nobody else on a shared node can reach the kernel through them.
+KERNEL_TRANSPORT = "ipc"
+
+#: A Unix socket's path holds at most 107 bytes; a cluster's ``$TMPDIR`` can be long.
+_SOCKET_PATH_MAX = 100
+
+
+def _kernel_socket_folder() -> Path:
+    """A fresh folder (mode 0700) for one kernel's socket files, ``<folder>/kernel-1`` to
+    ``-5``, in the temp folder, or in /tmp where that path would be too long for a socket."""
+    base = tempfile.gettempdir()
+    if len(base) + len("/handclip-kernel-XXXXXXXX/kernel-5") > _SOCKET_PATH_MAX:
+        base = "/tmp"
+    return Path(tempfile.mkdtemp(prefix="handclip-kernel-", dir=base))
+
+
 def run_notebook(notebook: str, executed_path: Path, parameters: dict,
                  progress: bool = True, kernel: str = "python3") -> Path:
     """Execute ``notebooks/<notebook>`` with papermill in the Jupyter ``kernel``; the kernel
-    runs in the project root."""
-    import papermill as pm  # here: ~2 s to import, and fingerprints and tables never need it
+    runs in the project root and talks over :data:`KERNEL_TRANSPORT`."""
+    import papermill as pm  # here: papermill and jupyter_client only where a notebook runs
+    from traitlets.config import Config  # with papermill, which brings it
 
     root = project_root()
     source = NOTEBOOKS_DIR / notebook
     if not source.is_file():
         raise FileNotFoundError(f"notebook {source} not found")
     executed_path.parent.mkdir(parents=True, exist_ok=True)
-    pm.execute_notebook(str(source), str(executed_path), parameters=parameters,
-                        kernel_name=kernel, cwd=str(root), progress_bar=progress,
-                        shutdown_kernel=KERNEL_SHUTDOWN)
+    sockets = _kernel_socket_folder()
+    try:
+        transport = Config({"KernelManager": {"transport": KERNEL_TRANSPORT,
+                                              "ip": str(sockets / "kernel")}})
+        pm.execute_notebook(str(source), str(executed_path), parameters=parameters,
+                            kernel_name=kernel, cwd=str(root), progress_bar=progress,
+                            shutdown_kernel=KERNEL_SHUTDOWN, config=transport)
+    finally:  # the kernel is gone: its socket files are left over where it was killed
+        shutil.rmtree(sockets, ignore_errors=True)
     return executed_path
 
 
