@@ -14,6 +14,7 @@ import io
 import json
 import os
 import re
+import shutil
 import sys
 import time
 from pathlib import Path
@@ -443,11 +444,13 @@ def test_kernel_sockets_leave_a_temp_folder_too_long_for_a_unix_socket(tmp_path,
     for the kernel's socket folder; a short one is used."""
     import tempfile
 
-    short = tmp_path / "t"
-    short.mkdir()
+    short = Path(tempfile.mkdtemp(dir="/tmp"))  # tmp_path itself is long under xdist
     monkeypatch.setattr(tempfile, "gettempdir", lambda: str(short))
-    folder = pipeline._kernel_socket_folder()
-    assert folder.parent == short and oct(folder.stat().st_mode & 0o777) == "0o700"
+    try:
+        folder = pipeline._kernel_socket_folder()
+        assert folder.parent == short and oct(folder.stat().st_mode & 0o777) == "0o700"
+    finally:
+        shutil.rmtree(short)
     long = tmp_path / ("scratch-" * 12)
     long.mkdir()
     monkeypatch.setattr(tempfile, "gettempdir", lambda: str(long))
