@@ -232,6 +232,9 @@ def environment_info() -> dict[str, Any]:
         import torch  # here, not at the top: the pipeline's command line imports runs without torch
 
         info["cuda"] = torch.version.cuda if torch.cuda.is_available() else None
+        # the CPU's intra-op threads change the order of float sums, and so a result's last
+        # digits (two golden notebook cells differ between one thread and two)
+        info["torch_threads"] = torch.get_num_threads()
         if torch.cuda.is_available():
             info["gpu"] = torch.cuda.get_device_name(0)
     except Exception:  # pragma: no cover - torch is a hard dependency

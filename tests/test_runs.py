@@ -48,6 +48,13 @@ def test_start_and_finish_run_record_provenance(workbench_home):
     assert m["seconds"] >= 0
 
 
+def test_a_run_records_the_torch_thread_count_it_computed_with(workbench_home, one_thread):
+    """Results differ in their last digits between thread counts: params.yaml says which."""
+    run = runs.start_run(resolve_params(seed=1))
+    record = yaml.safe_load((run.output_dir / "params.yaml").read_text())
+    assert record["environment"]["torch_threads"] == 1
+
+
 def test_restarting_a_run_removes_the_stale_metrics(workbench_home):
     params = resolve_params()
     run = runs.start_run(params)
