@@ -33,11 +33,11 @@ def build_once(tmp_path_factory, name: str, build) -> Path:
     that changes what it is given must copy it first."""
     import shutil
 
-    from filelock import FileLock
+    from handclip_nb.locks import take_turn
 
     root = shared_session_dir(tmp_path_factory)
     target = root / name
-    with FileLock(str(root / f"{name}.lock")):
+    with take_turn(root / f"{name}.lock", f"building the session's {name}"):
         if not target.is_dir():
             tmp = root / f"{name}.tmp{os.getpid()}"
             shutil.rmtree(tmp, ignore_errors=True)

@@ -372,9 +372,9 @@ def start_cluster(workdir: str | os.PathLike, timeout: float = START_TIMEOUT_S) 
         # and they share the machine's one munged: the first starts it under a lock, and it
         # stays up after that worker's session, since another worker's cluster may still
         # authenticate through it
-        from filelock import FileLock
+        from handclip_nb.locks import take_turn
 
-        with FileLock("/tmp/handclip-test-munged.lock"):
+        with take_turn(Path("/tmp/handclip-test-munged.lock"), "starting munged"):
             if not munge_works():
                 pid = _start_munged(workdir / "munged.out")
                 cluster.munged_pid = None if os.environ.get("PYTEST_XDIST_WORKER") else pid

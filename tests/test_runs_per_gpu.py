@@ -15,7 +15,7 @@ import yaml
 from handclip_nb import device
 from handclip_nb.pipeline import executors
 from handclip_nb.pipeline.cli import main
-from handclip_nb.pipeline.executors import GridJobGroup, LocalExecutor, SlurmExecutor, plan_slots
+from handclip_nb.pipeline.executors import GridJobGroup, LocalExecutor, SlurmExecutor
 from handclip_nb.pipeline.runner import (GridSummary, _groups, _plan, run_grid,
                                          running_per_device)
 

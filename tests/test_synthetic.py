@@ -17,6 +17,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 from PIL import Image
+from together import run_together
 
 from handclip_nb.data import synthetic as syn
 from handclip_nb.data.synthetic import (
@@ -521,3 +522,30 @@ def test_reid_is_learnable_but_not_trivial(tmp_path):
     baseline = max(raw, untrained)
     assert trained > baseline + 0.1, (trained, raw, untrained)  # learning the cues pays off
     assert trained < 0.9, trained  # and the default difficulty is not solved by a toy net
+
+
+ENSURE_SYNTHETIC_SCRIPT = """
+import os, sys
+from pathlib import Path
+import handclip_nb.data.datasets as datasets
+root, marks, me = Path(sys.argv[1]), Path(sys.argv[2]), os.environ["TOGETHER_ME"]
+generate = datasets.generate_dataset
+def counted(folder, **kw):
+    (marks / f"generated-by-{me}").touch()
+    return generate(folder, **kw)
+datasets.generate_dataset = counted
+ready_then_wait_for_go()
+datasets.ensure_synthetic(root, subjects=4, images=2, difficulty=0.5, seed=3)
+"""
+
+
+def test_two_runs_starting_together_generate_the_synthetic_hands_once(tmp_path):
+    """Guards against a grid's runs (or a notebook beside a test) that start together on the
+    embedded synthetic hands each generating the whole dataset: they take turns on its lock,
+    one generates, the other waits and finds it, and no temporary folder is left."""
+    root, marks = tmp_path / "data" / "synthetic", tmp_path / "marks"
+    marks.mkdir()
+    run_together(ENSURE_SYNTHETIC_SCRIPT, [[str(root), str(marks)]] * 2, tmp_path / "flags")
+    assert len(list(marks.glob("generated-by-*"))) == 1, sorted(marks.iterdir())
+    assert sorted(p.name for p in root.parent.iterdir()) == [".synthetic.lock", "synthetic"]
+    assert (root / "HandInfo.csv").is_file()

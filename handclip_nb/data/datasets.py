@@ -14,6 +14,7 @@ from PIL import Image
 from torch.utils.data import DataLoader, Dataset
 
 from ..device import default_num_workers, resolve_device
+from ..locks import take_turn
 from ..params import ParamError, held_out_fraction, holds_out_val_images
 from ..runs import project_root, resolve_path
 from .image_files import open_image
@@ -137,20 +138,29 @@ def default_synthetic_root(params: Mapping) -> Path:
 
 def ensure_synthetic(root: Path, subjects: int, images: int, difficulty: float, seed: int,
                      layout: str = "11k", photo_size: Sequence[int] | None = None) -> Path:
-    """Generate the embedded synthetic dataset once (into a temp folder, then rename, so two
-    processes starting together never read a half-written dataset). ``photo_size`` is
-    [height, width] (None: the generator's small default)."""
+    """Generate the embedded synthetic dataset once. Processes that start together (a grid's
+    runs, a notebook beside a test) take turns on ``.<root>.lock`` beside it: one generates, the
+    others wait and find it. It is generated into a temp folder and renamed into place, so
+    nobody reads a half-written dataset, also where the file system has no locks (then it is
+    only generated more than once). ``photo_size`` is [height, width] (None: the generator's
+    small default)."""
     marker = "HandInfo.csv" if layout == "11k" else "Original Images"
     if (root / marker).exists():
         return root
-    tmp = root.with_name(root.name + f".tmp{os.getpid()}")
-    size = {} if photo_size is None else {"image_size": (int(photo_size[1]), int(photo_size[0]))}
-    generate_dataset(tmp, subjects=subjects, images_per_subject=images, seed=seed,
-                     difficulty=difficulty, layout=layout, **size)
-    try:
-        os.replace(tmp, root)
-    except OSError:  # another process finished first
-        shutil.rmtree(tmp, ignore_errors=True)
+    root.parent.mkdir(parents=True, exist_ok=True)
+    with take_turn(root.with_name(f".{root.name}.lock"), f"generating {root}"):
+        if (root / marker).exists():  # by the process this one waited for
+            return root
+        tmp = root.with_name(root.name + f".tmp{os.getpid()}")
+        shutil.rmtree(tmp, ignore_errors=True)  # this process's leftover from a killed build
+        size = ({} if photo_size is None
+                else {"image_size": (int(photo_size[1]), int(photo_size[0]))})
+        generate_dataset(tmp, subjects=subjects, images_per_subject=images, seed=seed,
+                         difficulty=difficulty, layout=layout, **size)
+        try:
+            os.replace(tmp, root)
+        except OSError:  # no locks here, and another process renamed its identical copy first
+            shutil.rmtree(tmp, ignore_errors=True)
     return root
 
 
