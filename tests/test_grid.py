@@ -276,9 +276,12 @@ def test_local_grid_with_two_jobs_runs_everything_once(local_grid):
     table = pd.read_csv(summary.results_csv)
     assert len(table) == 6 and set(table["stage"]) == {"stage0", "stage1", "stage2"}
     assert table[METRIC_COLUMNS].notna().all().all()
-    # generated once, atomically: one dataset folder, no temp folders or torn cache entries left
+    # generated once, atomically: one dataset folder (and the lock its builders took turns
+    # on), no temp folders or torn cache entries left
     data = sorted(p.name for p in (home / "outputs" / "data").iterdir())
-    assert len(data) == 1 and ".tmp" not in data[0], data
+    folders = [name for name in data if not name.endswith(".lock")]
+    assert len(folders) == 1 and ".tmp" not in folders[0], data
+    assert data == [f".{folders[0]}.lock", folders[0]], data
     assert not list((home / "outputs").rglob("*.tmp"))
     assert summary.results_html.is_file()
     html = summary.results_html.read_text()
