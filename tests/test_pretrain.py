@@ -259,15 +259,12 @@ def test_the_heldout_part_alone_is_the_heldout_part_of_the_whole(tiny_pretrainin
 #: where each generate_dataset call leaves a mark): released with the other child, build the
 #: population.
 BUILD_PRETRAINING_SCRIPT = """
-import os, sys
+import sys
 from pathlib import Path
 import handclip_nb.data.captioned as captioned
-root, marks, me = Path(sys.argv[1]), Path(sys.argv[2]), os.environ["TOGETHER_ME"]
-generate = captioned.generate_dataset
-def counted(folder, **kw):
-    (marks / f"generated-{me}-{kw['id_offset']}").touch()
-    return generate(folder, **kw)
-captioned.generate_dataset = counted
+root = Path(sys.argv[1])
+count_calls(captioned, "generate_dataset", sys.argv[2],
+            lambda me, **kw: f"generated-{me}-{kw['id_offset']}")
 ready_then_wait_for_go()
 captioned.build_pretraining_data(root, people=16, images_per_person=2, heldout_people=4,
                                  seed=104729)

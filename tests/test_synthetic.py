@@ -525,15 +525,11 @@ def test_reid_is_learnable_but_not_trivial(tmp_path):
 
 
 ENSURE_SYNTHETIC_SCRIPT = """
-import os, sys
+import sys
 from pathlib import Path
 import handclip_nb.data.datasets as datasets
-root, marks, me = Path(sys.argv[1]), Path(sys.argv[2]), os.environ["TOGETHER_ME"]
-generate = datasets.generate_dataset
-def counted(folder, **kw):
-    (marks / f"generated-by-{me}").touch()
-    return generate(folder, **kw)
-datasets.generate_dataset = counted
+root = Path(sys.argv[1])
+count_calls(datasets, "generate_dataset", sys.argv[2], lambda me, **kw: f"generated-by-{me}")
 ready_then_wait_for_go()
 datasets.ensure_synthetic(root, subjects=4, images=2, difficulty=0.5, seed=3)
 """

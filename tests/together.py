@@ -4,7 +4,8 @@ processes may build at once (the decode cache, the pretraining population).
 Imports take a child seconds, so starting two ``Popen`` at once is not enough for them to
 overlap: each child runs :data:`PRELUDE` first and calls ``ready_then_wait_for_go()`` when it
 is ready to build; :func:`run_together` waits until every child is ready, then lets them all go.
-A child's number is ``os.environ["TOGETHER_ME"]``.
+A child's number is ``os.environ["TOGETHER_ME"]``; ``count_calls`` lets a child record each
+call of the function that builds (a file per call), so the test can count the builds.
 """
 from __future__ import annotations
 
@@ -25,6 +26,18 @@ def ready_then_wait_for_go():
     (flags / f"ready{_os.environ['TOGETHER_ME']}").touch()
     while not (flags / "go").exists():
         _time.sleep(0.001)
+
+
+def count_calls(module, name, marks, mark):
+    # replaces module.name by a wrapper that touches marks / mark(me, **kwargs) on every
+    # call (me: this child's number), then calls the original
+    real = getattr(module, name)
+
+    def counted(*args, **kwargs):
+        (_Path(marks) / mark(_os.environ["TOGETHER_ME"], **kwargs)).touch()
+        return real(*args, **kwargs)
+
+    setattr(module, name, counted)
 """
 
 
