@@ -27,23 +27,15 @@ def shared_session_dir(tmp_path_factory) -> Path:
 
 
 def build_once(tmp_path_factory, name: str, build) -> Path:
-    """``build(folder)`` run once per test session for all xdist workers together: the first
-    worker builds under a file lock into a temp folder and renames it into place; the others
-    wait on the lock and get the finished folder. Only for read-only inputs (datasets): a test
-    that changes what it is given must copy it first."""
-    import shutil
+    """``build(folder)`` run once per test session for all xdist workers together, the way the
+    package builds what processes share (``handclip_nb.locks.build_folder_in_turn``): the first
+    worker builds into a temp folder and renames it into place; the others wait on the lock and
+    get the finished folder. Only for read-only inputs (datasets): a test that changes what it
+    is given must copy it first."""
+    from handclip_nb.locks import build_folder_in_turn
 
-    from handclip_nb.locks import take_turn
-
-    root = shared_session_dir(tmp_path_factory)
-    target = root / name
-    with take_turn(root / f"{name}.lock", f"building the session's {name}"):
-        if not target.is_dir():
-            tmp = root / f"{name}.tmp{os.getpid()}"
-            shutil.rmtree(tmp, ignore_errors=True)
-            build(tmp)
-            os.replace(tmp, target)
-    return target
+    return build_folder_in_turn(shared_session_dir(tmp_path_factory) / name, Path.is_dir, build,
+                                f"building the session's {name}")
 
 
 #: A module's rough cost in seconds per test, by its most expensive marker: what orders the

@@ -545,3 +545,18 @@ def test_two_runs_starting_together_generate_the_synthetic_hands_once(tmp_path):
     assert len(list(marks.glob("generated-by-*"))) == 1, sorted(marks.iterdir())
     assert sorted(p.name for p in root.parent.iterdir()) == [".synthetic.lock", "synthetic"]
     assert (root / "HandInfo.csv").is_file()
+
+
+def test_a_synthetic_folder_without_its_marker_is_generated_again(tmp_path):
+    """A dataset folder left without its HandInfo.csv (half removed by hand, a copy cut short)
+    is replaced by a whole one; a complete one is never generated again."""
+    from handclip_nb.data.datasets import ensure_synthetic
+
+    root = tmp_path / "synthetic"
+    (root / "Hands").mkdir(parents=True)
+    (root / "Hands" / "leftover.jpg").write_bytes(b"")
+    ensure_synthetic(root, subjects=4, images=2, difficulty=0.5, seed=3)
+    assert (root / "HandInfo.csv").is_file() and not (root / "Hands" / "leftover.jpg").exists()
+    made = (root / "HandInfo.csv").stat().st_mtime_ns
+    ensure_synthetic(root, subjects=4, images=2, difficulty=0.5, seed=3)
+    assert (root / "HandInfo.csv").stat().st_mtime_ns == made

@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Mapping
@@ -21,7 +20,7 @@ import numpy as np
 import torch
 
 from ..backbone_specs import PreprocessConfig
-from ..locks import take_turn
+from ..locks import build_folder_in_turn
 from ..progress import tqdm
 from ..runs import atomic_write_json, project_root, resolve_path
 from .captions import read_captions
@@ -101,22 +100,13 @@ def build_pretraining_data(root: str | os.PathLike, people: int, images_per_pers
 
 
 def _build_part(folder: Path, settings: dict, generate: dict) -> None:
-    if _built_with(folder, settings):
-        return
-    folder.parent.mkdir(parents=True, exist_ok=True)
-    with take_turn(folder.with_name(f".{folder.name}.lock"), f"generating {folder}"):
-        if _built_with(folder, settings):  # by the process this one waited for
-            return
-        tmp = folder.with_name(f".{folder.name}.tmp{os.getpid()}")
-        shutil.rmtree(tmp, ignore_errors=True)  # this process's leftover from a killed build
+    """One part, once; a part with other settings, or a format-1 part without its own
+    marker, is replaced."""
+    def build(tmp: Path) -> None:
         generate_dataset(tmp, **generate)
         atomic_write_json(tmp / "settings.json", settings)
-        if folder.exists():  # other settings, or a format-1 part without its own marker
-            shutil.rmtree(folder)
-        try:
-            os.replace(tmp, folder)
-        except OSError:  # no locks here, and another process renamed its identical copy first
-            shutil.rmtree(tmp, ignore_errors=True)
+
+    build_folder_in_turn(folder, lambda f: _built_with(f, settings), build)
 
 
 def _built_with(folder: Path, settings: dict) -> bool:

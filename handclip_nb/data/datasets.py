@@ -3,8 +3,6 @@ from __future__ import annotations
 
 import hashlib
 import operator
-import os
-import shutil
 from pathlib import Path
 from typing import Callable, Mapping, Sequence
 
@@ -14,7 +12,7 @@ from PIL import Image
 from torch.utils.data import DataLoader, Dataset
 
 from ..device import default_num_workers, resolve_device
-from ..locks import take_turn
+from ..locks import build_folder_in_turn
 from ..params import ParamError, held_out_fraction, holds_out_val_images
 from ..runs import project_root, resolve_path
 from .image_files import open_image
@@ -139,29 +137,16 @@ def default_synthetic_root(params: Mapping) -> Path:
 def ensure_synthetic(root: Path, subjects: int, images: int, difficulty: float, seed: int,
                      layout: str = "11k", photo_size: Sequence[int] | None = None) -> Path:
     """Generate the embedded synthetic dataset once. Processes that start together (a grid's
-    runs, a notebook beside a test) take turns on ``.<root>.lock`` beside it: one generates, the
-    others wait and find it. It is generated into a temp folder and renamed into place, so
-    nobody reads a half-written dataset, also where the file system has no locks (then it is
-    only generated more than once). ``photo_size`` is [height, width] (None: the generator's
+    runs, a notebook beside a test) take turns (``locks.build_folder_in_turn``): one generates
+    into a temp folder and renames it into place, the others wait and find it, and nobody
+    reads a half-written dataset. ``photo_size`` is [height, width] (None: the generator's
     small default)."""
     marker = "HandInfo.csv" if layout == "11k" else "Original Images"
-    if (root / marker).exists():
-        return root
-    root.parent.mkdir(parents=True, exist_ok=True)
-    with take_turn(root.with_name(f".{root.name}.lock"), f"generating {root}"):
-        if (root / marker).exists():  # by the process this one waited for
-            return root
-        tmp = root.with_name(root.name + f".tmp{os.getpid()}")
-        shutil.rmtree(tmp, ignore_errors=True)  # this process's leftover from a killed build
-        size = ({} if photo_size is None
-                else {"image_size": (int(photo_size[1]), int(photo_size[0]))})
-        generate_dataset(tmp, subjects=subjects, images_per_subject=images, seed=seed,
-                         difficulty=difficulty, layout=layout, **size)
-        try:
-            os.replace(tmp, root)
-        except OSError:  # no locks here, and another process renamed its identical copy first
-            shutil.rmtree(tmp, ignore_errors=True)
-    return root
+    size = {} if photo_size is None else {"image_size": (int(photo_size[1]), int(photo_size[0]))}
+    return build_folder_in_turn(
+        root, lambda folder: (folder / marker).exists(),
+        lambda tmp: generate_dataset(tmp, subjects=subjects, images_per_subject=images,
+                                     seed=seed, difficulty=difficulty, layout=layout, **size))
 
 
 def _file_hash(path: Path) -> str:
