@@ -6,11 +6,11 @@ runs interrupted on Slurm in test_grid_requeue.py (separate modules, so that pyt
 them beside this one)."""
 from __future__ import annotations
 
-import json
 import shutil
 import socket
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -473,16 +473,20 @@ def test_a_slurm_driver_killed_mid_grid_and_relaunched_submits_nothing_twice(
            "--slurm-cpus", "1", "--no-progress"]
     first = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
                              text=True)
+    # the driver has submitted stage 1 once it says so: its lease names the job a moment
+    # earlier, and may name it earlier still when the job starts at once and adopts the lease
+    # itself (that race killed the driver before it printed the line this test asserts)
+    lines: list[str] = []
+    reader = threading.Thread(target=lambda: lines.extend(first.stdout), daemon=True)
+    reader.start()
     deadline = time.time() + 240
-
-    def stage1_submitted() -> bool:
-        return any("stage1" in p.name and (json.loads(p.read_text() or "{}").get("job_id"))
-                   for p in (out / "runs" / ".pipeline").glob("*.lease"))
-
-    while time.time() < deadline and not stage1_submitted():
-        time.sleep(0.2)
+    while (time.time() < deadline and first.poll() is None
+           and not any("start stage1" in line for line in list(lines))):
+        time.sleep(0.05)
     first.kill()
-    output = first.communicate()[0]
+    first.wait()
+    reader.join(timeout=10)
+    output = "".join(lines)
     assert "start stage1" in output, output
     submitted_before = submissions(out)
     second = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)

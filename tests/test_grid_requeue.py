@@ -82,7 +82,10 @@ def test_a_job_sent_submitits_signal_checkpoints_requeues_and_resumes(slurm_clus
     home, env = slurm_home(tmp_path)
     monkeypatch.setenv("HANDCLIP_HOME", str(home))
     body = {**TINY, "axes": {"seed": [0]}, "stages": ["stage1", "stage2"],
-            "params": {**TINY["params"], "stage2": {**TINY["params"]["stage2"], "epochs": 40,
+            # 120 epochs of 2 x 2 images: the signal must find the kernel still training. At
+            # 40 (2 s after the first epoch on a fast run, 51 ms an epoch) training had ended
+            # before it came, and the kernel, no longer handling it, ended without last.pt
+            "params": {**TINY["params"], "stage2": {**TINY["params"]["stage2"], "epochs": 120,
                                                     "p_ids": 2, "k_images": 2}}}
     path = write_grid(tmp_path, body)
     out = home / "grid"
@@ -93,7 +96,7 @@ def test_a_job_sent_submitits_signal_checkpoints_requeues_and_resumes(slurm_clus
     # training has begun once TensorBoard holds an epoch
     while (not list((run / "tensorboard").glob("events.*")) and time.time() < deadline
            and proc.poll() is None):
-        time.sleep(0.5)
+        time.sleep(0.05)
     assert list((run / "tensorboard").glob("events.*")), "stage 2 never started training"
     assert not last.is_file()  # no periodic checkpoint: the signal's is the first
     job_id = job_of(out, "stage2-seed0")
